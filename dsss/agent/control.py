@@ -1,0 +1,143 @@
+# -*- test-case-name: tests.adapters.test_agent_control -*-
+"""The agent's end of the control connection: register, report, answer the server."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dsss.errors import DSSSError, RemoteProtocolError
+from dsss.lineproto import ControlLineProtocol
+from dsss.wire import control as wc
+
+if TYPE_CHECKING:
+    from dsss.agent.service import StorageAgent
+
+log = Logger()
+
+
+class ServerConnection(ControlLineProtocol):
+    """The control connection to the discovery server, seen from the agent."""
+
+    def __init__(self, agent: "StorageAgent") -> None:
+        super().__init__(agent.clock)
+        self.agent = agent
+        self.session: str | None = None
+        self.welcome: wc.Welcome | None = None
+        self._pinger: LoopingCall | None = None
+
+    def trusted(self) -> bool:
+        return self.welcome is not None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self.agent.disconnected(self)
+
+    def handle_request(self, msg: wc.Request) -> wc.Reply | None:
+        if isinstance(msg, wc.Hi):
+            if self.session is not None:
+                raise RemoteProtocolError("second greeting")
+            self.session = msg.session
+            self._register()
+            return None
+        if isinstance(msg, wc.Ping):
+            return wc.Pong()
+        if self.welcome is None:
+            raise RemoteProtocolError("request before registration")
+        if isinstance(msg, wc.WhoHas):
+            return wc.Bit(self.agent.store.has(msg.block))
+        if isinstance(msg, wc.IntroductionRequest):
+            key = self.agent.introduce(msg.address, msg.size, msg.block)
+            return wc.IntroKey(key)
+        raise RemoteProtocolError(f"{type(msg).__name__} is not sent by servers")
+
+    def _register(self) -> None:
+        assert self.session is not None
+        agent = self.agent
+        store = agent.store
+        unsigned = wc.Register(
+            agent_id=agent.identity.agent_id,
+            seq=agent.identity.next_seq(),
+            capacity=store.capacity,
+            free=min(store.free, store.capacity),
+            version=agent.version,
+            signature="",
+        )
+        signature = agent.identity.sign(unsigned.signed_bytes(self.session))
+        msg = wc.Register(**{**unsigned.__dict__, "signature": signature})
+        d = self.request(msg, agent.config.request_timeout)
+        d.addCallbacks(self._registered, self._failed)
+
+    def _registered(self, reply: wc.Reply) -> None:
+        if not isinstance(reply, wc.Welcome):
+            log.error("registration refused: {reply}", reply=reply)
+            self.close()
+            return
+        self.welcome = reply
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.clock
+        self._pinger.start(reply.heartbeat, now=False)
+        self.agent.registered(self, reply)
+        self.report_have(self.agent.store.blocks())
+
+    def _failed(self, f: Any) -> None:
+        if f.check(DSSSError) is None:
+            log.failure("registration failed", f)
+        self.close()
+
+    def _ping(self) -> None:
+        assert self.welcome is not None
+        d = self.request(wc.Ping(), 3 * self.welcome.heartbeat)
+
+        def lost(f: Any) -> None:
+            if not self.closed:
+                log.warn("server did not answer PING; reconnecting")
+                self.close()
+
+        d.addErrback(lost)
+
+    # --- reports -------------------------------------------------------------------------------
+
+    def _notify(self, msg: wc.Request) -> None:
+        d = self.request(msg, self.agent.config.request_timeout)
+
+        def check(reply: wc.Reply) -> None:
+            if isinstance(reply, wc.Error):
+                log.warn("server refused {msg}: {reply}", msg=type(msg).__name__, reply=reply)
+
+        d.addCallbacks(check, lambda f: None)
+
+    def report_have(self, blocks: list[str]) -> None:
+        if self.welcome is None:
+            return
+        for group in wc.chunked(blocks):
+            self._notify(wc.Have(group))
+        self.report_space()
+
+    def report_gone(self, blocks: list[str]) -> None:
+        if self.welcome is None:
+            return
+        for group in wc.chunked(blocks):
+            self._notify(wc.Gone(group))
+        self.report_space()
+
+    def report_space(self) -> None:
+        if self.welcome is None:
+            return
+        store = self.agent.store
+        self._notify(wc.Space(store.capacity, min(store.free, store.capacity)))
+
+
+class ServerConnectionFactory(Factory):
+    def __init__(self, agent: "StorageAgent") -> None:
+        self.agent = agent
+
+    def buildProtocol(self, addr: Any) -> ServerConnection:
+        p = ServerConnection(self.agent)
+        p.factory = self
+        return p

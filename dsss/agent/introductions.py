@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.unit.test_agent_core -*-
+"""Introduction keys: the agent's permission slips for uploads and downloads. Pure, clock-free.
+
+A key is random (128 bits), single-use, bound to the client's public address, one part hash and a
+size, and expires after `ttl` seconds. Presenting a key consumes it, whatever the outcome, so a key
+that leaks after one attempt is worthless.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from dsss.errors import AccessDenied
+from dsss.model import PeerAddress
+
+DEFAULT_TTL = 60.0
+MAX_OUTSTANDING = 100_000
+
+
+@dataclass(frozen=True)
+class Introduction:
+    key: str
+    client: PeerAddress
+    block: str
+    size: int
+    expires: float
+
+
+class IntroductionTable:
+    def __init__(
+        self,
+        ttl: float = DEFAULT_TTL,
+        max_outstanding: int = MAX_OUTSTANDING,
+        key_source: Callable[[], str] = lambda: secrets.token_hex(16),
+    ) -> None:
+        self.ttl = ttl
+        self.max_outstanding = max_outstanding
+        self._key_source = key_source
+        self._keys: OrderedDict[str, Introduction] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def issue(self, client: PeerAddress, size: int, block: str, now: float) -> Introduction:
+        self.expire(now)
+        while len(self._keys) >= self.max_outstanding:
+            self._keys.popitem(last=False)
+        intro = Introduction(self._key_source(), client, block, size, now + self.ttl)
+        self._keys[intro.key] = intro
+        return intro
+
+    def use(
+        self,
+        key: str,
+        *,
+        client: PeerAddress,
+        block: str,
+        now: float,
+        upload_size: int | None = None,
+    ) -> Introduction:
+        """Consume a key; returns its introduction or raises AccessDenied saying why."""
+        intro = self._keys.pop(key, None)
+        if intro is None:
+            raise AccessDenied("unknown or already used introduction key")
+        if now > intro.expires:
+            raise AccessDenied("introduction key expired")
+        if intro.client != client:
+            raise AccessDenied("introduction key was issued for another client address")
+        if intro.block != block:
+            raise AccessDenied("introduction key was issued for another part")
+        if upload_size is not None and upload_size != intro.size:
+            raise AccessDenied("upload size differs from the introduced size")
+        return intro
+
+    def expire(self, now: float) -> None:
+        while self._keys:
+            key, intro = next(iter(self._keys.items()))
+            if intro.expires >= now:
+                # Keys are issued in time order with one ttl, so the rest are newer.
+                break
+            del self._keys[key]
+
+    def pending_clients(self, now: float) -> set[PeerAddress]:
+        self.expire(now)
+        return {i.client for i in self._keys.values()}

@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.integration.test_network -*-
+"""The storage agent: its domain operations and the service tree that runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+import dsss
+from dsss.agent.control import ServerConnection, ServerConnectionFactory
+from dsss.agent.identity import AgentIdentity
+from dsss.agent.introductions import IntroductionTable
+from dsss.crypto.certs import make_certificate
+from dsss.endpoints import listen_udp
+from dsss.errors import DSSSError, StorageFull
+from dsss.model import PeerAddress
+from dsss.storage.blockstore import BlockStore
+from dsss.wire import control as wc
+from dsss.wire.datagram import DPing, DPong, DPunch, encode_datagram, parse_datagram
+
+log = Logger()
+
+# When introduced to a client, the agent sends PUNCH datagrams towards it at these delays (s),
+# so that its NAT opens a mapping for the client's packets.
+PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    storage: str
+    server_host: str = "127.0.0.1"
+    server_port: int = 8471
+    udp_host: str = "0.0.0.0"
+    udp_port: int = 0
+    capacity: int | None = None
+    request_timeout: float = 10.0
+    introduction_ttl: float = 60.0
+    max_datagram_size: int = 1452
+
+
+class StorageAgent:
+    """What an agent knows and does, independent of sockets."""
+
+    def __init__(self, clock: Any, config: AgentConfig) -> None:
+        self.clock = clock
+        self.config = config
+        self.version = dsss.__version__
+        self.identity = AgentIdentity.load_or_create(config.storage)
+        self.store = BlockStore(config.storage, capacity=config.capacity)
+        self.introductions = IntroductionTable(ttl=config.introduction_ttl)
+        self.connection: ServerConnection | None = None
+        self.welcome: wc.Welcome | None = None
+        self.public_address: PeerAddress | None = None
+        self.quic: Any = None  # the QuicEndpoint, set by the service
+        self._announced_ready = False
+        self._last_ping = float("-inf")
+
+    # --- control channel -----------------------------------------------------------------------
+
+    def registered(self, conn: ServerConnection, welcome: wc.Welcome) -> None:
+        self.connection = conn
+        self.welcome = welcome
+        log.info("registered with the server as {agent}", agent=self.identity.agent_id)
+        self.ping_server()
+
+    def keepalive_interval(self) -> float:
+        # The server's heartbeat, but never longer than 20 s: home NATs forget idle UDP
+        # mappings after 30 s or more.
+        hb = self.welcome.heartbeat if self.welcome else 1.0
+        return min(hb, 20.0)
+
+    def maybe_ping(self) -> None:
+        if self.clock.seconds() - self._last_ping >= self.keepalive_interval():
+            self.ping_server()
+
+    def disconnected(self, conn: ServerConnection) -> None:
+        if self.connection is conn:
+            self.connection = None
+            self.welcome = None
+            log.info("control connection to the server lost")
+
+    def introduce(self, client: PeerAddress, size: int, block: str) -> str:
+        if not self.store.has(block) and size > self.store.free:
+            raise StorageFull(f"no room for {size} bytes")
+        intro = self.introductions.issue(client, size, block, self.clock.seconds())
+        self.punch(client)
+        return intro.key
+
+    def stored(self, block: str) -> None:
+        if self.connection is not None:
+            self.connection.report_have([block])
+
+    def lost(self, block: str) -> None:
+        if self.connection is not None:
+            self.connection.report_gone([block])
+
+    # --- UDP -----------------------------------------------------------------------------------
+
+    def server_udp_address(self) -> tuple[str, int] | None:
+        if self.welcome is None:
+            return None
+        return (self.config.server_host, self.welcome.udp_port)
+
+    def ping_server(self) -> None:
+        target = self.server_udp_address()
+        if target is None or self.quic is None or self.welcome is None:
+            return
+        self._last_ping = self.clock.seconds()
+        self.quic.send_control(encode_datagram(DPing(self.welcome.token)), target)
+
+    def punch(self, client: PeerAddress) -> None:
+        if self.quic is None:
+            return
+        data = encode_datagram(DPunch("agent"))
+        for delay in PUNCH_SCHEDULE:
+            self.clock.callLater(delay, self._send_punch, data, client.as_tuple())
+
+    def _send_punch(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.quic is not None:
+            self.quic.send_control(data, addr)
+
+    def on_control(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            msg = parse_datagram(data)
+        except DSSSError:
+            return
+        if isinstance(msg, DPong) and addr == self.server_udp_address():
+            if self.public_address != msg.observed:
+                log.info("public UDP address is {addr}", addr=str(msg.observed))
+            self.public_address = msg.observed
+            if not self._announced_ready:
+                self._announced_ready = True
+                log.info(
+                    "DSSS agent ready id={agent} udp={addr} parts={parts}",
+                    agent=self.identity.agent_id,
+                    addr=str(msg.observed),
+                    parts=len(self.store),
+                )
+
+
+class AgentService(MultiService):
+    def __init__(self, reactor: Any, config: AgentConfig) -> None:
+        super().__init__()
+        from dsss.agent.transfer import TransferHandler
+        from dsss.quic import QuicEndpoint
+
+        self.reactor = reactor
+        self.agent = StorageAgent(reactor, config)
+        self.transfers = TransferHandler(self.agent)
+        identity = make_certificate(self.agent.identity.seed)
+        self.quic = QuicEndpoint(
+            reactor,
+            on_control=self.agent.on_control,
+            server_identity=identity,
+            on_stream=self.transfers.on_stream,
+            max_datagram_size=config.max_datagram_size,
+        )
+        self.agent.quic = self.quic
+        self.udp_port: Any = None
+        if ":" in config.server_host:
+            endpoint: Any = TCP6ClientEndpoint(reactor, config.server_host, config.server_port)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, config.server_host, config.server_port)
+        self.client_service = ClientService(
+            endpoint,
+            ServerConnectionFactory(self.agent),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
+            clock=reactor,
+        )
+        self.client_service.setServiceParent(self)
+        self._keepalive = LoopingCall(self._tick)
+        self._keepalive.clock = reactor
+
+    def _tick(self) -> None:
+        self.agent.maybe_ping()
+        self.agent.introductions.expire(self.reactor.seconds())
+
+    def startService(self) -> None:
+        config = self.agent.config
+        self.udp_port = listen_udp(self.reactor, config.udp_host, config.udp_port, self.quic)
+        super().startService()
+        self._keepalive.start(0.25, now=False)
+
+    def stopService(self) -> Any:
+        if self._keepalive.running:
+            self._keepalive.stop()
+        d = defer.maybeDeferred(super().stopService)
+
+        def close_udp(_: Any) -> Any:
+            closing = defer.maybeDeferred(self.quic.close)
+            port, self.udp_port = self.udp_port, None
+            if port is not None:
+                closing.addBoth(lambda _: port.stopListening())
+            return closing
+
+        d.addBoth(close_udp)
+        return d
+
+
+def make_agent_service(reactor: Any, config: AgentConfig) -> Service:
+    return AgentService(reactor, config)

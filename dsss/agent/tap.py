@@ -1,0 +1,65 @@
+# -*- test-case-name: tests.adapters.test_taps -*-
+"""`twistd dsss-agent --storage DIR`: options and makeService (a thin shim)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.python import usage
+
+from dsss.agent.service import AgentConfig, make_agent_service
+from dsss.endpoints import parse_hostport
+from dsss.errors import BadRequest
+from dsss.model import parse_size
+
+
+class Options(usage.Options):
+    synopsis = "--storage DIR [options]"
+    longdesc = "Run a DSSS storage agent that keeps encrypted parts in DIR."
+    optParameters = [
+        ["storage", None, None, "Directory where parts are stored (required)."],
+        ["server", None, "127.0.0.1:8471", "The discovery server's control HOST:PORT."],
+        ["udp", None, "0.0.0.0:0", "Local UDP HOST:PORT for punching and transfers."],
+        ["capacity", None, None, "Most bytes to store, e.g. 10G (default: free space of DIR)."],
+        ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-16000)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["storage"]:
+            raise usage.UsageError("--storage DIR is required")
+        storage = os.path.abspath(self["storage"])
+        if os.path.exists(storage) and not os.path.isdir(storage):
+            raise usage.UsageError(f"--storage: {storage} is not a directory")
+        try:
+            os.makedirs(storage, exist_ok=True)
+        except OSError as e:
+            raise usage.UsageError(f"--storage: cannot create {storage}: {e}") from None
+        if not os.access(storage, os.W_OK):
+            raise usage.UsageError(f"--storage: {storage} is not writable")
+        try:
+            server_host, server_port = parse_hostport(self["server"], "--server")
+            udp_host, udp_port = parse_hostport(self["udp"], "--udp")
+            capacity = parse_size(self["capacity"]) if self["capacity"] else None
+        except BadRequest as e:
+            raise usage.UsageError(str(e)) from None
+        if server_port == 0:
+            raise usage.UsageError("--server needs a port")
+        dsize = self["datagram-size"]
+        if not str(dsize).isdigit() or not 1200 <= int(dsize) <= 16000:
+            raise usage.UsageError("--datagram-size must be an integer from 1200 to 16000")
+        self.config = AgentConfig(
+            storage=storage,
+            server_host=server_host,
+            server_port=server_port,
+            udp_host=udp_host,
+            udp_port=udp_port,
+            capacity=capacity,
+            max_datagram_size=int(dsize),
+        )
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    return make_agent_service(reactor, options.config)

@@ -1,0 +1,139 @@
+# -*- test-case-name: tests.adapters.test_agent_transfer -*-
+"""UPLOAD and DOWNLOAD on QUIC streams, as the agent serves them.
+
+Every stream carries one request (dsss.wire.transfer). An upload is written to the store's
+incoming/ area chunk by chunk while it arrives and becomes visible only after its size and hash are
+verified; a stream that is reset or a connection that is lost leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
+from dsss.model import PeerAddress
+from dsss.storage.blockstore import BlockWriter
+from dsss.wire import transfer as wt
+
+if TYPE_CHECKING:
+    from dsss.agent.service import StorageAgent
+    from dsss.quic import QuicStream
+
+log = Logger()
+
+
+class _StreamRequest:
+    def __init__(self, handler: "TransferHandler", stream: "QuicStream") -> None:
+        self.handler = handler
+        self.agent = handler.agent
+        self.stream = stream
+        self.header = wt.HeaderSplitter()
+        self.writer: BlockWriter | None = None
+        self.download: wt.Download | None = None
+        self.finished = False
+        stream.on_data = self.data
+        stream.on_end = self.end
+        stream.on_error = self.error
+
+    def client(self) -> PeerAddress:
+        host, port = self.stream.connection.peer[:2]
+        return PeerAddress(host, port)
+
+    def reply(self, reply: wt.TransferReply, body: bytes = b"") -> None:
+        if self.finished:
+            return
+        self.finished = True
+        d = self.stream.write(wt.encode_reply(reply) + body, end=True)
+        d.addErrback(lambda f: log.debug("reply not delivered: {f}", f=f.value))
+
+    def refuse(self, err: DSSSError) -> None:
+        self.abort()
+        if not self.finished:
+            self.handler.refused += 1
+            log.info("refused a transfer from {client}: {err}", client=str(self.client()), err=str(err))
+            self.reply(wt.Refused(err.code, str(err)))
+            self.stream.stop_reading()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def data(self, chunk: bytes) -> None:
+        if self.finished:
+            return
+        try:
+            if not self.header.done:
+                split = self.header.feed(chunk)
+                if split is None:
+                    return
+                line, chunk = split
+                self.start(wt.parse_request(line))
+            if self.writer is not None:
+                if chunk:
+                    self.writer.write(chunk)
+            elif chunk:
+                raise RemoteProtocolError("DOWNLOAD takes no body")
+        except DSSSError as e:
+            self.refuse(e)
+
+    def start(self, req: wt.TransferRequest) -> None:
+        now = self.agent.clock.seconds()
+        if isinstance(req, wt.Upload):
+            self.agent.introductions.use(
+                req.key, client=self.client(), block=req.block, now=now, upload_size=req.size
+            )
+            if self.agent.store.has(req.block):
+                # Already stored: the bytes are not needed, the answer is the same.
+                self.reply(wt.Done())
+                self.stream.stop_reading()
+                return
+            self.writer = self.agent.store.begin_write(req.block, req.size)
+        else:
+            self.agent.introductions.use(req.key, client=self.client(), block=req.block, now=now)
+            self.download = req
+
+    def end(self) -> None:
+        if self.finished:
+            return
+        try:
+            if not self.header.done:
+                raise RemoteProtocolError("stream ended before a complete header")
+            if self.writer is not None:
+                writer, self.writer = self.writer, None
+                writer.commit()
+                self.handler.uploads += 1
+                self.reply(wt.Done())
+                self.agent.stored(writer.block)
+            elif self.download is not None:
+                self.serve(self.download.block)
+        except DSSSError as e:
+            self.refuse(e)
+
+    def serve(self, block: str) -> None:
+        try:
+            data = self.agent.store.get(block)
+        except IntegrityError as e:
+            self.agent.lost(block)
+            raise e
+        except NotFound:
+            raise NotFound("this agent does not store that part") from None
+        self.handler.downloads += 1
+        self.reply(wt.Done(len(data)), data)
+
+    def error(self, err: Any) -> None:
+        self.abort()
+        self.finished = True
+
+
+class TransferHandler:
+    def __init__(self, agent: "StorageAgent") -> None:
+        self.agent = agent
+        self.uploads = 0
+        self.downloads = 0
+        self.refused = 0
+
+    def on_stream(self, stream: "QuicStream") -> None:
+        _StreamRequest(self, stream)

@@ -1,0 +1,1 @@
+"""The DSSS client: `python -m dsss.client put/get`."""

@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.unit.test_crypto -*-
+"""The manifest: what a file is made of, encrypted, and stored on the network like a part.
+
+Stored form ("blob"), all lengths fixed:
+
+    magic      6 bytes   b"DSSSM\\x01"
+    sealed key 80 bytes  the 32-byte file key in a SealedBox to the owner's Curve25519 public key
+    nonce      24 bytes  random
+    body       rest      XChaCha20-Poly1305(JSON manifest, ad = magic || sealed key)
+
+The file's address is BLAKE2b-256 of the blob. The JSON body is described in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from nacl import bindings
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+
+from dsss.crypto.parts import CIPHER, FILE_ID_BYTES, KEY_BYTES, TAG_BYTES
+from dsss.errors import IntegrityError, RemoteProtocolError, WrongKey
+from dsss.model import is_block_id
+
+MAGIC = b"DSSSM\x01"
+SEALED_KEY_BYTES = KEY_BYTES + 48
+NONCE_BYTES = 24
+VERSION = 1
+MAX_NAME = 1024
+
+
+@dataclass(frozen=True)
+class PartRef:
+    hash: str
+    size: int  # ciphertext bytes
+    plain: int  # plaintext bytes
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    size: int
+    part_size: int
+    file_id: bytes
+    parts: tuple[PartRef, ...]
+    created: int
+    cipher: str = CIPHER
+    version: int = VERSION
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> bytes:
+        body = {
+            "version": self.version,
+            "name": self.name,
+            "size": self.size,
+            "part-size": self.part_size,
+            "cipher": self.cipher,
+            "file-id": self.file_id.hex(),
+            "created": self.created,
+            "parts": [[p.hash, p.size, p.plain] for p in self.parts],
+        }
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise RemoteProtocolError("manifest is not JSON") from None
+        if not isinstance(body, dict):
+            raise RemoteProtocolError("manifest is not a JSON object")
+        if body.get("version") != VERSION:
+            raise RemoteProtocolError(f"unsupported manifest version {body.get('version')!r}")
+        try:
+            name = body["name"]
+            size = body["size"]
+            part_size = body["part-size"]
+            cipher = body["cipher"]
+            file_id = bytes.fromhex(body["file-id"])
+            created = body["created"]
+            raw_parts = body["parts"]
+        except (KeyError, TypeError, ValueError):
+            raise RemoteProtocolError("manifest lacks a field or has a bad one") from None
+        ints = (size, part_size, created)
+        if not isinstance(name, str) or len(name) > MAX_NAME or "/" in name or "\x00" in name:
+            raise RemoteProtocolError("manifest has a bad name")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise RemoteProtocolError("manifest has a bad number")
+        if cipher != CIPHER or len(file_id) != FILE_ID_BYTES or part_size < 1:
+            raise RemoteProtocolError("manifest has a bad cipher, file id or part size")
+        if not isinstance(raw_parts, list):
+            raise RemoteProtocolError("manifest parts is not a list")
+        parts = []
+        total = 0
+        for i, p in enumerate(raw_parts):
+            if (
+                not isinstance(p, list)
+                or len(p) != 3
+                or not isinstance(p[0], str)
+                or not is_block_id(p[0])
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in p[1:])
+                or p[2] < 0
+                or p[2] > part_size
+                or p[1] != p[2] + TAG_BYTES
+            ):
+                raise RemoteProtocolError(f"manifest part {i} is malformed")
+            parts.append(PartRef(p[0], p[1], p[2]))
+            total += p[2]
+        if total != size:
+            raise RemoteProtocolError("manifest part sizes do not add up to the file size")
+        return cls(name, size, part_size, file_id, tuple(parts), created, cipher)
+
+
+def seal_manifest(manifest: Manifest, file_key: bytes, owner: PublicKey) -> bytes:
+    sealed = SealedBox(owner).encrypt(file_key)
+    assert len(sealed) == SEALED_KEY_BYTES
+    nonce = os.urandom(NONCE_BYTES)
+    ad = MAGIC + sealed
+    body = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(manifest.to_json(), ad, nonce, file_key)
+    return MAGIC + sealed + nonce + body
+
+
+def reseal_for(blob: bytes, private_key: PrivateKey, recipient: PublicKey) -> bytes:
+    """A new manifest blob readable by `recipient`, for the same parts (sharing)."""
+    manifest, key = open_manifest(blob, private_key)
+    return seal_manifest(manifest, key, recipient)
+
+
+def open_manifest(blob: bytes, private_key: PrivateKey) -> tuple[Manifest, bytes]:
+    """Return the manifest and the file key; WrongKey if this key cannot open it."""
+    header = len(MAGIC) + SEALED_KEY_BYTES + NONCE_BYTES
+    if len(blob) < header + TAG_BYTES or not blob.startswith(MAGIC):
+        raise IntegrityError("this address does not hold a DSSS manifest")
+    sealed = blob[len(MAGIC) : len(MAGIC) + SEALED_KEY_BYTES]
+    nonce = blob[len(MAGIC) + SEALED_KEY_BYTES : header]
+    try:
+        file_key = SealedBox(private_key).decrypt(sealed)
+    except CryptoError:
+        raise WrongKey("this file was not stored for your key") from None
+    try:
+        body = bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            blob[header:], MAGIC + sealed, nonce, file_key
+        )
+    except CryptoError:
+        raise IntegrityError("the manifest does not authenticate") from None
+    return Manifest.from_json(body), file_key

@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.adapters.test_taps -*-
+"""Listening helpers: endpoint-string services that report where they actually bound."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, Factory
+
+from dsss.errors import BadRequest
+from dsss.model import PeerAddress
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    """`HOST:PORT` for UDP binds and targets; port 0 is allowed (any free port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise BadRequest(f"{what} must be HOST:PORT, got {text!r}")
+    if int(port) != 0:
+        PeerAddress(host, int(port))  # validates the host
+    else:
+        PeerAddress(host, 1)
+    return host, int(port)
+
+
+class EndpointService(Service):
+    """Listen on an endpoint string; `whenListening` fires with the IListeningPort."""
+
+    def __init__(self, reactor: Any, description: str, factory: Factory) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._waiting: list[defer.Deferred[IListeningPort]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        d = serverFromString(self.reactor, self.description).listen(self.factory)
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            waiting, self._waiting = self._waiting, []
+            for w in waiting:
+                w.callback(port)
+
+        def failed(f: Any) -> Any:
+            waiting, self._waiting = self._waiting, []
+            for w in waiting:
+                w.errback(f)
+            return f
+
+        d.addCallbacks(listening, failed)
+        self._started = d
+
+    def whenListening(self) -> defer.Deferred[IListeningPort]:
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d: defer.Deferred[IListeningPort] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+class UDPService(Service):
+    """Listen on a UDP HOST:PORT with a bigger packet size and socket buffers."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        protocol: DatagramProtocol,
+        *,
+        max_packet: int = 65535,
+        on_listen: Callable[[IListeningPort], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.portnum = port
+        self.protocol = protocol
+        self.max_packet = max_packet
+        self.port: IListeningPort | None = None
+        self.on_listen = on_listen
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = listen_udp(self.reactor, self.host, self.portnum, self.protocol, self.max_packet)
+        if self.on_listen is not None:
+            self.on_listen(self.port)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+def listen_udp(
+    reactor: Any, host: str, port: int, protocol: DatagramProtocol, max_packet: int = 65535
+) -> IListeningPort:
+    import socket
+
+    p = reactor.listenUDP(port, protocol, interface=host, maxPacketSize=max_packet)
+    sock = getattr(p, "socket", None)
+    if sock is not None:
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+            except OSError:
+                pass
+    return p

@@ -1,0 +1,142 @@
+# -*- test-case-name: tests.adapters.test_server_control -*-
+"""The Twisted adapter shared by both ends of the control channel.
+
+A LineReceiver that parses lines with dsss.wire.control, answers the peer's requests through
+`handle_request` (implemented by the server and agent subclasses) and matches the peer's replies
+to our own requests in FIFO order. Parsing and message rules live in the sans-I/O core; this class
+only moves lines and arms timers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from dsss.errors import DSSSError, RemoteProtocolError, Timeout
+from dsss.wire import control as wc
+
+
+class ControlConnectionLost(DSSSError):
+    code = "connection-lost"
+
+
+class _Pending:
+    __slots__ = ("d", "timer")
+
+    def __init__(self, d: defer.Deferred[Any], timer: Any) -> None:
+        self.d = d
+        self.timer = timer
+
+
+class ControlLineProtocol(LineReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = wc.MAX_LINE + 1  # the line plus an optional CR
+    # A peer that keeps sending bad lines is cut off after this many.
+    MAX_ERRORS = 10
+
+    clock: IReactorTime
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._pending: deque[_Pending] = deque()
+        self._errors = 0
+        self.closed = False
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def send(self, msg: wc.Message) -> None:
+        if not self.closed and self.transport is not None:
+            self.sendLine(wc.encode(msg))
+
+    def request(self, msg: wc.Request, timeout: float) -> defer.Deferred[wc.Reply]:
+        """Send a request; fires with the peer's reply, or fails with Timeout/ControlConnectionLost.
+
+        A request that times out keeps its place in the reply order; its late reply is dropped.
+        """
+        if self.closed:
+            return defer.fail(ControlConnectionLost("control connection is closed"))
+        d: defer.Deferred[wc.Reply] = defer.Deferred()
+        pending = _Pending(d, None)
+
+        def expire() -> None:
+            pending.timer = None
+            if not d.called:
+                d.errback(Timeout(f"no reply to {type(msg).__name__} within {timeout}s"))
+
+        pending.timer = self.clock.callLater(timeout, expire)
+        self._pending.append(pending)
+        self.send(msg)
+        return d
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            msg = wc.parse_line(line)
+        except RemoteProtocolError as e:
+            self.bad_input(str(e), fatal=not self.trusted())
+            return
+        self.heard()
+        if wc.is_reply(msg):
+            if not self._pending:
+                self.bad_input("reply without a request", fatal=True)
+                return
+            pending = self._pending.popleft()
+            if pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()
+            if not pending.d.called:
+                pending.d.callback(msg)
+            return
+        try:
+            reply = self.handle_request(msg)
+        except RemoteProtocolError as e:
+            self.bad_input(str(e), fatal=not self.trusted())
+            return
+        except DSSSError as e:
+            reply = wc.Error(e.code, str(e))
+        if reply is not None:
+            self.send(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.bad_input(f"line longer than {wc.MAX_LINE} bytes", fatal=True, code="too-long")
+
+    def bad_input(self, why: str, *, fatal: bool, code: str = "protocol") -> None:
+        self._errors += 1
+        self.send(wc.Error(code, why))
+        if fatal or self._errors >= self.MAX_ERRORS:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        pending, self._pending = self._pending, deque()
+        for p in pending:
+            if p.timer is not None and p.timer.active():
+                p.timer.cancel()
+            if not p.d.called:
+                p.d.errback(ControlConnectionLost("control connection lost"))
+
+    # --- for subclasses ------------------------------------------------------------------------
+
+    def handle_request(self, msg: wc.Request) -> wc.Reply | None:
+        raise NotImplementedError
+
+    def heard(self) -> None:
+        """Called for every well-formed line; liveness bookkeeping."""
+
+    def trusted(self) -> bool:
+        """Whether a bad line may be answered without closing the connection."""
+        return False

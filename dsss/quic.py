@@ -1,0 +1,1139 @@
+# -*- test-case-name: tests.unit.test_quic -*-
+"""
+A small Twisted adapter around aioquic's sans-I/O L{QuicConnection}.
+
+One L{QuicEndpoint} owns one UDP socket and drives every QUIC connection on
+it, as a client (L{QuicEndpoint.connect}) and, when given a server identity,
+as a server.  The same socket carries DSSS control datagrams (PING, PONG,
+PUNCH, ...): a datagram whose first byte is C{0x00} is control, anything else
+is QUIC.  QUIC v1/v2 packets always have the fixed bit C{0x40} set in their
+first byte, so the two can never be confused (a QUIC short-header packet may
+well start with C{0x50}, C{'P'}).
+
+The adapter only moves datagrams and time:
+
+  - incoming datagrams are routed by destination connection ID;
+  - outgoing datagrams are collected once per reactor turn (one
+    C{callLater(0)} for the whole endpoint) from every connection that did
+    something since the last turn;
+  - each connection arms one C{callLater} from C{get_timer()}.
+
+Everything runs on the injected clock, so tests drive it with
+L{twisted.internet.task.Clock} (see L{dsss.quic_testing}).
+
+Identity: servers present a self-signed certificate for their Ed25519 key (see
+L{dsss.crypto.certs}).  Clients do not check it against a CA: they pin the raw
+public key instead, after TLS has verified the CertificateVerify signature made
+with that key.
+
+Callers of a stream (L{QuicStream}) receive data through callbacks::
+
+    def on_stream(stream: QuicStream) -> None:
+        stream.on_data = parser.feed        # called per chunk, in order
+        stream.on_end = parser.finished     # the peer ended its side
+        stream.on_error = parser.failed     # StreamReset or ConnectionLost
+
+and send with L{QuicStream.write}, whose Deferred fires once what is queued on
+the stream is under L{STREAM_SEND_HIGH_WATER}.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.recovery import QuicPacketPacer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509 import Certificate
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dsss.crypto.certs import public_key_of
+
+__all__ = [
+    "ALPN",
+    "CONTROL_PREFIX",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "PeerIdentityError",
+    "QuicConnectionHandle",
+    "QuicEndpoint",
+    "QuicError",
+    "QuicStream",
+    "RequestTimeout",
+    "ResponseTooLarge",
+    "StreamReset",
+]
+
+log = Logger()
+
+Address = tuple[str, int]
+
+CONTROL_PREFIX = b"\x00"
+"""First byte of every DSSS control datagram; never the first byte of QUIC."""
+
+ALPN = "dsss/1"
+
+CONNECTION_ID_LENGTH = 8
+MAX_DATAGRAM_SIZE_LIMIT = 16000
+"""aioquic fails with a protocol error above ~16 KiB datagrams."""
+
+MAX_DATA = 16 * 1024 * 1024
+"""Initial connection-wide receive window (aioquic doubles it as data is consumed)."""
+MAX_STREAM_DATA = 8 * 1024 * 1024
+"""Initial per-stream receive window."""
+
+STREAM_SEND_HIGH_WATER = 1024 * 1024
+"""A L{QuicStream.write} Deferred fires once the stream holds at most this many
+unacknowledged bytes."""
+
+PACING_BURST = 0.002
+"""Seconds of sending the pacer may burst.  A reactor rounds timers up to about
+1 ms, so aioquic's sub-millisecond pacing buckets would cap a flow at a few
+datagrams per millisecond; a 2 ms bucket matches what the reactor can do."""
+
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+UDP_MAX_PACKET_SIZE = 65535
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+CLOSE_GRACE = 3.0
+"""Longest L{QuicEndpoint.close} waits for connections to finish closing."""
+BLOCKED_RETRY = 0.001
+"""Delay before retrying a send that found the socket buffer full."""
+
+APP_ERROR_IDENTITY = 0x1
+APP_ERROR_STREAM = 0x1
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
+class QuicError(Exception):
+    """Base class of the errors raised by this module."""
+
+
+class ConnectionFailed(QuicError):
+    """The QUIC handshake did not complete (timeout, refusal, protocol error)."""
+
+
+class PeerIdentityError(QuicError):
+    """The peer's certificate key is not the expected one."""
+
+
+class ResponseTooLarge(QuicError):
+    """The peer sent more than the allowed number of bytes on a stream."""
+
+
+class StreamReset(QuicError):
+    """A stream was reset (by the peer, or locally)."""
+
+    def __init__(self, error_code: int, message: str = "") -> None:
+        super().__init__(message or f"stream reset with error code {error_code}")
+        self.error_code = error_code
+
+
+class ConnectionLost(QuicError):
+    """The connection closed, timed out or was lost while it was in use."""
+
+
+class RequestTimeout(QuicError):
+    """A request did not complete within its timeout."""
+
+
+class _WidePacer(QuicPacketPacer):
+    """aioquic's pacer with a burst of at least L{PACING_BURST} seconds."""
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window, smoothed_rtt)
+        self.bucket_max = max(self.bucket_max, PACING_BURST)
+
+
+def _widen_pacing(quic: QuicConnection) -> None:
+    """Swap the pacer of C{quic} for a L{_WidePacer} (aioquic has no option)."""
+    recovery = getattr(quic, "_loss", None)
+    pacer = getattr(recovery, "_pacer", None)
+    if isinstance(pacer, QuicPacketPacer):
+        wide = _WidePacer(max_datagram_size=pacer._max_datagram_size)
+        recovery._pacer = wide  # type: ignore[union-attr]
+
+
+def _call_safely(stream: QuicStream | None, f: Callable[..., Any], *args: Any) -> None:
+    """
+    Call an application callback; if it raises, log it and reset C{stream}.
+    """
+    try:
+        f(*args)
+    except Exception:
+        log.failure("stream callback {callback!r} raised", callback=f)
+        if stream is not None:
+            stream.reset(APP_ERROR_STREAM)
+
+
+class QuicStream:
+    """
+    One QUIC stream, bidirectional unless the peer opened a unidirectional one.
+
+    Receiving: set L{on_data}, L{on_end} and L{on_error}.  Data that arrives
+    before a callback is set is kept and delivered when it is set.  Chunks are
+    delivered as they arrive, in order; nothing is buffered by the adapter
+    once C{on_data} is set, so the receiver must consume them (write them out,
+    hash them) as they come.
+
+    Sending: L{write}; L{reset} aborts both directions; L{stop_reading} asks
+    the peer to stop sending (for instance after replying early to a bad
+    header).
+    """
+
+    def __init__(self, connection: QuicConnectionHandle, stream_id: int) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[], None] | None = None
+        self._on_error: Callable[[QuicError], None] | None = None
+        self._pending_data: list[bytes] = []
+        self._pending_end = False
+        self._pending_error: QuicError | None = None
+        self._recv_done = False
+        self._send_done = False
+        self._send_error: QuicError | None = None
+        self._write_waiters: list[Deferred[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<QuicStream {self.stream_id} to {self.connection.peer!r}>"
+
+    # receiving
+
+    @property
+    def on_data(self) -> Callable[[bytes], None] | None:
+        """Called with each chunk of data received, in order."""
+        return self._on_data
+
+    @on_data.setter
+    def on_data(self, callback: Callable[[bytes], None] | None) -> None:
+        self._on_data = callback
+        if callback is not None and self._pending_data:
+            pending, self._pending_data = self._pending_data, []
+            for chunk in pending:
+                _call_safely(self, callback, chunk)
+        self._deliver_pending_end()
+
+    @property
+    def on_end(self) -> Callable[[], None] | None:
+        """Called once when the peer has ended its side of the stream."""
+        return self._on_end
+
+    @on_end.setter
+    def on_end(self, callback: Callable[[], None] | None) -> None:
+        self._on_end = callback
+        self._deliver_pending_end()
+
+    @property
+    def on_error(self) -> Callable[[QuicError], None] | None:
+        """
+        Called once with L{StreamReset} if the peer reset its side, or
+        L{ConnectionLost} if the connection went away before the peer ended
+        its side.
+        """
+        return self._on_error
+
+    @on_error.setter
+    def on_error(self, callback: Callable[[QuicError], None] | None) -> None:
+        self._on_error = callback
+        if callback is not None and self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            _call_safely(None, callback, error)
+
+    def _deliver_pending_end(self) -> None:
+        if (
+            self._pending_end
+            and not self._pending_data
+            and self._on_data is not None
+            and self._on_end is not None
+        ):
+            self._pending_end = False
+            _call_safely(self, self._on_end)
+
+    def _received(self, data: bytes, end: bool) -> None:
+        if self._recv_done:
+            return
+        if end:
+            self._recv_done = True
+        if data:
+            if self._on_data is not None and not self._pending_data:
+                _call_safely(self, self._on_data, data)
+            else:
+                self._pending_data.append(data)
+        if end:
+            self._pending_end = True
+            self._deliver_pending_end()
+        self._maybe_forget()
+
+    def _receive_failed(self, error: QuicError) -> None:
+        if self._recv_done:
+            return
+        self._recv_done = True
+        self._pending_data = []
+        if self._on_error is not None:
+            _call_safely(None, self._on_error, error)
+        else:
+            self._pending_error = error
+        self._maybe_forget()
+
+    def stop_reading(self, error_code: int = 0) -> None:
+        """
+        Ask the peer to stop sending (QUIC STOP_SENDING) and ignore what it
+        still sends.  The sending side stays open, so a reply can follow.
+        """
+        if self._recv_done:
+            return
+        self._recv_done = True
+        self._pending_data = []
+        self._pending_end = False
+        try:
+            self.connection._quic.stop_stream(self.stream_id, error_code)
+        except ValueError:
+            pass
+        self.connection._changed()
+        self._maybe_forget()
+
+    # sending
+
+    def write(self, data: bytes, end: bool = False) -> Deferred[None]:
+        """
+        Queue C{data} on the stream, and end our side if C{end}.
+
+        @return: a Deferred that fires once the stream holds at most
+            L{STREAM_SEND_HIGH_WATER} unacknowledged bytes, or fails with
+            L{StreamReset} (the stream was reset, or the peer asked us to stop
+            sending) or L{ConnectionLost}.  Waiting for it before writing
+            more keeps memory bounded.
+        """
+        if self._send_error is not None:
+            return fail(self._send_error)
+        if self._send_done:
+            return fail(QuicError("cannot write after the end of the stream"))
+        try:
+            self.connection._quic.send_stream_data(self.stream_id, data, end_stream=end)
+        except (ValueError, RuntimeError) as e:
+            return fail(QuicError(f"cannot write on stream {self.stream_id}: {e}"))
+        if end:
+            self._send_done = True
+        self.connection._changed()
+        if self._buffered() <= STREAM_SEND_HIGH_WATER:
+            self._maybe_forget()
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._write_waiters.append(d)
+        self.connection._blocked.add(self)
+        return d
+
+    def _buffered(self) -> int:
+        """Bytes queued on the stream in aioquic and not yet acknowledged."""
+        quic_stream = self.connection._quic._streams.get(self.stream_id)
+        if quic_stream is None:
+            return 0
+        sender = quic_stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def _check_writers(self) -> bool:
+        """Fire the write Deferreds if below the bound; True when none are left."""
+        if not self._write_waiters:
+            return True
+        if self._buffered() > STREAM_SEND_HIGH_WATER:
+            return False
+        waiters, self._write_waiters = self._write_waiters, []
+        for d in waiters:
+            d.callback(None)
+        self._maybe_forget()
+        return not self._write_waiters
+
+    def _send_failed(self, error: QuicError) -> None:
+        self._send_done = True
+        if self._send_error is None:
+            self._send_error = error
+        waiters, self._write_waiters = self._write_waiters, []
+        self.connection._blocked.discard(self)
+        for d in waiters:
+            d.errback(Failure(error))
+        self._maybe_forget()
+
+    def reset(self, error_code: int = 1) -> None:
+        """
+        Abort the stream in both directions: QUIC RESET_STREAM for our side,
+        STOP_SENDING for the peer's.  No further callbacks are made; pending
+        write Deferreds fail with L{StreamReset}.
+        """
+        quic = self.connection._quic
+        if not self._send_done or self._write_waiters:
+            try:
+                quic.reset_stream(self.stream_id, error_code)
+            except ValueError:
+                pass
+        if not self._recv_done:
+            try:
+                quic.stop_stream(self.stream_id, error_code)
+            except ValueError:
+                pass
+        self._recv_done = True
+        self._pending_data = []
+        self._pending_end = False
+        self._pending_error = None
+        self._on_data = self._on_end = self._on_error = None
+        self._send_failed(StreamReset(error_code, "stream reset locally"))
+        self.connection._changed()
+
+    def _maybe_forget(self) -> None:
+        if self._recv_done and self._send_done and not self._write_waiters:
+            self.connection._streams.pop(self.stream_id, None)
+
+
+class QuicConnectionHandle:
+    """
+    One QUIC connection on a L{QuicEndpoint}, client or server side.
+
+    @ivar peer: the peer's address when the connection was made.
+    @ivar peer_public_key: the raw Ed25519 key of the peer's certificate (for
+        connections we made as client), else L{None}.
+    @ivar is_client: whether we opened the connection.
+    """
+
+    def __init__(
+        self,
+        endpoint: QuicEndpoint,
+        quic: QuicConnection,
+        peer: Address,
+        *,
+        is_client: bool,
+        expected_public_key: bytes | None = None,
+    ) -> None:
+        self.peer = peer
+        self.peer_public_key: bytes | None = None
+        self.is_client = is_client
+        self._endpoint = endpoint
+        self._quic = quic
+        self._expected_public_key = expected_public_key
+        self._streams: dict[int, QuicStream] = {}
+        self._blocked: set[QuicStream] = set()
+        self._cids: set[bytes] = set()
+        self._timer: IDelayedCall | None = None
+        self._timer_at: float | None = None
+        self._established = False
+        self._lost: QuicError | None = None
+        self._terminated = False
+        self._handshake_waiters: list[Deferred[QuicConnectionHandle]] = []
+        self._handshake_timeout: IDelayedCall | None = None
+        self._close_waiters: list[Deferred[None]] = []
+        self._replaces: QuicConnectionHandle | None = None
+        self._processing = False
+
+    def __repr__(self) -> str:
+        role = "client" if self.is_client else "server"
+        return f"<QuicConnectionHandle {role} peer={self.peer!r}>"
+
+    @property
+    def established(self) -> bool:
+        """True once the handshake completed and until the connection is lost."""
+        return self._established and self._lost is None
+
+    # public API
+
+    def open_stream(self) -> QuicStream:
+        """
+        Open a new bidirectional stream.
+
+        @raise ConnectionLost: if the connection is closed or closing.
+        """
+        if self._lost is not None:
+            raise ConnectionLost(f"connection to {self.peer!r} is closed: {self._lost}")
+        stream_id = self._quic.get_next_available_stream_id()
+        # An empty write makes aioquic create the stream and move on to the next id.
+        self._quic.send_stream_data(stream_id, b"")
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    def request(
+        self, data: bytes, *, max_response: int, timeout: float = 30.0
+    ) -> Deferred[bytes]:
+        """
+        Send C{data} on a new stream, end it, and collect the reply until the
+        peer ends its side.
+
+        @param max_response: most bytes accepted in the reply; beyond it the
+            stream is reset and the result fails with L{ResponseTooLarge}.
+        @param timeout: seconds for the whole exchange; then the stream is
+            reset and the result fails with L{RequestTimeout}.
+        @return: the reply; or fails with L{StreamReset} (the peer reset its
+            side), L{ConnectionLost}, L{ResponseTooLarge}, L{RequestTimeout}.
+            Cancelling it resets the stream.
+        """
+        try:
+            stream = self.open_stream()
+        except QuicError as e:
+            return fail(e)
+        chunks: list[bytes] = []
+        received = 0
+        timer: IDelayedCall | None = None
+
+        def finish(result: bytes | QuicError) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if result_d.called:
+                return
+            if isinstance(result, QuicError):
+                result_d.errback(Failure(result))
+            else:
+                result_d.callback(result)
+
+        def on_data(chunk: bytes) -> None:
+            nonlocal received
+            received += len(chunk)
+            if received > max_response:
+                chunks.clear()
+                stream.reset(APP_ERROR_STREAM)
+                finish(ResponseTooLarge(f"reply exceeds {max_response} bytes"))
+            else:
+                chunks.append(chunk)
+
+        def on_end() -> None:
+            finish(b"".join(chunks))
+
+        def on_timeout() -> None:
+            stream.reset(APP_ERROR_STREAM)
+            finish(RequestTimeout(f"request to {self.peer!r} timed out after {timeout}s"))
+
+        def cancel(d: Deferred[bytes]) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            stream.reset(APP_ERROR_STREAM)
+
+        result_d: Deferred[bytes] = Deferred(cancel)
+        stream.on_data = on_data
+        stream.on_end = on_end
+        stream.on_error = finish
+        timer = self._endpoint._clock.callLater(timeout, on_timeout)
+        # A failed write (peer sent STOP_SENDING, connection lost) does not end
+        # the request: the reply, or on_error, decides.
+        stream.write(data, end=True).addErrback(lambda f: None)
+        return result_d
+
+    def close(self) -> None:
+        """Close the connection gracefully; open streams fail with ConnectionLost."""
+        if self._terminated:
+            return
+        self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="closed")
+        self._changed()
+
+    def when_closed(self) -> Deferred[None]:
+        """A Deferred that fires once the connection has ended and is forgotten."""
+        if self._terminated:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._close_waiters.append(d)
+        return d
+
+    # driven by the endpoint
+
+    def _changed(self) -> None:
+        """Something happened: process events now, send at the end of the turn."""
+        self._process_events()
+        self._endpoint._mark_dirty(self)
+
+    def _receive(self, data: bytes, addr: Address, now: float) -> None:
+        self._quic.receive_datagram(data, addr, now)
+        self._changed()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        at, self._timer_at = self._timer_at, None
+        now = self._endpoint._clock.seconds()
+        if at is not None and now < at:
+            # The timer is due: never let float rounding make aioquic ignore it.
+            now = at
+        self._quic.handle_timer(now)
+        self._changed()
+
+    def _arm_timer(self) -> None:
+        if self._terminated:
+            return
+        at = self._quic.get_timer()
+        if at == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = at
+        if at is not None:
+            clock = self._endpoint._clock
+            self._timer = clock.callLater(max(0.0, at - clock.seconds()), self._on_timer)
+
+    def _check_writers(self) -> None:
+        for stream in list(self._blocked):
+            if stream._check_writers():
+                self._blocked.discard(stream)
+
+    def _process_events(self) -> None:
+        # A callback may write, which calls back in here: the outer loop
+        # drains the events, in order.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._drain_events()
+        finally:
+            self._processing = False
+
+    def _drain_events(self) -> None:
+        quic = self._quic
+        while True:
+            event = quic.next_event()
+            if event is None:
+                break
+            if isinstance(event, events.StreamDataReceived):
+                self._stream_data(event)
+            elif isinstance(event, events.StreamReset):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._receive_failed(
+                        StreamReset(event.error_code, "stream reset by peer")
+                    )
+            elif isinstance(event, events.StopSendingReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._send_failed(
+                        StreamReset(event.error_code, "peer asked us to stop sending")
+                    )
+            elif isinstance(event, events.ConnectionIdIssued):
+                self._endpoint._add_cid(self, event.connection_id)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self._endpoint._remove_cid(self, event.connection_id)
+            elif isinstance(event, events.HandshakeCompleted):
+                self._handshake_completed()
+            elif isinstance(event, events.ConnectionTerminated):
+                self._connection_terminated(event)
+                return
+        close_event = quic._close_event
+        if close_event is not None and self._lost is None:
+            self._lose(self._error_for_close(close_event))
+
+    def _stream_data(self, event: events.StreamDataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            peer_initiated = bool(event.stream_id & 1) == self.is_client
+            if not peer_initiated or self._lost is not None:
+                return  # late data for a stream we already forgot
+            stream = QuicStream(self, event.stream_id)
+            self._streams[event.stream_id] = stream
+            if event.stream_id & 2:
+                stream._send_done = True  # peer's unidirectional stream
+            on_stream = self._endpoint._on_stream
+            if on_stream is None:
+                stream.reset(APP_ERROR_STREAM)
+                return
+            _call_safely(stream, on_stream, stream)
+        stream._received(event.data, event.end_stream)
+
+    def _handshake_completed(self) -> None:
+        cert = getattr(self._quic.tls, "_peer_certificate", None)
+        if self.is_client:
+            try:
+                key: bytes | None = public_key_of(cert) if cert is not None else None
+            except ValueError:
+                key = None
+            self.peer_public_key = key
+            expected = self._expected_public_key
+            if expected is not None and key != expected:
+                log.warn(
+                    "QUIC peer {peer!r} presented an unexpected key", peer=self.peer
+                )
+                self._quic.close(
+                    error_code=APP_ERROR_IDENTITY,
+                    frame_type=None,
+                    reason_phrase="unexpected identity",
+                )
+                self._lose(
+                    PeerIdentityError(
+                        f"peer {self.peer!r} does not hold the expected key"
+                    )
+                )
+                return
+        self._established = True
+        if self._handshake_timeout is not None and self._handshake_timeout.active():
+            self._handshake_timeout.cancel()
+        self._handshake_timeout = None
+        log.debug(
+            "QUIC connection {role} {peer!r} established",
+            role="to" if self.is_client else "from",
+            peer=self.peer,
+        )
+        old, self._replaces = self._replaces, None
+        if old is not None:
+            old.close()
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def _handshake_timed_out(self, timeout: float) -> None:
+        self._handshake_timeout = None
+        if self._established or self._lost is not None:
+            return
+        self._quic.close(
+            error_code=QuicErrorCode.NO_ERROR, reason_phrase="handshake timeout"
+        )
+        self._lose(
+            ConnectionFailed(
+                f"QUIC handshake with {self.peer!r} did not finish within {timeout}s"
+            )
+        )
+        self._endpoint._mark_dirty(self)
+
+    def _error_for_close(self, event: events.ConnectionTerminated) -> QuicError:
+        reason = event.reason_phrase or f"error code {event.error_code:#x}"
+        if self._established:
+            return ConnectionLost(f"connection with {self.peer!r} ended: {reason}")
+        return ConnectionFailed(f"QUIC handshake with {self.peer!r} failed: {reason}")
+
+    def _lose(self, error: QuicError) -> None:
+        """The connection became unusable: fail everything that waits on it."""
+        if self._lost is not None:
+            return
+        self._lost = error
+        if self._handshake_timeout is not None and self._handshake_timeout.active():
+            self._handshake_timeout.cancel()
+        self._handshake_timeout = None
+        self._endpoint._forget_peer(self)
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        handshake_error = error
+        if not isinstance(error, (ConnectionFailed, PeerIdentityError)):
+            handshake_error = ConnectionFailed(str(error))
+        for d in waiters:
+            d.errback(Failure(handshake_error))
+        lost = error if isinstance(error, ConnectionLost) else ConnectionLost(str(error))
+        for stream in list(self._streams.values()):
+            stream._receive_failed(lost)
+            stream._send_failed(lost)
+        self._streams.clear()
+        self._blocked.clear()
+
+    def _connection_terminated(self, event: events.ConnectionTerminated) -> None:
+        self._lose(self._error_for_close(event))
+        self._terminate()
+
+    def _terminate(self) -> None:
+        """Forget the connection entirely."""
+        if self._terminated:
+            return
+        self._terminated = True
+        if self._lost is None:
+            self._lose(ConnectionLost(f"connection with {self.peer!r} ended"))
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._endpoint._forget(self)
+        log.debug("QUIC connection with {peer!r} ended", peer=self.peer)
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+class QuicEndpoint(DatagramProtocol):
+    """
+    A UDP socket carrying QUIC connections and DSSS control datagrams.
+
+    @param clock: the time source for every timer.
+    @param on_control: called with C{(datagram, address)} for each datagram
+        whose first byte is L{CONTROL_PREFIX} (the prefix is included).
+    @param server_identity: C{(certificate, private_key)}; if given, QUIC
+        Initials from unknown peers create server-side connections.
+    @param on_stream: called with each stream the peer opens, on any
+        connection; if L{None}, such streams are reset.
+    @param max_datagram_size: largest QUIC datagram sent (1200..16000); keep
+        the default on real networks, raise it only on loopback.
+    @param idle_timeout: seconds of silence after which a connection ends.
+    @param max_connections: most server-side connections kept at once.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        on_control: Callable[[bytes, Address], None],
+        server_identity: tuple[Certificate, Ed25519PrivateKey] | None = None,
+        on_stream: Callable[[QuicStream], None] | None = None,
+        max_datagram_size: int = 1452,
+        idle_timeout: float = 30.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if not SMALLEST_MAX_DATAGRAM_SIZE <= max_datagram_size <= MAX_DATAGRAM_SIZE_LIMIT:
+            raise ValueError(
+                f"max_datagram_size must be within {SMALLEST_MAX_DATAGRAM_SIZE}.."
+                f"{MAX_DATAGRAM_SIZE_LIMIT}"
+            )
+        self._clock = clock
+        self._on_control = on_control
+        self._server_identity = server_identity
+        self._on_stream = on_stream
+        self._max_datagram_size = max_datagram_size
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._by_cid: dict[bytes, QuicConnectionHandle] = {}
+        self._clients: dict[tuple[Address, bytes | None], QuicConnectionHandle] = {}
+        self._servers: dict[Address, QuicConnectionHandle] = {}
+        self._all: set[QuicConnectionHandle] = set()
+        self._dirty: dict[QuicConnectionHandle, None] = {}
+        self._unsent: list[tuple[bytes, Address]] = []
+        self._flush_call: IDelayedCall | None = None
+        self._port: IListeningPort | None = None
+        self._closing = False
+        self._supported_versions = QuicConfiguration().supported_versions
+
+    # setup
+
+    def listen(
+        self, reactor: Any, host: str = "127.0.0.1", port: int = 0
+    ) -> IListeningPort:
+        """
+        Listen on UDP C{host}:C{port} with large datagrams and socket buffers.
+        The endpoint then owns the port and L{close} stops it.
+        """
+        listening: IListeningPort = reactor.listenUDP(
+            port, self, interface=host, maxPacketSize=UDP_MAX_PACKET_SIZE
+        )
+        sock = getattr(listening, "socket", None)
+        if sock is not None:
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+                except OSError:
+                    pass
+        self._port = listening
+        return listening
+
+    @property
+    def address(self) -> Address:
+        """The local C{(host, port)} the socket is bound to."""
+        host = self.transport.getHost()
+        return (host.host, host.port)
+
+    @property
+    def connections(self) -> list[QuicConnectionHandle]:
+        """Every connection the endpoint currently holds."""
+        return list(self._all)
+
+    # control datagrams
+
+    def send_control(self, data: bytes, addr: Address) -> None:
+        """Send a control datagram; it must start with L{CONTROL_PREFIX}."""
+        if not data.startswith(CONTROL_PREFIX):
+            raise ValueError("control datagrams must start with CONTROL_PREFIX")
+        self._write(data, addr)
+
+    # client role
+
+    def connect(
+        self,
+        addr: Address,
+        *,
+        expected_public_key: bytes | None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> Deferred[QuicConnectionHandle]:
+        """
+        Connect to C{addr} as a QUIC client, or reuse a live connection made
+        with the same C{expected_public_key}.
+
+        @param expected_public_key: the raw Ed25519 key the peer's certificate
+            must carry, or L{None} to accept any.
+        @return: fires with the connection after the handshake; fails with
+            L{PeerIdentityError} if the key differs (the connection is then
+            closed), or L{ConnectionFailed} if the handshake fails or does not
+            finish within C{handshake_timeout} seconds.
+        """
+        if self._closing or self.transport is None:
+            return fail(ConnectionFailed("endpoint is closed"))
+        addr = (addr[0], addr[1])
+        key = (addr, expected_public_key)
+        handle = self._clients.get(key)
+        if handle is not None and handle._lost is None:
+            if handle._established:
+                return succeed(handle)
+            d: Deferred[QuicConnectionHandle] = Deferred(
+                lambda d: handle._handshake_waiters.remove(d)
+                if d in handle._handshake_waiters
+                else None
+            )
+            handle._handshake_waiters.append(d)
+            return d
+        configuration = self._configuration(is_client=True)
+        quic = QuicConnection(configuration=configuration)
+        _widen_pacing(quic)
+        handle = QuicConnectionHandle(
+            self, quic, addr, is_client=True, expected_public_key=expected_public_key
+        )
+        self._clients[key] = handle
+        self._all.add(handle)
+        self._add_cid(handle, quic.host_cid)
+        d = Deferred(
+            lambda d: handle._handshake_waiters.remove(d)
+            if d in handle._handshake_waiters
+            else None
+        )
+        handle._handshake_waiters.append(d)
+        handle._handshake_timeout = self._clock.callLater(
+            handshake_timeout, handle._handshake_timed_out, handshake_timeout
+        )
+        quic.connect(addr, now=self._clock.seconds())
+        handle._changed()
+        return d
+
+    # shutdown
+
+    def close(self) -> Deferred[None]:
+        """
+        Close every connection gracefully, wait (at most L{CLOSE_GRACE}
+        seconds) for them to end, then stop listening if L{listen} was used.
+        """
+        self._closing = True
+        handles = list(self._all)
+        for handle in handles:
+            handle.close()
+        waits = [handle.when_closed() for handle in handles]
+
+        def force() -> None:
+            for handle in list(self._all):
+                handle._terminate()
+
+        grace = self._clock.callLater(CLOSE_GRACE, force)
+
+        def stop(_: object) -> Deferred[None] | None:
+            if grace.active():
+                grace.cancel()
+            if self._flush_call is not None and self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+            port, self._port = self._port, None
+            if port is not None:
+                return port.stopListening()  # type: ignore[no-any-return]
+            return None
+
+        done: Deferred[Any] = DeferredList(waits)
+        done.addCallback(stop)
+        done.addCallback(lambda _: None)
+        return done
+
+    def stopProtocol(self) -> None:
+        """The port stopped: forget every connection."""
+        for handle in list(self._all):
+            handle._terminate()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+
+    # incoming datagrams
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """Route a datagram to on_control or to its QUIC connection; never raise."""
+        try:
+            if not datagram:
+                return
+            peer = (addr[0], addr[1])
+            if datagram[0] == CONTROL_PREFIX[0]:
+                self._on_control(datagram, peer)
+                return
+            self._receive_quic(datagram, peer)
+        except Exception:
+            log.failure("error handling a datagram from {addr!r}", addr=addr)
+
+    def _receive_quic(self, data: bytes, addr: Address) -> None:
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH
+            )
+        except ValueError:
+            return
+        now = self._clock.seconds()
+        handle = self._by_cid.get(header.destination_cid)
+        if handle is not None:
+            handle._receive(data, addr, now)
+            return
+        if self._server_identity is None or self._closing:
+            return
+        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+            return
+        if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            return  # RFC 9000 14.1; also keeps replies smaller than requests
+        if header.version is not None and header.version not in self._supported_versions:
+            self._write(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self._supported_versions,
+                ),
+                addr,
+            )
+            return
+        if header.packet_type != QuicPacketType.INITIAL:
+            return
+        if sum(1 for h in self._all if not h.is_client) >= self._max_connections:
+            log.warn("QUIC connection limit reached, dropping {addr!r}", addr=addr)
+            return
+        self._accept(data, addr, header.destination_cid, now)
+
+    def _accept(self, data: bytes, addr: Address, original_cid: bytes, now: float) -> None:
+        quic = QuicConnection(
+            configuration=self._configuration(is_client=False),
+            original_destination_connection_id=original_cid,
+        )
+        _widen_pacing(quic)
+        quic.receive_datagram(data, addr, now)
+        if quic._state == QuicConnectionState.FIRSTFLIGHT:
+            return  # the Initial did not decrypt: garbage, keep no state
+        handle = QuicConnectionHandle(self, quic, addr, is_client=False)
+        previous = self._servers.get(addr)
+        if previous is not None:
+            if previous._established:
+                # Keep the old connection until the new one proves the peer is
+                # really there, so a spoofed Initial cannot cut it off.
+                handle._replaces = previous
+            else:
+                previous.close()
+        self._servers[addr] = handle
+        self._all.add(handle)
+        self._add_cid(handle, original_cid)
+        self._add_cid(handle, quic.host_cid)
+        handle._handshake_timeout = self._clock.callLater(
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            handle._handshake_timed_out,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )
+        handle._changed()
+
+    # tables
+
+    def _configuration(self, *, is_client: bool) -> QuicConfiguration:
+        configuration = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            connection_id_length=CONNECTION_ID_LENGTH,
+            idle_timeout=self._idle_timeout,
+            max_datagram_size=self._max_datagram_size,
+            max_data=MAX_DATA,
+            max_stream_data=MAX_STREAM_DATA,
+        )
+        if is_client:
+            # No PKI: the peer's key is pinned after the handshake instead.
+            configuration.verify_mode = ssl.CERT_NONE
+        else:
+            assert self._server_identity is not None
+            configuration.certificate, configuration.private_key = self._server_identity
+        return configuration
+
+    def _add_cid(self, handle: QuicConnectionHandle, cid: bytes) -> None:
+        self._by_cid[cid] = handle
+        handle._cids.add(cid)
+
+    def _remove_cid(self, handle: QuicConnectionHandle, cid: bytes) -> None:
+        if self._by_cid.get(cid) is handle:
+            del self._by_cid[cid]
+        handle._cids.discard(cid)
+
+    def _forget_peer(self, handle: QuicConnectionHandle) -> None:
+        """Stop offering C{handle} for reuse (it is closing)."""
+        for key, h in list(self._clients.items()):
+            if h is handle:
+                del self._clients[key]
+        if self._servers.get(handle.peer) is handle:
+            del self._servers[handle.peer]
+
+    def _forget(self, handle: QuicConnectionHandle) -> None:
+        self._forget_peer(handle)
+        for cid in list(handle._cids):
+            self._remove_cid(handle, cid)
+        self._all.discard(handle)
+        self._dirty.pop(handle, None)
+
+    # outgoing datagrams
+
+    def _mark_dirty(self, handle: QuicConnectionHandle) -> None:
+        if handle._terminated:
+            return
+        self._dirty[handle] = None
+        self._schedule_flush(0)
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(delay, self._flush)
+
+    def _flush(self) -> None:
+        """Send what every changed connection has to send, once per turn."""
+        self._flush_call = None
+        if self.transport is None:
+            return
+        if not self._send_unsent():
+            self._schedule_flush(BLOCKED_RETRY)
+            return
+        now = self._clock.seconds()
+        dirty, self._dirty = self._dirty, {}
+        for handle in dirty:
+            if handle._terminated:
+                continue
+            try:
+                datagrams = handle._quic.datagrams_to_send(now)
+            except Exception:
+                log.failure("aioquic failed to build datagrams")
+                datagrams = []
+            self._unsent.extend(datagrams)
+            # datagrams_to_send may change state (closing) and thus the timer.
+            handle._process_events()
+            handle._arm_timer()
+            handle._check_writers()
+            if not self._send_unsent():
+                # Socket full: keep the remaining connections for the retry.
+                for rest in dirty:
+                    if not rest._terminated:
+                        self._dirty.setdefault(rest, None)
+                self._schedule_flush(BLOCKED_RETRY)
+                return
+
+    def _send_unsent(self) -> bool:
+        """Write queued datagrams; False if the socket buffer filled up."""
+        unsent = self._unsent
+        sent = 0
+        try:
+            for data, addr in unsent:
+                try:
+                    self.transport.write(data, addr)
+                except BlockingIOError:
+                    return False
+                except OSError as e:
+                    log.debug("UDP send to {addr!r} failed: {e}", addr=addr, e=e)
+                sent += 1
+        finally:
+            del unsent[:sent]
+        return True
+
+    def _write(self, data: bytes, addr: Address) -> None:
+        """Send one datagram now, or queue it if the socket is full."""
+        if self._unsent:
+            self._unsent.append((data, addr))
+            self._schedule_flush(BLOCKED_RETRY)
+            return
+        try:
+            self.transport.write(data, addr)
+        except BlockingIOError:
+            self._unsent.append((data, addr))
+            self._schedule_flush(BLOCKED_RETRY)
+        except OSError as e:
+            log.debug("UDP send to {addr!r} failed: {e}", addr=addr, e=e)

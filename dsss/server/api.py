@@ -1,0 +1,109 @@
+# -*- test-case-name: tests.adapters.test_server_api -*-
+"""The discovery server's HTTP API (Klein): who-has, where-to-upload, introduce-me, info, status."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from dsss.errors import BadRequest, DSSSError
+from dsss.model import PeerAddress, check_block_id
+
+if TYPE_CHECKING:
+    from dsss.server.service import DiscoveryServer
+
+log = Logger()
+
+MAX_PART_SIZE = 2**40
+
+
+def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
+    values = request.args.get(name.encode("ascii"), [])  # type: ignore[attr-defined]
+    if not values:
+        if required:
+            raise BadRequest(f"missing parameter {name!r}")
+        return None
+    if len(values) > 1 and name != "exclude":
+        raise BadRequest(f"parameter {name!r} given more than once")
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"parameter {name!r} is not UTF-8") from None
+
+
+def _size(text: str | None, name: str = "size") -> int:
+    if text is None or not text.isdigit() or len(text) > 15:
+        raise BadRequest(f"{name} must be a non-negative integer")
+    value = int(text)
+    if value > MAX_PART_SIZE:
+        raise BadRequest(f"{name} too large")
+    return value
+
+
+def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8") + b"\n"
+
+
+class DiscoveryAPI:
+    app = Klein()
+
+    def __init__(self, server: "DiscoveryServer") -> None:
+        self.server = server
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    @app.handle_errors(DSSSError)
+    def _dsss_error(self, request: IRequest, failure: Any) -> bytes:
+        err = failure.value
+        return _json(request, {"error": str(err)}, err.http_status)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Any) -> bytes:
+        log.failure("unexpected error in {uri}", failure, uri=request.uri)
+        return _json(request, {"error": "internal error"}, 500)
+
+    @app.route("/api/who-has", methods=["GET"])
+    async def who_has(self, request: IRequest) -> bytes:
+        block = check_block_id(_arg(request, "q") or "")
+        addresses = await self.server.who_has(block)
+        return _json(request, {"addresses": [str(a) for a in addresses]})
+
+    @app.route("/api/where-to-upload", methods=["GET"])
+    def where_to_upload(self, request: IRequest) -> bytes:
+        size = _size(_arg(request, "size"))
+        exclude = []
+        for raw in request.args.get(b"exclude", []):  # type: ignore[attr-defined]
+            for part in raw.decode("utf-8", "replace").split(","):
+                if part:
+                    exclude.append(PeerAddress.parse(part))
+        addresses = self.server.where_to_upload(size, exclude)
+        return _json(
+            request,
+            {"addresses": [str(a) for a in addresses], "replicas": self.server.replicas},
+        )
+
+    @app.route("/api/introduce-me", methods=["GET"])
+    async def introduce_me(self, request: IRequest) -> bytes:
+        to = PeerAddress.parse(_arg(request, "to") or "")
+        block = check_block_id(_arg(request, "hash") or "")
+        size = _size(_arg(request, "size"))
+        from_ = PeerAddress.parse(_arg(request, "from") or "")
+        result = await self.server.introduce(to, from_, size, block)
+        return _json(request, result)
+
+    @app.route("/api/info", methods=["GET"])
+    def info(self, request: IRequest) -> bytes:
+        return _json(request, self.server.info())
+
+    @app.route("/api/status", methods=["GET"])
+    def status(self, request: IRequest) -> bytes:
+        return _json(request, self.server.status())

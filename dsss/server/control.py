@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.adapters.test_server_control -*-
+"""The server's end of the persistent control connection with each agent."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from dsss.errors import AccessDenied, RemoteProtocolError
+from dsss.lineproto import ControlLineProtocol
+from dsss.server.registry import AgentRecord, ReplayError
+from dsss.wire import control as wc
+
+if TYPE_CHECKING:
+    from dsss.server.service import DiscoveryServer
+
+log = Logger()
+
+
+class AgentConnection(ControlLineProtocol):
+    """One agent's control connection, seen from the server."""
+
+    def __init__(self, server: "DiscoveryServer") -> None:
+        super().__init__(server.clock)
+        self.server = server
+        self.session = secrets.token_hex(16)
+        self.record: AgentRecord | None = None
+        self.peer = "?"
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.opened_at = self.clock.seconds()
+        self.server.connections.add(self)
+        self.send(wc.Hi(self.session))
+
+    def connectionLost(self, reason: object = None) -> None:
+        super().connectionLost(reason)  # type: ignore[arg-type]
+        self.server.connections.discard(self)
+        rec = self.server.registry.unregister(self)
+        if rec is not None:
+            log.info("agent {agent} disconnected", agent=rec.agent_id[:16])
+
+    def trusted(self) -> bool:
+        return self.record is not None
+
+    def heard(self) -> None:
+        if self.record is not None:
+            self.server.registry.heard_tcp(self.record, self.clock.seconds())
+
+    def handle_request(self, msg: wc.Request) -> wc.Reply | None:
+        if isinstance(msg, wc.Ping):
+            return wc.Pong()
+        if self.record is None:
+            if not isinstance(msg, wc.Register):
+                self.bad_input("REGISTER first", fatal=True, code="not-registered")
+                return None
+            return self._register(msg)
+        if isinstance(msg, wc.Register):
+            raise RemoteProtocolError("already registered on this connection")
+        registry = self.server.registry
+        if isinstance(msg, wc.Have):
+            registry.have(self.record, msg.blocks)
+            return wc.Ok()
+        if isinstance(msg, wc.Gone):
+            registry.gone(self.record, msg.blocks)
+            return wc.Ok()
+        if isinstance(msg, wc.Space):
+            registry.space(self.record, msg.capacity, msg.free)
+            return wc.Ok()
+        raise RemoteProtocolError(f"{type(msg).__name__} is not sent by agents")
+
+    def _register(self, msg: wc.Register) -> wc.Reply | None:
+        try:
+            VerifyKey(bytes.fromhex(msg.agent_id)).verify(
+                msg.signed_bytes(self.session), bytes.fromhex(msg.signature)
+            )
+        except (BadSignatureError, ValueError):
+            self.bad_input("registration signature does not verify", fatal=True, code="denied")
+            return None
+        if not self.server.agent_allowed(msg.agent_id):
+            self.bad_input("this agent is not allowed to join", fatal=True, code="denied")
+            return None
+        try:
+            rec, old = self.server.registry.register(
+                agent_id=msg.agent_id,
+                seq=msg.seq,
+                capacity=msg.capacity,
+                free=msg.free,
+                version=msg.version,
+                handle=self,
+                now=self.clock.seconds(),
+            )
+        except ReplayError as e:
+            self.bad_input(str(e), fatal=True, code="replay")
+            return None
+        except AccessDenied as e:  # pragma: no cover - future policies
+            self.bad_input(str(e), fatal=True, code="denied")
+            return None
+        self.record = rec
+        if old is not None and old is not self:
+            old.close()
+        log.info(
+            "agent {agent} registered from {peer} (capacity {capacity}, free {free})",
+            agent=msg.agent_id[:16],
+            peer=self.peer,
+            capacity=msg.capacity,
+            free=msg.free,
+        )
+        return wc.Welcome(rec.token, self.server.heartbeat, self.server.udp_port)
+
+
+class AgentConnectionFactory(Factory):
+    def __init__(self, server: "DiscoveryServer") -> None:
+        self.server = server
+
+    def buildProtocol(self, addr: object) -> AgentConnection:
+        p = AgentConnection(self.server)
+        p.factory = self
+        return p

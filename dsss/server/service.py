@@ -1,0 +1,231 @@
+# -*- test-case-name: tests.integration.test_network -*-
+"""The discovery server: its domain operations and the service tree that runs it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+import dsss
+from dsss.endpoints import EndpointService, UDPService
+from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
+from dsss.model import PeerAddress
+from dsss.server.api import DiscoveryAPI
+from dsss.server.control import AgentConnection, AgentConnectionFactory
+from dsss.server.registry import AgentRecord, Registry
+from dsss.server.udp import DiscoveryDatagramProtocol
+from dsss.wire import control as wc
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    http: str = "tcp:8470:interface=127.0.0.1"
+    control: str = "tcp:8471:interface=127.0.0.1"
+    udp_host: str = "127.0.0.1"
+    udp_port: int = 8471
+    replicas: int = 3
+    heartbeat: float = 10.0
+    query_timeout: float = 2.0
+    allowed_agents: frozenset[str] | None = None
+
+
+class DiscoveryServer:
+    """What the server knows and does, independent of how it listens."""
+
+    def __init__(self, clock: Any, config: ServerConfig, rng: random.Random | None = None) -> None:
+        self.clock = clock
+        self.config = config
+        self.replicas = config.replicas
+        self.heartbeat = config.heartbeat
+        self.udp_port = config.udp_port
+        self.registry = Registry(config.heartbeat, rng=rng)
+        self.connections: set[AgentConnection] = set()
+        self.stats: dict[str, int] = {
+            "who-has": 0,
+            "where-to-upload": 0,
+            "introductions": 0,
+            "introduction-failures": 0,
+        }
+
+    def agent_allowed(self, agent_id: str) -> bool:
+        allowed = self.config.allowed_agents
+        return allowed is None or agent_id in allowed
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    # --- queries -------------------------------------------------------------------------------
+
+    async def who_has(self, block: str) -> list[PeerAddress]:
+        """Ask only the agents the location index names, keep those that confirm in time."""
+        self.stats["who-has"] += 1
+        candidates = self.registry.candidates(block, self.now())
+        if not candidates:
+            return []
+        results = await defer.DeferredList(
+            [self._ask(rec, block) for rec in candidates], consumeErrors=True
+        )
+        addresses = []
+        for ok, value in results:
+            if ok and value is not None:
+                addresses.append(value)
+        return addresses
+
+    def _ask(self, rec: AgentRecord, block: str) -> defer.Deferred[PeerAddress | None]:
+        conn: AgentConnection = rec.handle
+        d = conn.request(wc.WhoHas(block), self.config.query_timeout)
+
+        def answered(reply: wc.Reply) -> PeerAddress | None:
+            if isinstance(reply, wc.Bit) and reply.value:
+                if self.registry.is_live(rec, self.now()) and rec.address is not None:
+                    return rec.address
+                return None
+            if isinstance(reply, wc.Bit):
+                self.registry.gone(rec, [block])
+            return None
+
+        def failed(f: Any) -> None:
+            f.trap(DSSSError)
+            return None
+
+        return d.addCallbacks(answered, failed)
+
+    def where_to_upload(self, size: int, exclude: list[PeerAddress]) -> list[PeerAddress]:
+        self.stats["where-to-upload"] += 1
+        chosen = self.registry.place(size, self.replicas, self.now(), exclude)
+        if not chosen:
+            raise Unavailable(f"no live agent has room for {size} bytes")
+        return [r.address for r in chosen if r.address is not None]
+
+    async def introduce(
+        self, to: PeerAddress, client: PeerAddress, size: int, block: str
+    ) -> dict[str, Any]:
+        rec = self.registry.by_address(to)
+        if rec is None or not self.registry.is_live(rec, self.now()):
+            raise NotFound(f"no live agent at {to}")
+        conn: AgentConnection = rec.handle
+        try:
+            reply = await conn.request(
+                wc.IntroductionRequest(client, size, block), self.config.query_timeout
+            )
+        except Timeout:
+            self.stats["introduction-failures"] += 1
+            raise Unavailable(f"agent at {to} did not answer the introduction") from None
+        except DSSSError as e:
+            self.stats["introduction-failures"] += 1
+            raise Unavailable(f"agent at {to} is unreachable: {e}") from None
+        if isinstance(reply, wc.Error):
+            self.stats["introduction-failures"] += 1
+            err = Unavailable(f"agent at {to} refused: {reply.code} {reply.text}")
+            raise err
+        if not isinstance(reply, wc.IntroKey):
+            self.stats["introduction-failures"] += 1
+            raise Unavailable(f"agent at {to} sent an unexpected reply")
+        self.stats["introductions"] += 1
+        return {
+            "introduction-key": reply.key,
+            "agent": rec.agent_id,
+            "address": str(rec.address),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "version": dsss.__version__,
+            "replicas": self.replicas,
+            "udp-port": self.udp_port,
+            "heartbeat": self.heartbeat,
+        }
+
+    def status(self) -> dict[str, Any]:
+        now = self.now()
+        agents = []
+        for rec in sorted(self.registry.all(), key=lambda r: r.agent_id):
+            summary = rec.summary(now, self.heartbeat)
+            summary["live"] = self.registry.is_live(rec, now)
+            agents.append(summary)
+        live = [a for a in agents if a["live"]]
+        return {
+            "agents": agents,
+            "totals": {
+                "agents": len(agents),
+                "live": len(live),
+                "capacity": sum(a["capacity"] for a in live),
+                "free": sum(a["free"] for a in live),
+                "parts": sum(a["parts"] for a in live),
+            },
+            "activity": dict(self.stats),
+        }
+
+    # --- housekeeping --------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Every heartbeat: ping agents over TCP, drop those not heard within the bound."""
+        now = self.now()
+        for rec in self.registry.dead(now):
+            log.info("agent {agent} timed out", agent=rec.agent_id[:16])
+            self.registry.unregister(rec.handle)
+            rec.handle.close()
+        for conn in list(self.connections):
+            if conn.record is not None:
+                conn.request(wc.Ping(), 3 * self.heartbeat).addErrback(lambda f: None)
+            elif now - getattr(conn, "opened_at", now) > 3 * self.heartbeat:
+                conn.close()
+
+
+class ServerService(MultiService):
+    """The server's service tree; logs one readiness line with the bound addresses."""
+
+    def __init__(self, reactor: Any, config: ServerConfig, rng: random.Random | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.server = DiscoveryServer(reactor, config, rng=rng)
+        self.api = DiscoveryAPI(self.server)
+        self.http = EndpointService(reactor, config.http, Site(self.api.resource()))
+        self.http.setServiceParent(self)
+        self.control = EndpointService(reactor, config.control, AgentConnectionFactory(self.server))
+        self.control.setServiceParent(self)
+        self.udp_protocol = DiscoveryDatagramProtocol(self.server)
+        self.udp = UDPService(reactor, config.udp_host, config.udp_port, self.udp_protocol)
+        self.udp.setServiceParent(self)
+        timer = TimerService(config.heartbeat, self.server.tick)
+        timer.clock = reactor
+        timer.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        assert self.udp.port is not None
+        self.server.udp_port = self.udp.port.getHost().port
+        d = defer.gatherResults(
+            [self.http.whenListening(), self.control.whenListening()], consumeErrors=True
+        )
+
+        def ready(ports: list[Any]) -> None:
+            http, control = (p.getHost() for p in ports)
+            udp = self.udp.port.getHost() if self.udp.port else None
+            log.info(
+                "DSSS server ready http={http} control={control} udp={udp}",
+                http=f"{http.host}:{http.port}",
+                control=f"{control.host}:{control.port}",
+                udp=f"{udp.host}:{udp.port}" if udp else "-",
+            )
+
+        def failed(f: Any) -> None:
+            log.failure("DSSS server could not listen", f)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(ready, failed)
+
+
+def make_server_service(reactor: Any, config: ServerConfig) -> ServerService:
+    return ServerService(reactor, config)

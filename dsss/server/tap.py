@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.adapters.test_taps -*-
+"""`twistd dsss-server`: options and makeService (a thin shim over dsss.server.service)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from dsss.endpoints import parse_hostport
+from dsss.errors import BadRequest
+from dsss.server.service import ServerConfig, make_server_service
+
+
+def _positive_float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"{what} must be a number of seconds, got {text!r}") from None
+    if not 0.01 <= value <= 3600:
+        raise usage.UsageError(f"{what} must be between 0.01 and 3600 seconds")
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run a DSSS discovery server: HTTP API, agent control channel and UDP punch socket."
+    optParameters = [
+        ["http", None, "tcp:8470:interface=127.0.0.1", "Endpoint for the HTTP API."],
+        ["control", None, "tcp:8471:interface=127.0.0.1", "Endpoint for agents' control connections."],
+        ["udp", None, "127.0.0.1:8471", "UDP HOST:PORT for PING/PONG (address discovery)."],
+        ["replicas", None, "3", "How many agents store each part."],
+        ["heartbeat", None, "10", "Heartbeat interval in seconds (agents are dropped after 3)."],
+        ["query-timeout", None, "2", "Seconds to wait for an agent's WHO_HAS/introduction reply."],
+        ["agents", None, None, "File of allowed agent ids (hex public keys), one per line."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            host, port = parse_hostport(self["udp"], "--udp")
+        except BadRequest as e:
+            raise usage.UsageError(str(e)) from None
+        replicas = self["replicas"]
+        if not str(replicas).isdigit() or not 1 <= int(replicas) <= 32:
+            raise usage.UsageError("--replicas must be an integer from 1 to 32")
+        for name in ("http", "control"):
+            if not self[name] or ":" not in self[name]:
+                raise usage.UsageError(f"--{name} must be an endpoint string such as tcp:8470")
+        allowed = None
+        if self["agents"]:
+            try:
+                with open(self["agents"], encoding="utf-8") as f:
+                    lines = [ln.split("#")[0].strip() for ln in f]
+            except OSError as e:
+                raise usage.UsageError(f"--agents: cannot read {self['agents']}: {e}") from None
+            allowed = frozenset(ln for ln in lines if ln)
+            for a in allowed:
+                if len(a) != 64 or any(c not in "0123456789abcdef" for c in a):
+                    raise usage.UsageError(f"--agents: not an agent id: {a!r}")
+        self.config = ServerConfig(
+            http=self["http"],
+            control=self["control"],
+            udp_host=host,
+            udp_port=port,
+            replicas=int(replicas),
+            heartbeat=_positive_float(self["heartbeat"], "--heartbeat"),
+            query_timeout=_positive_float(self["query-timeout"], "--query-timeout"),
+            allowed_agents=allowed,
+        )
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    return make_server_service(reactor, options.config)

@@ -1,0 +1,299 @@
+# -*- test-case-name: tests.unit.test_wire_control -*-
+"""The server<->agent control channel: message values, parsing and serialization.
+
+Sans-I/O: no Twisted, no clock, no sockets. One message is one line of ASCII text terminated by
+LF (a CR before the LF is tolerated), at most MAX_LINE bytes without the terminator.
+
+Each side may send requests; the other answers every request with exactly one reply line, in the
+order the requests arrived. A line is a reply when its first word is one of REPLY_WORDS or an
+introduction key (32 lowercase hex digits); every other line is a request. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from dsss.errors import RemoteProtocolError
+from dsss.model import PeerAddress, check_block_id, is_block_id
+
+MAX_LINE = 4096
+MAX_HASHES_PER_LINE = 48
+MAX_SIZE = 2**62
+_HEX32 = re.compile(r"\A[0-9a-f]{32}\Z")
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")
+_TOKEN = re.compile(r"\A[0-9a-f]{32}\Z")
+_VERSION = re.compile(r"\A[0-9A-Za-z.+_-]{1,32}\Z")
+_ERROR_CODE = re.compile(r"\A[a-z][a-z0-9-]{0,31}\Z")
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hi:
+    """Server greeting; `session` is a fresh random challenge the registration must sign."""
+
+    session: str
+
+
+@dataclass(frozen=True)
+class Register:
+    """Agent registration, signed with the agent's Ed25519 identity key."""
+
+    agent_id: str  # hex of the 32-byte Ed25519 public key
+    seq: int
+    capacity: int
+    free: int
+    version: str
+    signature: str  # hex of the 64-byte signature over signed_bytes(session)
+
+    def signed_bytes(self, session: str) -> bytes:
+        return (
+            f"dsss-register-v1 {session} {self.agent_id} {self.seq} {self.capacity} "
+            f"{self.free} {self.version}"
+        ).encode("ascii")
+
+
+@dataclass(frozen=True)
+class Have:
+    """The agent stores these parts."""
+
+    blocks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The agent no longer stores these parts."""
+
+    blocks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Space:
+    capacity: int
+    free: int
+
+
+@dataclass(frozen=True)
+class WhoHas:
+    block: str
+
+
+@dataclass(frozen=True)
+class IntroductionRequest:
+    address: PeerAddress  # the client's public UDP address
+    size: int
+    block: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Reply to REGISTER: the secret token for UDP pings, the heartbeat interval and UDP port."""
+
+    token: str
+    heartbeat: float
+    udp_port: int
+
+
+@dataclass(frozen=True)
+class Bit:
+    """Reply to WHO_HAS: `1` if the part is stored, else `0`."""
+
+    value: bool
+
+
+@dataclass(frozen=True)
+class IntroKey:
+    key: str
+
+
+@dataclass(frozen=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True)
+class Ok:
+    pass
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    text: str
+
+
+Request = Union[Hi, Register, Have, Gone, Space, WhoHas, IntroductionRequest, Ping]
+Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error]
+Message = Union[Request, Reply]
+REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error)
+REPLY_WORDS = frozenset({"0", "1", "OK", "PONG", "WELCOME", "ERROR"})
+
+
+def is_reply(msg: Message) -> bool:
+    return isinstance(msg, REPLY_TYPES)
+
+
+def _int(text: str, what: str, *, lo: int = 0, hi: int = MAX_SIZE) -> int:
+    if not text.isdigit() or len(text) > 19:
+        raise RemoteProtocolError(f"{what} is not a decimal number: {text[:40]!r}")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise RemoteProtocolError(f"{what} out of range: {value}")
+    return value
+
+
+def _hashes(words: list[str], verb: str) -> tuple[str, ...]:
+    if not 1 <= len(words) <= MAX_HASHES_PER_LINE:
+        raise RemoteProtocolError(f"{verb} takes 1 to {MAX_HASHES_PER_LINE} hashes")
+    for w in words:
+        if not is_block_id(w):
+            raise RemoteProtocolError(f"{verb}: not a part hash: {w[:80]!r}")
+    return tuple(words)
+
+
+def _arity(words: list[str], n: int, usage: str) -> None:
+    if len(words) != n:
+        raise RemoteProtocolError(f"usage: {usage}")
+
+
+def parse_line(line: bytes) -> Message:
+    """Parse one line (without its LF) into a message, or raise RemoteProtocolError."""
+    if len(line) > MAX_LINE:
+        raise RemoteProtocolError(f"line longer than {MAX_LINE} bytes")
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("line is not ASCII") from None
+    if not text or text != text.strip() or "  " in text or "\t" in text:
+        if not text:
+            raise RemoteProtocolError("empty line")
+        raise RemoteProtocolError("words must be separated by single spaces")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise RemoteProtocolError("control character in line")
+    words = text.split(" ")
+    verb, args = words[0], words[1:]
+
+    if verb == "0" or verb == "1":
+        _arity(args, 0, verb)
+        return Bit(verb == "1")
+    if _HEX32.match(verb):
+        _arity(args, 0, "<key>")
+        return IntroKey(verb)
+    if verb == "OK":
+        _arity(args, 0, "OK")
+        return Ok()
+    if verb == "PONG":
+        _arity(args, 0, "PONG")
+        return Pong()
+    if verb == "PING":
+        _arity(args, 0, "PING")
+        return Ping()
+    if verb == "ERROR":
+        if not args or not _ERROR_CODE.match(args[0]):
+            raise RemoteProtocolError("usage: ERROR <code> <text>")
+        return Error(args[0], " ".join(args[1:]))
+    if verb == "WELCOME":
+        _arity(args, 3, "WELCOME <token> <heartbeat-ms> <udp-port>")
+        if not _TOKEN.match(args[0]):
+            raise RemoteProtocolError("WELCOME: bad token")
+        hb = _int(args[1], "heartbeat", lo=10, hi=3_600_000)
+        port = _int(args[2], "udp port", lo=1, hi=65535)
+        return Welcome(args[0], hb / 1000.0, port)
+    if verb == "Hi":
+        _arity(args, 1, "Hi <session>")
+        if not _HEX32.match(args[0]):
+            raise RemoteProtocolError("Hi: bad session")
+        return Hi(args[0])
+    if verb == "REGISTER":
+        _arity(args, 6, "REGISTER <agent-id> <seq> <capacity> <free> <version> <signature>")
+        agent_id, seq, cap, free, version, sig = args
+        if not _HEX64.match(agent_id):
+            raise RemoteProtocolError("REGISTER: agent id is not 64 hex digits")
+        if not _VERSION.match(version):
+            raise RemoteProtocolError("REGISTER: bad version")
+        if not _HEX128.match(sig):
+            raise RemoteProtocolError("REGISTER: signature is not 128 hex digits")
+        capacity = _int(cap, "capacity")
+        free_ = _int(free, "free")
+        return Register(agent_id, _int(seq, "seq"), capacity, min(free_, capacity), version, sig)
+    if verb == "HAVE":
+        return Have(_hashes(args, "HAVE"))
+    if verb == "GONE":
+        return Gone(_hashes(args, "GONE"))
+    if verb == "SPACE":
+        _arity(args, 2, "SPACE <capacity> <free>")
+        capacity = _int(args[0], "capacity")
+        return Space(capacity, min(_int(args[1], "free"), capacity))
+    if verb == "WHO_HAS":
+        _arity(args, 1, "WHO_HAS <hash>")
+        if not is_block_id(args[0]):
+            raise RemoteProtocolError("WHO_HAS: not a part hash")
+        return WhoHas(args[0])
+    if verb == "INTRODUCTION_REQUEST":
+        _arity(args, 3, "INTRODUCTION_REQUEST <address> <size> <hash>")
+        try:
+            address = PeerAddress.parse(args[0])
+        except Exception:
+            raise RemoteProtocolError("INTRODUCTION_REQUEST: bad address") from None
+        if not is_block_id(args[2]):
+            raise RemoteProtocolError("INTRODUCTION_REQUEST: not a part hash")
+        return IntroductionRequest(address, _int(args[1], "size"), args[2])
+    raise RemoteProtocolError(f"unknown command: {verb[:40]!r}")
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message to one line, without the LF."""
+    if isinstance(msg, Bit):
+        text = "1" if msg.value else "0"
+    elif isinstance(msg, IntroKey):
+        text = msg.key
+    elif isinstance(msg, Ok):
+        text = "OK"
+    elif isinstance(msg, Pong):
+        text = "PONG"
+    elif isinstance(msg, Ping):
+        text = "PING"
+    elif isinstance(msg, Error):
+        clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in msg.text)
+        text = f"ERROR {msg.code} {clean}"[:MAX_LINE].rstrip()
+    elif isinstance(msg, Welcome):
+        text = f"WELCOME {msg.token} {int(round(msg.heartbeat * 1000))} {msg.udp_port}"
+    elif isinstance(msg, Hi):
+        text = f"Hi {msg.session}"
+    elif isinstance(msg, Register):
+        text = (
+            f"REGISTER {msg.agent_id} {msg.seq} {msg.capacity} {msg.free} {msg.version} "
+            f"{msg.signature}"
+        )
+    elif isinstance(msg, Have):
+        text = "HAVE " + " ".join(check_block_id(b) for b in msg.blocks)
+    elif isinstance(msg, Gone):
+        text = "GONE " + " ".join(check_block_id(b) for b in msg.blocks)
+    elif isinstance(msg, Space):
+        text = f"SPACE {msg.capacity} {msg.free}"
+    elif isinstance(msg, WhoHas):
+        text = f"WHO_HAS {msg.block}"
+    elif isinstance(msg, IntroductionRequest):
+        text = f"INTRODUCTION_REQUEST {msg.address} {msg.size} {msg.block}"
+    else:  # pragma: no cover - a bug on our side
+        raise TypeError(f"not a control message: {msg!r}")
+    return text.encode("ascii")
+
+
+def chunked(blocks: list[str], n: int = MAX_HASHES_PER_LINE) -> list[tuple[str, ...]]:
+    """Split a list of hashes into groups that fit one HAVE/GONE line."""
+    return [tuple(blocks[i : i + n]) for i in range(0, len(blocks), n)]
