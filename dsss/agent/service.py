@@ -18,7 +18,6 @@ from dsss.agent.control import ServerConnection, ServerConnectionFactory
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
 from dsss.crypto.certs import make_certificate
-from dsss.endpoints import listen_udp
 from dsss.errors import DSSSError, StorageFull
 from dsss.model import PeerAddress
 from dsss.storage.blockstore import BlockStore
@@ -184,7 +183,7 @@ class AgentService(MultiService):
 
     def startService(self) -> None:
         config = self.agent.config
-        self.udp_port = listen_udp(self.reactor, config.udp_host, config.udp_port, self.quic)
+        self.udp_port = self.quic.listen(self.reactor, config.udp_host, config.udp_port)
         super().startService()
         self._keepalive.start(0.25, now=False)
 
@@ -194,11 +193,8 @@ class AgentService(MultiService):
         d = defer.maybeDeferred(super().stopService)
 
         def close_udp(_: Any) -> Any:
-            closing = defer.maybeDeferred(self.quic.close)
-            port, self.udp_port = self.udp_port, None
-            if port is not None:
-                closing.addBoth(lambda _: port.stopListening())
-            return closing
+            self.udp_port = None
+            return defer.maybeDeferred(self.quic.close)
 
         d.addBoth(close_udp)
         return d

@@ -1,0 +1,280 @@
+# -*- test-case-name: tests.integration.test_client -*-
+"""put and get: the orchestration of discovery, crypto and transfers. No parsing, no sockets."""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+from nacl.public import PrivateKey, PublicKey
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from dsss.client.discovery import DiscoveryClient
+from dsss.client.peer import PeerNetwork
+from dsss.crypto.manifest import Manifest, PartRef, open_manifest, seal_manifest
+from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part, encrypt_part
+from dsss.errors import DSSSError, IntegrityError, NotFound, Unavailable
+from dsss.model import PeerAddress, block_hash
+from dsss.wire.transfer import MAX_PART
+
+log = Logger()
+
+DEFAULT_PART_SIZE = 1024 * 1024
+MAX_PART_SIZE = MAX_PART - TAG_BYTES
+DEFAULT_PARALLEL = 4
+
+
+class ReplicationError(Unavailable):
+    code = "replication"
+
+
+@dataclass
+class Progress:
+    """Callbacks the CLI uses to draw progress; all optional."""
+
+    advance: Callable[[int], None] = lambda n: None
+
+
+@dataclass
+class Session:
+    """Everything a flow needs: the discovery client, the peer network, the user's key."""
+
+    discovery: DiscoveryClient
+    peers: PeerNetwork
+    replicas: int
+    parallel: int = DEFAULT_PARALLEL
+    rng: random.Random = field(default_factory=random.SystemRandom)
+
+
+# --- storing one block on several agents ---------------------------------------------------------
+
+
+async def store_block(session: Session, block: str, data: bytes) -> list[PeerAddress]:
+    """Store `data` on `session.replicas` distinct agents; returns where it went.
+
+    Agents that fail are excluded and replaced by asking the server again; fails with
+    ReplicationError if the replica count cannot be reached.
+    """
+    assert session.peers.public_address is not None
+    stored: list[PeerAddress] = []
+    failed: list[PeerAddress] = []
+    errors: list[str] = []
+    for _attempt in range(4):
+        need = session.replicas - len(stored)
+        if need <= 0:
+            break
+        try:
+            targets = await session.discovery.where_to_upload(len(data), exclude=stored + failed)
+        except Unavailable as e:
+            errors.append(str(e))
+            break
+        targets = [t for t in targets if t not in stored and t not in failed][:need]
+        if not targets:
+            break
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(_upload_one(session, t, block, data)) for t in targets],
+            consumeErrors=True,
+        )
+        for target, (ok, value) in zip(targets, results):
+            if ok:
+                stored.append(target)
+            else:
+                failed.append(target)
+                errors.append(f"{target}: {value.getErrorMessage()}")
+                if not value.check(DSSSError):
+                    log.failure("unexpected upload failure", value)
+    if len(stored) < session.replicas:
+        detail = "; ".join(errors[-3:]) or "not enough live agents"
+        raise ReplicationError(
+            f"stored a part on {len(stored)} of {session.replicas} agents ({detail})"
+        )
+    return stored
+
+
+async def _upload_one(session: Session, target: PeerAddress, block: str, data: bytes) -> None:
+    me = session.peers.public_address
+    assert me is not None
+    intro = await session.discovery.introduce_me(target, block, len(data), me)
+    await session.peers.upload(intro, block, data)
+
+
+async def fetch_block(session: Session, block: str, *, what: str = "part") -> bytes:
+    """Fetch a block from any holder, verifying its hash; tries every holder before failing."""
+    holders = await session.discovery.who_has(block)
+    if not holders:
+        raise NotFound(f"no agent has {what} {block}")
+    session.rng.shuffle(holders)
+    me = session.peers.public_address
+    assert me is not None
+    errors = []
+    corrupt = 0
+    for holder in holders:
+        try:
+            intro = await session.discovery.introduce_me(holder, block, 0, me)
+            return await session.peers.download(intro, block)
+        except IntegrityError as e:
+            corrupt += 1
+            errors.append(str(e))
+        except DSSSError as e:
+            errors.append(str(e))
+    if corrupt == len(holders):
+        raise IntegrityError(f"{what} {block} is corrupt on every replica")
+    raise Unavailable(f"could not fetch {what} {block} from any of {len(holders)} agents: {errors[-1]}")
+
+
+# --- put -----------------------------------------------------------------------------------------
+
+
+def _count_parts(size: int, part_size: int) -> int:
+    return (size + part_size - 1) // part_size
+
+
+async def put_stream(
+    session: Session,
+    stream: BinaryIO,
+    *,
+    name: str,
+    size: int,
+    owner: PublicKey,
+    part_size: int = DEFAULT_PART_SIZE,
+    progress: Progress | None = None,
+) -> str:
+    """Encrypt and store a file read from `stream` (`size` bytes); returns its address."""
+    if not 1 <= part_size <= MAX_PART_SIZE:
+        raise DSSSError(f"part size must be between 1 and {MAX_PART_SIZE} bytes")
+    progress = progress or Progress()
+    file_key = secrets.token_bytes(KEY_BYTES)
+    file_id = secrets.token_bytes(FILE_ID_BYTES)
+    count = _count_parts(size, part_size)
+    refs: list[PartRef | None] = [None] * count
+    slots = defer.DeferredSemaphore(session.parallel)
+    running: list[defer.Deferred[None]] = []
+    failure: list[BaseException] = []
+
+    async def send(index: int, plaintext: bytes) -> None:
+        try:
+            ciphertext = encrypt_part(file_key, file_id, index, plaintext)
+            h = block_hash(ciphertext)
+            await store_block(session, h, ciphertext)
+            refs[index] = PartRef(h, len(ciphertext), len(plaintext))
+            progress.advance(len(plaintext))
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            slots.release()
+
+    for index in range(count):
+        await slots.acquire()
+        if failure:
+            slots.release()
+            break
+        plaintext = stream.read(part_size)
+        expected = min(part_size, size - index * part_size)
+        if len(plaintext) != expected:
+            slots.release()
+            failure.append(DSSSError(f"{name} changed while it was being read"))
+            break
+        running.append(defer.ensureDeferred(send(index, plaintext)))
+    if running:
+        await defer.DeferredList(running)
+    if failure:
+        raise failure[0]
+    if stream.read(1):
+        raise DSSSError(f"{name} grew while it was being read")
+    manifest = Manifest(
+        name=name,
+        size=size,
+        part_size=part_size,
+        file_id=file_id,
+        parts=tuple(r for r in refs if r is not None),
+        created=int(time.time()),
+    )
+    blob = seal_manifest(manifest, file_key, owner)
+    if len(blob) > MAX_PART:
+        raise DSSSError("file has too many parts for one manifest; use a larger --part-size")
+    address = block_hash(blob)
+    # Stored last: until this succeeds no address exists, so no half file is ever reachable.
+    await store_block(session, address, blob)
+    return address
+
+
+async def put_file(
+    session: Session,
+    path: str | os.PathLike[str],
+    *,
+    owner: PublicKey,
+    part_size: int = DEFAULT_PART_SIZE,
+    progress: Progress | None = None,
+) -> str:
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return await put_stream(
+            session, f, name=path.name, size=size, owner=owner, part_size=part_size, progress=progress
+        )
+
+
+# --- get -----------------------------------------------------------------------------------------
+
+
+async def fetch_manifest(session: Session, address: str, key: PrivateKey) -> tuple[Manifest, bytes]:
+    try:
+        blob = await fetch_block(session, address, what="file")
+    except NotFound:
+        raise NotFound(f"no file is stored at {address} (unknown address)") from None
+    return open_manifest(blob, key)
+
+
+async def get_to_stream(
+    session: Session,
+    address: str,
+    out: BinaryIO,
+    *,
+    key: PrivateKey,
+    progress: Progress | None = None,
+    on_manifest: Callable[[Manifest], None] | None = None,
+) -> Manifest:
+    """Fetch, verify and decrypt a file into `out`, in order, with at most `parallel` parts in
+    memory."""
+    progress = progress or Progress()
+    manifest, file_key = await fetch_manifest(session, address, key)
+    if on_manifest is not None:
+        on_manifest(manifest)
+    parts = manifest.parts
+    results: dict[int, bytes] = {}
+    window = max(1, session.parallel)
+    next_write = 0
+    in_flight: dict[int, defer.Deferred[None]] = {}
+    errors: list[BaseException] = []
+
+    async def fetch(index: int) -> None:
+        ref = parts[index]
+        ciphertext = await fetch_block(session, ref.hash)
+        if len(ciphertext) != ref.size:
+            raise IntegrityError(f"part {index} has the wrong size")
+        results[index] = decrypt_part(file_key, manifest.file_id, index, ciphertext)
+
+    next_start = 0
+    while next_write < len(parts):
+        while next_start < len(parts) and next_start < next_write + window:
+            d = defer.ensureDeferred(fetch(next_start))
+            d.addErrback(lambda f: errors.append(f.value))
+            in_flight[next_start] = d
+            next_start += 1
+        await in_flight.pop(next_write)
+        if errors:
+            for d in in_flight.values():
+                d.cancel()
+            await defer.DeferredList(list(in_flight.values()), consumeErrors=True)
+            raise errors[0]
+        data = results.pop(next_write)
+        out.write(data)
+        progress.advance(len(data))
+        next_write += 1
+    return manifest

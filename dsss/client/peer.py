@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.integration.test_client -*-
+"""The client's side of the punched path: one UDP socket for PING/PUNCH and QUIC to agents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from dsss.client.discovery import Introduction
+from dsss.errors import (
+    AccessDenied,
+    DSSSError,
+    IntegrityError,
+    NotFound,
+    RemoteProtocolError,
+    StorageFull,
+    Timeout,
+    Unavailable,
+)
+from dsss.model import PeerAddress, block_hash
+from dsss.quic import QuicEndpoint, QuicError
+from dsss.wire import transfer as wt
+from dsss.wire.datagram import DPing, DPong, DPunch, encode_datagram, parse_datagram
+
+log = Logger()
+
+_REFUSALS: dict[str, type[DSSSError]] = {
+    "denied": AccessDenied,
+    "not-found": NotFound,
+    "full": StorageFull,
+    "integrity": IntegrityError,
+}
+
+
+class PeerError(Unavailable):
+    """A transfer with one agent failed (the caller tries another)."""
+
+    code = "peer"
+
+
+class PeerNetwork:
+    """Owns the client's UDP socket; learns the public address; uploads and downloads parts."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        server_udp: tuple[str, int],
+        *,
+        bind_host: str = "0.0.0.0",
+        max_datagram_size: int = 1452,
+        transfer_timeout: float = 60.0,
+    ) -> None:
+        self.reactor = reactor
+        self.server_udp = server_udp
+        self.bind_host = bind_host
+        self.transfer_timeout = transfer_timeout
+        self.endpoint = QuicEndpoint(
+            reactor, on_control=self._on_control, max_datagram_size=max_datagram_size
+        )
+        self.public_address: PeerAddress | None = None
+        self._address_waiters: list[defer.Deferred[PeerAddress]] = []
+        self.paths: dict[str, str] = {}
+
+    async def start(self, timeout: float = 5.0) -> PeerAddress:
+        """Bind the socket and learn our public address from the server's PONG."""
+        self.endpoint.listen(self.reactor, self.bind_host, 0)
+        d: defer.Deferred[PeerAddress] = defer.Deferred()
+        self._address_waiters.append(d)
+        ping = encode_datagram(DPing("-"))
+        calls = []
+        step = 0.25
+        for i in range(int(timeout / step)):
+            calls.append(self.reactor.callLater(i * step, self._send, ping, self.server_udp))
+
+        def expire() -> None:
+            if not d.called:
+                d.errback(
+                    Unavailable(
+                        f"the discovery server's UDP port {self.server_udp[0]}:{self.server_udp[1]} "
+                        "does not answer"
+                    )
+                )
+
+        timer = self.reactor.callLater(timeout, expire)
+        try:
+            return await d
+        finally:
+            for c in calls:
+                if c.active():
+                    c.cancel()
+            if timer.active():
+                timer.cancel()
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.endpoint.send_control(data, addr)
+        except Exception as e:  # the socket is closed or its buffer full; the next try resends
+            log.debug("datagram not sent: {e}", e=e)
+
+    def _on_control(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            msg = parse_datagram(data)
+        except DSSSError:
+            return
+        if isinstance(msg, DPong) and addr[:2] == self.server_udp:
+            self.public_address = msg.observed
+            waiters, self._address_waiters = self._address_waiters, []
+            for w in waiters:
+                if not w.called:
+                    w.callback(msg.observed)
+
+    async def _connect(self, intro: Introduction) -> Any:
+        addr = intro.address.as_tuple()
+        # Open our NAT towards the agent; the agent punches towards us at the same time.
+        self._send(encode_datagram(DPunch("client")), addr)
+        try:
+            conn = await self.endpoint.connect(addr, expected_public_key=bytes.fromhex(intro.agent_id))
+        except QuicError as e:
+            raise PeerError(f"cannot reach agent {intro.address}: {e}") from None
+        self.paths[str(intro.address)] = "direct"
+        return conn
+
+    async def _request(self, intro: Introduction, data: bytes, max_response: int) -> bytes:
+        conn = await self._connect(intro)
+        try:
+            return await conn.request(data, max_response=max_response, timeout=self.transfer_timeout)
+        except QuicError as e:
+            raise PeerError(f"transfer with agent {intro.address} failed: {e}") from None
+
+    @staticmethod
+    def _refused(reply: wt.Refused, intro: Introduction) -> DSSSError:
+        cls = _REFUSALS.get(reply.code, PeerError)
+        return cls(f"agent {intro.address} refused: {reply.text}")
+
+    async def upload(self, intro: Introduction, block: str, data: bytes) -> None:
+        header = wt.encode_request(wt.Upload(intro.key, block, len(data)))
+        raw = await self._request(intro, header + data, wt.MAX_HEADER)
+        line, _, _ = raw.partition(b"\n")
+        try:
+            reply = wt.parse_reply(line)
+        except RemoteProtocolError as e:
+            raise PeerError(f"agent {intro.address} answered badly: {e}") from None
+        if isinstance(reply, wt.Refused):
+            raise self._refused(reply, intro)
+
+    async def download(self, intro: Introduction, block: str, max_size: int = wt.MAX_PART) -> bytes:
+        header = wt.encode_request(wt.Download(intro.key, block))
+        raw = await self._request(intro, header, wt.MAX_HEADER + 1 + max_size)
+        line, nl, body = raw.partition(b"\n")
+        if not nl:
+            raise PeerError(f"agent {intro.address} sent no reply header")
+        try:
+            reply = wt.parse_reply(line)
+        except RemoteProtocolError as e:
+            raise PeerError(f"agent {intro.address} answered badly: {e}") from None
+        if isinstance(reply, wt.Refused):
+            raise self._refused(reply, intro)
+        if reply.size is None or reply.size != len(body):
+            raise PeerError(f"agent {intro.address} sent a truncated part")
+        if block_hash(body) != block:
+            raise IntegrityError(f"agent {intro.address} sent bytes that do not match the part's hash")
+        return body
+
+    async def close(self) -> None:
+        try:
+            await self.endpoint.close()
+        except Exception:  # closing is best effort
+            pass
+
+
+__all__ = ["PeerNetwork", "PeerError", "Timeout"]
