@@ -1,4 +1,8 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# All metadata lives in setup.cfg; this file exists for tools that still call setup.py.
-setup()
+# Metadata lives in setup.cfg. The twistd dropin directory twisted/plugins/ has no __init__.py
+# (it must not shadow Twisted's own package), so it is listed by hand.
+setup(
+    packages=find_packages(include=["dsss", "dsss.*"]) + ["twisted.plugins"],
+    package_data={"dsss": ["py.typed"], "twisted.plugins": ["dsss_plugins.py"]},
+)

@@ -377,11 +377,11 @@ class QuicStream:
         write Deferreds fail with L{StreamReset}.
         """
         quic = self.connection._quic
-        if not self._send_done or self._write_waiters:
-            try:
-                quic.reset_stream(self.stream_id, error_code)
-            except ValueError:
-                pass
+        # aioquic ignores this if everything we sent was already acknowledged.
+        try:
+            quic.reset_stream(self.stream_id, error_code)
+        except ValueError:
+            pass
         if not self._recv_done:
             try:
                 quic.stop_stream(self.stream_id, error_code)
@@ -397,7 +397,9 @@ class QuicStream:
 
     def _maybe_forget(self) -> None:
         if self._recv_done and self._send_done and not self._write_waiters:
-            self.connection._streams.pop(self.stream_id, None)
+            # Forgotten once aioquic discards it too: until then late frames
+            # for it must not look like a new stream from the peer.
+            self.connection._finished.add(self.stream_id)
 
 
 class QuicConnectionHandle:
@@ -427,6 +429,7 @@ class QuicConnectionHandle:
         self._expected_public_key = expected_public_key
         self._streams: dict[int, QuicStream] = {}
         self._blocked: set[QuicStream] = set()
+        self._finished: set[int] = set()
         self._cids: set[bytes] = set()
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
@@ -585,6 +588,15 @@ class QuicConnectionHandle:
             if stream._check_writers():
                 self._blocked.discard(stream)
 
+    def _sweep_streams(self) -> None:
+        """Forget the finished streams aioquic has discarded."""
+        if not self._finished:
+            return
+        live = self._quic._streams
+        for stream_id in [i for i in self._finished if i not in live]:
+            self._finished.discard(stream_id)
+            self._streams.pop(stream_id, None)
+
     def _process_events(self) -> None:
         # A callback may write, which calls back in here: the outer loop
         # drains the events, in order.
@@ -727,6 +739,7 @@ class QuicConnectionHandle:
             stream._send_failed(lost)
         self._streams.clear()
         self._blocked.clear()
+        self._finished.clear()
 
     def _connection_terminated(self, event: events.ConnectionTerminated) -> None:
         self._lose(self._error_for_close(event))
@@ -957,13 +970,20 @@ class QuicEndpoint(DatagramProtocol):
             log.failure("error handling a datagram from {addr!r}", addr=addr)
 
     def _receive_quic(self, data: bytes, addr: Address) -> None:
+        now = self._clock.seconds()
+        if not data[0] & 0x80:
+            # Short header (the bulk of the traffic): the destination CID is
+            # the next CONNECTION_ID_LENGTH bytes, and only a known one matters.
+            handle = self._by_cid.get(data[1 : 1 + CONNECTION_ID_LENGTH])
+            if handle is not None:
+                handle._receive(data, addr, now)
+            return
         try:
             header = pull_quic_header(
                 Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH
             )
         except ValueError:
             return
-        now = self._clock.seconds()
         handle = self._by_cid.get(header.destination_cid)
         if handle is not None:
             handle._receive(data, addr, now)
@@ -1099,6 +1119,7 @@ class QuicEndpoint(DatagramProtocol):
             handle._process_events()
             handle._arm_timer()
             handle._check_writers()
+            handle._sweep_streams()
             if not self._send_unsent():
                 # Socket full: keep the remaining connections for the retry.
                 for rest in dirty:

@@ -1,0 +1,21 @@
+# Everything runs in a virtual environment under .venv, made on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: setup.cfg setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m dsss.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,147 @@
+"""The discovery server and storage agents as real twistd processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.conftest import start_network
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("network")]
+
+HASH = "ab" * 32
+
+
+@pytest.fixture
+def net(make_network):
+    return start_network(make_network(heartbeat=0.5), agents=3)
+
+
+def test_agents_register_and_placement_returns_distinct_agents(net):
+    status = net.status()
+    assert status["totals"]["live"] == 3
+    ids = {a["id"] for a in status["agents"]}
+    assert ids == {a.agent_id for a in net.agents}
+    code, doc = net.http("/api/where-to-upload?size=1000")
+    assert code == 200
+    assert len(doc["addresses"]) == 3 == len(set(doc["addresses"]))
+    assert set(doc["addresses"]) == {a.address for a in net.agents}
+    # Addresses are the UDP addresses the server observed, on loopback.
+    assert all(a.startswith("127.0.0.1:") for a in doc["addresses"])
+
+
+def test_bad_requests_get_clear_json_errors(net):
+    cases = {
+        "/api/who-has": 400,
+        "/api/who-has?q=xyz": 400,
+        f"/api/who-has?q={HASH.upper()}": 400,
+        "/api/where-to-upload": 400,
+        "/api/where-to-upload?size=-1": 400,
+        "/api/where-to-upload?size=abc": 400,
+        f"/api/introduce-me?to=127.0.0.1:9&hash={HASH}&size=1": 400,  # no from
+        f"/api/introduce-me?to=nonsense&hash={HASH}&size=1&from=127.0.0.1:5": 400,
+        f"/api/introduce-me?to=127.0.0.1:9&hash={HASH}&size=1&from=127.0.0.1:5": 404,
+        f"/api/where-to-upload?size={2**39}": 503,
+    }
+    for path, expected in cases.items():
+        code, doc = net.http(path)
+        assert code == expected, (path, code, doc)
+        assert isinstance(doc, dict) and isinstance(doc.get("error"), str) and doc["error"], path
+    code, doc = net.http(f"/api/who-has?q={HASH}")
+    assert (code, doc) == (200, {"addresses": []})
+
+
+def test_introduce_me_returns_a_key_from_the_agent(net):
+    agent = net.agents[0]
+    code, doc = net.http(
+        f"/api/introduce-me?to={agent.address}&hash={HASH}&size=10&from=127.0.0.1:4444"
+    )
+    assert code == 200, doc
+    assert len(doc["introduction-key"]) == 32
+    assert doc["agent"] == agent.agent_id
+    assert doc["address"] == agent.address
+
+
+def test_killed_agent_leaves_answers_within_three_heartbeats(net):
+    victim = net.agents[1]
+    victim.kill()
+    t0 = time.monotonic()
+    bound = 3 * net.heartbeat
+    while victim.address in net.live_addresses():
+        assert time.monotonic() - t0 < bound + 1.5, "killed agent still listed"
+        time.sleep(0.05)
+    for _ in range(20):
+        code, doc = net.http("/api/where-to-upload?size=10")
+        assert code == 200 and victim.address not in doc["addresses"]
+        assert len(doc["addresses"]) == 2
+
+
+def test_restarted_server_gets_its_agents_back(net):
+    before = {a.agent_id for a in net.agents}
+    net.server.kill()
+    net.start_server(reuse_ports=True)
+    deadline = time.monotonic() + 20
+    while True:
+        status = net.status()
+        if {a["id"] for a in status["agents"] if a["live"]} == before:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    code, doc = net.http("/api/where-to-upload?size=10")
+    assert code == 200 and len(doc["addresses"]) == 3
+
+
+def _raw_control(net):
+    s = socket.create_connection(("127.0.0.1", net.control_port), timeout=5)
+    greeting = s.recv(100)
+    assert greeting.startswith(b"Hi ") and greeting.endswith(b"\n")
+    return s
+
+
+def _read_until_closed(s) -> bytes:
+    data = b""
+    s.settimeout(5)
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_garbage_and_huge_lines_are_cut_off_others_keep_working(net):
+    s = _raw_control(net)
+    s.sendall(b"\xff\xfe garbage \x00\n")
+    reply = _read_until_closed(s)
+    assert reply.startswith(b"ERROR ")
+    s.close()
+
+    s = _raw_control(net)
+    try:
+        s.sendall(b"A" * (1024 * 1024) + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    reply = _read_until_closed(s)
+    assert reply.startswith(b"ERROR too-long")
+    s.close()
+
+    s = _raw_control(net)
+    s.sendall(b"WHO_HAS " + HASH.encode() + b"\n")  # not registered yet
+    assert _read_until_closed(s).startswith(b"ERROR not-registered")
+    s.close()
+
+    # A forged registration (bad signature) is refused.
+    s = _raw_control(net)
+    forged = f"REGISTER {net.agents[0].agent_id} {2**40} 100 100 0.1.0 {'00' * 64}\n"
+    s.sendall(forged.encode())
+    assert _read_until_closed(s).startswith(b"ERROR denied")
+    s.close()
+
+    assert net.server.alive()
+    assert net.wait_live(3)
+    code, doc = net.http("/api/where-to-upload?size=10")
+    assert code == 200 and len(doc["addresses"]) == 3
