@@ -22,6 +22,19 @@ def _positive_float(text: str, what: str) -> float:
     return value
 
 
+def _check_endpoint(description: str, what: str) -> None:
+    """Parse an endpoint string now, so a typo is a usage error rather than a failed start."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(
+            f"{what}: not a server endpoint string ({e}); e.g. tcp:8470:interface=127.0.0.1"
+        ) from None
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run a DSSS discovery server: HTTP API, agent control channel and UDP punch socket."
@@ -44,8 +57,7 @@ class Options(usage.Options):
         if not str(replicas).isdigit() or not 1 <= int(replicas) <= 32:
             raise usage.UsageError("--replicas must be an integer from 1 to 32")
         for name in ("http", "control"):
-            if not self[name] or ":" not in self[name]:
-                raise usage.UsageError(f"--{name} must be an endpoint string such as tcp:8470")
+            _check_endpoint(self[name], f"--{name}")
         allowed = None
         if self["agents"]:
             try:

@@ -1,0 +1,95 @@
+"""The agent's control-channel adapter on a StringTransport, with a Clock."""
+
+from __future__ import annotations
+
+import pytest
+from nacl.signing import VerifyKey
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from dsss.agent.control import ServerConnectionFactory
+from dsss.agent.service import AgentConfig, StorageAgent
+from dsss.model import block_hash
+from dsss.wire import control as wc
+
+SESSION = "ab" * 16
+TOKEN = "cd" * 16
+
+
+@pytest.fixture
+def agent(tmp_path):
+    clock = Clock()
+    clock.advance(50)
+    a = StorageAgent(clock, AgentConfig(storage=str(tmp_path / "s"), capacity=10_000))
+    a.store.put(block_hash(b"one"), b"one")
+    return a
+
+
+def connect(agent):
+    proto = ServerConnectionFactory(agent).buildProtocol(None)
+    t = StringTransportWithDisconnection()
+    t.protocol = proto
+    proto.makeConnection(t)
+    return proto, t
+
+
+def lines(t):
+    out = t.value().decode().splitlines()
+    t.clear()
+    return out
+
+
+def test_registers_signed_then_reports_what_it_stores(agent):
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\n".encode())
+    (line,) = lines(t)
+    msg = wc.parse_line(line.encode())
+    assert isinstance(msg, wc.Register)
+    VerifyKey(bytes.fromhex(msg.agent_id)).verify(msg.signed_bytes(SESSION), bytes.fromhex(msg.signature))
+    assert msg.agent_id == agent.identity.agent_id and msg.capacity == 10_000
+    proto.dataReceived(f"WELCOME {TOKEN} 1000 7000\n".encode())
+    assert lines(t) == [f"HAVE {block_hash(b'one')}", f"SPACE 10000 {agent.store.free}"]
+    assert agent.welcome.udp_port == 7000
+
+
+def test_sequence_numbers_increase_across_registrations(agent):
+    seqs = []
+    for _ in range(3):
+        proto, t = connect(agent)
+        proto.dataReceived(f"Hi {SESSION}\n".encode())
+        seqs.append(wc.parse_line(lines(t)[0].encode()).seq)
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+
+
+def test_answers_who_has_introductions_and_ping(agent):
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\nWELCOME {TOKEN} 1000 7000\n".encode())
+    lines(t)
+    stored, missing = block_hash(b"one"), block_hash(b"two")
+    proto.dataReceived(f"WHO_HAS {stored}\nWHO_HAS {missing}\nPING\n".encode())
+    assert lines(t) == ["1", "0", "PONG"]
+    proto.dataReceived(f"INTRODUCTION_REQUEST 127.0.0.1:5555 100 {missing}\n".encode())
+    (key,) = lines(t)
+    assert len(key) == 32 and len(agent.introductions) == 1
+    # No room: an error reply, and no key.
+    proto.dataReceived(f"INTRODUCTION_REQUEST 127.0.0.1:5555 {10**9} {missing}\n".encode())
+    assert lines(t)[0].startswith("ERROR full")
+    assert len(agent.introductions) == 1
+
+
+def test_server_that_stops_answering_pings_is_dropped(agent):
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\nWELCOME {TOKEN} 1000 7000\n".encode())
+    lines(t)
+    for _ in range(5):
+        agent.clock.advance(1.0)
+    assert "PING" in lines(t)
+    assert not t.connected and agent.connection is None
+
+
+def test_refused_registration_closes(agent):
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\n".encode())
+    lines(t)
+    proto.dataReceived(b"ERROR denied not allowed\n")
+    assert not t.connected

@@ -1,0 +1,181 @@
+"""The agent's UPLOAD/DOWNLOAD handling over real QUIC on an in-memory datagram link."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet.task import Clock
+
+from dsss.agent.service import AgentConfig, StorageAgent
+from dsss.agent.transfer import TransferHandler
+from dsss.crypto.certs import make_certificate
+from dsss.model import PeerAddress, block_hash
+from dsss.quic import QuicEndpoint
+from dsss.quic_testing import MemoryDatagramLink, run_until
+from dsss.wire import transfer as wt
+
+AGENT = ("127.0.0.2", 4000)
+CLIENT = ("127.0.0.3", 5000)
+OTHER = ("127.0.0.4", 6000)
+
+
+class Rig:
+    def __init__(self, tmp_path, *, capacity=None):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.link = MemoryDatagramLink(self.clock)
+        self.agent = StorageAgent(self.clock, AgentConfig(storage=str(tmp_path / "agent"), capacity=capacity))
+        self.handler = TransferHandler(self.agent)
+        self.agent.quic = QuicEndpoint(
+            self.clock,
+            on_control=self.agent.on_control,
+            server_identity=make_certificate(self.agent.identity.seed),
+            on_stream=self.handler.on_stream,
+        )
+        self.link.attach(self.agent.quic, AGENT)
+        self.clients = {}
+
+    def client(self, addr=CLIENT):
+        if addr not in self.clients:
+            ep = QuicEndpoint(self.clock, on_control=lambda d, a: None)
+            self.link.attach(ep, addr)
+            self.clients[addr] = ep
+        return self.clients[addr]
+
+    def request(self, data: bytes, addr=CLIENT, max_response=wt.MAX_PART + 300):
+        ep = self.client(addr)
+        d = ep.connect(AGENT, expected_public_key=bytes.fromhex(self.agent.identity.agent_id))
+        results = []
+        d.addCallback(lambda conn: conn.request(data, max_response=max_response))
+        d.addBoth(results.append)
+        assert run_until(self.clock, lambda: bool(results), timeout=30)
+        result = results[0]
+        if not isinstance(result, bytes):
+            result.raiseException()
+        return result
+
+    def key(self, block, size, client=CLIENT):
+        return self.agent.introductions.issue(PeerAddress(*client), size, block, self.clock.seconds()).key
+
+
+def upload(rig, key, block, data, addr=CLIENT):
+    header = wt.encode_request(wt.Upload(key, block, len(data)))
+    return wt.parse_reply(rig.request(header + data, addr).partition(b"\n")[0])
+
+
+def download(rig, key, block, addr=CLIENT):
+    raw = rig.request(wt.encode_request(wt.Download(key, block)), addr)
+    line, _, body = raw.partition(b"\n")
+    return wt.parse_reply(line), body
+
+
+@pytest.fixture
+def rig(tmp_path):
+    return Rig(tmp_path)
+
+
+def test_upload_with_a_valid_key_stores_and_download_returns_it(rig):
+    data = os.urandom(300_000)
+    block = block_hash(data)
+    assert upload(rig, rig.key(block, len(data)), block, data) == wt.Done()
+    assert rig.agent.store.has(block)
+    reply, body = download(rig, rig.key(block, 0), block)
+    assert reply == wt.Done(len(data)) and body == data
+
+
+def test_made_up_key_is_refused_and_stores_nothing(rig):
+    data = b"x" * 1000
+    block = block_hash(data)
+    reply = upload(rig, "0" * 32, block, data)
+    assert isinstance(reply, wt.Refused) and reply.code == "denied"
+    assert not rig.agent.store.has(block)
+    assert list((rig.agent.store.root / "incoming").iterdir()) == []
+
+
+def test_reused_key_is_refused(rig):
+    data = b"y" * 1000
+    block = block_hash(data)
+    key = rig.key(block, len(data))
+    assert upload(rig, key, block, data) == wt.Done()
+    other = b"z" * 1000
+    reply = upload(rig, key, block_hash(other), other)
+    assert isinstance(reply, wt.Refused) and reply.code == "denied"
+    assert not rig.agent.store.has(block_hash(other))
+    # A download key is single-use too.
+    dkey = rig.key(block, 0)
+    assert download(rig, dkey, block)[0] == wt.Done(1000)
+    assert download(rig, dkey, block)[0].code == "denied"
+
+
+def test_key_bound_to_client_hash_and_size(rig):
+    data = b"q" * 5000
+    block = block_hash(data)
+    # Presented from another address.
+    reply = upload(rig, rig.key(block, len(data), client=CLIENT), block, data, addr=OTHER)
+    assert reply.code == "denied"
+    # For another hash.
+    other = block_hash(b"other")
+    reply = upload(rig, rig.key(other, len(data)), block, data)
+    assert reply.code == "denied"
+    # With another size.
+    reply = upload(rig, rig.key(block, len(data) + 1), block, data)
+    assert reply.code == "denied"
+    # Expired.
+    key = rig.key(block, len(data))
+    rig.clock.advance(rig.agent.introductions.ttl + 1)
+    reply = upload(rig, key, block, data)
+    assert reply.code == "denied"
+    assert not rig.agent.store.has(block)
+
+
+def test_bytes_that_do_not_match_the_hash_are_refused(rig):
+    data = b"a" * 4000
+    wrong = block_hash(b"b" * 4000)
+    reply = upload(rig, rig.key(wrong, len(data)), wrong, data)
+    assert isinstance(reply, wt.Refused) and reply.code == "integrity"
+    assert len(rig.agent.store) == 0
+    assert list((rig.agent.store.root / "incoming").iterdir()) == []
+
+
+def test_truncated_upload_leaves_nothing(rig):
+    data = os.urandom(10_000)
+    block = block_hash(data)
+    key = rig.key(block, len(data))
+    header = wt.encode_request(wt.Upload(key, block, len(data)))
+    reply = wt.parse_reply(rig.request(header + data[:5000]).partition(b"\n")[0])
+    assert isinstance(reply, wt.Refused) and reply.code == "integrity"
+    assert not rig.agent.store.has(block)
+    assert list((rig.agent.store.root / "incoming").iterdir()) == []
+
+
+def test_garbage_header_gets_a_clear_error(rig):
+    raw = rig.request(b"HELLO there\n")
+    reply = wt.parse_reply(raw.partition(b"\n")[0])
+    assert isinstance(reply, wt.Refused) and reply.code == "protocol"
+    raw = rig.request(b"U" * 1000)
+    assert wt.parse_reply(raw.partition(b"\n")[0]).code == "protocol"
+
+
+def test_full_agent_refuses_upload(tmp_path):
+    rig = Rig(tmp_path, capacity=1000)
+    data = b"f" * 2000
+    block = block_hash(data)
+    reply = upload(rig, rig.key(block, len(data)), block, data)
+    assert isinstance(reply, wt.Refused) and reply.code == "full"
+    assert len(rig.agent.store) == 0
+
+
+def test_download_of_a_missing_or_corrupt_part(rig):
+    missing = block_hash(b"missing")
+    reply, body = download(rig, rig.key(missing, 0), missing)
+    assert reply.code == "not-found" and body == b""
+    data = b"c" * 3000
+    block = block_hash(data)
+    assert upload(rig, rig.key(block, len(data)), block, data) == wt.Done()
+    path = rig.agent.store.path_of(block)
+    path.write_bytes(b"C" + data[1:])
+    reply, body = download(rig, rig.key(block, 0), block)
+    assert reply.code == "integrity" and body == b""
+    assert not rig.agent.store.has(block)
+    assert len(list((rig.agent.store.root / "quarantine").iterdir())) == 1

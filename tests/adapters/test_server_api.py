@@ -1,0 +1,164 @@
+"""The Klein HTTP API through treq's StubTreq, against a real DiscoveryServer on a Clock."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from nacl.signing import SigningKey
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from dsss.model import PeerAddress
+from dsss.server.api import DiscoveryAPI
+from dsss.server.control import AgentConnectionFactory
+from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.wire import control as wc
+
+HASH = "ef" * 32
+
+
+class FakeAgent:
+    """A registered agent connection whose replies the test writes."""
+
+    def __init__(self, server, port, free=10_000):
+        self.proto = AgentConnectionFactory(server).buildProtocol(None)
+        self.t = StringTransportWithDisconnection()
+        self.t.protocol = self.proto
+        self.proto.makeConnection(self.t)
+        session = self.t.value().decode().split()[1]
+        self.t.clear()
+        key = SigningKey.generate()
+        msg = wc.Register(key.verify_key.encode().hex(), 1, free, free, "1.0", "")
+        sig = key.sign(msg.signed_bytes(session)).signature.hex()
+        self.proto.dataReceived(wc.encode(wc.Register(**{**msg.__dict__, "signature": sig})) + b"\n")
+        self.t.clear()
+        self.rec = self.proto.record
+        self.address = PeerAddress("127.0.0.1", port)
+        server.registry.heard_udp(self.rec.token, self.address, server.clock.seconds())
+
+    def sent(self):
+        out = self.t.value().decode().splitlines()
+        self.t.clear()
+        return out
+
+    def reply(self, line):
+        self.proto.dataReceived(line.encode() + b"\n")
+
+
+@pytest.fixture
+def server():
+    clock = Clock()
+    clock.advance(10)
+    return DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+
+
+def get(treq, url):
+    from twisted.internet import defer
+
+    results = []
+    d = treq.get("http://server" + url)
+    d.addCallback(lambda r: defer.gatherResults([defer.succeed(r.code), r.content()]))
+    d.addBoth(results.append)
+    treq.flush()
+    return results
+
+
+def decoded(results):
+    code, body = results[0]
+    return code, json.loads(body)
+
+
+def test_where_to_upload_needs_live_agents_with_room(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    code, doc = decoded(get(treq, "/api/where-to-upload?size=100"))
+    assert code == 503 and "error" in doc
+    a, b, c = FakeAgent(server, 4001), FakeAgent(server, 4002), FakeAgent(server, 4003, free=50)
+    code, doc = decoded(get(treq, "/api/where-to-upload?size=100"))
+    assert code == 200 and doc["replicas"] == 2
+    assert sorted(doc["addresses"]) == ["127.0.0.1:4001", "127.0.0.1:4002"]
+    code, doc = decoded(get(treq, "/api/where-to-upload?size=100&exclude=127.0.0.1:4001"))
+    assert doc["addresses"] == ["127.0.0.1:4002"]
+
+
+def test_who_has_asks_only_indexed_candidates(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    agents = [FakeAgent(server, 4000 + i) for i in range(5)]
+    server.registry.have(agents[1].rec, [HASH])
+    server.registry.have(agents[3].rec, [HASH])
+    results = get(treq, f"/api/who-has?q={HASH}")
+    assert results == []  # waiting on the agents
+    asked = [i for i, a in enumerate(agents) if a.sent() == [f"WHO_HAS {HASH}"]]
+    assert asked == [1, 3]
+    agents[1].reply("1")
+    agents[3].reply("0")
+    treq.flush()
+    code, doc = decoded(results)
+    assert code == 200 and doc == {"addresses": ["127.0.0.1:4001"]}
+
+
+def test_introduce_me_relays_the_agents_key(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    agent = FakeAgent(server, 4500)
+    results = get(treq, f"/api/introduce-me?to=127.0.0.1:4500&hash={HASH}&size=77&from=127.0.0.1:9999")
+    assert agent.sent() == [f"INTRODUCTION_REQUEST 127.0.0.1:9999 77 {HASH}"]
+    agent.reply("0123456789abcdef0123456789abcdef")
+    treq.flush()
+    code, doc = decoded(results)
+    assert code == 200
+    assert doc["introduction-key"] == "0123456789abcdef0123456789abcdef"
+    assert doc["agent"] == agent.rec.agent_id and doc["address"] == "127.0.0.1:4500"
+
+    results = get(treq, f"/api/introduce-me?to=127.0.0.1:4500&hash={HASH}&size=77&from=127.0.0.1:9999")
+    agent.reply("ERROR full no room")
+    treq.flush()
+    assert decoded(results)[0] == 503
+
+    results = get(treq, f"/api/introduce-me?to=127.0.0.1:4500&hash={HASH}&size=77&from=127.0.0.1:9999")
+    server.clock.advance(server.config.query_timeout + 0.1)
+    treq.flush()
+    assert decoded(results)[0] == 503
+
+
+def test_dead_agent_is_unknown_and_left_out(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    agent = FakeAgent(server, 4600)
+    server.clock.advance(3 * server.heartbeat + 0.1)
+    code, _ = decoded(get(treq, "/api/where-to-upload?size=1"))
+    assert code == 503
+    code, _ = decoded(get(treq, f"/api/introduce-me?to=127.0.0.1:4600&hash={HASH}&size=1&from=127.0.0.1:1"))
+    assert code == 404
+    assert agent.sent() == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/who-has",
+        "/api/who-has?q=../../etc/passwd",
+        "/api/who-has?q=" + "A" * 64,
+        f"/api/who-has?q={HASH}&q={HASH}",
+        "/api/where-to-upload?size=1e3",
+        "/api/where-to-upload?size=" + "9" * 30,
+        "/api/where-to-upload?size=1&exclude=bogus",
+        f"/api/introduce-me?to=127.0.0.1&hash={HASH}&size=1&from=127.0.0.1:1",
+        f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=x&from=127.0.0.1:1",
+        f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=1&from=::1",
+        "/api/where-to-upload?size=%ff",
+    ],
+)
+def test_bad_parameters_are_400_with_an_error(server, url):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    code, doc = decoded(get(treq, url))
+    assert code == 400 and isinstance(doc["error"], str)
+
+
+def test_info_and_status(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    FakeAgent(server, 4700)
+    code, info = decoded(get(treq, "/api/info"))
+    assert code == 200 and info["replicas"] == 2 and "udp-port" in info
+    code, status = decoded(get(treq, "/api/status"))
+    assert status["totals"]["live"] == 1 and status["agents"][0]["address"] == "127.0.0.1:4700"

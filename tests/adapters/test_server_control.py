@@ -1,0 +1,180 @@
+"""The server's control-channel adapter on a StringTransport, with a Clock."""
+
+from __future__ import annotations
+
+import pytest
+from nacl.signing import SigningKey
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.control import AgentConnectionFactory
+from dsss.wire import control as wc
+
+HASH = "cd" * 32
+
+
+class Peer:
+    def __init__(self, server):
+        self.server = server
+        self.proto = AgentConnectionFactory(server).buildProtocol(None)
+        self.transport = StringTransportWithDisconnection()
+        self.transport.protocol = self.proto
+        self.proto.makeConnection(self.transport)
+
+    def lines(self):
+        out = self.transport.value().decode().splitlines()
+        self.transport.clear()
+        return out
+
+    def feed(self, data: bytes, chunk: int | None = None):
+        if chunk is None:
+            self.proto.dataReceived(data)
+        else:
+            for i in range(0, len(data), chunk):
+                self.proto.dataReceived(data[i : i + chunk])
+
+    @property
+    def closed(self):
+        return not self.transport.connected
+
+
+def register(peer, key=None, seq=1, chunk=None):
+    key = key or SigningKey.generate()
+    greeting = peer.lines()
+    assert len(greeting) == 1 and greeting[0].startswith("Hi ")
+    session = greeting[0].split()[1]
+    msg = wc.Register(key.verify_key.encode().hex(), seq, 1000, 900, "1.0", "")
+    sig = key.sign(msg.signed_bytes(session)).signature.hex()
+    msg = wc.Register(**{**msg.__dict__, "signature": sig})
+    peer.feed(wc.encode(msg) + b"\n", chunk)
+    return key
+
+
+@pytest.fixture
+def server():
+    clock = Clock()
+    clock.advance(100)
+    return DiscoveryServer(clock, ServerConfig(heartbeat=1.0, udp_port=9999))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_registration_in_any_chunking(server, chunk):
+    peer = Peer(server)
+    key = register(peer, chunk=chunk)
+    reply = peer.lines()
+    assert len(reply) == 1
+    welcome = wc.parse_line(reply[0].encode())
+    assert isinstance(welcome, wc.Welcome) and welcome.udp_port == 9999 and welcome.heartbeat == 1.0
+    rec = server.registry.get(key.verify_key.encode().hex())
+    assert rec is not None and rec.capacity == 1000 and rec.free == 900
+
+
+def test_bad_signature_is_refused_and_closed(server):
+    peer = Peer(server)
+    session = peer.lines()[0].split()[1]
+    key, other = SigningKey.generate(), SigningKey.generate()
+    msg = wc.Register(key.verify_key.encode().hex(), 1, 10, 10, "1.0", "")
+    sig = other.sign(msg.signed_bytes(session)).signature.hex()
+    peer.feed(wc.encode(wc.Register(**{**msg.__dict__, "signature": sig})) + b"\n")
+    assert peer.lines()[0].startswith("ERROR denied")
+    assert peer.closed and len(server.registry) == 0
+
+
+def test_signature_for_another_session_is_refused(server):
+    peer = Peer(server)
+    peer.lines()
+    key = SigningKey.generate()
+    msg = wc.Register(key.verify_key.encode().hex(), 1, 10, 10, "1.0", "")
+    sig = key.sign(msg.signed_bytes("0" * 32)).signature.hex()  # replayed from elsewhere
+    peer.feed(wc.encode(wc.Register(**{**msg.__dict__, "signature": sig})) + b"\n")
+    assert peer.lines()[0].startswith("ERROR denied") and peer.closed
+
+
+def test_replayed_sequence_number_is_refused(server):
+    key = SigningKey.generate()
+    first = Peer(server)
+    register(first, key, seq=5)
+    assert first.lines()[0].startswith("WELCOME")
+    again = Peer(server)
+    register(again, key, seq=5)
+    assert again.lines()[0].startswith("ERROR replay") and again.closed
+    # A newer registration replaces the old connection.
+    newer = Peer(server)
+    register(newer, key, seq=6)
+    assert newer.lines()[0].startswith("WELCOME")
+    assert first.closed and not newer.closed
+    assert server.registry.get(key.verify_key.encode().hex()).handle is newer.proto
+
+
+def test_requests_before_registration_close_the_connection(server):
+    peer = Peer(server)
+    peer.lines()
+    peer.feed(b"HAVE " + HASH.encode() + b"\n")
+    assert peer.lines()[0].startswith("ERROR not-registered") and peer.closed
+
+
+def test_oversized_line_is_cut_off(server):
+    peer = Peer(server)
+    peer.lines()
+    peer.feed(b"A" * (wc.MAX_LINE + 100), chunk=1000)
+    assert peer.lines()[0].startswith("ERROR too-long") and peer.closed
+
+
+def test_registered_agent_reports_and_bad_lines(server):
+    peer = Peer(server)
+    key = register(peer)
+    peer.lines()
+    rec = server.registry.get(key.verify_key.encode().hex())
+    peer.feed(b"HAVE " + HASH.encode() + b"\nSPACE 2000 1500\nPING\n")
+    assert peer.lines() == ["OK", "OK", "PONG"]
+    assert rec.blocks == {HASH} and (rec.capacity, rec.free) == (2000, 1500)
+    peer.feed(b"HAVE nothex\n")
+    assert peer.lines()[0].startswith("ERROR protocol")
+    assert not peer.closed  # a registered agent gets an error, not a hang-up, for one bad line
+    peer.feed(b"GONE " + HASH.encode() + b"\n")
+    assert peer.lines() == ["OK"] and rec.blocks == set()
+
+
+def test_who_has_is_asked_and_times_out(server):
+    peer = Peer(server)
+    key = register(peer)
+    peer.lines()
+    rec = server.registry.get(key.verify_key.encode().hex())
+    from dsss.model import PeerAddress
+
+    server.registry.heard_udp(rec.token, PeerAddress("127.0.0.1", 4000), server.clock.seconds())
+    server.registry.have(rec, [HASH])
+    results = []
+    from twisted.internet import defer
+
+    d = defer.ensureDeferred(server.who_has(HASH))
+    d.addCallback(results.append)
+    assert peer.lines() == [f"WHO_HAS {HASH}"]
+    peer.feed(b"1\n")
+    assert results == [[PeerAddress("127.0.0.1", 4000)]]
+
+    d = defer.ensureDeferred(server.who_has(HASH))
+    d.addCallback(results.append)
+    assert peer.lines() == [f"WHO_HAS {HASH}"]
+    server.clock.advance(server.config.query_timeout + 0.1)
+    assert results[-1] == []  # a silent agent is left out, not waited on
+    peer.feed(b"1\n")  # the late reply is matched to its request and dropped
+    assert not peer.closed
+
+    d = defer.ensureDeferred(server.who_has(HASH))
+    d.addCallback(results.append)
+    peer.lines()
+    peer.feed(b"0\n")
+    assert results[-1] == []
+    assert rec.blocks == set()  # the index forgets what the agent denies
+
+
+def test_silent_agent_is_dropped_after_three_heartbeats(server):
+    peer = Peer(server)
+    register(peer)
+    peer.lines()
+    for _ in range(4):
+        server.clock.advance(1.0)
+        server.tick()
+    assert peer.closed and len(server.registry) == 0

@@ -1,0 +1,121 @@
+"""twistd plugins: options, usage errors, and where every listener binds (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.application.service import IServiceMaker
+from twisted.python import usage
+
+from dsss.agent import tap as agent_tap
+from dsss.server import tap as server_tap
+from dsss.server.service import ServerService
+
+
+class UDPMemoryReactor(MemoryReactorClock):
+    """MemoryReactorClock has no UDP; record listenUDP calls like it records TCP ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.udpPorts = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        from twisted.internet.address import IPv4Address
+
+        self.udpPorts.append((port, protocol, interface, maxPacketSize))
+
+        class Port:
+            def getHost(self_inner):
+                return IPv4Address("UDP", interface, port or 40000)
+
+            def stopListening(self_inner):
+                return None
+
+        return Port()
+
+
+def test_plugins_are_discoverable():
+    names = {p.tapname for p in getPlugins(IServiceMaker)}
+    assert {"dsss-server", "dsss-agent"} <= names
+
+
+def test_server_defaults_listen_on_loopback():
+    opts = server_tap.Options()
+    opts.parseOptions([])
+    reactor = UDPMemoryReactor()
+    svc = ServerService(reactor, opts.config)
+    svc.startService()
+    binds = sorted((port, iface) for port, _f, _b, iface in reactor.tcpServers)
+    assert binds == [(8470, "127.0.0.1"), (8471, "127.0.0.1")]
+    assert [(p, i) for p, _pr, i, _m in reactor.udpPorts] == [(8471, "127.0.0.1")]
+    assert reactor.udpPorts[0][3] >= 65535
+    assert opts.config.replicas == 3
+    svc.stopService()
+
+
+def test_server_options_are_honoured():
+    opts = server_tap.Options()
+    opts.parseOptions(
+        ["--http", r"tcp:9000:interface=\:\:1", "--control", "tcp:9001", "--udp", "0.0.0.0:9002", "--replicas", "2"]
+    )
+    reactor = UDPMemoryReactor()
+    svc = ServerService(reactor, opts.config)
+    svc.startService()
+    assert sorted((p, i) for p, _f, _b, i in reactor.tcpServers) == [(9000, "::1"), (9001, "")]
+    assert reactor.udpPorts[0][0] == 9002 and reactor.udpPorts[0][2] == "0.0.0.0"
+    assert svc.server.replicas == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--replicas", "0"],
+        ["--replicas", "many"],
+        ["--udp", "nohost"],
+        ["--udp", "127.0.0.1:99999"],
+        ["--udp", "example.com:80"],
+        ["--heartbeat", "-1"],
+        ["--http", "nonsense"],
+        ["--http", "tcp:9000:interface=::1"],  # colons must be escaped in endpoint strings
+        ["--control", "tcp:notaport"],
+        ["--agents", "/nonexistent/file"],
+        ["--bogus"],
+    ],
+)
+def test_server_bad_options(args):
+    with pytest.raises(usage.UsageError):
+        server_tap.Options().parseOptions(args)
+
+
+def test_agent_options(tmp_path):
+    opts = agent_tap.Options()
+    opts.parseOptions(["--storage", str(tmp_path / "s"), "--capacity", "10G", "--server", "127.0.0.1:7000"])
+    c = opts.config
+    assert c.capacity == 10 * 1024**3 and (c.server_host, c.server_port) == ("127.0.0.1", 7000)
+    assert (c.udp_host, c.udp_port) == ("0.0.0.0", 0)
+    assert (tmp_path / "s").is_dir()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--capacity", "lots"],
+        ["--server", "127.0.0.1"],
+        ["--server", "127.0.0.1:0"],
+        ["--udp", "x:y"],
+        ["--datagram-size", "100"],
+    ],
+)
+def test_agent_bad_options(tmp_path, args):
+    full = args if not args else ["--storage", str(tmp_path / "s"), *args]
+    with pytest.raises(usage.UsageError):
+        agent_tap.Options().parseOptions(full)
+
+
+def test_agent_storage_must_be_a_directory(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(usage.UsageError):
+        agent_tap.Options().parseOptions(["--storage", str(f)])
