@@ -26,15 +26,29 @@ L{dsss.crypto.certs}).  Clients do not check it against a CA: they pin the raw
 public key instead, after TLS has verified the CertificateVerify signature made
 with that key.
 
-Callers of a stream (L{QuicStream}) receive data through callbacks::
+Usage::
+
+    endpoint = QuicEndpoint(reactor, on_control=punch.datagram_received,
+                            server_identity=make_certificate(seed),
+                            on_stream=on_stream)
+    endpoint.listen(reactor, "127.0.0.1", 4000)   # or listenUDP yourself
+    handle = await endpoint.connect(peer, expected_public_key=peer_key)
+    reply = await handle.request(b"...", max_response=1 << 20)
+
+A stream (L{QuicStream}) delivers what it receives through callbacks, set
+synchronously in C{on_stream} (data arriving before they are set is kept)::
 
     def on_stream(stream: QuicStream) -> None:
         stream.on_data = parser.feed        # called per chunk, in order
         stream.on_end = parser.finished     # the peer ended its side
         stream.on_error = parser.failed     # StreamReset or ConnectionLost
 
-and send with L{QuicStream.write}, whose Deferred fires once what is queued on
-the stream is under L{STREAM_SEND_HIGH_WATER}.
+The adapter keeps nothing once C{on_data} is set: a handler processes an
+upload chunk by chunk.  To refuse one early, either reply and stop reading
+(C{stream.write(b"ERR ...", end=True); stream.stop_reading(code)}: the peer
+gets the reply and stops sending) or abort both ways (C{stream.reset(code)}).
+L{QuicStream.write} returns a Deferred that fires once what is queued on the
+stream is under L{STREAM_SEND_HIGH_WATER}: wait for it before writing more.
 """
 
 from __future__ import annotations
@@ -57,11 +71,11 @@ from aioquic.quic.packet import (
 from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509 import Certificate
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from dsss.crypto.certs import public_key_of
 
@@ -227,6 +241,8 @@ class QuicStream:
         if callback is not None and self._pending_data:
             pending, self._pending_data = self._pending_data, []
             for chunk in pending:
+                if self._on_data is not callback:
+                    break  # the callback reset the stream or replaced itself
                 _call_safely(self, callback, chunk)
         self._deliver_pending_end()
 
@@ -367,7 +383,7 @@ class QuicStream:
         waiters, self._write_waiters = self._write_waiters, []
         self.connection._blocked.discard(self)
         for d in waiters:
-            d.errback(Failure(error))
+            d.errback(error)
         self._maybe_forget()
 
     def reset(self, error_code: int = 1) -> None:
@@ -497,7 +513,7 @@ class QuicConnectionHandle:
             if result_d.called:
                 return
             if isinstance(result, QuicError):
-                result_d.errback(Failure(result))
+                result_d.errback(result)
             else:
                 result_d.callback(result)
 
@@ -549,6 +565,17 @@ class QuicConnectionHandle:
         return d
 
     # driven by the endpoint
+
+    def _wait_for_handshake(self) -> Deferred[QuicConnectionHandle]:
+        """A Deferred for the handshake; cancelling it only stops waiting."""
+
+        def cancel(d: Deferred[QuicConnectionHandle]) -> None:
+            if d in self._handshake_waiters:
+                self._handshake_waiters.remove(d)
+
+        d: Deferred[QuicConnectionHandle] = Deferred(cancel)
+        self._handshake_waiters.append(d)
+        return d
 
     def _changed(self) -> None:
         """Something happened: process events now, send at the end of the turn."""
@@ -732,7 +759,7 @@ class QuicConnectionHandle:
         if not isinstance(error, (ConnectionFailed, PeerIdentityError)):
             handshake_error = ConnectionFailed(str(error))
         for d in waiters:
-            d.errback(Failure(handshake_error))
+            d.errback(handshake_error)
         lost = error if isinstance(error, ConnectionLost) else ConnectionLost(str(error))
         for stream in list(self._streams.values()):
             stream._receive_failed(lost)
@@ -838,8 +865,14 @@ class QuicEndpoint(DatagramProtocol):
     @property
     def address(self) -> Address:
         """The local C{(host, port)} the socket is bound to."""
-        host = self.transport.getHost()
+        host = self._transport().getHost()
         return (host.host, host.port)
+
+    def _transport(self) -> Any:
+        transport = self.transport
+        if transport is None:
+            raise QuicError("the endpoint has no socket")
+        return transport
 
     @property
     def connections(self) -> list[QuicConnectionHandle]:
@@ -876,19 +909,15 @@ class QuicEndpoint(DatagramProtocol):
         """
         if self._closing or self.transport is None:
             return fail(ConnectionFailed("endpoint is closed"))
+        if not (isIPAddress(addr[0]) or isIPv6Address(addr[0])):
+            return fail(ConnectionFailed(f"{addr[0]!r} is not an IP address"))
         addr = (addr[0], addr[1])
         key = (addr, expected_public_key)
-        handle = self._clients.get(key)
-        if handle is not None and handle._lost is None:
-            if handle._established:
-                return succeed(handle)
-            d: Deferred[QuicConnectionHandle] = Deferred(
-                lambda d: handle._handshake_waiters.remove(d)
-                if d in handle._handshake_waiters
-                else None
-            )
-            handle._handshake_waiters.append(d)
-            return d
+        existing = self._clients.get(key)
+        if existing is not None and existing._lost is None:
+            if existing._established:
+                return succeed(existing)
+            return existing._wait_for_handshake()
         configuration = self._configuration(is_client=True)
         quic = QuicConnection(configuration=configuration)
         _widen_pacing(quic)
@@ -898,12 +927,7 @@ class QuicEndpoint(DatagramProtocol):
         self._clients[key] = handle
         self._all.add(handle)
         self._add_cid(handle, quic.host_cid)
-        d = Deferred(
-            lambda d: handle._handshake_waiters.remove(d)
-            if d in handle._handshake_waiters
-            else None
-        )
-        handle._handshake_waiters.append(d)
+        d = handle._wait_for_handshake()
         handle._handshake_timeout = self._clock.callLater(
             handshake_timeout, handle._handshake_timed_out, handshake_timeout
         )
@@ -938,7 +962,7 @@ class QuicEndpoint(DatagramProtocol):
             self._flush_call = None
             port, self._port = self._port, None
             if port is not None:
-                return port.stopListening()  # type: ignore[no-any-return]
+                return port.stopListening()
             return None
 
         done: Deferred[Any] = DeferredList(waits)
@@ -1131,14 +1155,17 @@ class QuicEndpoint(DatagramProtocol):
     def _send_unsent(self) -> bool:
         """Write queued datagrams; False if the socket buffer filled up."""
         unsent = self._unsent
+        transport = self._transport()
         sent = 0
         try:
             for data, addr in unsent:
                 try:
-                    self.transport.write(data, addr)
+                    transport.write(data, addr)
                 except BlockingIOError:
                     return False
-                except OSError as e:
+                except Exception as e:
+                    # Unreachable network, bad address...: the datagram is
+                    # lost, and QUIC's loss recovery deals with it.
                     log.debug("UDP send to {addr!r} failed: {e}", addr=addr, e=e)
                 sent += 1
         finally:
@@ -1152,7 +1179,7 @@ class QuicEndpoint(DatagramProtocol):
             self._schedule_flush(BLOCKED_RETRY)
             return
         try:
-            self.transport.write(data, addr)
+            self._transport().write(data, addr)
         except BlockingIOError:
             self._unsent.append((data, addr))
             self._schedule_flush(BLOCKED_RETRY)
