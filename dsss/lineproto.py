@@ -81,12 +81,18 @@ class ControlLineProtocol(LineReceiver):
         try:
             msg = wc.parse_line(line)
         except RemoteProtocolError as e:
+            if wc.looks_like_reply(line):
+                # A malformed reply: its request cannot be answered, and an ERROR back would be
+                # paired with the wrong request on the other side. Hang up.
+                self.close()
+                return
             self.bad_input(str(e), fatal=not self.trusted())
             return
         self.heard()
         if wc.is_reply(msg):
             if not self._pending:
-                self.bad_input("reply without a request", fatal=True)
+                # Not answered with ERROR: that would itself be a reply nobody asked for.
+                self.close()
                 return
             pending = self._pending.popleft()
             if pending.timer is not None and pending.timer.active():

@@ -2,7 +2,8 @@
 """Introduction keys: the agent's permission slips for uploads and downloads. Pure, clock-free.
 
 A key is random (128 bits), single-use, bound to the client's public address, one part hash and a
-size, and expires after `ttl` seconds. Presenting a key consumes it, whatever the outcome, so a key
+size, and expires after `ttl` seconds. A key issued for size 0 is a download key; any other size
+makes an upload key for exactly that many bytes. Neither works for the other operation. Presenting a key consumes it, whatever the outcome, so a key
 that leaks after one attempt is worthless.
 """
 
@@ -71,7 +72,12 @@ class IntroductionTable:
             raise AccessDenied("introduction key was issued for another client address")
         if intro.block != block:
             raise AccessDenied("introduction key was issued for another part")
-        if upload_size is not None and upload_size != intro.size:
+        if upload_size is None:
+            if intro.size != 0:
+                raise AccessDenied("this introduction key is for an upload, not a download")
+        elif intro.size == 0:
+            raise AccessDenied("this introduction key is for a download, not an upload")
+        elif upload_size != intro.size:
             raise AccessDenied("upload size differs from the introduced size")
         return intro
 

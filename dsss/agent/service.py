@@ -185,7 +185,7 @@ class AgentService(MultiService):
         config = self.agent.config
         self.udp_port = self.quic.listen(self.reactor, config.udp_host, config.udp_port)
         super().startService()
-        self._keepalive.start(0.25, now=False)
+        self._keepalive.start(0.1, now=False)
 
     def stopService(self) -> Any:
         if self._keepalive.running:

@@ -8,6 +8,7 @@ is one line on stderr and a non-zero exit code; a traceback is printed only for 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import secrets
 import sys
@@ -18,11 +19,11 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 
-from dsss.client.discovery import DiscoveryClient
+from dsss.client.discovery import DiscoveryClient, ServerUnreachable
 from dsss.client.flows import DEFAULT_PARALLEL, DEFAULT_PART_SIZE, Progress, Session, get_to_stream, put_file
 from dsss.client.peer import PeerNetwork
 from dsss.crypto.keys import default_key_path, generate_key_file, load_key_file, public_key_hex
-from dsss.errors import DSSSError
+from dsss.errors import DSSSError, LocalUsageError
 from dsss.model import is_block_id, parse_size
 
 EPILOG = """examples:
@@ -75,17 +76,32 @@ def _progress_bar(total: int, desc: str) -> tuple[Progress, Any]:
 
 def _datagram_size(args: argparse.Namespace, host: str) -> int:
     if args.datagram_size is not None:
+        if not 1200 <= args.datagram_size <= 16000:
+            raise LocalUsageError("--datagram-size must be between 1200 and 16000")
         return int(args.datagram_size)
-    return 8192 if host in ("127.0.0.1", "localhost", "::1") else 1452
+    return 8192 if ipaddress.ip_address(host).is_loopback else 1452
+
+
+async def _resolve(reactor: Any, host: str) -> str:
+    """The server's IP address: UDP datagrams go to an address, not a name."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return str(await reactor.resolve(host))
+    except Exception:
+        raise ServerUnreachable(f"cannot resolve the server's host name {host!r}") from None
 
 
 async def _session(reactor: Any, args: argparse.Namespace) -> Session:
     discovery = DiscoveryClient(args.server, reactor=reactor)
     info = await discovery.info()
-    host = urlsplit(args.server).hostname or "127.0.0.1"
-    if host == "localhost":
-        host = "127.0.0.1"
-    peers = PeerNetwork(reactor, (host, info.udp_port), max_datagram_size=_datagram_size(args, host))
+    host = await _resolve(reactor, urlsplit(args.server).hostname or "127.0.0.1")
+    bind = "::" if ":" in host else "0.0.0.0"
+    peers = PeerNetwork(reactor, (host, info.udp_port), bind_host=bind,
+                        max_datagram_size=_datagram_size(args, host))
     await peers.start()
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=max(1, args.parallel))
 
@@ -176,6 +192,9 @@ def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
             code = await run(reactor, argv)
         except DSSSError as e:
             code = _fail(str(e), e.exit_code)
+        except OSError as e:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            code = _fail(f"{e.strerror or e}{where}", 1)
         except SystemExit as e:
             raise e
         except Exception:

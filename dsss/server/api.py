@@ -7,19 +7,20 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
+from werkzeug.exceptions import HTTPException
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from dsss.errors import BadRequest, DSSSError
 from dsss.model import PeerAddress, check_block_id
+from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
 if TYPE_CHECKING:
     from dsss.server.service import DiscoveryServer
 
 log = Logger()
 
-MAX_PART_SIZE = 2**40
 
 
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
@@ -41,7 +42,7 @@ def _size(text: str | None, name: str = "size") -> int:
         raise BadRequest(f"{name} must be a non-negative integer")
     value = int(text)
     if value > MAX_PART_SIZE:
-        raise BadRequest(f"{name} too large")
+        raise BadRequest(f"{name} larger than the largest part ({MAX_PART_SIZE} bytes)")
     return value
 
 
@@ -65,6 +66,11 @@ class DiscoveryAPI:
     def _dsss_error(self, request: IRequest, failure: Any) -> bytes:
         err = failure.value
         return _json(request, {"error": str(err)}, err.http_status)
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Any) -> bytes:
+        err = failure.value
+        return _json(request, {"error": err.name.lower()}, err.code or 500)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:

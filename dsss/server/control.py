@@ -91,7 +91,7 @@ class AgentConnection(ControlLineProtocol):
                 agent_id=msg.agent_id,
                 seq=msg.seq,
                 capacity=msg.capacity,
-                free=msg.free,
+                free=min(msg.free, msg.capacity),
                 version=msg.version,
                 handle=self,
                 now=self.clock.seconds(),

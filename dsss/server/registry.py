@@ -37,7 +37,6 @@ class AgentRecord:
     last_udp: float | None = None
     address: PeerAddress | None = None
     blocks: set[str] = field(default_factory=set)
-    reserved: int = 0
 
     def summary(self, now: float, heartbeat: float) -> dict[str, Any]:
         return {
@@ -226,14 +225,10 @@ class Registry:
         """Up to `count` distinct live agents with room for `size`, drawn with probability
         proportional to their free space (so emptier agents take more of the load)."""
         excluded = set(exclude)
-        pool = [
-            r
-            for r in self.live(now)
-            if r.free - r.reserved >= size and r.address not in excluded
-        ]
+        pool = [r for r in self.live(now) if r.free >= size and r.address not in excluded]
         chosen: list[AgentRecord] = []
         while pool and len(chosen) < count:
-            weights = [max(1, r.free - r.reserved) for r in pool]
+            weights = [max(1, r.free) for r in pool]
             pick = self._rng.choices(range(len(pool)), weights=weights, k=1)[0]
             chosen.append(pool.pop(pick))
         return chosen

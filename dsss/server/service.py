@@ -119,7 +119,7 @@ class DiscoveryServer:
             )
         except Timeout:
             self.stats["introduction-failures"] += 1
-            raise Unavailable(f"agent at {to} did not answer the introduction") from None
+            raise Timeout(f"agent at {to} did not answer the introduction in time") from None
         except DSSSError as e:
             self.stats["introduction-failures"] += 1
             raise Unavailable(f"agent at {to} is unreachable: {e}") from None

@@ -12,13 +12,13 @@ from dsss.errors import BadRequest
 from dsss.server.service import ServerConfig, make_server_service
 
 
-def _positive_float(text: str, what: str) -> float:
+def _positive_float(text: str, what: str, minimum: float = 0.01) -> float:
     try:
         value = float(text)
     except ValueError:
         raise usage.UsageError(f"{what} must be a number of seconds, got {text!r}") from None
-    if not 0.01 <= value <= 3600:
-        raise usage.UsageError(f"{what} must be between 0.01 and 3600 seconds")
+    if not minimum <= value <= 3600:
+        raise usage.UsageError(f"{what} must be between {minimum} and 3600 seconds")
     return value
 
 
@@ -75,7 +75,7 @@ class Options(usage.Options):
             udp_host=host,
             udp_port=port,
             replicas=int(replicas),
-            heartbeat=_positive_float(self["heartbeat"], "--heartbeat"),
+            heartbeat=_positive_float(self["heartbeat"], "--heartbeat", minimum=0.3),
             query_timeout=_positive_float(self["query-timeout"], "--query-timeout"),
             allowed_agents=allowed,
         )

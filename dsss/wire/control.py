@@ -5,7 +5,8 @@ Sans-I/O: no Twisted, no clock, no sockets. One message is one line of ASCII tex
 LF (a CR before the LF is tolerated), at most MAX_LINE bytes without the terminator.
 
 Each side may send requests; the other answers every request with exactly one reply line, in the
-order the requests arrived. A line is a reply when its first word is one of REPLY_WORDS or an
+order the requests arrived. The server's greeting `Hi` is the one message that is not answered by
+a reply (the agent's REGISTER follows it). A line is a reply when its first word is one of REPLY_WORDS or an
 introduction key (32 lowercase hex digits); every other line is a request. See docs/protocol.md.
 """
 
@@ -145,6 +146,19 @@ def is_reply(msg: Message) -> bool:
     return isinstance(msg, REPLY_TYPES)
 
 
+def looks_like_reply(line: bytes) -> bool:
+    """Whether a line that failed to parse was meant as a reply (by its first word).
+
+    Such a line cannot be answered: an ERROR sent back would be taken as a reply to whatever the
+    peer is waiting for. The connection is closed instead."""
+    first = line.split(b" ", 1)[0].rstrip(b"\r")
+    try:
+        word = first.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    return word in REPLY_WORDS or bool(_HEX32.match(word))
+
+
 def _int(text: str, what: str, *, lo: int = 0, hi: int = MAX_SIZE) -> int:
     if not text.isdigit() or len(text) > 19:
         raise RemoteProtocolError(f"{what} is not a decimal number: {text[:40]!r}")
@@ -227,17 +241,15 @@ def parse_line(line: bytes) -> Message:
             raise RemoteProtocolError("REGISTER: bad version")
         if not _HEX128.match(sig):
             raise RemoteProtocolError("REGISTER: signature is not 128 hex digits")
-        capacity = _int(cap, "capacity")
-        free_ = _int(free, "free")
-        return Register(agent_id, _int(seq, "seq"), capacity, min(free_, capacity), version, sig)
+        # Values are kept exactly as sent: the signature covers them. Consumers clamp.
+        return Register(agent_id, _int(seq, "seq"), _int(cap, "capacity"), _int(free, "free"), version, sig)
     if verb == "HAVE":
         return Have(_hashes(args, "HAVE"))
     if verb == "GONE":
         return Gone(_hashes(args, "GONE"))
     if verb == "SPACE":
         _arity(args, 2, "SPACE <capacity> <free>")
-        capacity = _int(args[0], "capacity")
-        return Space(capacity, min(_int(args[1], "free"), capacity))
+        return Space(_int(args[0], "capacity"), _int(args[1], "free"))
     if verb == "WHO_HAS":
         _arity(args, 1, "WHO_HAS <hash>")
         if not is_block_id(args[0]):
@@ -268,8 +280,9 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Ping):
         text = "PING"
     elif isinstance(msg, Error):
-        clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in msg.text)
-        text = f"ERROR {msg.code} {clean}"[:MAX_LINE].rstrip()
+        clean = " ".join("".join(c if 32 < ord(c) < 127 else " " for c in msg.text).split())
+        code = msg.code if _ERROR_CODE.match(msg.code) else "error"
+        text = f"ERROR {code} {clean}"[:MAX_LINE].rstrip()
     elif isinstance(msg, Welcome):
         text = f"WELCOME {msg.token} {int(round(msg.heartbeat * 1000))} {msg.udp_port}"
     elif isinstance(msg, Hi):

@@ -119,7 +119,7 @@ def test_introduce_me_relays_the_agents_key(server):
     results = get(treq, f"/api/introduce-me?to=127.0.0.1:4500&hash={HASH}&size=77&from=127.0.0.1:9999")
     server.clock.advance(server.config.query_timeout + 0.1)
     treq.flush()
-    assert decoded(results)[0] == 503
+    assert decoded(results)[0] == 504  # the agent did not answer in time
 
 
 def test_dead_agent_is_unknown_and_left_out(server):
@@ -147,6 +147,7 @@ def test_dead_agent_is_unknown_and_left_out(server):
         f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=x&from=127.0.0.1:1",
         f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=1&from=::1",
         "/api/where-to-upload?size=%ff",
+        f"/api/where-to-upload?size={16 * 1024 * 1024 + 1}",
     ],
 )
 def test_bad_parameters_are_400_with_an_error(server, url):
@@ -162,3 +163,14 @@ def test_info_and_status(server):
     assert code == 200 and info["replicas"] == 2 and "udp-port" in info
     code, status = decoded(get(treq, "/api/status"))
     assert status["totals"]["live"] == 1 and status["agents"][0]["address"] == "127.0.0.1:4700"
+
+
+def test_unknown_paths_and_methods_are_json_errors_not_500(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    code, doc = decoded(get(treq, "/nope"))
+    assert code == 404 and doc["error"]
+    results = []
+    d = treq.post("http://server/api/info", data=b"")
+    d.addCallback(lambda r: results.append(r.code))
+    treq.flush()
+    assert results == [405]

@@ -43,7 +43,8 @@ def test_bad_requests_get_clear_json_errors(net):
         f"/api/introduce-me?to=127.0.0.1:9&hash={HASH}&size=1": 400,  # no from
         f"/api/introduce-me?to=nonsense&hash={HASH}&size=1&from=127.0.0.1:5": 400,
         f"/api/introduce-me?to=127.0.0.1:9&hash={HASH}&size=1&from=127.0.0.1:5": 404,
-        f"/api/where-to-upload?size={2**39}": 503,
+        f"/api/where-to-upload?size={2**39}": 400,  # larger than any part
+        "/api/nope": 404,
     }
     for path, expected in cases.items():
         code, doc = net.http(path)
