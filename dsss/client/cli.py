@@ -67,10 +67,16 @@ def _fail(message: str, code: int = 1) -> int:
 def _progress_bar(total: int, desc: str) -> tuple[Progress, Any]:
     if not sys.stderr.isatty():
         return Progress(), None
+    import shutil
+
     from tqdm import tqdm
 
+    # A terminal that reports no size (0x0, as some ptys do) still gets a bar: tqdm would
+    # otherwise hide it for lack of rows.
+    size = shutil.get_terminal_size((100, 24))
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-               file=sys.stderr, leave=False, dynamic_ncols=True)
+               file=sys.stderr, leave=True, ncols=min(size.columns or 100, 120),
+               nrows=size.lines or 24, mininterval=0.2)
     return Progress(advance=bar.update), bar
 
 

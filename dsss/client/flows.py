@@ -213,10 +213,13 @@ async def put_file(
     progress: Progress | None = None,
 ) -> str:
     path = Path(path)
+    # The manifest keeps the name for `get` to show; control characters are not kept.
+    name = "".join(c if ord(c) >= 32 and ord(c) != 127 else "?" for c in path.name)
+    name = name.encode("utf-8", "replace").decode("utf-8")[:1024]
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         return await put_stream(
-            session, f, name=path.name, size=size, owner=owner, part_size=part_size, progress=progress
+            session, f, name=name, size=size, owner=owner, part_size=part_size, progress=progress
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ SEALED_KEY_BYTES = KEY_BYTES + 48
 NONCE_BYTES = 24
 VERSION = 1
 MAX_NAME = 1024
+_FILE_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True)
@@ -69,25 +71,35 @@ class Manifest:
     def from_json(cls, data: bytes) -> "Manifest":
         try:
             body = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RemoteProtocolError("manifest is not JSON") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise RemoteProtocolError("manifest is not JSON (or nested too deeply)") from None
         if not isinstance(body, dict):
             raise RemoteProtocolError("manifest is not a JSON object")
-        if body.get("version") != VERSION:
+        version = body.get("version")
+        if type(version) is not int or version != VERSION:
             raise RemoteProtocolError(f"unsupported manifest version {body.get('version')!r}")
         try:
             name = body["name"]
             size = body["size"]
             part_size = body["part-size"]
             cipher = body["cipher"]
-            file_id = bytes.fromhex(body["file-id"])
+            raw_id = body["file-id"]
+            if not isinstance(raw_id, str) or not _FILE_ID_RE.match(raw_id):
+                raise ValueError("file-id")
+            file_id = bytes.fromhex(raw_id)
             created = body["created"]
             raw_parts = body["parts"]
         except (KeyError, TypeError, ValueError):
             raise RemoteProtocolError("manifest lacks a field or has a bad one") from None
         ints = (size, part_size, created)
-        if not isinstance(name, str) or len(name) > MAX_NAME or "/" in name or "\x00" in name:
+        if not isinstance(name, str) or len(name) > MAX_NAME or "/" in name:
             raise RemoteProtocolError("manifest has a bad name")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise RemoteProtocolError("manifest name has control characters")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RemoteProtocolError("manifest name is not valid Unicode") from None
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
             raise RemoteProtocolError("manifest has a bad number")
         if cipher != CIPHER or len(file_id) != FILE_ID_BYTES or part_size < 1:

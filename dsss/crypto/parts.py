@@ -38,6 +38,8 @@ def encrypt_part(key: bytes, file_id: bytes, index: int, plaintext: bytes) -> by
 
 def decrypt_part(key: bytes, file_id: bytes, index: int, ciphertext: bytes) -> bytes:
     nonce, ad = _nonce_and_ad(file_id, index)
+    if len(ciphertext) < TAG_BYTES:
+        raise IntegrityError(f"part {index} is shorter than its authentication tag")
     try:
         return bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, ad, nonce, key)
     except CryptoError:

@@ -184,10 +184,10 @@ def _arity(words: list[str], n: int, usage: str) -> None:
 
 def parse_line(line: bytes) -> Message:
     """Parse one line (without its LF) into a message, or raise RemoteProtocolError."""
-    if len(line) > MAX_LINE:
-        raise RemoteProtocolError(f"line longer than {MAX_LINE} bytes")
     if line.endswith(b"\r"):
         line = line[:-1]
+    if len(line) > MAX_LINE:
+        raise RemoteProtocolError(f"line longer than {MAX_LINE} bytes")
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:

@@ -170,3 +170,49 @@ def test_get_survives_a_killed_agent_and_corrupt_replicas(make_network, tmp_path
     quarantined = [p.name.split(".")[0] for p in (net.agents[1].storage / "quarantine").iterdir()]
     assert address in quarantined
     assert not net.agents[1].storage.joinpath("blocks", address[:2], address[2:4], address).exists()
+
+
+def test_progress_bar_on_a_terminal_and_silence_on_a_pipe(shared_network, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    from dsss.harness import child_env
+
+    net = shared_network
+    src = tmp_path / "p.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    # On a pipe: stdout has the address line only, stderr stays empty.
+    r = net.client("put", str(src))
+    assert r.stderr == b""
+    assert len(r.stdout.decode().splitlines()) == 1
+
+    # On a terminal: a tqdm bar with a byte rate.
+    leader, follower = pty.openpty()
+    cmd = [sys.executable, "-m", "dsss.client", "--server", net.url, "--key", str(net.key), "put", str(src)]
+    import threading
+
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while the child runs: a closed pty may drop unread output
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    out, _ = proc.communicate(timeout=60)
+    reader.join(10)
+    os.close(leader)
+    seen = b"".join(chunks)
+    assert proc.returncode == 0
+    assert len(out.decode().split()[0]) == 64
+    text = seen.decode(errors="replace")
+    assert "p.bin" in text and "B/s" in text, text

@@ -1,0 +1,549 @@
+# -*- test-case-name: tests.unit.test_blockstore -*-
+"""Tests for L{dsss.storage.blockstore}: the content-addressed part store on disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsss.errors import BadRequest, IntegrityError, NotFound, RemoteProtocolError, StorageFull
+from dsss.model import block_hash
+from dsss.storage import blockstore as bs_module
+from dsss.storage.blockstore import BlockStore
+
+A = b"alpha part bytes"
+B = b"bravo " * 100
+C = b"charlie"
+HA, HB, HC = block_hash(A), block_hash(B), block_hash(C)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and directory (None) under root, relative to root."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = Path(p).read_bytes()
+    return out
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    # Deep enough that a "../.."-style name would still land inside tmp_path if it were used.
+    return tmp_path / "a" / "b" / "c" / "store"
+
+
+@pytest.fixture
+def store(root: Path) -> BlockStore:
+    return BlockStore(root, capacity=10_000)
+
+
+def assert_clean(store: BlockStore) -> None:
+    """No write in progress has left anything behind."""
+    assert list((store.root / "incoming").iterdir()) == []
+    assert store.reserved == 0
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+
+def test_new_store_creates_its_directories(root: Path) -> None:
+    s = BlockStore(root, capacity=100)
+    for name in ("blocks", "incoming", "quarantine"):
+        assert (root / name).is_dir()
+    assert len(s) == 0 and s.used == 0 and s.reserved == 0
+    assert s.blocks() == []
+
+
+def test_put_get_round_trip(store: BlockStore) -> None:
+    assert store.put(HA, A) is True
+    assert store.get(HA) == A
+    assert store.has(HA) and HA in store
+    assert store.size_of(HA) == len(A)
+    assert len(store) == 1
+    assert store.used == len(A)
+    assert store.blocks() == [HA]
+    assert_clean(store)
+
+
+def test_empty_part(store: BlockStore) -> None:
+    h = block_hash(b"")
+    assert store.put(h, b"") is True
+    assert store.get(h) == b""
+    assert store.size_of(h) == 0
+
+
+def test_path_fan_out(store: BlockStore, root: Path) -> None:
+    store.put(HA, A)
+    expected = root / "blocks" / HA[:2] / HA[2:4] / HA
+    assert store.path_of(HA) == expected
+    assert expected.read_bytes() == A
+    assert files_under(root / "blocks") == [expected]
+
+
+def test_blocks_are_sorted_and_complete(store: BlockStore) -> None:
+    for data in (A, B, C):
+        store.put(block_hash(data), data)
+    assert store.blocks() == sorted([HA, HB, HC])
+    assert store.used == len(A) + len(B) + len(C)
+
+
+def test_put_existing_returns_false(store: BlockStore, root: Path) -> None:
+    assert store.put(HA, A) is True
+    before = tree(root)
+    assert store.put(HA, A) is False
+    assert store.used == len(A)
+    assert len(store) == 1
+    assert tree(root) == before
+
+
+def test_put_existing_with_other_bytes_refused(store: BlockStore) -> None:
+    store.put(HA, A)
+    with pytest.raises(IntegrityError):
+        store.put(HA, B)
+    assert store.get(HA) == A
+    assert store.used == len(A)
+
+
+def test_unknown_part_not_found(store: BlockStore) -> None:
+    with pytest.raises(NotFound):
+        store.get(HA)
+    with pytest.raises(NotFound):
+        store.size_of(HA)
+    assert not store.has(HA)
+    assert HA not in store
+    assert 42 not in store  # type: ignore[operator]
+
+
+# --- bad hashes -------------------------------------------------------------------------------
+
+BAD_IDS = [
+    "",
+    "z" * 64,
+    HA.upper(),
+    HA[:63],
+    HA + "0",
+    "../..",
+    "../../../../etc/passwd",
+    "../" * 21 + "x",
+    "/" + HA[1:],
+    HA[:62] + "/x",
+    HA[:2] + "/" + HA[3:],
+    HA[:63] + "\n",
+    ".." + HA[2:],
+    HA[:32] + "\x00" + HA[33:],
+]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_bad_hash_refused_before_any_path(root: Path, bad: str) -> None:
+    store = BlockStore(root, capacity=10_000)
+    top = root.parent.parent.parent.parent  # tmp_path
+    before = tree(top)
+    free = store.free
+    for call in (
+        lambda: store.put(bad, A),
+        lambda: store.begin_write(bad, 5),
+        lambda: store.get(bad),
+        lambda: store.path_of(bad),
+        lambda: store.quarantine(bad),
+    ):
+        with pytest.raises(BadRequest):
+            call()
+    assert not store.has(bad)
+    assert tree(top) == before
+    assert store.reserved == 0 and store.free == free
+
+
+# --- failed writes leave nothing ------------------------------------------------------------
+
+
+def test_wrong_bytes_for_hash(store: BlockStore, root: Path) -> None:
+    with pytest.raises(IntegrityError):
+        store.put(HA, B)
+    assert not store.has(HA)
+    assert store.used == 0 and len(store) == 0
+    assert files_under(root) == []
+    assert_clean(store)
+
+
+def test_truncated_write(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HB, len(B))
+    w.write(B[:100])
+    with pytest.raises(IntegrityError):
+        w.commit()
+    assert not store.has(HB)
+    assert files_under(root) == []
+    assert_clean(store)
+    with pytest.raises(RuntimeError):
+        w.write(B[100:])
+
+
+def test_commit_with_no_bytes(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HA, len(A))
+    with pytest.raises(IntegrityError):
+        w.commit()
+    assert files_under(root) == []
+    assert_clean(store)
+
+
+def test_more_than_announced_in_one_write(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HA, len(A))
+    with pytest.raises(RemoteProtocolError):
+        w.write(A + b"!")
+    assert files_under(root) == []
+    assert_clean(store)
+    with pytest.raises(RuntimeError):
+        w.commit()
+
+
+def test_more_than_announced_in_pieces(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HA, len(A))
+    w.write(A[:5])
+    w.write(A[5:])
+    with pytest.raises(RemoteProtocolError):
+        w.write(b"x")
+    assert not store.has(HA)
+    assert files_under(root) == []
+    assert_clean(store)
+
+
+def test_written_in_pieces(store: BlockStore) -> None:
+    w = store.begin_write(HB, len(B))
+    for i in range(0, len(B), 7):
+        w.write(B[i : i + 7])
+    assert w.received == len(B)
+    assert w.commit() is True
+    assert store.get(HB) == B
+    assert_clean(store)
+
+
+def test_part_not_visible_until_commit(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HA, len(A))
+    w.write(A)
+    assert not store.has(HA)
+    assert not store.path_of(HA).exists()
+    assert len(list((root / "incoming").iterdir())) == 1
+    assert w.commit() is True
+    assert store.has(HA)
+    assert_clean(store)
+
+
+def test_abort_removes_the_temporary_file(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HA, len(A))
+    w.write(A[:3])
+    w.abort()
+    assert files_under(root) == []
+    assert_clean(store)
+    w.abort()  # idempotent
+    assert store.reserved == 0
+
+
+def test_writer_closed_after_commit(store: BlockStore) -> None:
+    w = store.begin_write(HA, len(A))
+    w.write(A)
+    w.commit()
+    with pytest.raises(RuntimeError):
+        w.write(b"")
+    with pytest.raises(RuntimeError):
+        w.commit()
+    w.abort()  # no effect after commit: the reservation is not released twice
+    assert store.reserved == 0
+    assert store.get(HA) == A
+
+
+def test_negative_size_refused(store: BlockStore) -> None:
+    with pytest.raises(RemoteProtocolError):
+        store.begin_write(HA, -1)
+    assert_clean(store)
+
+
+def test_two_writers_of_the_same_part(store: BlockStore) -> None:
+    w1 = store.begin_write(HA, len(A))
+    w2 = store.begin_write(HA, len(A))
+    w1.write(A)
+    w2.write(A)
+    assert w1.commit() is True
+    assert w2.commit() is False
+    assert store.used == len(A)
+    assert len(store) == 1
+    assert store.get(HA) == A
+    assert_clean(store)
+
+
+# --- capacity -------------------------------------------------------------------------------
+
+
+def test_capacity_enforced(root: Path) -> None:
+    s = BlockStore(root, capacity=len(A) + len(C))
+    assert s.free == len(A) + len(C)
+    s.put(HA, A)
+    assert s.free == len(C)
+    with pytest.raises(StorageFull):
+        s.put(HB, B)
+    assert not s.has(HB)
+    assert_clean(s)
+    assert s.put(HC, C) is True  # exactly the room that is left
+    assert s.free == 0
+    with pytest.raises(StorageFull):
+        s.begin_write(block_hash(b"x"), 1)
+    w = s.begin_write(block_hash(b""), 0)  # zero bytes still fit in a full store
+    assert w.commit() is True
+    assert s.has(block_hash(b""))
+
+
+def test_reserved_bytes_count_during_a_write(root: Path) -> None:
+    s = BlockStore(root, capacity=1000)
+    w = s.begin_write(HB, 600)
+    assert s.reserved == 600
+    assert s.free == 400
+    with pytest.raises(StorageFull):
+        s.begin_write(HA, 401)
+    w2 = s.begin_write(HA, 400)
+    assert s.free == 0
+    w2.abort()
+    assert s.free == 400
+    w.abort()
+    assert s.free == 1000
+    assert s.reserved == 0
+
+
+def test_reservation_moves_to_used_on_commit(root: Path) -> None:
+    s = BlockStore(root, capacity=1000)
+    w = s.begin_write(HB, len(B))
+    w.write(B)
+    assert s.used == 0 and s.reserved == len(B)
+    w.commit()
+    assert s.used == len(B) and s.reserved == 0
+    assert s.free == 1000 - len(B)
+
+
+def test_reservation_released_after_failed_commit(root: Path) -> None:
+    s = BlockStore(root, capacity=1000)
+    w = s.begin_write(HA, len(A))
+    w.write(B[: len(A)])
+    with pytest.raises(IntegrityError):
+        w.commit()
+    assert s.free == 1000
+    assert s.used == 0
+
+
+def test_free_bounded_by_disk(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = BlockStore(root, capacity=10**15)
+    monkeypatch.setattr(BlockStore, "_disk_free", lambda self: bs_module.DISK_MARGIN + 50)
+    assert s.free == 50
+    with pytest.raises(StorageFull):
+        s.put(HB, B)
+    monkeypatch.setattr(BlockStore, "_disk_free", lambda self: 0)
+    assert s.free == 0
+
+
+def test_default_capacity_from_disk(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(BlockStore, "_disk_free", lambda self: bs_module.DISK_MARGIN + 5000)
+    s = BlockStore(root)
+    assert s.capacity == 5000
+    s.put(HA, A)
+    s2 = BlockStore(root)
+    assert s2.capacity == len(A) + 5000
+
+
+# --- restart ----------------------------------------------------------------------------------
+
+
+def test_restart_sees_stored_parts(root: Path) -> None:
+    s = BlockStore(root, capacity=10_000)
+    s.put(HA, A)
+    s.put(HB, B)
+    s2 = BlockStore(root, capacity=10_000)
+    assert s2.blocks() == sorted([HA, HB])
+    assert s2.used == len(A) + len(B)
+    assert s2.free == 10_000 - len(A) - len(B)
+    assert s2.get(HA) == A and s2.get(HB) == B
+    assert s2.size_of(HB) == len(B)
+
+
+def test_restart_removes_leftovers_in_incoming(root: Path) -> None:
+    s = BlockStore(root, capacity=10_000)
+    s.put(HA, A)
+    w = s.begin_write(HB, len(B))
+    w.write(B[:10])  # never committed: the process "dies" here
+    (root / "incoming" / "junk").write_bytes(b"junk")
+    (root / "incoming" / "somedir").mkdir()
+    (root / "incoming" / "somedir" / "f").write_bytes(b"x")
+    s2 = BlockStore(root, capacity=10_000)
+    assert list((root / "incoming").iterdir()) == []
+    assert s2.blocks() == [HA]
+    assert s2.used == len(A)
+
+
+def test_restart_ignores_stray_files(root: Path) -> None:
+    s = BlockStore(root, capacity=10_000)
+    s.put(HA, A)
+    # A file with a valid hash name in the wrong fan-out directory, and junk.
+    wrong = root / "blocks" / "00" / "00" / HB
+    wrong.parent.mkdir(parents=True)
+    wrong.write_bytes(B)
+    (root / "blocks" / HA[:2] / HA[2:4] / "notes.txt").write_bytes(b"hello")
+    (root / "blocks" / "README").write_bytes(b"x")
+    (root / "blocks" / HA[:2] / "loose").write_bytes(b"x")
+    s2 = BlockStore(root, capacity=10_000)
+    assert s2.blocks() == [HA]
+    assert s2.used == len(A)
+
+
+# --- corruption on disk ---------------------------------------------------------------------
+
+
+def test_altered_part_is_quarantined(store: BlockStore, root: Path) -> None:
+    store.put(HA, A)
+    store.put(HC, C)
+    path = store.path_of(HA)
+    altered = b"X" + A[1:]
+    path.write_bytes(altered)
+    with pytest.raises(IntegrityError):
+        store.get(HA)
+    assert not path.exists()
+    q = list((root / "quarantine").iterdir())
+    assert len(q) == 1
+    assert q[0].name.startswith(HA + ".")
+    assert q[0].read_bytes() == altered
+    assert not store.has(HA)
+    assert store.used == len(C)
+    assert store.blocks() == [HC]
+    with pytest.raises(NotFound):
+        store.get(HA)
+    assert store.get(HC) == C
+
+
+def test_truncated_part_on_disk_is_quarantined(store: BlockStore, root: Path) -> None:
+    store.put(HB, B)
+    store.path_of(HB).write_bytes(B[:-1])
+    with pytest.raises(IntegrityError):
+        store.get(HB)
+    assert not store.has(HB)
+    assert store.used == 0
+    assert len(list((root / "quarantine").iterdir())) == 1
+
+
+def test_quarantined_part_not_seen_after_restart(store: BlockStore, root: Path) -> None:
+    store.put(HA, A)
+    store.path_of(HA).write_bytes(B)
+    with pytest.raises(IntegrityError):
+        store.get(HA)
+    s2 = BlockStore(root, capacity=10_000)
+    assert not s2.has(HA)
+    assert s2.used == 0
+
+
+def test_part_removed_behind_our_back(store: BlockStore) -> None:
+    store.put(HA, A)
+    store.path_of(HA).unlink()
+    with pytest.raises(NotFound):
+        store.get(HA)
+    assert not store.has(HA)
+    assert store.used == 0
+
+
+def test_part_can_be_stored_again_after_quarantine(store: BlockStore) -> None:
+    store.put(HA, A)
+    store.path_of(HA).write_bytes(B)
+    with pytest.raises(IntegrityError):
+        store.get(HA)
+    assert store.put(HA, A) is True
+    assert store.get(HA) == A
+    assert store.used == len(A)
+
+
+def test_verify_all(store: BlockStore, root: Path) -> None:
+    for data in (A, B, C):
+        store.put(block_hash(data), data)
+    assert store.verify_all() == []
+    store.path_of(HB).write_bytes(b"rot" + B[3:])
+    store.path_of(HC).unlink()
+    assert store.verify_all() == [HB]
+    assert store.blocks() == [HA]
+    assert store.used == len(A)
+    assert len(list((root / "quarantine").iterdir())) == 1
+    assert store.verify_all() == []
+
+
+# --- disk full --------------------------------------------------------------------------------
+
+
+class _FailingFile:
+    """Wraps a real file; write (or fsync through fileno) fails with the given errno."""
+
+    def __init__(self, f: Any, err: int) -> None:
+        self._f = f
+        self._err = err
+
+    def write(self, data: bytes) -> int:
+        raise OSError(self._err, os.strerror(self._err))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_during_write(store: BlockStore, root: Path, err: int) -> None:
+    w = store.begin_write(HB, len(B))
+    w._f = _FailingFile(w._f, err)  # type: ignore[assignment]
+    with pytest.raises(StorageFull):
+        w.write(B)
+    assert not store.has(HB)
+    assert files_under(root) == []
+    assert_clean(store)
+
+
+def test_disk_full_during_put(store: BlockStore, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = open
+
+    def failing_open(*args: Any, **kw: Any) -> Any:
+        return _FailingFile(real_open(*args, **kw), errno.ENOSPC)
+
+    monkeypatch.setattr(bs_module, "open", failing_open, raising=False)
+    with pytest.raises(StorageFull):
+        store.put(HB, B)
+    assert not store.has(HB)
+    assert store.used == 0
+    assert files_under(root) == []
+    assert_clean(store)
+
+
+def test_other_os_error_during_write_propagates(store: BlockStore, root: Path) -> None:
+    w = store.begin_write(HB, len(B))
+    w._f = _FailingFile(w._f, errno.EIO)  # type: ignore[assignment]
+    with pytest.raises(OSError) as e:
+        w.write(B)
+    assert e.value.errno == errno.EIO
+    assert not isinstance(e.value, StorageFull)
+    assert files_under(root) == []
+    assert_clean(store)
+
+
+def test_disk_full_at_fsync(store: BlockStore, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.put(HA, A)
+    w = store.begin_write(HB, len(B))
+    w.write(B)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bs_module.os, "fsync", no_space)
+    with pytest.raises(StorageFull):
+        w.commit()
+    monkeypatch.undo()
+    assert not store.has(HB)
+    assert files_under(root) == [store.path_of(HA)]
+    assert store.used == len(A)
+    assert_clean(store)

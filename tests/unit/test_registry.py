@@ -1,0 +1,444 @@
+# -*- test-case-name: tests.unit.test_registry -*-
+"""Tests for L{dsss.server.registry}: agents, liveness, the location index and placement."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from dsss.errors import AccessDenied
+from dsss.model import PeerAddress
+from dsss.server.registry import LIVENESS_FACTOR, AgentRecord, Registry, ReplayError
+
+HB = 10.0  # heartbeat
+LIMIT = LIVENESS_FACTOR * HB
+H1 = "1" * 64
+H2 = "2" * 64
+H3 = "3" * 64
+
+
+def agent_id(n: int) -> str:
+    return f"{n:064x}"
+
+
+def addr(n: int) -> PeerAddress:
+    return PeerAddress("192.0.2.1", 10_000 + n)
+
+
+class Handle:
+    """Stands in for a control connection."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Handle({self.name})"
+
+
+@pytest.fixture
+def registry() -> Registry:
+    counter = itertools.count()
+    return Registry(HB, rng=random.Random(1234), token_source=lambda: f"token{next(counter)}")
+
+
+def register(
+    reg: Registry,
+    n: int = 1,
+    *,
+    seq: int = 1,
+    capacity: int = 1000,
+    free: int | None = None,
+    handle: Any = None,
+    now: float = 0.0,
+) -> tuple[AgentRecord, Any]:
+    return reg.register(
+        agent_id=agent_id(n),
+        seq=seq,
+        capacity=capacity,
+        free=capacity if free is None else free,
+        version="0.1.0",
+        handle=handle if handle is not None else Handle(f"h{n}"),
+        now=now,
+    )
+
+
+def live_agent(reg: Registry, n: int, *, now: float = 0.0, **kw: Any) -> AgentRecord:
+    rec, _ = register(reg, n, now=now, **kw)
+    assert reg.heard_udp(rec.token, addr(n), now) is rec
+    return rec
+
+
+# --- membership -------------------------------------------------------------------------------
+
+
+def test_register(registry: Registry) -> None:
+    h = Handle("a")
+    rec, old = register(registry, 1, seq=5, capacity=100, free=40, handle=h, now=7.0)
+    assert old is None
+    assert (rec.agent_id, rec.seq, rec.capacity, rec.free, rec.version) == (agent_id(1), 5, 100, 40, "0.1.0")
+    assert rec.handle is h
+    assert rec.token == "token0"
+    assert rec.registered_at == 7.0 and rec.last_tcp == 7.0
+    assert rec.address is None and rec.last_udp is None
+    assert registry.get(agent_id(1)) is rec
+    assert registry.by_handle(h) is rec
+    assert registry.all() == [rec]
+    assert len(registry) == 1
+
+
+def test_each_registration_gets_a_fresh_token(registry: Registry) -> None:
+    a, _ = register(registry, 1)
+    b, _ = register(registry, 2)
+    assert a.token != b.token
+
+
+def test_unregister(registry: Registry) -> None:
+    rec = live_agent(registry, 1)
+    registry.have(rec, [H1])
+    assert registry.unregister(rec.handle) is rec
+    assert len(registry) == 0
+    assert registry.get(agent_id(1)) is None
+    assert registry.by_handle(rec.handle) is None
+    assert registry.by_address(addr(1)) is None
+    assert registry.heard_udp(rec.token, addr(1), 1.0) is None
+    assert registry.candidates(H1, 0.0) == []
+    assert registry.counts() == {"agents": 0, "indexed-parts": 0}
+    assert registry.unregister(rec.handle) is None
+
+
+def test_unregister_unknown_handle(registry: Registry) -> None:
+    register(registry, 1)
+    assert registry.unregister(Handle("stranger")) is None
+    assert len(registry) == 1
+
+
+def test_unregister_leaves_other_agents_alone(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    b = live_agent(registry, 2)
+    registry.have(a, [H1])
+    registry.have(b, [H1, H2])
+    registry.unregister(a.handle)
+    assert registry.all() == [b]
+    assert registry.candidates(H1, 0.0) == [b]
+    assert registry.candidates(H2, 0.0) == [b]
+    assert registry.by_address(addr(2)) is b
+
+
+# --- replay ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [5, 4, 0])
+def test_replay_refused(registry: Registry, seq: int) -> None:
+    rec, _ = register(registry, 1, seq=5)
+    with pytest.raises(ReplayError):
+        register(registry, 1, seq=seq, handle=Handle("replayer"))
+    # Nothing changed: the first registration stands.
+    assert registry.get(agent_id(1)) is rec
+    assert registry.by_handle(rec.handle) is rec
+    assert len(registry) == 1
+
+
+def test_replay_error_is_access_denied() -> None:
+    assert issubclass(ReplayError, AccessDenied)
+    assert ReplayError.code == "replay"
+
+
+def test_replay_refused_even_after_unregister(registry: Registry) -> None:
+    rec, _ = register(registry, 1, seq=5)
+    registry.unregister(rec.handle)
+    with pytest.raises(ReplayError):
+        register(registry, 1, seq=5)
+    assert len(registry) == 0
+    new, _ = register(registry, 1, seq=6)
+    assert registry.get(agent_id(1)) is new
+
+
+def test_refused_replay_does_not_raise_the_bar(registry: Registry) -> None:
+    register(registry, 1, seq=5)
+    with pytest.raises(ReplayError):
+        register(registry, 1, seq=3)
+    rec, _ = register(registry, 1, seq=6)
+    assert rec.seq == 6
+
+
+def test_sequence_numbers_are_per_agent(registry: Registry) -> None:
+    register(registry, 1, seq=100)
+    rec, _ = register(registry, 2, seq=1)
+    assert registry.get(agent_id(2)) is rec
+
+
+# --- re-registration --------------------------------------------------------------------------
+
+
+def test_reregistration_replaces_and_returns_old_handle(registry: Registry) -> None:
+    old = live_agent(registry, 1, seq=1)
+    registry.have(old, [H1])
+    new_handle = Handle("new")
+    new, old_handle = register(registry, 1, seq=2, handle=new_handle, now=5.0)
+    assert old_handle is old.handle
+    assert new is not old
+    assert registry.get(agent_id(1)) is new
+    assert len(registry) == 1
+    assert registry.by_handle(new_handle) is new
+    assert registry.by_handle(old.handle) is None
+    # The old record's token, address and index entries are gone.
+    assert new.token != old.token
+    assert registry.heard_udp(old.token, addr(1), 6.0) is None
+    assert registry.by_address(addr(1)) is None
+    assert registry.candidates(H1, 5.0) == []
+    assert new.blocks == set()
+
+
+def test_closing_the_replaced_connection_keeps_the_new_one(registry: Registry) -> None:
+    old, _ = register(registry, 1, seq=1)
+    new, _ = register(registry, 1, seq=2, handle=Handle("new"))
+    assert registry.unregister(old.handle) is None
+    assert registry.get(agent_id(1)) is new
+
+
+# --- liveness -------------------------------------------------------------------------------
+
+
+def test_not_live_without_udp(registry: Registry) -> None:
+    rec, _ = register(registry, 1, now=0.0)
+    assert not registry.is_live(rec, 0.0)
+    assert registry.live(0.0) == []
+
+
+def test_live_after_udp(registry: Registry) -> None:
+    rec, _ = register(registry, 1, now=0.0)
+    assert registry.heard_udp(rec.token, addr(1), 1.0) is rec
+    assert rec.address == addr(1) and rec.last_udp == 1.0
+    assert registry.by_address(addr(1)) is rec
+    assert registry.is_live(rec, 1.0)
+    assert registry.live(1.0) == [rec]
+
+
+def test_expires_after_udp_silence(registry: Registry) -> None:
+    rec, _ = register(registry, 1, now=0.0)
+    registry.heard_udp(rec.token, addr(1), 0.0)
+    registry.heard_tcp(rec, 25.0)
+    assert registry.is_live(rec, LIMIT)  # exactly 3 heartbeats is still live
+    assert not registry.is_live(rec, LIMIT + 0.001)
+    assert registry.live(LIMIT + 0.001) == []
+    # TCP is still fresh, so the server does not count it dead.
+    assert registry.dead(LIMIT + 0.001) == []
+
+
+def test_expires_after_tcp_silence(registry: Registry) -> None:
+    rec, _ = register(registry, 1, now=0.0)
+    registry.heard_udp(rec.token, addr(1), 0.0)
+    registry.heard_udp(rec.token, addr(1), 25.0)
+    assert registry.is_live(rec, LIMIT)
+    assert not registry.is_live(rec, LIMIT + 0.001)
+    assert registry.dead(LIMIT + 0.001) == [rec]
+    assert registry.dead(LIMIT) == []
+
+
+def test_heartbeats_keep_it_live(registry: Registry) -> None:
+    rec, _ = register(registry, 1, now=0.0)
+    for t in range(0, 200, 10):
+        registry.heard_tcp(rec, float(t))
+        registry.heard_udp(rec.token, addr(1), float(t) + 1)
+        assert registry.is_live(rec, float(t) + 1 + LIMIT - 1)
+    assert not registry.is_live(rec, 190 + LIMIT + 0.5)
+
+
+def test_heard_udp_unknown_token_ignored(registry: Registry) -> None:
+    rec = live_agent(registry, 1)
+    assert registry.heard_udp("nope", addr(1), 5.0) is None
+    assert registry.heard_udp("nope", addr(9), 5.0) is None
+    assert registry.by_address(addr(1)) is rec
+    assert registry.by_address(addr(9)) is None
+    assert rec.last_udp == 0.0
+    assert rec.address == addr(1)
+
+
+def test_agent_address_changes(registry: Registry) -> None:
+    rec = live_agent(registry, 1)
+    registry.heard_udp(rec.token, addr(7), 1.0)
+    assert rec.address == addr(7)
+    assert registry.by_address(addr(7)) is rec
+    assert registry.by_address(addr(1)) is None
+
+
+def test_address_moves_to_another_agent(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    b, _ = register(registry, 2)
+    shared = addr(1)
+    assert registry.heard_udp(b.token, shared, 2.0) is b
+    assert registry.by_address(shared) is b
+    assert a.address is None
+    assert not registry.is_live(a, 2.0)
+    assert registry.live(2.0) == [b]
+    # A comes back from a new address; B keeps the shared one.
+    registry.heard_udp(a.token, addr(5), 3.0)
+    assert registry.by_address(addr(5)) is a
+    assert registry.by_address(shared) is b
+    assert registry.is_live(a, 3.0)
+
+
+def test_unregistering_the_old_owner_keeps_the_moved_address(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    b, _ = register(registry, 2)
+    registry.heard_udp(b.token, addr(1), 1.0)
+    registry.unregister(a.handle)
+    assert registry.by_address(addr(1)) is b
+
+
+def test_summary(registry: Registry) -> None:
+    rec = live_agent(registry, 1, capacity=100, free=30)
+    registry.have(rec, [H1, H2])
+    s = rec.summary(4.0, HB)
+    assert s == {
+        "id": agent_id(1),
+        "address": str(addr(1)),
+        "capacity": 100,
+        "free": 30,
+        "used": 70,
+        "parts": 2,
+        "version": "0.1.0",
+        "last-heartbeat": 4.0,
+    }
+
+
+# --- location index -------------------------------------------------------------------------
+
+
+def test_have_and_candidates(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    b = live_agent(registry, 2)
+    registry.have(a, [H1, H2])
+    registry.have(b, [H1])
+    assert set(map(id, registry.candidates(H1, 1.0))) == {id(a), id(b)}
+    assert registry.candidates(H2, 1.0) == [a]
+    assert registry.candidates(H3, 1.0) == []
+    assert registry.counts() == {"agents": 2, "indexed-parts": 2}
+
+
+def test_candidates_are_only_live_agents(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    b, _ = register(registry, 2)  # never pinged over UDP
+    registry.have(a, [H1])
+    registry.have(b, [H1])
+    assert registry.candidates(H1, 1.0) == [a]
+    assert registry.candidates(H1, LIMIT + 1) == []
+
+
+def test_gone(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    b = live_agent(registry, 2)
+    registry.have(a, [H1, H2])
+    registry.have(b, [H1])
+    registry.gone(a, [H1])
+    assert registry.candidates(H1, 0.0) == [b]
+    assert a.blocks == {H2}
+    registry.gone(b, [H1])
+    assert registry.candidates(H1, 0.0) == []
+    assert registry.counts()["indexed-parts"] == 1
+    registry.gone(b, [H3])  # unknown part: no effect, no error
+    assert registry.counts()["indexed-parts"] == 1
+
+
+def test_space_clamps_free(registry: Registry) -> None:
+    rec, _ = register(registry, 1)
+    registry.space(rec, 500, 900)
+    assert (rec.capacity, rec.free) == (500, 500)
+    registry.space(rec, 500, 120)
+    assert (rec.capacity, rec.free) == (500, 120)
+
+
+# --- placement --------------------------------------------------------------------------------
+
+
+def test_place_distinct_agents(registry: Registry) -> None:
+    recs = [live_agent(registry, n) for n in range(1, 6)]
+    for _ in range(50):
+        chosen = registry.place(10, 3, 0.0)
+        assert len(chosen) == 3
+        assert len({id(r) for r in chosen}) == 3
+        assert all(any(r is x for x in recs) for r in chosen)
+
+
+def test_place_only_live_agents(registry: Registry) -> None:
+    live = live_agent(registry, 1)
+    register(registry, 2)  # no UDP
+    stale = live_agent(registry, 3, now=-100.0)  # heard long ago
+    for _ in range(50):
+        chosen = registry.place(10, 3, 0.0)
+        assert chosen == [live]
+    assert stale not in registry.live(0.0)
+
+
+def test_place_only_agents_with_room(registry: Registry) -> None:
+    big = live_agent(registry, 1, capacity=1000)
+    small = live_agent(registry, 2, capacity=1000, free=99)
+    tight = live_agent(registry, 3, capacity=1000, free=50)
+    for _ in range(30):
+        assert registry.place(100, 3, 0.0) == [big]
+    # Exactly enough room qualifies.
+    for _ in range(30):
+        assert {id(r) for r in registry.place(99, 3, 0.0)} == {id(big), id(small)}
+    assert {id(r) for r in registry.place(50, 3, 0.0)} == {id(big), id(small), id(tight)}
+
+
+def test_place_excludes_addresses(registry: Registry) -> None:
+    recs = [live_agent(registry, n) for n in range(1, 5)]
+    for _ in range(30):
+        chosen = registry.place(1, 4, 0.0, exclude=[addr(1), addr(3)])
+        assert {r.address for r in chosen} == {addr(2), addr(4)}
+    assert len(recs) == 4
+
+
+def test_place_returns_fewer_when_fewer_qualify(registry: Registry) -> None:
+    live_agent(registry, 1)
+    live_agent(registry, 2)
+    assert len(registry.place(1, 5, 0.0)) == 2
+    assert registry.place(10_000, 3, 0.0) == []
+    assert registry.place(1, 0, 0.0) == []
+
+
+def test_place_with_nobody_registered(registry: Registry) -> None:
+    assert registry.place(1, 3, 0.0) == []
+
+
+def test_place_weighted_by_free_space() -> None:
+    reg = Registry(HB, rng=random.Random(20240601))
+    rich = live_agent(reg, 1, capacity=10_000, free=9000)
+    poor = live_agent(reg, 2, capacity=10_000, free=1000)
+    draws = 4000
+    counts: Counter[str] = Counter()
+    for _ in range(draws):
+        (pick,) = reg.place(10, 1, 0.0)
+        counts[pick.agent_id] += 1
+    share = counts[rich.agent_id] / draws
+    # Expected 0.9; a uniform choice would give 0.5.
+    assert 0.87 < share < 0.93
+    assert counts[poor.agent_id] > 0.07 * draws
+
+
+def test_place_follows_reported_space() -> None:
+    reg = Registry(HB, rng=random.Random(7))
+    a = live_agent(reg, 1, capacity=10_000, free=9000)
+    b = live_agent(reg, 2, capacity=10_000, free=1000)
+    reg.space(a, 10_000, 1000)  # a filled up: now as free as b
+    picks = Counter(reg.place(10, 1, 0.0)[0].agent_id for _ in range(4000))
+    share = picks[a.agent_id] / 4000
+    assert 0.45 < share < 0.55
+    assert b.agent_id in picks
+
+
+def test_place_second_pick_is_the_other_agent() -> None:
+    reg = Registry(HB, rng=random.Random(3))
+    a = live_agent(reg, 1, capacity=10_000, free=9000)
+    b = live_agent(reg, 2, capacity=10_000, free=1000)
+    firsts = Counter()
+    for _ in range(500):
+        chosen = reg.place(10, 2, 0.0)
+        assert {id(r) for r in chosen} == {id(a), id(b)}
+        firsts[chosen[0].agent_id] += 1
+    assert firsts[a.agent_id] > 400
