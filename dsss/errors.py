@@ -87,3 +87,11 @@ class Timeout(DSSSError):
     http_status = 504
     exit_code = 4
     code = "timeout"
+
+
+class RateLimited(DSSSError):
+    """A peer sent more requests than its share."""
+
+    http_status = 429
+    exit_code = 4
+    code = "rate-limited"

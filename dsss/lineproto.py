@@ -18,6 +18,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from dsss.errors import DSSSError, RemoteProtocolError, Timeout
+from dsss.ratelimit import RateLimiter
 from dsss.wire import control as wc
 
 
@@ -41,11 +42,16 @@ class ControlLineProtocol(LineReceiver):
 
     clock: IReactorTime
 
+    # Lines per second a peer may send (sustained, and in a burst) before it is cut off.
+    LINE_RATE = 2000.0
+    LINE_BURST = 10000.0
+
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._pending: deque[_Pending] = deque()
         self._errors = 0
         self.closed = False
+        self._limiter = RateLimiter(self.LINE_RATE, self.LINE_BURST, max_keys=1)
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -77,6 +83,9 @@ class ControlLineProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         if self.closed:
+            return
+        if not self._limiter.allow(None, self.clock.seconds()):
+            self.bad_input("too many lines; slow down", fatal=True, code="rate-limited")
             return
         try:
             msg = wc.parse_line(line)

@@ -17,6 +17,7 @@ import dsss
 from dsss.agent.control import ServerConnection, ServerConnectionFactory
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
+from dsss.agent.scrub import Scrubber
 from dsss.crypto.certs import make_certificate
 from dsss.errors import DSSSError, StorageFull
 from dsss.model import PeerAddress
@@ -42,6 +43,8 @@ class AgentConfig:
     request_timeout: float = 10.0
     introduction_ttl: float = 60.0
     max_datagram_size: int = 1452
+    # Bytes per second re-read by the background scrub (0: no scrubbing).
+    scrub_rate: int = 8 * 1024 * 1024
 
 
 class StorageAgent:
@@ -60,6 +63,9 @@ class StorageAgent:
         self.quic: Any = None  # the QuicEndpoint, set by the service
         self._announced_ready = False
         self._last_ping = float("-inf")
+        self._reported_space: tuple[int, int] | None = None
+        self._last_space_report = float("-inf")
+        self.scrubber = Scrubber(self.store, self.lost)
 
     # --- control channel -----------------------------------------------------------------------
 
@@ -87,10 +93,31 @@ class StorageAgent:
 
     def introduce(self, client: PeerAddress, size: int, block: str) -> str:
         if not self.store.has(block) and size > self.store.free:
+            self.maybe_report_space(force=True)
             raise StorageFull(f"no room for {size} bytes")
         intro = self.introductions.issue(client, size, block, self.clock.seconds())
         self.punch(client)
         return intro.key
+
+    def maybe_report_space(self, *, force: bool = False) -> None:
+        """Tell the server our capacity and free space when they changed (at most once a
+        heartbeat, or at once when forced: after running out of room, placement must stop
+        choosing us)."""
+        if self.connection is None or self.welcome is None:
+            return
+        now = self.clock.seconds()
+        space = (self.store.capacity, min(self.store.free, self.store.capacity))
+        if space == self._reported_space:
+            return
+        if not force and now - self._last_space_report < self.welcome.heartbeat:
+            return
+        self._reported_space = space
+        self._last_space_report = now
+        self.connection.report_space()
+
+    def refused(self, err: Exception) -> None:
+        if isinstance(err, StorageFull):
+            self.maybe_report_space(force=True)
 
     def stored(self, block: str) -> None:
         if self.connection is not None:
@@ -176,10 +203,19 @@ class AgentService(MultiService):
         self.client_service.setServiceParent(self)
         self._keepalive = LoopingCall(self._tick)
         self._keepalive.clock = reactor
+        self._scrub_credit = 0.0
 
     def _tick(self) -> None:
-        self.agent.maybe_ping()
-        self.agent.introductions.expire(self.reactor.seconds())
+        agent = self.agent
+        agent.maybe_ping()
+        agent.introductions.expire(self.reactor.seconds())
+        agent.maybe_report_space()
+        if agent.config.scrub_rate:
+            # Each tick (0.1 s) may read a tenth of the scrub rate; a part larger than that is
+            # read whole and the debt is paid back over the following ticks.
+            self._scrub_credit = min(self._scrub_credit + agent.config.scrub_rate / 10, agent.config.scrub_rate)
+            if self._scrub_credit > 0:
+                self._scrub_credit -= agent.scrubber.step(1)
 
     def startService(self) -> None:
         config = self.agent.config

@@ -55,6 +55,7 @@ class _StreamRequest:
             log.info("refused a transfer from {client}: {err}", client=str(self.client()), err=str(err))
             self.reply(wt.Refused(err.code, str(err)))
             self.stream.stop_reading()
+            self.agent.refused(err)
 
     def abort(self) -> None:
         if self.writer is not None:

@@ -11,10 +11,16 @@ from urllib.parse import urlencode, urlsplit
 import treq
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.web.client import ResponseFailed
+from twisted.internet.task import deferLater
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from nacl.public import PrivateKey, PublicKey
+
+from dsss.clientauth import sign_request
 from dsss.errors import (
+    AccessDenied,
     BadRequest,
+    RateLimited,
     DSSSError,
     NotFound,
     RemoteProtocolError,
@@ -24,11 +30,27 @@ from dsss.errors import (
 from dsss.model import PeerAddress, check_block_id
 
 MAX_RESPONSE = 1024 * 1024
-_BY_STATUS = {400: BadRequest, 404: NotFound, 503: Unavailable, 504: Timeout}
+_BY_STATUS: dict[int, type[DSSSError]] = {
+    400: BadRequest,
+    401: AccessDenied,
+    403: AccessDenied,
+    404: NotFound,
+    429: RateLimited,
+    503: Unavailable,
+    504: Timeout,
+}
 
 
 class ServerUnreachable(Unavailable):
     code = "server-unreachable"
+
+
+class _Retryable(Exception):
+    """Carries an error that may go away if the request is tried again shortly."""
+
+    def __init__(self, error: DSSSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -59,7 +81,16 @@ class _Collector:
 
 
 class DiscoveryClient:
-    def __init__(self, base_url: str, *, reactor: Any, http: Any = None, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        reactor: Any,
+        http: Any = None,
+        timeout: float = 15.0,
+        retry_for: float = 30.0,
+        key: PrivateKey | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BadRequest(f"server URL must look like http://HOST:PORT, got {base_url!r}")
@@ -68,21 +99,51 @@ class DiscoveryClient:
         self.reactor = reactor
         self.http = http if http is not None else treq
         self.timeout = timeout
+        self.retry_for = retry_for
+        self._reached = False
+        # With a key, requests are signed for servers that admit only listed clients.
+        self.key = key
+        self._server_key: PublicKey | None = None
 
     async def _get(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
-        url = f"{self.base_url}{path}"
-        if params:
-            url += "?" + urlencode(params)
+        """GET with retries: a server that is down or restarting (connection refused, timeouts,
+        or 404/503 answered with Retry-After while its agents re-register) is retried with
+        backoff for up to `retry_for` seconds; any other answer is final."""
+        # A server never reached in this session is reported quickly; one that answered before
+        # and went away (a restart) is waited for.
+        patience = self.retry_for if self._reached else min(self.retry_for, 2.0)
+        deadline = self.reactor.seconds() + patience
+        delay = 0.25
+        while True:
+            try:
+                return await self._get_once(path, params)
+            except _Retryable as e:
+                if self.reactor.seconds() + delay > deadline:
+                    raise e.error from None
+                await deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, 2.0)
+
+    async def _get_once(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
+        uri = path + ("?" + urlencode(params) if params else "")
+        url = f"{self.base_url}{uri}"
+        headers = {}
+        if self.key is not None and self._server_key is not None:
+            headers = sign_request(self.key, self._server_key, "GET", uri, self.reactor.seconds())
         try:
-            response = await self.http.get(url, reactor=self.reactor, timeout=self.timeout)
+            response = await self.http.get(url, headers=headers, reactor=self.reactor, timeout=self.timeout)
             collector = _Collector(MAX_RESPONSE)
             await treq.collect(response, collector)
         except (ConnectionRefusedError, ConnectError, DNSLookupError) as e:
-            raise ServerUnreachable(f"cannot reach the discovery server at {self.base_url}: {e.__class__.__name__}") from None
+            raise _Retryable(
+                ServerUnreachable(f"cannot reach the discovery server at {self.base_url}: {e.__class__.__name__}")
+            ) from None
         except defer.CancelledError:
-            raise Timeout(f"the discovery server at {self.base_url} did not answer in time") from None
-        except ResponseFailed:
-            raise ServerUnreachable(f"the connection to {self.base_url} failed") from None
+            raise _Retryable(
+                Timeout(f"the discovery server at {self.base_url} did not answer in time")
+            ) from None
+        except (ResponseFailed, ResponseNeverReceived):
+            raise _Retryable(ServerUnreachable(f"the connection to {self.base_url} failed")) from None
+        self._reached = True
         body = b"".join(collector.chunks)
         try:
             doc = json.loads(body.decode("utf-8"))
@@ -91,7 +152,17 @@ class DiscoveryClient:
         if response.code != 200:
             message = doc.get("error") if isinstance(doc, dict) else None
             cls = _BY_STATUS.get(response.code, DSSSError)
-            raise cls(f"server: {message or response.code}")
+            error = cls(f"server: {message or response.code}")
+            if response.headers.hasHeader(b"retry-after"):
+                raise _Retryable(error)
+            if response.code == 401 and self.key is not None and path != "/api/info":
+                # The server wants signed requests, or restarted with a new key: learn its key
+                # and try again.
+                stale = self._server_key
+                await self.info()
+                if self._server_key is not None and self._server_key != stale:
+                    raise _Retryable(error)
+            raise error
         if not isinstance(doc, dict):
             raise RemoteProtocolError(f"the server answered {path} with a non-object")
         return doc
@@ -106,13 +177,24 @@ class DiscoveryClient:
     async def info(self) -> ServerInfo:
         doc = await self._get("/api/info", {})
         try:
-            return ServerInfo(int(doc["replicas"]), int(doc["udp-port"]), str(doc["version"]))
+            info = ServerInfo(int(doc["replicas"]), int(doc["udp-port"]), str(doc["version"]))
+            if "public-key" in doc:
+                self._server_key = PublicKey(bytes.fromhex(doc["public-key"]))
         except (KeyError, TypeError, ValueError):
             raise RemoteProtocolError("bad /api/info answer") from None
+        return info
 
     async def who_has(self, block: str) -> list[PeerAddress]:
         check_block_id(block)
-        return self._addresses(await self._get("/api/who-has", {"q": block}))
+        deadline = self.reactor.seconds() + self.retry_for
+        while True:
+            doc = await self._get("/api/who-has", {"q": block})
+            addresses = self._addresses(doc)
+            # Right after a server restart the location index is still filling up: an empty
+            # answer is not final until the server says it is warm.
+            if addresses or not doc.get("warming") or self.reactor.seconds() > deadline:
+                return addresses
+            await deferLater(self.reactor, 0.5, lambda: None)
 
     async def where_to_upload(
         self, size: int, exclude: list[PeerAddress] | None = None

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from dsss.errors import BadRequest, DSSSError
+from dsss.errors import BadRequest, DSSSError, RateLimited
 from dsss.model import PeerAddress, check_block_id
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
@@ -46,6 +46,13 @@ def _size(text: str | None, name: str = "size") -> int:
     return value
 
 
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else value.decode("ascii", "replace")
+
+
 def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
@@ -59,12 +66,31 @@ class DiscoveryAPI:
     def __init__(self, server: "DiscoveryServer") -> None:
         self.server = server
 
+    def _admit(self, request: IRequest) -> None:
+        """Per-IP rate limit, then (with --clients) a signed request from a listed client."""
+        server = self.server
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None)
+        if not server.http_limiter.allow(host, server.now()):
+            raise RateLimited("too many requests from your address; slow down")
+        if server.verifier is not None:
+            server.verifier.verify(
+                _header(request, b"x-dsss-client"),
+                _header(request, b"x-dsss-auth"),
+                request.method.decode("ascii", "replace"),
+                request.uri.decode("ascii", "replace"),
+                server.now(),
+            )
+
     def resource(self) -> IResource:
         return self.app.resource()
 
     @app.handle_errors(DSSSError)
     def _dsss_error(self, request: IRequest, failure: Any) -> bytes:
         err = failure.value
+        if err.http_status == 429 or (err.http_status in (404, 503) and self.server.warming()):
+            # Just (re)started: agents are still registering, so this answer may change soon.
+            request.setHeader(b"retry-after", b"1")
         return _json(request, {"error": str(err)}, err.http_status)
 
     @app.handle_errors(HTTPException)
@@ -79,12 +105,17 @@ class DiscoveryAPI:
 
     @app.route("/api/who-has", methods=["GET"])
     async def who_has(self, request: IRequest) -> bytes:
+        self._admit(request)
         block = check_block_id(_arg(request, "q") or "")
         addresses = await self.server.who_has(block)
-        return _json(request, {"addresses": [str(a) for a in addresses]})
+        body: dict[str, Any] = {"addresses": [str(a) for a in addresses]}
+        if self.server.warming():
+            body["warming"] = True  # agents may still be re-registering: retry an empty answer
+        return _json(request, body)
 
     @app.route("/api/where-to-upload", methods=["GET"])
     def where_to_upload(self, request: IRequest) -> bytes:
+        self._admit(request)
         size = _size(_arg(request, "size"))
         exclude = []
         for raw in request.args.get(b"exclude", []):  # type: ignore[attr-defined]
@@ -99,6 +130,7 @@ class DiscoveryAPI:
 
     @app.route("/api/introduce-me", methods=["GET"])
     async def introduce_me(self, request: IRequest) -> bytes:
+        self._admit(request)
         to = PeerAddress.parse(_arg(request, "to") or "")
         block = check_block_id(_arg(request, "hash") or "")
         size = _size(_arg(request, "size"))

@@ -31,6 +31,7 @@ class AgentConnection(ControlLineProtocol):
         self.session = secrets.token_hex(16)
         self.record: AgentRecord | None = None
         self.peer = "?"
+        self.peer_host: str | None = None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -116,10 +117,22 @@ class AgentConnection(ControlLineProtocol):
 
 
 class AgentConnectionFactory(Factory):
+    # Connections that have not registered yet, per source IP, and all connections: beyond
+    # these, new connections are refused at once, so a flood cannot crowd out real agents.
+    MAX_UNREGISTERED_PER_IP = 32
+    MAX_CONNECTIONS = 20000
+
     def __init__(self, server: "DiscoveryServer") -> None:
         self.server = server
 
-    def buildProtocol(self, addr: object) -> AgentConnection:
+    def buildProtocol(self, addr: object) -> AgentConnection | None:
+        conns = self.server.connections
+        host = getattr(addr, "host", None)
+        pending = sum(1 for c in conns if c.record is None and c.peer_host == host)
+        if len(conns) >= self.MAX_CONNECTIONS or pending >= self.MAX_UNREGISTERED_PER_IP:
+            log.warn("refusing a control connection from {host}: too many", host=host)
+            return None
         p = AgentConnection(self.server)
+        p.peer_host = host
         p.factory = self
         return p

@@ -14,7 +14,11 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 import dsss
+from nacl.public import PrivateKey
+
+from dsss.clientauth import RequestVerifier
 from dsss.endpoints import EndpointService, UDPService
+from dsss.ratelimit import RateLimiter
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
 from dsss.model import PeerAddress
 from dsss.server.api import DiscoveryAPI
@@ -36,6 +40,8 @@ class ServerConfig:
     heartbeat: float = 10.0
     query_timeout: float = 2.0
     allowed_agents: frozenset[str] | None = None
+    allowed_clients: frozenset[str] | None = None
+    http_rate: float = 200.0
 
 
 class DiscoveryServer:
@@ -49,12 +55,27 @@ class DiscoveryServer:
         self.udp_port = config.udp_port
         self.registry = Registry(config.heartbeat, rng=rng)
         self.connections: set[AgentConnection] = set()
+        self.started_at = clock.seconds()
+        # The server's own Curve25519 key, against which listed clients sign their requests.
+        self.box_key = PrivateKey.generate()
+        self.verifier = (
+            RequestVerifier(self.box_key, config.allowed_clients)
+            if config.allowed_clients is not None
+            else None
+        )
+        self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
         self.stats: dict[str, int] = {
             "who-has": 0,
             "where-to-upload": 0,
             "introductions": 0,
             "introduction-failures": 0,
         }
+
+    def warming(self) -> bool:
+        """True while agents may still be re-registering after a (re)start: answers such as
+        "nobody has this part" are not yet final. Agents reconnect within a few seconds (their
+        backoff starts at 0.5 s) and report what they store right after registering."""
+        return self.now() - self.started_at < max(5.0, 3 * self.heartbeat)
 
     def agent_allowed(self, agent_id: str) -> bool:
         allowed = self.config.allowed_agents
@@ -143,6 +164,9 @@ class DiscoveryServer:
             "replicas": self.replicas,
             "udp-port": self.udp_port,
             "heartbeat": self.heartbeat,
+            "warming": self.warming(),
+            "public-key": bytes(self.box_key.public_key).hex(),
+            "clients-restricted": self.verifier is not None,
         }
 
     def status(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from dsss.clientauth import parse_client_list
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.server.service import ServerConfig, make_server_service
@@ -46,6 +47,8 @@ class Options(usage.Options):
         ["heartbeat", None, "10", "Heartbeat interval in seconds (agents are dropped after 3)."],
         ["query-timeout", None, "2", "Seconds to wait for an agent's WHO_HAS/introduction reply."],
         ["agents", None, None, "File of allowed agent ids (hex public keys), one per line."],
+        ["clients", None, None, "File of allowed client public keys; requests must then be signed."],
+        ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
     ]
 
     def postOptions(self) -> None:
@@ -69,6 +72,21 @@ class Options(usage.Options):
             for a in allowed:
                 if len(a) != 64 or any(c not in "0123456789abcdef" for c in a):
                     raise usage.UsageError(f"--agents: not an agent id: {a!r}")
+        clients = None
+        if self["clients"]:
+            try:
+                with open(self["clients"], encoding="utf-8") as f:
+                    clients = parse_client_list(f.read())
+            except OSError as e:
+                raise usage.UsageError(f"--clients: cannot read {self['clients']}: {e}") from None
+            except ValueError as e:
+                raise usage.UsageError(f"--clients: {e}") from None
+        try:
+            http_rate = float(self["http-rate"])
+        except ValueError:
+            http_rate = 0.0
+        if not 1 <= http_rate <= 1e6:
+            raise usage.UsageError("--http-rate must be a number of requests per second (1 or more)")
         self.config = ServerConfig(
             http=self["http"],
             control=self["control"],
@@ -78,6 +96,8 @@ class Options(usage.Options):
             heartbeat=_positive_float(self["heartbeat"], "--heartbeat", minimum=0.3),
             query_timeout=_positive_float(self["query-timeout"], "--query-timeout"),
             allowed_agents=allowed,
+            allowed_clients=clients,
+            http_rate=http_rate,
         )
 
 

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from dsss.errors import DSSSError
 from dsss.model import PeerAddress
+from dsss.ratelimit import RateLimiter
 from dsss.wire.datagram import DPing, DPong, encode_datagram, is_control, parse_datagram
 
 if TYPE_CHECKING:
@@ -24,9 +25,15 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         self.server = server
         self.received = 0
         self.dropped = 0
+        # PINGs come every few seconds from each peer; 20/s per source address is plenty, and
+        # a flood from one address is dropped without costing the others anything.
+        self.limiter = RateLimiter(rate=20, burst=40)
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         self.received += 1
+        if not self.limiter.allow(addr, self.server.clock.seconds()):
+            self.dropped += 1
+            return
         if not is_control(data):
             self.dropped += 1
             return

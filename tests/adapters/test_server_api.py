@@ -52,7 +52,9 @@ class FakeAgent:
 def server():
     clock = Clock()
     clock.advance(10)
-    return DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    clock.advance(60)  # past the warm-up after a start, when answers are final
+    return server
 
 
 def get(treq, url):
@@ -174,3 +176,19 @@ def test_unknown_paths_and_methods_are_json_errors_not_500(server):
     d.addCallback(lambda r: results.append(r.code))
     treq.flush()
     assert results == [405]
+
+
+def test_answers_say_when_they_are_not_final_yet():
+    clock = Clock()
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=1.0, replicas=2))
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
+    assert (code, doc) == (200, {"addresses": [], "warming": True})
+    results = []
+    d = treq.get("http://server/api/where-to-upload?size=1")
+    d.addCallback(lambda r: results.append((r.code, r.headers.getRawHeaders(b"retry-after"))))
+    treq.flush()
+    assert results == [(503, [b"1"])]
+    clock.advance(10)
+    code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
+    assert (code, doc) == (200, {"addresses": []})
