@@ -55,26 +55,36 @@ class Session:
 # --- storing one block on several agents ---------------------------------------------------------
 
 
-async def store_block(session: Session, block: str, data: bytes) -> list[PeerAddress]:
-    """Store `data` on `session.replicas` distinct agents; returns where it went.
+async def store_block(
+    session: Session,
+    block: str,
+    data: bytes,
+    *,
+    copies: int | None = None,
+    exclude: list[PeerAddress] | None = None,
+) -> list[PeerAddress]:
+    """Store `data` on `copies` (default `session.replicas`) distinct agents, none of them in
+    `exclude` (say, those that already hold it, for a repair); returns where it went.
 
     Agents that fail are excluded and replaced by asking the server again; fails with
-    ReplicationError if the replica count cannot be reached.
+    ReplicationError if that many copies cannot be made.
     """
     assert session.peers.public_address is not None
+    wanted = session.replicas if copies is None else copies
+    held = list(exclude or [])
     stored: list[PeerAddress] = []
     failed: list[PeerAddress] = []
     errors: list[str] = []
     for _attempt in range(4):
-        need = session.replicas - len(stored)
+        need = wanted - len(stored)
         if need <= 0:
             break
         try:
-            targets = await session.discovery.where_to_upload(len(data), exclude=stored + failed)
+            targets = await session.discovery.where_to_upload(len(data), exclude=held + stored + failed)
         except Unavailable as e:
             errors.append(str(e))
             break
-        targets = [t for t in targets if t not in stored and t not in failed][:need]
+        targets = [t for t in targets if t not in stored and t not in failed and t not in held][:need]
         if not targets:
             break
         results = await defer.DeferredList(
@@ -89,10 +99,10 @@ async def store_block(session: Session, block: str, data: bytes) -> list[PeerAdd
                 errors.append(f"{target}: {value.getErrorMessage()}")
                 if not value.check(DSSSError):
                     log.failure("unexpected upload failure", value)
-    if len(stored) < session.replicas:
+    if len(stored) < wanted:
         detail = "; ".join(errors[-3:]) or "not enough live agents"
         raise ReplicationError(
-            f"stored a part on {len(stored)} of {session.replicas} agents ({detail})"
+            f"stored a part on {len(stored)} of {wanted} agents ({detail})"
         )
     return stored
 
