@@ -73,7 +73,10 @@ def test_answers_who_has_introductions_and_ping(agent):
     assert len(key) == 32 and len(agent.introductions) == 1
     # No room: an error reply, and no key.
     proto.dataReceived(f"INTRODUCTION_REQUEST 127.0.0.1:5555 {10**9} {missing}\n".encode())
-    assert lines(t)[0].startswith("ERROR full")
+    out = lines(t)
+    # The refusal, and at once a SPACE report so that placement stops choosing this agent.
+    assert [ln.split()[0] for ln in out] == ["SPACE", "ERROR"], out
+    assert out[1].startswith("ERROR full")
     assert len(agent.introductions) == 1
 
 
