@@ -51,13 +51,18 @@ class PeerNetwork:
         bind_host: str = "0.0.0.0",
         max_datagram_size: int = 1452,
         transfer_timeout: float = 60.0,
+        idle_timeout: float = 8.0,
     ) -> None:
         self.reactor = reactor
         self.server_udp = server_udp
         self.bind_host = bind_host
         self.transfer_timeout = transfer_timeout
+        # A short idle timeout: an agent that dies mid-transfer stops answering, and its
+        # connection (with every request on it) fails after this many seconds of silence, so
+        # the put moves on to another agent instead of waiting for the request timeout.
         self.endpoint = QuicEndpoint(
-            reactor, on_control=self._on_control, max_datagram_size=max_datagram_size
+            reactor, on_control=self._on_control, max_datagram_size=max_datagram_size,
+            idle_timeout=idle_timeout,
         )
         self.public_address: PeerAddress | None = None
         self._address_waiters: list[defer.Deferred[PeerAddress]] = []
