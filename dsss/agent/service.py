@@ -43,6 +43,7 @@ class AgentConfig:
     request_timeout: float = 10.0
     introduction_ttl: float = 60.0
     max_datagram_size: int = 1452
+    metrics: str | None = None  # endpoint string for Prometheus /metrics
     # Bytes per second re-read by the background scrub (0: no scrubbing).
     scrub_rate: int = 8 * 1024 * 1024
 
@@ -201,6 +202,11 @@ class AgentService(MultiService):
             clock=reactor,
         )
         self.client_service.setServiceParent(self)
+        if config.metrics:
+            from dsss.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(self.agent, self.transfers)
+            self.metrics.service(reactor, config.metrics).setServiceParent(self)
         self._keepalive = LoopingCall(self._tick)
         self._keepalive.clock = reactor
         self._scrub_credit = 0.0

@@ -11,6 +11,7 @@ from twisted.python import usage
 from dsss.agent.service import AgentConfig, make_agent_service
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
+from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.model import parse_size
 
 
@@ -23,11 +24,18 @@ class Options(usage.Options):
         ["udp", None, "0.0.0.0:0", "Local UDP HOST:PORT for punching and transfers."],
         ["capacity", None, None, "Most bytes to store, e.g. 10G (default: free space of DIR)."],
         ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-16000)."],
+        ["metrics", None, None, "Endpoint for Prometheus /metrics, e.g. tcp:9100:interface=127.0.0.1."],
+        LOG_FORMAT_OPTION,
     ]
 
     def postOptions(self) -> None:
+        apply_log_format(self)
         if not self["storage"]:
             raise usage.UsageError("--storage DIR is required")
+        if self["metrics"]:
+            from dsss.server.tap import _check_endpoint
+
+            _check_endpoint(self["metrics"], "--metrics")
         storage = os.path.abspath(self["storage"])
         if os.path.exists(storage) and not os.path.isdir(storage):
             raise usage.UsageError(f"--storage: {storage} is not a directory")
@@ -56,6 +64,7 @@ class Options(usage.Options):
             udp_port=udp_port,
             capacity=capacity,
             max_datagram_size=int(dsize),
+            metrics=self["metrics"],
         )
 
 

@@ -13,7 +13,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from dsss.errors import BadRequest, DSSSError, RateLimited
+from dsss.metrics import endpoint_namer, render_metrics
 from dsss.model import PeerAddress, check_block_id
+from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
 if TYPE_CHECKING:
@@ -83,7 +85,7 @@ class DiscoveryAPI:
             )
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return self.server.metrics.wrap(self.app.resource(), endpoint_namer(self.app))
 
     @app.handle_errors(DSSSError)
     def _dsss_error(self, request: IRequest, failure: Any) -> bytes:
@@ -145,3 +147,15 @@ class DiscoveryAPI:
     @app.route("/api/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
         return _json(request, self.server.status())
+
+    @app.route("/", methods=["GET"])
+    def status_page(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY.encode("ascii"))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return render_page(self.server.status())
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        return render_metrics(self.server.metrics.registry, request)

@@ -20,6 +20,7 @@ from dsss.clientauth import RequestVerifier
 from dsss.endpoints import EndpointService, UDPService
 from dsss.ratelimit import RateLimiter
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
+from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
 from dsss.server.api import DiscoveryAPI
 from dsss.server.control import AgentConnection, AgentConnectionFactory
@@ -70,6 +71,7 @@ class DiscoveryServer:
             "introductions": 0,
             "introduction-failures": 0,
         }
+        self.metrics = ServerMetrics(self)
 
     def warming(self) -> bool:
         """True while agents may still be re-registering after a (re)start: answers such as
@@ -91,6 +93,7 @@ class DiscoveryServer:
         self.stats["who-has"] += 1
         candidates = self.registry.candidates(block, self.now())
         if not candidates:
+            self.metrics.asked_who_has(block=block, holders=0, now=self.now())
             return []
         results = await defer.DeferredList(
             [self._ask(rec, block) for rec in candidates], consumeErrors=True
@@ -99,6 +102,7 @@ class DiscoveryServer:
         for ok, value in results:
             if ok and value is not None:
                 addresses.append(value)
+        self.metrics.asked_who_has(block=block, holders=len(addresses), now=self.now())
         return addresses
 
     def _ask(self, rec: AgentRecord, block: str) -> defer.Deferred[PeerAddress | None]:
@@ -128,6 +132,25 @@ class DiscoveryServer:
         return [r.address for r in chosen if r.address is not None]
 
     async def introduce(
+        self, to: PeerAddress, client: PeerAddress, size: int, block: str
+    ) -> dict[str, Any]:
+        """Ask the agent at `to` for an introduction key for `client`; counted in metrics."""
+        started = self.now()
+        error: str | None = "error"
+        try:
+            result = await self._introduce(to, client, size, block)
+            error = None
+            return result
+        except DSSSError as e:
+            error = e.code
+            raise
+        finally:
+            self.metrics.introduced(
+                block=block, agent=str(to), size=size, seconds=self.now() - started,
+                now=self.now(), error=error,
+            )
+
+    async def _introduce(
         self, to: PeerAddress, client: PeerAddress, size: int, block: str
     ) -> dict[str, Any]:
         rec = self.registry.by_address(to)
@@ -175,18 +198,27 @@ class DiscoveryServer:
         for rec in sorted(self.registry.all(), key=lambda r: r.agent_id):
             summary = rec.summary(now, self.heartbeat)
             summary["live"] = self.registry.is_live(rec, now)
+            summary.setdefault("reached", "direct")  # a relay would say "relayed"
             agents.append(summary)
         live = [a for a in agents if a["live"]]
         return {
+            "server": {
+                "version": dsss.__version__,
+                "time": round(now, 3),
+                "replicas": self.replicas,
+                "heartbeat": self.heartbeat,
+            },
             "agents": agents,
             "totals": {
                 "agents": len(agents),
                 "live": len(live),
                 "capacity": sum(a["capacity"] for a in live),
                 "free": sum(a["free"] for a in live),
+                "used": sum(a["used"] for a in live),
                 "parts": sum(a["parts"] for a in live),
+                "parts-indexed": self.registry.counts()["indexed-parts"],
             },
-            "activity": dict(self.stats),
+            "activity": {**self.stats, **self.metrics.activity()},
         }
 
     # --- housekeeping --------------------------------------------------------------------------

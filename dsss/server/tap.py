@@ -10,6 +10,7 @@ from twisted.python import usage
 from dsss.clientauth import parse_client_list
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
+from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.server.service import ServerConfig, make_server_service
 
 
@@ -49,9 +50,11 @@ class Options(usage.Options):
         ["agents", None, None, "File of allowed agent ids (hex public keys), one per line."],
         ["clients", None, None, "File of allowed client public keys; requests must then be signed."],
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
+        LOG_FORMAT_OPTION,
     ]
 
     def postOptions(self) -> None:
+        apply_log_format(self)
         try:
             host, port = parse_hostport(self["udp"], "--udp")
         except BadRequest as e:
