@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import dsss
 
@@ -135,10 +135,13 @@ class LocalNetwork:
 
     # --- processes -----------------------------------------------------------------------------
 
-    def _spawn(self, name: str, plugin_args: list[str], cls: type[Proc] = Proc, **kw: Any) -> Any:
+    def _spawn(self, name: str, plugin_args: list[str], cls: type[Proc] = Proc, *,
+               prefix: Sequence[str] = (), **kw: Any) -> Any:
+        """Start `twistd` with `plugin_args`; `prefix` goes before it (e.g. `ip netns exec NS`,
+        which execs in place, so the Proc's pid is still twistd's)."""
         self._count += 1
         log_path = self.base / f"{name}.log"
-        args = [*TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}", *plugin_args]
+        args = [*prefix, *TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}", *plugin_args]
         popen = subprocess.Popen(args, env=child_env(), stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=open(self.base / f"{name}.stderr", "ab"),
                                  preexec_fn=_die_with_parent)
