@@ -62,8 +62,25 @@ def json_logger() -> ILogObserver:
     if logfile == "-" or (nodaemon and not logfile):
         out = sys.stdout
     else:
-        out = LogFile.fromFullPath(logfile or "twistd.log")  # type: ignore[assignment]
+        log_file = LogFile.fromFullPath(logfile or "twistd.log")
+        _rotate_on_sigusr1(log_file)
+        out = log_file  # type: ignore[assignment]
     return json_observer(out)
+
+
+def _rotate_on_sigusr1(log_file: LogFile) -> None:
+    """What twistd does for its text log: SIGUSR1 rotates the file (unless a handler is set)."""
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1):
+        return
+
+    def rotate(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGUSR1, rotate)
 
 
 def apply_log_format(options: usage.Options) -> None:

@@ -306,12 +306,15 @@ def parse_under_twistd(tap, args, **twistd):
 
 def test_log_format_json_tells_twistd_to_use_the_json_logger(tmp_path, monkeypatch):
     monkeypatch.setattr(dlogging, "_destination", {"logfile": None, "nodaemon": True})
+    rotated = []
+    monkeypatch.setattr(dlogging, "_rotate_on_sigusr1", rotated.append)  # no signal handlers here
     parent = parse_under_twistd(server_tap, ["--log-format", "json"], logfile=str(tmp_path / "s.log"))
     assert parent["logger"] == "dsss.logging.json_logger"
     observer = dlogging.json_logger()
     Logger(observer=observer).info("hello {who}", who="operator")
     observer_file = tmp_path / "s.log"
     assert json.loads(observer_file.read_text().splitlines()[0])["log_text"] == "hello operator"
+    assert [f.path for f in rotated] == [str(observer_file)]
 
     parent = parse_under_twistd(server_tap, [], logfile="x.log")
     assert parent["logger"] is None  # text stays twistd's own observer
