@@ -78,6 +78,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from dsss.crypto.certs import public_key_of
+from dsss.errors import RemoteProtocolError
+from dsss.wire.datagram import RELAY_PREFIX, decode_relay, encode_relay
 
 __all__ = [
     "ALPN",
@@ -129,6 +131,9 @@ CLOSE_GRACE = 3.0
 """Longest L{QuicEndpoint.close} waits for connections to finish closing."""
 BLOCKED_RETRY = 0.001
 """Delay before retrying a send that found the socket buffer full."""
+
+MAX_RELAY_PEERS = 4096
+"""Most peers remembered as reached through a relay."""
 
 APP_ERROR_IDENTITY = 0x1
 APP_ERROR_STREAM = 0x1
@@ -839,6 +844,10 @@ class QuicEndpoint(DatagramProtocol):
         self._port: IListeningPort | None = None
         self._closing = False
         self._supported_versions = QuicConfiguration().supported_versions
+        # Relaying (TURN-like, through the discovery server): peers reached through a relay,
+        # and the relays whose wrapped packets we accept.
+        self._relay_peers: dict[Address, Address] = {}
+        self._relay_servers: set[Address] = set()
 
     # setup
 
@@ -978,6 +987,30 @@ class QuicEndpoint(DatagramProtocol):
             self._flush_call.cancel()
         self._flush_call = None
 
+    # relaying
+
+    def trust_relay(self, relay: Address) -> None:
+        """Accept packets that `relay` forwards (wrapped with RELAY_PREFIX) from other peers;
+        our answers to those peers then go back through it."""
+        self._relay_servers.add((relay[0], relay[1]))
+
+    def relay_via(self, peer: Address, relay: Address) -> None:
+        """Reach `peer` through `relay` from now on (the relay must have authorized it)."""
+        relay = (relay[0], relay[1])
+        self._relay_servers.add(relay)
+        self._relay_peers[(peer[0], peer[1])] = relay
+        while len(self._relay_peers) > MAX_RELAY_PEERS:
+            del self._relay_peers[next(iter(self._relay_peers))]
+
+    def relayed(self, peer: Address) -> bool:
+        return (peer[0], peer[1]) in self._relay_peers
+
+    def _route(self, data: bytes, addr: Address) -> tuple[bytes, Address]:
+        relay = self._relay_peers.get(addr)
+        if relay is None:
+            return data, addr
+        return encode_relay(addr, data), relay
+
     # incoming datagrams
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -986,9 +1019,23 @@ class QuicEndpoint(DatagramProtocol):
             if not datagram:
                 return
             peer = (addr[0], addr[1])
+            if datagram[0] == RELAY_PREFIX[0]:
+                if peer not in self._relay_servers:
+                    return
+                try:
+                    inner_peer, datagram = decode_relay(datagram)
+                except RemoteProtocolError:
+                    return
+                if not datagram:
+                    return
+                if self._relay_peers.get(inner_peer) != peer:
+                    self.relay_via(inner_peer, peer)
+                peer = inner_peer
             if datagram[0] == CONTROL_PREFIX[0]:
                 self._on_control(datagram, peer)
                 return
+            if datagram[0] == RELAY_PREFIX[0]:
+                return  # no relays within relays
             self._receive_quic(datagram, peer)
         except Exception:
             log.failure("error handling a datagram from {addr!r}", addr=addr)
@@ -1160,6 +1207,8 @@ class QuicEndpoint(DatagramProtocol):
         try:
             for data, addr in unsent:
                 try:
+                    if self._relay_peers:
+                        data, addr = self._route(data, addr)
                     transport.write(data, addr)
                 except BlockingIOError:
                     return False
@@ -1179,7 +1228,8 @@ class QuicEndpoint(DatagramProtocol):
             self._schedule_flush(BLOCKED_RETRY)
             return
         try:
-            self._transport().write(data, addr)
+            routed, to = self._route(data, addr) if self._relay_peers else (data, addr)
+            self._transport().write(routed, to)
         except BlockingIOError:
             self._unsent.append((data, addr))
             self._schedule_flush(BLOCKED_RETRY)

@@ -74,6 +74,10 @@ class StorageAgent:
         self.connection = conn
         self.welcome = welcome
         log.info("registered with the server as {agent}", agent=self.identity.agent_id)
+        target = self.server_udp_address()
+        if self.quic is not None and target is not None:
+            # Clients that cannot reach us directly come through the server's relay.
+            self.quic.trust_relay(target)
         self.ping_server()
 
     def keepalive_interval(self) -> float:

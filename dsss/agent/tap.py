@@ -24,6 +24,7 @@ class Options(usage.Options):
         ["udp", None, "0.0.0.0:0", "Local UDP HOST:PORT for punching and transfers."],
         ["capacity", None, None, "Most bytes to store, e.g. 10G (default: free space of DIR)."],
         ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-16000)."],
+        ["scrub-rate", None, "8M", "Bytes per second re-read to detect bit rot (0 to disable)."],
         ["metrics", None, None, "Endpoint for Prometheus /metrics, e.g. tcp:9100:interface=127.0.0.1."],
         LOG_FORMAT_OPTION,
     ]
@@ -53,6 +54,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if server_port == 0:
             raise usage.UsageError("--server needs a port")
+        try:
+            scrub_rate = parse_size(self["scrub-rate"])
+        except BadRequest as e:
+            raise usage.UsageError(f"--scrub-rate: {e}") from None
         dsize = self["datagram-size"]
         if not str(dsize).isdigit() or not 1200 <= int(dsize) <= 16000:
             raise usage.UsageError("--datagram-size must be an integer from 1200 to 16000")
@@ -64,6 +69,7 @@ class Options(usage.Options):
             udp_port=udp_port,
             capacity=capacity,
             max_datagram_size=int(dsize),
+            scrub_rate=scrub_rate,
             metrics=self["metrics"],
         )
 

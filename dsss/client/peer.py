@@ -20,9 +20,17 @@ from dsss.errors import (
     Unavailable,
 )
 from dsss.model import PeerAddress, block_hash
-from dsss.quic import QuicEndpoint, QuicError
+from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
-from dsss.wire.datagram import DPing, DPong, DPunch, encode_datagram, parse_datagram
+from dsss.wire.datagram import (
+    DPing,
+    DPong,
+    DPunch,
+    DRelay,
+    DRelayed,
+    encode_datagram,
+    parse_datagram,
+)
 
 log = Logger()
 
@@ -52,6 +60,8 @@ class PeerNetwork:
         max_datagram_size: int = 1452,
         transfer_timeout: float = 60.0,
         idle_timeout: float = 8.0,
+        direct_timeout: float = 3.0,
+        use_relay: bool = True,
     ) -> None:
         self.reactor = reactor
         self.server_udp = server_udp
@@ -66,7 +76,11 @@ class PeerNetwork:
         )
         self.public_address: PeerAddress | None = None
         self._address_waiters: list[defer.Deferred[PeerAddress]] = []
+        # Which path reached each agent: "direct" (punched) or "relay" (through the server).
         self.paths: dict[str, str] = {}
+        self.direct_timeout = direct_timeout
+        self.use_relay = use_relay
+        self._relay_waiters: dict[PeerAddress, list[defer.Deferred[None]]] = {}
 
     async def start(self, timeout: float = 5.0) -> PeerAddress:
         """Bind the socket and learn our public address from the server's PONG."""
@@ -115,17 +129,68 @@ class PeerNetwork:
             for w in waiters:
                 if not w.called:
                     w.callback(msg.observed)
+        elif isinstance(msg, DRelayed) and addr[:2] == self.server_udp:
+            for w in self._relay_waiters.pop(msg.agent, []):
+                if not w.called:
+                    w.callback(None)
 
     async def _connect(self, intro: Introduction) -> Any:
+        """A QUIC connection to the introduced agent: direct (punched) first; through the
+        server's relay if the direct path does not come up within `direct_timeout`."""
         addr = intro.address.as_tuple()
-        # Open our NAT towards the agent; the agent punches towards us at the same time.
-        self._send(encode_datagram(DPunch("client")), addr)
+        key = bytes.fromhex(intro.agent_id)
+        if not self.endpoint.relayed(addr):
+            # Open our NAT towards the agent; the agent punches towards us at the same time.
+            self._send(encode_datagram(DPunch("client")), addr)
+            try:
+                conn = await self.endpoint.connect(
+                    addr, expected_public_key=key, handshake_timeout=self.direct_timeout
+                )
+            except PeerIdentityError as e:
+                raise PeerError(f"agent {intro.address} is not the agent introduced: {e}") from None
+            except QuicError as e:
+                if not self.use_relay:
+                    raise PeerError(f"cannot reach agent {intro.address}: {e}") from None
+                log.info("no direct path to {agent}; asking the server to relay", agent=str(intro.address))
+                await self._open_relay(intro)
+            else:
+                self.paths.setdefault(str(intro.address), "direct")
+                return conn
+        else:
+            # Keep the relay's authorization fresh for this key's pair.
+            self._send(encode_datagram(DRelay(intro.key)), self.server_udp)
         try:
-            conn = await self.endpoint.connect(addr, expected_public_key=bytes.fromhex(intro.agent_id))
+            conn = await self.endpoint.connect(addr, expected_public_key=key)
+        except PeerIdentityError as e:
+            raise PeerError(f"agent {intro.address} is not the agent introduced: {e}") from None
         except QuicError as e:
-            raise PeerError(f"cannot reach agent {intro.address}: {e}") from None
-        self.paths[str(intro.address)] = "direct"
+            raise PeerError(f"cannot reach agent {intro.address}, even through the relay: {e}") from None
+        self.paths[str(intro.address)] = "relay"
         return conn
+
+    async def _open_relay(self, intro: Introduction, timeout: float = 5.0) -> None:
+        """Ask the server to relay between us and the agent (authorized by the introduction
+        key it gave us), and route our packets for that agent through it."""
+        agent = intro.address
+        d: defer.Deferred[None] = defer.Deferred()
+        self._relay_waiters.setdefault(agent, []).append(d)
+        ask = encode_datagram(DRelay(intro.key))
+        calls = [self.reactor.callLater(i * 0.25, self._send, ask, self.server_udp) for i in range(int(timeout / 0.25))]
+
+        def expire() -> None:
+            if not d.called:
+                d.errback(PeerError(f"no direct path to agent {agent}, and the server refused to relay"))
+
+        timer = self.reactor.callLater(timeout, expire)
+        try:
+            await d
+        finally:
+            for c in calls:
+                if c.active():
+                    c.cancel()
+            if timer.active():
+                timer.cancel()
+        self.endpoint.relay_via(agent.as_tuple(), self.server_udp)
 
     async def _request(self, intro: Introduction, data: bytes, max_response: int) -> bytes:
         conn = await self._connect(intro)

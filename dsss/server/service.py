@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from nacl.public import PrivateKey
 from dsss.clientauth import RequestVerifier
 from dsss.endpoints import EndpointService, UDPService
 from dsss.ratelimit import RateLimiter
+from dsss.server.relay import RelayTable
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
 from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
@@ -29,6 +31,10 @@ from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
 
 log = Logger()
+
+# How long the server honours an introduction key for relaying: the agents' key lifetime.
+INTRODUCTION_TTL = 60.0
+MAX_ISSUED = 200_000
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class ServerConfig:
     allowed_agents: frozenset[str] | None = None
     allowed_clients: frozenset[str] | None = None
     http_rate: float = 200.0
+    relay_limit: float = 10 * 1024 * 1024
 
 
 class DiscoveryServer:
@@ -65,6 +72,10 @@ class DiscoveryServer:
             else None
         )
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
+        self.relays = RelayTable(config.relay_limit)
+        # Introduction keys this server handed out: (client, agent address, expiry). A key
+        # authorizes relaying between exactly that client and that agent.
+        self.issued: OrderedDict[str, tuple[PeerAddress, PeerAddress, float]] = OrderedDict()
         self.stats: dict[str, int] = {
             "who-has": 0,
             "where-to-upload": 0,
@@ -175,11 +186,32 @@ class DiscoveryServer:
             self.stats["introduction-failures"] += 1
             raise Unavailable(f"agent at {to} sent an unexpected reply")
         self.stats["introductions"] += 1
+        if rec.address is not None:
+            self._remember_key(reply.key, client, rec.address)
         return {
             "introduction-key": reply.key,
             "agent": rec.agent_id,
             "address": str(rec.address),
         }
+
+    def _remember_key(self, key: str, client: PeerAddress, agent: PeerAddress) -> None:
+        now = self.now()
+        self.issued[key] = (client, agent, now + INTRODUCTION_TTL)
+        while self.issued:
+            oldest = next(iter(self.issued.values()))
+            if len(self.issued) <= MAX_ISSUED and oldest[2] >= now:
+                break
+            self.issued.popitem(last=False)
+
+    def authorize_relay(self, key: str, client: PeerAddress) -> PeerAddress | None:
+        """Open the relay between `client` and the agent an unexpired key of ours was issued
+        for, if the key was issued to this very client address."""
+        entry = self.issued.get(key)
+        now = self.now()
+        if entry is None or entry[0] != client or entry[2] < now:
+            return None
+        self.relays.authorize(client, entry[1], now)
+        return entry[1]
 
     def info(self) -> dict[str, Any]:
         return {
@@ -198,7 +230,8 @@ class DiscoveryServer:
         for rec in sorted(self.registry.all(), key=lambda r: r.agent_id):
             summary = rec.summary(now, self.heartbeat)
             summary["live"] = self.registry.is_live(rec, now)
-            summary.setdefault("reached", "direct")  # a relay would say "relayed"
+            relayed = rec.address is not None and self.relays.recently_relayed(rec.address, now)
+            summary["reached"] = "relayed" if relayed else "direct"
             agents.append(summary)
         live = [a for a in agents if a["live"]]
         return {

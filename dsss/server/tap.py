@@ -10,6 +10,7 @@ from twisted.python import usage
 from dsss.clientauth import parse_client_list
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
+from dsss.model import parse_size
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.server.service import ServerConfig, make_server_service
 
@@ -50,6 +51,7 @@ class Options(usage.Options):
         ["agents", None, None, "File of allowed agent ids (hex public keys), one per line."],
         ["clients", None, None, "File of allowed client public keys; requests must then be signed."],
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
+        ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -90,6 +92,12 @@ class Options(usage.Options):
             http_rate = 0.0
         if not 1 <= http_rate <= 1e6:
             raise usage.UsageError("--http-rate must be a number of requests per second (1 or more)")
+        try:
+            relay_limit = parse_size(self["relay-limit"])
+        except BadRequest as e:
+            raise usage.UsageError(f"--relay-limit: {e}") from None
+        if relay_limit < 1024:
+            raise usage.UsageError("--relay-limit must be at least 1K (bytes per second)")
         self.config = ServerConfig(
             http=self["http"],
             control=self["control"],
@@ -101,6 +109,7 @@ class Options(usage.Options):
             allowed_agents=allowed,
             allowed_clients=clients,
             http_rate=http_rate,
+            relay_limit=relay_limit,
         )
 
 

@@ -1,6 +1,14 @@
 # -*- test-case-name: tests.adapters.test_server_udp -*-
-"""The server's UDP socket: answers PINGs with the address it observed (how agents and clients
-behind NAT learn their public address, and how the server learns where peers reach an agent)."""
+"""The server's UDP socket.
+
+- Answers PINGs with the address it observed (how agents and clients behind NAT learn their
+  public address, and how the server learns where peers reach an agent).
+- Relays, TURN-like, for a client and an agent that cannot reach each other directly (symmetric
+  NAT): a client asks with `RELAY <introduction key>` (a key this server handed it for that agent),
+  then sends QUIC packets wrapped as relayed datagrams; the server forwards them, re-wrapped with
+  the sender's address, over the NAT mappings both ends keep open towards it. It sees only QUIC
+  packets, encrypted end to end.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,18 @@ from twisted.logger import Logger
 from dsss.errors import DSSSError
 from dsss.model import PeerAddress
 from dsss.ratelimit import RateLimiter
-from dsss.wire.datagram import DPing, DPong, encode_datagram, is_control, parse_datagram
+from dsss.wire.datagram import (
+    DPing,
+    DPong,
+    DRelay,
+    DRelayed,
+    decode_relay,
+    encode_datagram,
+    encode_relay,
+    is_control,
+    is_relayed,
+    parse_datagram,
+)
 
 if TYPE_CHECKING:
     from dsss.server.service import DiscoveryServer
@@ -25,16 +44,24 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         self.server = server
         self.received = 0
         self.dropped = 0
-        # PINGs come every few seconds from each peer; 20/s per source address is plenty, and
-        # a flood from one address is dropped without costing the others anything.
+        # Control datagrams come every few seconds from each peer; 20/s per source address is
+        # plenty, and a flood from one address is dropped without costing the others anything.
+        # Relayed packets are limited by the relay's own per-pair byte rate instead.
         self.limiter = RateLimiter(rate=20, burst=40)
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.transport.write(data, addr)
+        except OSError as e:  # a full socket buffer drops it; QUIC or the next PING recovers
+            log.debug("datagram to {addr} not sent: {e}", addr=addr, e=e)
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         self.received += 1
-        if not self.limiter.allow(addr, self.server.clock.seconds()):
-            self.dropped += 1
+        now = self.server.clock.seconds()
+        if is_relayed(data):
+            self._relay(data, addr, now)
             return
-        if not is_control(data):
+        if not is_control(data) or not self.limiter.allow(addr, now):
             self.dropped += 1
             return
         try:
@@ -43,12 +70,31 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         except DSSSError:
             self.dropped += 1
             return
-        if not isinstance(msg, DPing):
+        if isinstance(msg, DPing):
+            if msg.token != "-":
+                self.server.registry.heard_udp(msg.token, observed, now)
+            self._send(encode_datagram(DPong(observed)), addr)
+        elif isinstance(msg, DRelay):
+            agent = self.server.authorize_relay(msg.key, observed)
+            if agent is not None:
+                self._send(encode_datagram(DRelayed(agent)), addr)
+            else:
+                self.dropped += 1
+        else:
+            self.dropped += 1
+
+    def _relay(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+        try:
+            (host, port), packet = decode_relay(data)
+            src = PeerAddress.from_tuple(addr[:2])
+            dst = PeerAddress(host, port)
+        except DSSSError:
             self.dropped += 1
             return
-        if msg.token != "-":
-            self.server.registry.heard_udp(msg.token, observed, self.server.clock.seconds())
-        try:
-            self.transport.write(encode_datagram(DPong(observed)), addr)
-        except OSError as e:  # a full socket buffer drops the PONG; the peer pings again
-            log.debug("PONG to {addr} not sent: {e}", addr=addr, e=e)
+        if not packet or not self.server.relays.forward(src, dst, len(packet), now):
+            self.dropped += 1
+            return
+        metrics = getattr(self.server, "metrics", None)
+        if metrics is not None:
+            metrics.relayed_bytes(len(packet))
+        self._send(encode_relay(src.as_tuple(), packet), dst.as_tuple())

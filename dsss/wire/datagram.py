@@ -9,6 +9,7 @@ is never QUIC, and the two share one socket without ambiguity (a QUIC short head
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -19,6 +20,7 @@ from dsss.model import PeerAddress
 PREFIX = b"\x00"
 MAX_DATAGRAM = 256
 _TOKEN = re.compile(r"\A[0-9a-zA-Z_-]{1,64}\Z")
+_KEY = re.compile(r"\A[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,51 @@ class DPunch:
     tag: str
 
 
-Datagram = Union[DPing, DPong, DPunch]
+@dataclass(frozen=True)
+class DRelay:
+    """Client -> server: relay my packets to the agent this introduction key was issued for."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class DRelayed:
+    """Server -> client: relaying to and from this agent is authorized."""
+
+    agent: PeerAddress
+
+
+Datagram = Union[DPing, DPong, DPunch, DRelay, DRelayed]
+
+# Relayed packets: 0x01, then the other end's address (family byte 4 or 6, the IP, the port in
+# two bytes, big-endian), then the packet. 0x01 has the QUIC fixed bit clear, so a relayed packet
+# is never taken for QUIC or for a control datagram.
+RELAY_PREFIX = b"\x01"
+MAX_RELAYED = 65535
+
+
+def is_relayed(data: bytes) -> bool:
+    return data[:1] == RELAY_PREFIX
+
+
+def encode_relay(addr: tuple[str, int], payload: bytes) -> bytes:
+    packed = ipaddress.ip_address(addr[0]).packed
+    family = b"\x04" if len(packed) == 4 else b"\x06"
+    return RELAY_PREFIX + family + packed + addr[1].to_bytes(2, "big") + payload
+
+
+def decode_relay(data: bytes) -> tuple[tuple[str, int], bytes]:
+    """Split a relayed datagram into (address, packet); RemoteProtocolError if malformed."""
+    if not is_relayed(data) or len(data) < 2:
+        raise RemoteProtocolError("not a relayed datagram")
+    n = {4: 4, 6: 16}.get(data[1])
+    if n is None or len(data) < 2 + n + 2 + 1:
+        raise RemoteProtocolError("relayed datagram with a bad header")
+    host = str(ipaddress.ip_address(data[2 : 2 + n]))
+    port = int.from_bytes(data[2 + n : 4 + n], "big")
+    if port == 0:
+        raise RemoteProtocolError("relayed datagram for port 0")
+    return (host, port), data[4 + n :]
 
 
 def is_control(data: bytes) -> bool:
@@ -71,6 +117,15 @@ def parse_datagram(data: bytes) -> Datagram:
             return DPong(PeerAddress.parse(arg))
         except Exception:
             raise RemoteProtocolError("PONG: bad address") from None
+    if verb == "RELAY":
+        if not _KEY.match(arg):
+            raise RemoteProtocolError("RELAY: bad key")
+        return DRelay(arg)
+    if verb == "RELAYED":
+        try:
+            return DRelayed(PeerAddress.parse(arg))
+        except Exception:
+            raise RemoteProtocolError("RELAYED: bad address") from None
     if verb == "PUNCH":
         if not _TOKEN.match(arg):
             raise RemoteProtocolError("PUNCH: bad tag")
@@ -85,6 +140,10 @@ def encode_datagram(msg: Datagram) -> bytes:
         body = f"PONG {msg.observed}"
     elif isinstance(msg, DPunch):
         body = f"PUNCH {msg.tag}"
+    elif isinstance(msg, DRelay):
+        body = f"RELAY {msg.key}"
+    elif isinstance(msg, DRelayed):
+        body = f"RELAYED {msg.agent}"
     else:  # pragma: no cover
         raise TypeError(msg)
     return PREFIX + body.encode("ascii")

@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.unit.test_relay -*-
+"""The relay table: which client/agent pairs the server forwards packets for. Pure, clock-free.
+
+A pair is authorized by an introduction key the server itself handed to that client for that
+agent (so only a client that was introduced can use the relay, and only towards that agent). It
+stays open while packets flow and expires after `idle` seconds of silence. Each pair may move at
+most `limit` bytes per second (a token bucket; the excess is dropped, and QUIC's congestion
+control slows down to fit).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from dsss.model import PeerAddress
+from dsss.ratelimit import RateLimiter
+
+IDLE = 60.0
+MAX_PAIRS = 10_000
+
+
+@dataclass
+class _Pair:
+    last: float
+    bytes: int = 0
+
+
+class RelayTable:
+    def __init__(self, limit: float, *, idle: float = IDLE, max_pairs: int = MAX_PAIRS) -> None:
+        self.limit = limit
+        self.idle = idle
+        self.max_pairs = max_pairs
+        self._pairs: OrderedDict[tuple[PeerAddress, PeerAddress], _Pair] = OrderedDict()
+        self._limiter = RateLimiter(rate=limit, burst=max(limit / 4, 256 * 1024), max_keys=max_pairs)
+        self.relayed_bytes = 0
+        self.dropped_bytes = 0
+        self._agent_last: dict[PeerAddress, float] = {}
+
+    def authorize(self, client: PeerAddress, agent: PeerAddress, now: float) -> None:
+        key = (client, agent)
+        pair = self._pairs.pop(key, None) or _Pair(now)
+        pair.last = now
+        self._pairs[key] = pair
+        while len(self._pairs) > self.max_pairs:
+            self._pairs.popitem(last=False)
+
+    def forward(self, src: PeerAddress, dst: PeerAddress, size: int, now: float) -> bool:
+        """Whether a packet of `size` bytes from src may go to dst (in either direction)."""
+        key = (src, dst)
+        pair = self._pairs.get(key)
+        agent = dst
+        if pair is None:
+            key = (dst, src)
+            pair = self._pairs.get(key)
+            agent = src
+        if pair is None:
+            return False
+        if now - pair.last > self.idle:
+            del self._pairs[key]
+            return False
+        if not self._limiter.allow(key, now, cost=size):
+            self.dropped_bytes += size
+            return False
+        pair.last = now
+        pair.bytes += size
+        self.relayed_bytes += size
+        self._agent_last[agent] = now
+        return True
+
+    def recently_relayed(self, agent: PeerAddress, now: float) -> bool:
+        last = self._agent_last.get(agent)
+        return last is not None and now - last <= self.idle
+
+    def __len__(self) -> int:
+        return len(self._pairs)
