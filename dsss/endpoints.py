@@ -28,6 +28,15 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _stop_listening(self: Any) -> defer.Deferred[None] | None:
+    """stopService for the services below: stop the port they listen on, once."""
+    Service.stopService(self)
+    if self.port is not None:
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening)
+    return None
+
+
 class EndpointService(Service):
     """Listen on an endpoint string; `whenListening` fires with the IListeningPort."""
 
@@ -64,12 +73,7 @@ class EndpointService(Service):
         self._waiting.append(d)
         return d
 
-    def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
+    stopService = _stop_listening
 
 
 class UDPService(Service):
@@ -99,12 +103,7 @@ class UDPService(Service):
         if self.on_listen is not None:
             self.on_listen(self.port)
 
-    def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
+    stopService = _stop_listening
 
 
 def listen_udp(

@@ -87,24 +87,31 @@ class PeerNetwork:
         self.endpoint.listen(self.reactor, self.bind_host, 0)
         d: defer.Deferred[PeerAddress] = defer.Deferred()
         self._address_waiters.append(d)
-        ping = encode_datagram(DPing("-"))
-        calls = []
+        host, port = self.server_udp
+        return await self._ask_server(
+            encode_datagram(DPing("-")),
+            d,
+            timeout,
+            Unavailable(f"the discovery server's UDP port {host}:{port} does not answer"),
+        )
+
+    async def _ask_server(self, datagram: bytes, answer: defer.Deferred[Any], timeout: float,
+                          error: Exception) -> Any:
+        """Send `datagram` to the server every 0.25 s until `answer` fires (UDP may lose
+        either way), or fail with `error` after `timeout` seconds."""
         step = 0.25
-        for i in range(int(timeout / step)):
-            calls.append(self.reactor.callLater(i * step, self._send, ping, self.server_udp))
+        calls = [
+            self.reactor.callLater(i * step, self._send, datagram, self.server_udp)
+            for i in range(max(1, int(timeout / step)))
+        ]
 
         def expire() -> None:
-            if not d.called:
-                d.errback(
-                    Unavailable(
-                        f"the discovery server's UDP port {self.server_udp[0]}:{self.server_udp[1]} "
-                        "does not answer"
-                    )
-                )
+            if not answer.called:
+                answer.errback(error)
 
         timer = self.reactor.callLater(timeout, expire)
         try:
-            return await d
+            return await answer
         finally:
             for c in calls:
                 if c.active():
@@ -174,22 +181,12 @@ class PeerNetwork:
         agent = intro.address
         d: defer.Deferred[None] = defer.Deferred()
         self._relay_waiters.setdefault(agent, []).append(d)
-        ask = encode_datagram(DRelay(intro.key))
-        calls = [self.reactor.callLater(i * 0.25, self._send, ask, self.server_udp) for i in range(int(timeout / 0.25))]
-
-        def expire() -> None:
-            if not d.called:
-                d.errback(PeerError(f"no direct path to agent {agent}, and the server refused to relay"))
-
-        timer = self.reactor.callLater(timeout, expire)
-        try:
-            await d
-        finally:
-            for c in calls:
-                if c.active():
-                    c.cancel()
-            if timer.active():
-                timer.cancel()
+        await self._ask_server(
+            encode_datagram(DRelay(intro.key)),
+            d,
+            timeout,
+            PeerError(f"no direct path to agent {agent}, and the server refused to relay"),
+        )
         self.endpoint.relay_via(agent.as_tuple(), self.server_udp)
 
     async def _request(self, intro: Introduction, data: bytes, max_response: int) -> bytes:
