@@ -1,83 +1,248 @@
-# -*- test-case-name: tests.integration.test_client -*-
-"""`python -m dsss.client [--server URL] [--key FILE] COMMAND`.
+# -*- test-case-name: tests.integration.test_cli_commands,tests.integration.test_client -*-
+"""`python -m dsss.client [OPTIONS] COMMAND ...`: keygen, pubkey, put, get, ls, info, share,
+check, repair, config.
 
-Addresses go to stdout; everything else (progress, messages, errors) to stderr. Every known failure
-is one line on stderr and a non-zero exit code; a traceback is printed only for a bug.
+What a command produces goes to stdout (addresses, tables, reports; one JSON document with
+`--json`, except `put`, which writes one JSON object per line, one per file). Everything else
+(progress bars on a terminal, warnings, errors) goes to stderr. Every known failure is one line
+`dsss: error: ...` on stderr and a non-zero exit code; with `--json` the same error is also a JSON
+object on stdout. A traceback is printed only for a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import secrets
 import sys
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
 
+from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
 
-from dsss.client.discovery import DiscoveryClient, ServerUnreachable
-from dsss.client.flows import DEFAULT_PARALLEL, DEFAULT_PART_SIZE, Progress, Session, get_to_stream, put_file
-from dsss.client.peer import PeerNetwork
-from dsss.crypto.keys import default_key_path, generate_key_file, load_key_file, public_key_hex
+from dsss.client import catalog
+from dsss.client.config import MAX_PARALLEL, Settings, settings_from
+from dsss.client.render import (
+    PutDisplay,
+    byte_bar,
+    dump_json,
+    human_size,
+    local_date,
+    stderr_is_terminal,
+    table,
+    utc_iso,
+)
+from dsss.crypto.keys import generate_key_file, load_key_file, parse_public_key, public_key_hex
 from dsss.errors import DSSSError, LocalUsageError
-from dsss.model import is_block_id, parse_size
+from dsss.model import is_block_id
 
-EPILOG = """examples:
-  python -m dsss.client keygen
-  python -m dsss.client put photo.jpg notes.txt
-  python -m dsss.client get 3f2a...c9 -o photo.jpg
-  python -m dsss.client get 3f2a...c9 -o - | less
-environment: DSSS_SERVER (default http://127.0.0.1:8470), DSSS_KEY (default ~/.config/dsss/key)
+if TYPE_CHECKING:
+    from dsss.client.flows import Session
+    from dsss.client.maintenance import FileHealth, Repaired
+    from dsss.crypto.manifest import Manifest
+
+# The network side (treq, aioquic, ...) is imported only by the commands that use it, so that
+# keygen, pubkey, ls, config and --help start quickly.
+
+PROG = "python -m dsss.client"
+# `check` (and `repair`) exit with this when a block has fewer healthy replicas than the target.
+EXIT_DEGRADED = 7
+SHORT = "3c13...131a"
+
+
+class CommandLineError(LocalUsageError):
+    """A bad command line (exit code 2)."""
+
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors turned into our one-line error (and JSON, with --json)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise CommandLineError(f"{message} (see `{self.prog} --help`)")
+
+
+EPILOG = f"""commands:
+  keygen   create your key pair               pubkey   print your public key
+  put      store files                        get      fetch a file
+  ls       list what this key stored          info     show a file's manifest
+  share    let another key read a file        check    count each part's replicas
+  repair   restore missing replicas           config   show the settings in force
+
+examples:
+  {PROG} keygen
+  {PROG} put photo.jpg notes.txt
+  {PROG} get {SHORT} -o photo.jpg
+  {PROG} --json ls
+  {PROG} share {SHORT} --to bob.pub
+  {PROG} --server http://192.0.2.10:8470 check --all
+
+settings: command line > $DSSS_SERVER, $DSSS_KEY > config file ($DSSS_CONFIG or
+~/.config/dsss/config.toml: server, key, part-size, parallel) > defaults.
+Run `{PROG} COMMAND --help` for a command's options and examples.
 """
+
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "keygen": ("create a new key pair in the key file", f"""examples:
+  {PROG} keygen                         # ~/.config/dsss/key, prints the public key
+  {PROG} --key ~/work.key keygen
+  DSSS_KEY=~/work.key {PROG} keygen
+
+An existing key file is never overwritten (exit code 2).
+"""),
+    "pubkey": ("print your public key (give it to people who share files with you)", f"""examples:
+  {PROG} pubkey > me.pub
+  {PROG} --key ~/work.key pubkey
+"""),
+    "put": ("store files; prints `ADDRESS FILE` for each", f"""examples:
+  {PROG} put photo.jpg notes.txt       # one line per file: ADDRESS FILE
+  {PROG} put --part-size 4M backup.tar > addresses.txt
+  {PROG} --json put *.pdf              # one JSON object per line, one per file
+
+Each file is also recorded in the catalog beside the key (see `ls`). On a terminal, progress
+bars (overall and per file) and a summary line are drawn on stderr.
+"""),
+    "get": ("fetch a file by its address", f"""examples:
+  {PROG} get {SHORT} -o photo.jpg
+  {PROG} get {SHORT} -o - | tar -tvf -
+  {PROG} --json get {SHORT} -o photo.jpg
+"""),
+    "ls": ("list the files this key has stored or shared (from the local catalog)", f"""examples:
+  {PROG} ls
+  {PROG} ls --json | jq -r '.files[].address'
+
+The catalog is `<key file>.catalog`, written by put and share on this machine. It is not rebuilt
+from the network: keep it (and the key) backed up.
+"""),
+    "info": ("show a file's manifest and how many replicas each part has now", f"""examples:
+  {PROG} info {SHORT}
+  {PROG} --json info {SHORT}
+
+Nothing but the manifest is downloaded.
+"""),
+    "share": ("let another key read a file, without uploading its parts again", f"""examples:
+  {PROG} share {SHORT} --to 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+  {PROG} share {SHORT} --to bob.pub      # a file holding the public key
+
+Prints `NEW-ADDRESS NAME`. Give the recipient NEW-ADDRESS; they fetch it with their own key:
+  {PROG} get NEW-ADDRESS -o photo.jpg
+"""),
+    "check": ("count the healthy replicas of a file's manifest and parts", f"""examples:
+  {PROG} check {SHORT}
+  {PROG} check --verify {SHORT}          # also download and hash every copy
+  {PROG} check --all                    # every file in your catalog
+
+Exit code 0 when every block has the server's replica count, {EXIT_DEGRADED} when some have fewer.
+"""),
+    "repair": ("copy blocks that lost replicas to other agents until the count is reached", f"""examples:
+  {PROG} repair {SHORT}
+  {PROG} repair --verify --all
+
+Blocks are copied from a healthy holder to agents that do not hold them yet.
+"""),
+    "config": ("show the settings in force and where each one comes from", f"""examples:
+  {PROG} config
+  DSSS_CONFIG=./test.toml {PROG} --json config
+"""),
+}
+
+
+def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
+    help_text, epilog = _COMMANDS[name]
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Also accepted after the command; the global flag's default stays in force otherwise.
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print one JSON document on stdout (put: one object per line)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dsss.client",
+    p = _Parser(
+        prog=PROG,
         description="Store files on a DSSS network, encrypted on this machine, and get them back.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--server", default=os.environ.get("DSSS_SERVER", "http://127.0.0.1:8470"),
-                   help="discovery server URL (default: $DSSS_SERVER or http://127.0.0.1:8470)")
-    p.add_argument("--key", default=None, help="key file (default: $DSSS_KEY or ~/.config/dsss/key)")
-    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="parts in flight at once")
-    p.add_argument("--datagram-size", type=int, default=None,
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="discovery server URL (default: $DSSS_SERVER, config, http://127.0.0.1:8470)")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="key file (default: $DSSS_KEY, config, ~/.config/dsss/key)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="config file (default: $DSSS_CONFIG or ~/.config/dsss/config.toml)")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help=f"parts in flight at once, 1 to {MAX_PARALLEL} (default 4)")
+    p.add_argument("--datagram-size", type=int, default=None, metavar="BYTES",
                    help="largest QUIC datagram (default: 8192 on loopback, else 1452)")
+    p.add_argument("--json", action="store_true", default=False,
+                   help="machine-readable output: one JSON document on stdout")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("keygen", help="create a new key pair in the key file")
-    put = sub.add_parser("put", help="store files; prints each file's address")
+
+    _subparser(sub, "keygen")
+    _subparser(sub, "pubkey")
+
+    put = _subparser(sub, "put")
     put.add_argument("files", nargs="+", metavar="FILE")
-    put.add_argument("--part-size", default="1M", help="size of each part (default 1M)")
-    get = sub.add_parser("get", help="fetch a file by its address")
-    get.add_argument("address")
-    get.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
+    put.add_argument("--part-size", default=None, metavar="SIZE",
+                     help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 1M)")
+
+    get = _subparser(sub, "get")
+    get.add_argument("address", metavar="ADDRESS")
+    get.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, or - for stdout")
+
+    _subparser(sub, "ls")
+
+    info = _subparser(sub, "info")
+    info.add_argument("address", metavar="ADDRESS")
+
+    sh = _subparser(sub, "share")
+    sh.add_argument("address", metavar="ADDRESS")
+    sh.add_argument("--to", required=True, metavar="PUBLIC_KEY",
+                    help="the recipient's public key (64 hex characters, as `pubkey` prints) or a file holding it")
+
+    for name in ("check", "repair"):
+        c = _subparser(sub, name)
+        c.add_argument("addresses", nargs="*", metavar="ADDRESS")
+        c.add_argument("--all", action="store_true",
+                       help="every file stored with `put` in this key's catalog")
+        c.add_argument("--verify", action="store_true",
+                       help="download every holder's copy and check its hash (slower)")
+
+    _subparser(sub, "config")
     return p
 
 
-def _fail(message: str, code: int = 1) -> int:
-    print(f"dsss: error: {message}", file=sys.stderr)
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    print(f"dsss: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _error_line(message: str) -> None:
+    print(f"dsss: error: {message}", file=sys.stderr, flush=True)
+
+
+def _fail(message: str, code: int = 1, *, json_mode: bool = False, kind: str = "error") -> int:
+    _error_line(message)
+    if json_mode:
+        dump_json({"error": message, "code": kind, "exit-code": code})
     return code
 
 
-def _progress_bar(total: int, desc: str) -> tuple[Progress, Any]:
-    if not sys.stderr.isatty():
-        return Progress(), None
-    import shutil
-
-    from tqdm import tqdm
-
-    # A terminal that reports no size (0x0, as some ptys do) still gets a bar: tqdm would
-    # otherwise hide it for lack of rows.
-    size = shutil.get_terminal_size((100, 24))
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-               file=sys.stderr, leave=True, ncols=min(size.columns or 100, 120),
-               nrows=size.lines or 24, mininterval=0.2)
-    return Progress(advance=bar.update), bar
+def _check_address(text: str) -> str:
+    if not is_block_id(text):
+        raise CommandLineError(f"not a file address (64 lowercase hex characters): {text!r}")
+    return text
 
 
 def _datagram_size(args: argparse.Namespace, host: str) -> int:
@@ -90,6 +255,8 @@ def _datagram_size(args: argparse.Namespace, host: str) -> int:
 
 async def _resolve(reactor: Any, host: str) -> str:
     """The server's IP address: UDP datagrams go to an address, not a name."""
+    from dsss.client.discovery import ServerUnreachable
+
     try:
         ipaddress.ip_address(host)
         return host
@@ -101,110 +268,484 @@ async def _resolve(reactor: Any, host: str) -> str:
         raise ServerUnreachable(f"cannot resolve the server's host name {host!r}") from None
 
 
-async def _session(reactor: Any, args: argparse.Namespace) -> Session:
-    discovery = DiscoveryClient(args.server, reactor=reactor)
+async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, key: PrivateKey) -> Session:
+    from dsss.client.discovery import DiscoveryClient
+    from dsss.client.flows import Session
+    from dsss.client.peer import PeerNetwork
+
+    # With the key, requests are signed when the server admits only listed clients.
+    discovery = DiscoveryClient(settings.server, reactor=reactor, key=key)
     info = await discovery.info()
-    host = await _resolve(reactor, urlsplit(args.server).hostname or "127.0.0.1")
+    host = await _resolve(reactor, urlsplit(settings.server).hostname or "127.0.0.1")
     bind = "::" if ":" in host else "0.0.0.0"
     peers = PeerNetwork(reactor, (host, info.udp_port), bind_host=bind,
                         max_datagram_size=_datagram_size(args, host))
     await peers.start()
-    return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=max(1, args.parallel))
+    return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=settings.parallel)
 
 
-async def run(reactor: Any, argv: Sequence[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
-    key_path = Path(args.key) if args.key else default_key_path()
+def _record(settings: Settings, entry: catalog.Entry) -> None:
+    """Add to the catalog; a failure is a warning, never a failed put or share."""
+    path = catalog.catalog_path(settings.key)
+    try:
+        catalog.append(path, entry)
+    except OSError as e:
+        _warn(f"could not record {entry.address} in the catalog {path}: {e.strerror or e}")
 
-    if args.command == "keygen":
-        key = generate_key_file(key_path)
+
+def _recipient(text: str) -> PublicKey:
+    """`--to`: 64 hex characters, or a file whose first word (comments aside) is one."""
+    candidate = text.strip()
+    if len(candidate) == 64:
+        try:
+            return parse_public_key(candidate)
+        except LocalUsageError:
+            pass
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise CommandLineError(
+            f"--to: {text!r} is neither a public key (64 hex characters) nor a file holding one"
+        )
+    try:
+        content = path.read_bytes()[:65536].decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandLineError(f"--to: cannot read {path}: {e}") from None
+    if "dsss-key-v1" in content:
+        raise CommandLineError(
+            f"--to: {path} is a private key file; give the recipient's public key "
+            f"(`{PROG} pubkey` prints it)"
+        )
+    for line in content.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            return parse_public_key(line.split()[0])
+        except LocalUsageError:
+            break
+    raise CommandLineError(f"--to: {path} does not hold a public key (64 hex characters)")
+
+
+def _manifest_doc(address: str, m: Manifest) -> dict[str, Any]:
+    return {
+        "address": address,
+        "name": m.name,
+        "size": m.size,
+        "part-size": m.part_size,
+        "parts": len(m.parts),
+        "created": m.created,
+        "created-utc": utc_iso(m.created),
+    }
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+async def cmd_keygen(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    key = generate_key_file(settings.key)
+    if args.json:
+        dump_json({"public-key": public_key_hex(key), "key-file": str(settings.key)})
+    else:
         print(public_key_hex(key))
-        print(f"wrote {key_path}", file=sys.stderr)
+        print(f"wrote {settings.key}", file=sys.stderr)
+    return 0
+
+
+async def cmd_pubkey(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    key = load_key_file(settings.key)
+    if args.json:
+        dump_json({"public-key": public_key_hex(key), "key-file": str(settings.key)})
+    else:
+        print(public_key_hex(key))
+    return 0
+
+
+async def cmd_config(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    values = {
+        "server": settings.server,
+        "key": str(settings.key),
+        "part-size": settings.part_size,
+        "parallel": settings.parallel,
+    }
+    if args.json:
+        dump_json({**values, "config-file": str(settings.config_file) if settings.config_file else None,
+                   "sources": settings.sources})
         return 0
+    for name, value in values.items():
+        print(f"{name:<9} = {value}  ({settings.sources[name]})")
+    print(f"config file: {settings.config_file or 'none'}")
+    return 0
 
-    key = load_key_file(key_path)
 
-    if args.command == "put":
-        part_size = parse_size(args.part_size)
-        for name in args.files:
-            if not os.path.isfile(name):
-                return _fail(f"{name}: not a readable file", 2)
-        session = await _session(reactor, args)
-        try:
-            for name in args.files:
-                size = os.path.getsize(name)
-                progress, bar = _progress_bar(size, os.path.basename(name))
-                try:
-                    address = await put_file(session, name, owner=key.public_key,
-                                             part_size=part_size, progress=progress)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                print(f"{address} {name}", flush=True)
-        finally:
-            await session.peers.close()
+async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    path = catalog.catalog_path(settings.key)
+    entries, skipped = catalog.read(path)
+    entries = catalog.latest(entries)
+    if skipped:
+        _warn(f"skipped {skipped} damaged line(s) in {path}")
+    if args.json:
+        dump_json({
+            "catalog": str(path),
+            "files": [{**e.to_dict(), "created-utc": utc_iso(e.created)} for e in entries],
+            "skipped-lines": skipped,
+        })
         return 0
-
-    if args.command == "get":
-        if not is_block_id(args.address):
-            return _fail(f"not a file address (64 lowercase hex characters): {args.address!r}", 2)
-        session = await _session(reactor, args)
-        try:
-            if args.output == "-":
-                out = sys.stdout.buffer
-                await get_to_stream(session, args.address, out, key=key)
-                out.flush()
-                return 0
-            return await _get_to_file(session, args.address, Path(args.output), key)
-        finally:
-            await session.peers.close()
-    return _fail(f"unknown command {args.command}")  # pragma: no cover
+    if not entries:
+        print(f"no files recorded in {path} yet", file=sys.stderr)
+        return 0
+    rows = []
+    for e in entries:
+        name = e.name if not e.shared else f"{e.name} ({e.kind.replace('-', ' ')})"
+        rows.append([name, human_size(e.size), local_date(e.created), e.address])
+    for line in table(["NAME", "SIZE", "DATE", "ADDRESS"], rows, right=[1]):
+        print(line)
+    return 0
 
 
-async def _get_to_file(session: Session, address: str, out: Path, key: Any) -> int:
+async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from dsss.client.flows import Progress, put_file
+
+    for name in args.files:
+        if not os.path.isfile(name):
+            raise CommandLineError(f"{name}: not a readable file")
+    key = load_key_file(settings.key)
+    sizes = [os.path.getsize(name) for name in args.files]
+    session = await _session(reactor, args, settings, key)
+    display = PutDisplay(sizes, enabled=stderr_is_terminal())
+    success = False
+    try:
+        for name, size in zip(args.files, sizes):
+            advance = display.start_file(os.path.basename(name), size)
+            address = await put_file(session, name, owner=key.public_key,
+                                     part_size=settings.part_size, progress=Progress(advance=advance))
+            display.end_file(size)
+            parts = (size + settings.part_size - 1) // settings.part_size
+            entry = catalog.Entry(address=address, name=os.path.basename(name), size=size,
+                                  parts=parts, created=int(time.time()))
+            _record(settings, entry)
+            if args.json:
+                display.write_line(json.dumps(
+                    {"address": address, "file": name, "name": entry.name, "size": size, "parts": parts},
+                    ensure_ascii=True,
+                ))
+            else:
+                display.write_line(f"{address} {name}")
+        success = True
+    finally:
+        display.close(success=success)
+        await session.peers.close()
+    return 0
+
+
+async def cmd_get(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from dsss.client.flows import get_to_stream
+
+    address = _check_address(args.address)
+    if args.json and args.output == "-":
+        raise CommandLineError("--json cannot be used with -o - (stdout carries the file)")
+    key = load_key_file(settings.key)
+    session = await _session(reactor, args, settings, key)
+    try:
+        if args.output == "-":
+            out = sys.stdout.buffer
+            await get_to_stream(session, address, out, key=key)
+            out.flush()
+            return 0
+        manifest = await _get_to_file(session, address, Path(args.output), key)
+    finally:
+        await session.peers.close()
+    if args.json:
+        dump_json({**_manifest_doc(address, manifest), "output": args.output})
+    return 0
+
+
+async def _get_to_file(session: Session, address: str, out: Path, key: PrivateKey) -> Manifest:
+    from dsss.client.flows import Progress, get_to_stream
+
     tmp = out.with_name(f".{out.name}.dsss-{secrets.token_hex(4)}.part")
-    bar = None
+    bar: dict[str, Any] = {}
+
+    def started(manifest: Manifest) -> None:
+        bar["advance"], bar["close"] = byte_bar(manifest.size, manifest.name)
+
+    progress = Progress(advance=lambda n: bar["advance"](n) if "advance" in bar else None)
     try:
         with open(tmp, "xb") as f:
-            holder: dict[str, Any] = {}
-
-            def started(manifest: Any) -> None:
-                progress, holder["bar"] = _progress_bar(manifest.size, manifest.name)
-                holder["progress"] = progress
-
-            class _Forward(Progress):
-                def __init__(self) -> None:
-                    super().__init__(advance=lambda n: holder.get("progress", Progress()).advance(n))
-
-            await get_to_stream(session, address, f, key=key, progress=_Forward(), on_manifest=started)
-            bar = holder.get("bar")
+            manifest = await get_to_stream(session, address, f, key=key, progress=progress,
+                                           on_manifest=started)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        return 0
+        return manifest
     finally:
-        if bar is not None:
-            bar.close()
+        if "close" in bar:
+            bar["close"]()
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
 
 
+async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from dsss.client.maintenance import survey
+
+    address = _check_address(args.address)
+    key = load_key_file(settings.key)
+    session = await _session(reactor, args, settings, key)
+    try:
+        health = await survey(session, address, key)
+    finally:
+        await session.peers.close()
+    m = health.manifest
+    counts = health.part_counts()
+    manifest_count = len(health.blocks[0].healthy)
+    if args.json:
+        dump_json({
+            **_manifest_doc(address, m),
+            "replicas": {
+                "target": health.target,
+                "manifest": manifest_count,
+                "min": min(counts) if counts else None,
+                "max": max(counts) if counts else None,
+                "parts": counts,
+            },
+            "part-hashes": [p.hash for p in m.parts],
+        })
+        return 0
+    if counts:
+        lo, hi = min(counts), max(counts)
+        parts = f"parts {lo}" if lo == hi else f"parts {lo} to {hi}"
+        short = sum(1 for c in counts if c < health.target)
+        if short:
+            parts += f" ({short} below target)"
+    else:
+        parts = "no parts"
+    rows = [
+        ["address", address],
+        ["name", m.name],
+        ["size", f"{human_size(m.size)} ({m.size} bytes)"],
+        ["part size", f"{human_size(m.part_size)} ({m.part_size} bytes)"],
+        ["parts", str(len(m.parts))],
+        ["created", f"{local_date(m.created)} (local time)"],
+        ["replicas", f"manifest {manifest_count}, {parts}; target {health.target}"],
+    ]
+    for name, value in rows:
+        print(f"{name + ':':<11}{value}")
+    return 0
+
+
+async def cmd_share(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from dsss.client.maintenance import share
+
+    address = _check_address(args.address)
+    recipient = _recipient(args.to)
+    key = load_key_file(settings.key)
+    session = await _session(reactor, args, settings, key)
+    try:
+        new_address, manifest = await share(session, address, key, recipient)
+    finally:
+        await session.peers.close()
+    to_hex = public_key_hex(recipient)
+    _record(settings, catalog.Entry(
+        address=new_address, name=manifest.name, size=manifest.size, parts=len(manifest.parts),
+        created=int(time.time()), kind=catalog.shared_kind(to_hex), source=address,
+    ))
+    if args.json:
+        dump_json({"address": new_address, "source": address, "to": to_hex,
+                   "name": manifest.name, "size": manifest.size})
+    else:
+        print(f"{new_address} {manifest.name}")
+    return 0
+
+
+def _targets(args: argparse.Namespace, settings: Settings) -> list[str]:
+    if args.all:
+        entries, _ = catalog.read(catalog.catalog_path(settings.key))
+        found = [e.address for e in catalog.latest(entries) if not e.shared]
+        if not found and not args.addresses:
+            raise CommandLineError(f"--all: no file in the catalog {catalog.catalog_path(settings.key)}")
+        return list(dict.fromkeys([*map(_check_address, args.addresses), *found]))
+    if not args.addresses:
+        raise CommandLineError(f"give at least one ADDRESS, or --all (see `{PROG} {args.command} --help`)")
+    return list(dict.fromkeys(map(_check_address, args.addresses)))
+
+
+def _health_lines(health: FileHealth) -> list[str]:
+    rows = []
+    for b in health.blocks:
+        note = ""
+        if b.verdicts is not None:
+            bad = [f"{v} at {h}" for h, v in sorted(b.verdicts.items()) if v != "ok"]
+            note = "; ".join(bad)
+        rows.append([b.role, f"{len(b.healthy)}/{health.target}", b.hash, note])
+    return ["  " + line for line in table(["BLOCK", "REPLICAS", "HASH", ""], rows, right=[1])]
+
+
+async def _each_file(
+    reactor: Any, args: argparse.Namespace, settings: Settings, work: Any
+) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+    """Run `work(session, key, address)` for every address; collect per-file errors as
+    (message, exit code)."""
+    addresses = _targets(args, settings)
+    key = load_key_file(settings.key)
+    session = await _session(reactor, args, settings, key)
+    docs: list[dict[str, Any]] = []
+    errors: list[tuple[str, int]] = []
+    try:
+        for address in addresses:
+            try:
+                docs.append(await work(session, key, address))
+            except DSSSError as e:
+                message = f"{address}: {e}" if len(addresses) > 1 else str(e)
+                errors.append((message, e.exit_code))
+                docs.append({"address": address, "ok": False, "error": message, "code": e.code})
+    finally:
+        await session.peers.close()
+    return docs, errors
+
+
+async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from dsss.client.maintenance import survey
+
+    target = 0
+
+    async def work(session: Session, key: PrivateKey, address: str) -> dict[str, Any]:
+        nonlocal target
+        health = await survey(session, address, key, verify=args.verify)
+        target = health.target
+        if not args.json:
+            print(f"{health.manifest.name}  {address}")
+            for line in _health_lines(health):
+                print(line)
+            lost = len(health.lost)
+            print(f"  {len(health.blocks) - len(health.short)} of {len(health.blocks)} blocks have "
+                  f"{health.target} replicas; {len(health.short)} below"
+                  + (f", {lost} with none (lost)" if lost else ""), flush=True)
+        return {
+            "address": address, "name": health.manifest.name, "ok": health.ok,
+            "verified": health.verified, "short": len(health.short), "lost": len(health.lost),
+            "blocks": [b.to_dict(health.target) for b in health.blocks],
+        }
+
+    docs, errors = await _each_file(reactor, args, settings, work)
+    degraded = [d for d in docs if "error" not in d and not d["ok"]]
+    if args.json:
+        dump_json({"ok": not degraded and not errors, "target": target, "files": docs})
+    for message, _code in errors:
+        _error_line(message)
+    if errors:
+        return errors[0][1]
+    if degraded:
+        blocks = sum(d["short"] for d in degraded)
+        _error_line(f"{blocks} block(s) in {len(degraded)} file(s) have fewer than {target} healthy "
+                    f"replicas; run `{PROG} repair`")
+        return EXIT_DEGRADED
+    return 0
+
+
+async def cmd_repair(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from dsss.client.maintenance import repair, survey
+
+    problems: list[tuple[str, list[Repaired]]] = []
+    target = 0
+
+    async def work(session: Session, key: PrivateKey, address: str) -> dict[str, Any]:
+        nonlocal target
+        health = await survey(session, address, key, verify=args.verify)
+        target = health.target
+        results = await repair(session, health)
+        failed = [r for r in results if r.error]
+        if failed:
+            problems.append((health.manifest.name, failed))
+        added = sum(len(r.added) for r in results)
+        if not args.json:
+            if not results:
+                print(f"{health.manifest.name}  {address}: all {len(health.blocks)} blocks have "
+                      f"{health.target} replicas; nothing to do")
+            else:
+                print(f"{health.manifest.name}  {address}: {len(results)} of {len(health.blocks)} "
+                      f"blocks were below {health.target} replicas; added {added} cop"
+                      + ("y" if added == 1 else "ies"))
+                rows = [[r.block.role, f"{len(r.block.healthy)} -> {len(r.block.healthy) + len(r.added)}",
+                         r.block.hash, r.error or ""] for r in results]
+                for line in table(["BLOCK", "REPLICAS", "HASH", ""], rows):
+                    print("  " + line)
+            sys.stdout.flush()
+        return {
+            "address": address, "name": health.manifest.name, "ok": not failed,
+            "blocks": len(health.blocks), "repaired": [r.to_dict(health.target) for r in results],
+            "added": added,
+        }
+
+    docs, errors = await _each_file(reactor, args, settings, work)
+    if args.json:
+        dump_json({"ok": not problems and not errors, "target": target, "files": docs})
+    for message, _code in errors:
+        _error_line(message)
+    if errors:
+        return errors[0][1]
+    if problems:
+        count = sum(len(f) for _, f in problems)
+        lost = any(r.lost for _, f in problems for r in f)
+        name, failed = problems[0]
+        _error_line(f"{count} block(s) are still below {target} replicas; "
+                    f"{name} {failed[0].block.role}: {failed[0].error}")
+        return 3 if lost else 4
+    return 0
+
+
+_HANDLERS = {
+    "keygen": cmd_keygen,
+    "pubkey": cmd_pubkey,
+    "config": cmd_config,
+    "ls": cmd_ls,
+    "put": cmd_put,
+    "get": cmd_get,
+    "info": cmd_info,
+    "share": cmd_share,
+    "check": cmd_check,
+    "repair": cmd_repair,
+}
+
+
+async def run(reactor: Any, argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    settings = settings_from(
+        config_option=args.config,
+        server=args.server,
+        key=args.key,
+        part_size=getattr(args, "part_size", None),
+        parallel=args.parallel,
+    )
+    return await _HANDLERS[args.command](reactor, args, settings)
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether --json is on the command line (before any `--`), known even if parsing fails."""
+    args = list(argv)
+    if "--" in args:
+        args = args[: args.index("--")]
+    return "--json" in args
+
+
 def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
+    json_mode = wants_json(argv)
+
     async def go() -> None:
         try:
             code = await run(reactor, argv)
         except DSSSError as e:
-            code = _fail(str(e), e.exit_code)
+            code = _fail(str(e), e.exit_code, json_mode=json_mode, kind=e.code)
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            code = _fail(f"{e.strerror or e}{where}", 1)
+            code = _fail(f"{e.strerror or e}{where}", 1, json_mode=json_mode, kind="os")
         except SystemExit as e:
             raise e
         except Exception:
             traceback.print_exc()
+            if json_mode:
+                dump_json({"error": "unexpected error (a bug); see the traceback on stderr",
+                           "code": "bug", "exit-code": 70})
             code = 70
         if code:
             raise SystemExit(code)

@@ -1,0 +1,155 @@
+# -*- test-case-name: tests.unit.test_client_catalog_config -*-
+"""The local catalog: what this key has stored (or shared), kept beside the key file.
+
+`<key file>.catalog` (e.g. `~/.config/dsss/key.catalog`) holds one JSON object per line:
+
+    {"address": "<64 hex>", "name": "photo.jpg", "size": 2500000, "parts": 3,
+     "created": 1795751429, "kind": "put"}
+    {"address": "<64 hex>", "name": "photo.jpg", "size": 2500000, "parts": 3,
+     "created": 1795751500, "kind": "shared-to 1a2b3c4d5e6f7081", "source": "<64 hex>"}
+
+Each entry is appended with one `write` on a descriptor opened with O_APPEND, so concurrent
+clients do not interleave lines. A line that does not parse (a write cut short by a crash) is
+skipped when reading, and the next append starts on a fresh line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from dsss.model import is_block_id
+
+KIND_PUT = "put"
+SHARED_PREFIX = "shared-to "
+PUBKEY_PREFIX_HEX = 16
+MAX_LINE = 64 * 1024
+
+
+def catalog_path(key_path: str | os.PathLike[str]) -> Path:
+    """The catalog that belongs to a key file: the same path with `.catalog` added."""
+    key = Path(key_path)
+    return key.with_name(key.name + ".catalog")
+
+
+def shared_kind(recipient_hex: str) -> str:
+    return SHARED_PREFIX + recipient_hex[:PUBKEY_PREFIX_HEX]
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    address: str
+    name: str
+    size: int
+    parts: int
+    created: int
+    kind: str = KIND_PUT
+    source: str | None = None  # for a share: the address it was shared from
+
+    def __post_init__(self) -> None:
+        if not is_block_id(self.address):
+            raise ValueError("address is not 64 lowercase hex characters")
+        if not isinstance(self.name, str) or "\n" in self.name:
+            raise ValueError("bad name")
+        if not (_is_count(self.size) and _is_count(self.parts) and _is_count(self.created)):
+            raise ValueError("size, parts and created are non-negative integers")
+        if not isinstance(self.kind, str) or not (
+            self.kind == KIND_PUT or self.kind.startswith(SHARED_PREFIX)
+        ):
+            raise ValueError(f"unknown kind {self.kind!r}")
+        if self.source is not None and not is_block_id(self.source):
+            raise ValueError("source is not an address")
+
+    @property
+    def shared(self) -> bool:
+        return self.kind.startswith(SHARED_PREFIX)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "address": self.address,
+            "name": self.name,
+            "size": self.size,
+            "parts": self.parts,
+            "created": self.created,
+            "kind": self.kind,
+        }
+        if self.source is not None:
+            doc["source"] = self.source
+        return doc
+
+    def to_line(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "Entry":
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        try:
+            return cls(
+                address=doc["address"],
+                name=doc["name"],
+                size=doc["size"],
+                parts=doc["parts"],
+                created=doc["created"],
+                kind=doc.get("kind", KIND_PUT),
+                source=doc.get("source"),
+            )
+        except KeyError as e:
+            raise ValueError(f"missing {e.args[0]}") from None
+
+
+def parse_lines(data: bytes) -> tuple[list[Entry], int]:
+    """The entries in a catalog's bytes, in order, and how many lines were skipped as bad."""
+    entries: list[Entry] = []
+    skipped = 0
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            if len(raw) > MAX_LINE:
+                raise ValueError("line too long")
+            entries.append(Entry.from_dict(json.loads(raw.decode("utf-8"))))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            skipped += 1
+    return entries, skipped
+
+
+def read(path: str | os.PathLike[str]) -> tuple[list[Entry], int]:
+    """Every entry of a catalog file (none if it does not exist) and the count of bad lines."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    return parse_lines(data)
+
+
+def latest(entries: Iterable[Entry]) -> list[Entry]:
+    """One entry per address (the last one written), in the order addresses first appeared."""
+    by_address: dict[str, Entry] = {}
+    for e in entries:
+        by_address[e.address] = e
+    return list(by_address.values())
+
+
+def append(path: str | os.PathLike[str], entry: Entry) -> None:
+    """Add one entry with a single O_APPEND write; the file is created with mode 0600."""
+    line = entry.to_line()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        end = os.fstat(fd).st_size
+        # A previous write cut short left a partial last line: start on a fresh one.
+        if end > 0 and os.pread(fd, 1, end - 1) != b"\n":
+            line = b"\n" + line
+        written = os.write(fd, line)
+        if written != len(line):  # pragma: no cover (regular files write everything)
+            raise OSError(f"short write to {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
