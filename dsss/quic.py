@@ -1002,12 +1002,15 @@ class QuicEndpoint(DatagramProtocol):
         while len(self._relay_peers) > MAX_RELAY_PEERS:
             del self._relay_peers[next(iter(self._relay_peers))]
 
+    def _direct_connection(self, peer: Address) -> bool:
+        return any(h.peer == peer for h in self._all) and peer not in self._relay_peers
+
     def relayed(self, peer: Address) -> bool:
         return (peer[0], peer[1]) in self._relay_peers
 
     def _route(self, data: bytes, addr: Address) -> tuple[bytes, Address]:
         relay = self._relay_peers.get(addr)
-        if relay is None:
+        if relay is None or addr in self._relay_servers:
             return data, addr
         return encode_relay(addr, data), relay
 
@@ -1026,9 +1029,13 @@ class QuicEndpoint(DatagramProtocol):
                     inner_peer, datagram = decode_relay(datagram)
                 except RemoteProtocolError:
                     return
-                if not datagram:
-                    return
+                if not datagram or inner_peer in self._relay_servers:
+                    return  # nothing, or a relay posing as a relayed peer
                 if self._relay_peers.get(inner_peer) != peer:
+                    if self._direct_connection(inner_peer):
+                        # A peer we talk to directly is never re-routed by a relayed packet
+                        # (which anyone able to spoof the relay's address could forge).
+                        return
                     self.relay_via(inner_peer, peer)
                 peer = inner_peer
             if datagram[0] == CONTROL_PREFIX[0]:

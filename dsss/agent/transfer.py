@@ -41,12 +41,15 @@ class _StreamRequest:
         host, port = self.stream.connection.peer[:2]
         return PeerAddress(host, port)
 
-    def reply(self, reply: wt.TransferReply, body: bytes = b"") -> None:
+    def reply(self, reply: wt.TransferReply, body: bytes = b"") -> Any:
+        """Send the reply and end the stream; returns a Deferred that fires once the reply is
+        mostly on its way (the stream's queue is under its high-water mark)."""
         if self.finished:
-            return
+            return None
         self.finished = True
         d = self.stream.write(wt.encode_reply(reply) + body, end=True)
         d.addErrback(lambda f: log.debug("reply not delivered: {f}", f=f.value))
+        return d
 
     def refuse(self, err: DSSSError) -> None:
         self.abort()
@@ -114,6 +117,11 @@ class _StreamRequest:
             self.refuse(e)
 
     def serve(self, block: str) -> None:
+        handler = self.handler
+        size = self.agent.store.size_of(block) if self.agent.store.has(block) else 0
+        if handler.serving + size > handler.max_serving:
+            # Replies are queued whole; clients that do not read them must not pile up memory.
+            raise Busy("too many downloads in progress; try again")
         try:
             data = self.agent.store.get(block)
         except IntegrityError as e:
@@ -122,16 +130,35 @@ class _StreamRequest:
         except NotFound:
             raise NotFound("this agent does not store that part") from None
         self.handler.downloads += 1
-        self.reply(wt.Done(len(data)), data)
+        handler.serving += len(data)
+        d = self.reply(wt.Done(len(data)), data)
+
+        def sent(result: object) -> object:
+            handler.serving -= len(data)
+            return result
+
+        if d is not None:
+            d.addBoth(sent)
+        else:
+            handler.serving -= len(data)
 
     def error(self, err: Any) -> None:
         self.abort()
         self.finished = True
 
 
+class Busy(DSSSError):
+    code = "busy"
+
+
 class TransferHandler:
+    # Bytes of download replies queued at once, over all streams.
+    MAX_SERVING = 256 * 1024 * 1024
+
     def __init__(self, agent: "StorageAgent") -> None:
         self.agent = agent
+        self.serving = 0
+        self.max_serving = self.MAX_SERVING
         self.uploads = 0
         self.downloads = 0
         self.refused = 0

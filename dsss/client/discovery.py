@@ -178,8 +178,12 @@ class DiscoveryClient:
         doc = await self._get("/api/info", {})
         try:
             info = ServerInfo(int(doc["replicas"]), int(doc["udp-port"]), str(doc["version"]))
-            if "public-key" in doc:
+            # Sign only for a server that admits listed clients: elsewhere a signature would
+            # just tell the server (and any observer) who we are.
+            if doc.get("clients-restricted") and "public-key" in doc:
                 self._server_key = PublicKey(bytes.fromhex(doc["public-key"]))
+            else:
+                self._server_key = None
         except (KeyError, TypeError, ValueError):
             raise RemoteProtocolError("bad /api/info answer") from None
         return info

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from dsss.client.discovery import DiscoveryClient
 from dsss.client.peer import PeerNetwork
-from dsss.crypto.manifest import Manifest, PartRef, open_manifest, seal_manifest
+from dsss.crypto.manifest import Manifest, PartRef, clean_name, open_manifest, seal_manifest
 from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part, encrypt_part
 from dsss.errors import DSSSError, IntegrityError, NotFound, Unavailable
 from dsss.model import PeerAddress, block_hash
@@ -224,8 +224,7 @@ async def put_file(
 ) -> str:
     path = Path(path)
     # The manifest keeps the name for `get` to show; control characters are not kept.
-    name = "".join(c if ord(c) >= 32 and ord(c) != 127 else "?" for c in path.name)
-    name = name.encode("utf-8", "replace").decode("utf-8")[:1024]
+    name = clean_name(path.name)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         return await put_stream(

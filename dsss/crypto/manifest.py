@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,8 @@ class Manifest:
         ints = (size, part_size, created)
         if not isinstance(name, str) or len(name) > MAX_NAME or "/" in name:
             raise RemoteProtocolError("manifest has a bad name")
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise RemoteProtocolError("manifest name has control characters")
+        if not safe_name(name):
+            raise RemoteProtocolError("manifest name has control or formatting characters")
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
@@ -125,6 +126,18 @@ class Manifest:
         if total != size:
             raise RemoteProtocolError("manifest part sizes do not add up to the file size")
         return cls(name, size, part_size, file_id, tuple(parts), created, cipher)
+
+
+def safe_name(name: str) -> bool:
+    """No control characters (C0, C1), no format characters (bidi overrides, zero-width...),
+    no surrogates: a name is printed on terminals and must not be able to spoof them."""
+    return not any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in name)
+
+
+def clean_name(name: str) -> str:
+    """A file name made safe for a manifest: unsafe characters become '?'."""
+    cleaned = "".join("?" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in name)
+    return cleaned[:MAX_NAME]
 
 
 def seal_manifest(manifest: Manifest, file_key: bytes, owner: PublicKey) -> bytes:

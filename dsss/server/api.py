@@ -10,6 +10,7 @@ from klein import Klein
 from werkzeug.exceptions import HTTPException
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from twisted.web.resource import IResource
 
 from dsss.errors import BadRequest, DSSSError, RateLimited
@@ -60,6 +61,48 @@ def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body).encode("utf-8") + b"\n"
+
+
+class BoundedRequest(Request):
+    """The API takes no request bodies: one larger than MAX_BODY is refused with 413 and the
+    connection closed before it is read (Twisted would otherwise spool it to a file)."""
+
+    MAX_BODY = 64 * 1024
+    _too_large = False
+    _body_seen = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.MAX_BODY:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self.MAX_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        if self._too_large:
+            return
+        self._too_large = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: 35\r\n\r\n"
+                b'{"error": "request body too large"}'
+            )
+            transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._too_large:
+            return
+        super().requestReceived(command, path, version)
 
 
 class DiscoveryAPI:

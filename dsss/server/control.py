@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+MAX_PARTS_PER_AGENT = 4_000_000
+
 
 class AgentConnection(ControlLineProtocol):
     """One agent's control connection, seen from the server."""
@@ -66,6 +68,9 @@ class AgentConnection(ControlLineProtocol):
             raise RemoteProtocolError("already registered on this connection")
         registry = self.server.registry
         if isinstance(msg, wc.Have):
+            if len(self.record.blocks) + len(msg.blocks) > MAX_PARTS_PER_AGENT:
+                # Bounds the location index: one agent cannot make the server grow forever.
+                return wc.Error("too-many", f"at most {MAX_PARTS_PER_AGENT} parts per agent are indexed")
             registry.have(self.record, msg.blocks)
             return wc.Ok()
         if isinstance(msg, wc.Gone):

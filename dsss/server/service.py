@@ -24,7 +24,7 @@ from dsss.server.relay import RelayTable
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
 from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
-from dsss.server.api import DiscoveryAPI
+from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.control import AgentConnection, AgentConnectionFactory
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
@@ -279,7 +279,9 @@ class ServerService(MultiService):
         self.config = config
         self.server = DiscoveryServer(reactor, config, rng=rng)
         self.api = DiscoveryAPI(self.server)
-        self.http = EndpointService(reactor, config.http, Site(self.api.resource()))
+        site = Site(self.api.resource())
+        site.requestFactory = BoundedRequest
+        self.http = EndpointService(reactor, config.http, site)
         self.http.setServiceParent(self)
         self.control = EndpointService(reactor, config.control, AgentConnectionFactory(self.server))
         self.control.setServiceParent(self)

@@ -179,3 +179,16 @@ def test_download_of_a_missing_or_corrupt_part(rig):
     assert reply.code == "integrity" and body == b""
     assert not rig.agent.store.has(block)
     assert len(list((rig.agent.store.root / "quarantine").iterdir())) == 1
+
+
+def test_downloads_beyond_the_memory_bound_are_refused_as_busy(rig):
+    data = b"d" * 5000
+    block = block_hash(data)
+    assert upload(rig, rig.key(block, len(data)), block, data) == wt.Done()
+    rig.handler.max_serving = 4000  # less than one reply
+    reply, body = download(rig, rig.key(block, 0), block)
+    assert isinstance(reply, wt.Refused) and reply.code == "busy" and body == b""
+    rig.handler.max_serving = 10_000
+    reply, body = download(rig, rig.key(block, 0), block)
+    assert reply == wt.Done(5000) and body == data
+    assert rig.handler.serving == 0  # released once the reply went out

@@ -89,3 +89,22 @@ def test_expired_key_does_not_open_the_relay():
     client.send_control(encode_datagram(DRelay(KEY)), S)
     run_until(clock, lambda: False, timeout=1)
     assert controls == []
+
+
+def test_spoofed_relay_packets_cannot_reroute_the_agent():
+    from dsss.wire.datagram import encode_relay
+
+    clock, link, server, agent, client, controls, received, pub = setup()
+    # A packet that seems to come from the server, claiming the server itself as the peer,
+    # must not make the agent wrap its own keepalives for the relay.
+    link.inject(encode_relay(S, b"\x00PONG 1.2.3.4:5"), S, A)
+    assert not agent.relayed(S)
+    # A peer the agent already talks to directly is not re-routed by a relayed packet.
+    direct = ("198.51.100.20", 6000)
+    peer = QuicEndpoint(clock, on_control=lambda d, a: None)
+    link.attach(peer, direct)
+    results = []
+    peer.connect(A, expected_public_key=pub).addBoth(results.append)
+    run_until(clock, lambda: bool(results), timeout=5)
+    link.inject(encode_relay(direct, b"\x00PUNCH x"), S, A)
+    assert not agent.relayed(direct)

@@ -178,3 +178,18 @@ def test_silent_agent_is_dropped_after_three_heartbeats(server):
         server.clock.advance(1.0)
         server.tick()
     assert peer.closed and len(server.registry) == 0
+
+
+def test_an_agent_cannot_grow_the_index_without_bound(server, monkeypatch):
+    import dsss.server.control as control
+
+    monkeypatch.setattr(control, "MAX_PARTS_PER_AGENT", 3)
+    peer = Peer(server)
+    key = register(peer)
+    peer.lines()
+    hashes = [f"{i:02x}" * 32 for i in range(4)]
+    peer.feed(("HAVE " + " ".join(hashes[:3]) + "\n").encode())
+    peer.feed(("HAVE " + hashes[3] + "\n").encode())
+    assert peer.lines() == ["OK", "ERROR too-many at most 3 parts per agent are indexed"]
+    assert len(server.registry.get(key.verify_key.encode().hex()).blocks) == 3
+    assert not peer.closed

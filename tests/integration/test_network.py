@@ -146,3 +146,20 @@ def test_garbage_and_huge_lines_are_cut_off_others_keep_working(net):
     assert net.wait_live(3)
     code, doc = net.http("/api/where-to-upload?size=10")
     assert code == 200 and len(doc["addresses"]) == 3
+
+
+def test_request_bodies_are_refused_before_being_read(net):
+    s = socket.create_connection(("127.0.0.1", net.http_port), timeout=5)
+    s.sendall(b"POST /api/info HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    sent = 0
+    try:
+        for _ in range(64):  # 4 MiB at most, then we stop: the server must have hung up
+            s.sendall(b"x" * 65536)
+            sent += 65536
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    reply = _read_until_closed(s)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
+    code, doc = net.http("/api/info")
+    assert code == 200
