@@ -65,7 +65,7 @@ class CommandLineError(LocalUsageError):
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors turned into our one-line error (and JSON, with --json)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise CommandLineError(f"{message} (see `{self.prog} --help`)")
 
 

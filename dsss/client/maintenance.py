@@ -13,6 +13,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from dsss.client.flows import ReplicationError, Session, fetch_block, fetch_manifest, store_block
 from dsss.crypto.manifest import Manifest, open_manifest, reseal_for
@@ -108,8 +109,8 @@ async def bounded(limit: int, jobs: list[Callable[[], Coroutine[Any, Any, T]]]) 
     ds = [defer.ensureDeferred(one(job)) for job in jobs]
     results = await defer.DeferredList(ds, consumeErrors=True)
     out: list[T] = []
-    for ok, value in results:
-        if not ok:
+    for _ok, value in results:
+        if isinstance(value, Failure):
             value.raiseException()
         out.append(value)
     return out

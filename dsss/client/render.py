@@ -75,7 +75,7 @@ def stderr_is_terminal() -> bool:
 
 
 def _bar(total: int, desc: str, *, position: int = 0, leave: bool = True) -> Any:
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     # A terminal that reports no size (0x0, as some ptys do) still gets a bar: tqdm would
     # otherwise hide it for lack of rows.
@@ -134,7 +134,7 @@ class PutDisplay:
     def write_line(self, line: str) -> None:
         """A line on stdout that does not break the bars."""
         if self.enabled:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()
