@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest QUIC datagram (default: 8192 on loopback, else 1452)")
     p.add_argument("--json", action="store_true", default=False,
                    help="machine-readable output: one JSON document on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", default=False,
+                   help="also say on stderr which path reached each agent (direct or relay)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _subparser(sub, "keygen")
@@ -280,8 +282,15 @@ async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, k
     bind = "::" if ":" in host else "0.0.0.0"
     peers = PeerNetwork(reactor, (host, info.udp_port), bind_host=bind,
                         max_datagram_size=_datagram_size(args, host))
+    if getattr(args, "verbose", False):
+        peers.on_close = _print_paths
     await peers.start()
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=settings.parallel)
+
+
+def _print_paths(paths: dict[str, str]) -> None:
+    for address, path in sorted(paths.items()):
+        print(f"dsss: path {address} {path}", file=sys.stderr)
 
 
 def _record(settings: Settings, entry: catalog.Entry) -> None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -81,6 +81,8 @@ class PeerNetwork:
         self.direct_timeout = direct_timeout
         self.use_relay = use_relay
         self._relay_waiters: dict[PeerAddress, list[defer.Deferred[None]]] = {}
+        # Called with `paths` when the network is closed (the CLI's --verbose prints them).
+        self.on_close: Callable[[dict[str, str]], None] | None = None
 
     async def start(self, timeout: float = 5.0) -> PeerAddress:
         """Bind the socket and learn our public address from the server's PONG."""
@@ -231,6 +233,8 @@ class PeerNetwork:
         return body
 
     async def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close(dict(self.paths))
         try:
             await self.endpoint.close()
         except Exception:  # closing is best effort

@@ -216,3 +216,18 @@ def test_progress_bar_on_a_terminal_and_silence_on_a_pipe(shared_network, tmp_pa
     assert len(out.decode().split()[0]) == 64
     text = seen.decode(errors="replace")
     assert "p.bin" in text and "B/s" in text, text
+
+
+def test_verbose_says_which_path_reached_each_agent(shared_network, tmp_path):
+    net = shared_network
+    f = tmp_path / "v"
+    f.write_bytes(os.urandom(1000))
+    r = net.client("-v", "put", str(f))
+    lines = [ln for ln in r.stderr.decode().splitlines() if ln.startswith("dsss: path ")]
+    # On loopback every agent is reached directly. The part and the manifest each go to three of
+    # the four agents, so three or four agents are named, each once.
+    assert 3 <= len(lines) <= 4 and len(set(lines)) == len(lines)
+    live = net.live_addresses()
+    for ln in lines:
+        _, _, address, path = ln.split()
+        assert path == "direct" and address in live
