@@ -134,7 +134,7 @@ class ServerMetrics:
         )
         self.relayed = Counter(
             "dsss_relayed_bytes",
-            "Bytes the server relayed between clients and agents (0 until a relay exists).",
+            "Bytes the server relayed between clients and agents that could not reach each other directly.",
             registry=self.registry,
         )
         for kind in ("put", "get"):

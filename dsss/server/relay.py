@@ -66,6 +66,9 @@ class RelayTable:
         pair.bytes += size
         self.relayed_bytes += size
         self._agent_last[agent] = now
+        if len(self._agent_last) > self.max_pairs:
+            cutoff = now - self.idle
+            self._agent_last = {a: t for a, t in self._agent_last.items() if t >= cutoff}
         return True
 
     def recently_relayed(self, agent: PeerAddress, now: float) -> bool:
