@@ -56,7 +56,7 @@ class Entry:
     def __post_init__(self) -> None:
         if not is_block_id(self.address):
             raise ValueError("address is not 64 lowercase hex characters")
-        if not isinstance(self.name, str) or "\n" in self.name:
+        if not isinstance(self.name, str) or any(ord(ch) < 32 or ord(ch) == 127 for ch in self.name):
             raise ValueError("bad name")
         if not (_is_count(self.size) and _is_count(self.parts) and _is_count(self.created)):
             raise ValueError("size, parts and created are non-negative integers")

@@ -39,6 +39,7 @@ from dsss.client.render import (
     utc_iso,
 )
 from dsss.crypto.keys import generate_key_file, load_key_file, parse_public_key, public_key_hex
+from dsss.crypto.manifest import clean_name
 from dsss.errors import DSSSError, LocalUsageError
 from dsss.model import is_block_id
 
@@ -424,12 +425,13 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
     success = False
     try:
         for name, size in zip(args.files, sizes):
-            advance = display.start_file(os.path.basename(name), size)
+            stored_name = clean_name(os.path.basename(name))  # as the manifest keeps it
+            advance = display.start_file(stored_name, size)
             address = await put_file(session, name, owner=key.public_key,
                                      part_size=settings.part_size, progress=Progress(advance=advance))
             display.end_file(size)
             parts = (size + settings.part_size - 1) // settings.part_size
-            entry = catalog.Entry(address=address, name=os.path.basename(name), size=size,
+            entry = catalog.Entry(address=address, name=stored_name, size=size,
                                   parts=parts, created=int(time.time()))
             _record(settings, entry)
             if args.json:

@@ -90,7 +90,7 @@ def holders_of(net: LocalNetwork, block: str) -> list[int]:
 def test_ls_lists_what_this_key_stored(shared_network, tmp_path):
     alice = User(shared_network, tmp_path, "alice")
     assert "no files recorded" in alice.cli("ls").stderr
-    a = tmp_path / "a.txt"
+    a = tmp_path / "a\tx.txt"  # a control character: recorded as the manifest keeps it
     a.write_bytes(b"a" * 1500)
     b = tmp_path / "b b.bin"
     b.write_bytes(os.urandom(3 * PART))
@@ -100,13 +100,13 @@ def test_ls_lists_what_this_key_stored(shared_network, tmp_path):
     out = alice.cli("ls").stdout.splitlines()
     assert out[0].split() == ["NAME", "SIZE", "DATE", "ADDRESS"]
     assert len(out) == 3
-    assert out[1].startswith("a.txt") and "1.5 KiB" in out[1] and out[1].endswith(addr_a)
+    assert out[1].startswith("a?x.txt") and "1.5 KiB" in out[1] and out[1].endswith(addr_a)
     assert out[2].startswith("b b.bin") and "192.0 KiB" in out[2] and out[2].endswith(addr_b)
 
     doc = alice.json("ls")
     assert doc["catalog"] == str(alice.key) + ".catalog"
     files = {f["address"]: f for f in doc["files"]}
-    assert files[addr_a]["name"] == "a.txt" and files[addr_a]["size"] == 1500 and files[addr_a]["parts"] == 1
+    assert files[addr_a]["name"] == "a?x.txt" and files[addr_a]["size"] == 1500 and files[addr_a]["parts"] == 1
     assert files[addr_b]["parts"] == 3 and files[addr_b]["kind"] == "put"
     assert doc["skipped-lines"] == 0
 

@@ -107,6 +107,8 @@ def test_catalog_entry_rejects_bad_values() -> None:
     with pytest.raises(ValueError):
         entry(name="two\nlines")
     with pytest.raises(ValueError):
+        entry(name="bell\x07")
+    with pytest.raises(ValueError):
         entry(source="nope")
 
 
