@@ -383,7 +383,6 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.xdist_group("faults")
 def test_check_and_repair_after_an_agent_is_gone(make_network, tmp_path):
     net = start_network(make_network(heartbeat=0.5), agents=4)
     alice = User(net, tmp_path, "alice")

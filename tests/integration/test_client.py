@@ -135,7 +135,6 @@ def _corrupt_all(agent) -> int:
     return n
 
 
-@pytest.mark.xdist_group("faults")
 def test_get_survives_a_killed_agent_and_corrupt_replicas(make_network, tmp_path):
     net = start_network(make_network(heartbeat=0.5), agents=3)
     net.client("keygen")

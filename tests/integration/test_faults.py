@@ -18,7 +18,7 @@ from dsss.model import block_hash
 from dsss.storage.blockstore import BlockStore
 from tests.conftest import start_network
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("faults")]
+pytestmark = [pytest.mark.integration]
 
 MiB = 1024 * 1024
 
