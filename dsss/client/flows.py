@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Callable
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dsss.client.discovery import DiscoveryClient
 from dsss.client.peer import PeerNetwork
@@ -95,6 +96,7 @@ async def store_block(
             if ok:
                 stored.append(target)
             else:
+                assert isinstance(value, Failure)
                 failed.append(target)
                 errors.append(f"{target}: {value.getErrorMessage()}")
                 if not value.check(DSSSError):

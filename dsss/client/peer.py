@@ -139,9 +139,9 @@ class PeerNetwork:
                 if not w.called:
                     w.callback(msg.observed)
         elif isinstance(msg, DRelayed) and addr[:2] == self.server_udp:
-            for w in self._relay_waiters.pop(msg.agent, []):
-                if not w.called:
-                    w.callback(None)
+            for relay_waiter in self._relay_waiters.pop(msg.agent, []):
+                if not relay_waiter.called:
+                    relay_waiter.callback(None)
 
     async def _connect(self, intro: Introduction) -> Any:
         """A QUIC connection to the introduced agent: direct (punched) first; through the
