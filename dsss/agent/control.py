@@ -54,6 +54,11 @@ class ServerConnection(ControlLineProtocol):
         if isinstance(msg, wc.IntroductionRequest):
             key = self.agent.introduce(msg.address, msg.size, msg.block)
             return wc.IntroKey(key)
+        if isinstance(msg, wc.Replicate):
+            # Accepted at once (replies keep their order); the copy runs in the background and
+            # the receiving agent's HAVE tells the server it arrived.
+            self.agent.replicate(msg)
+            return wc.Ok()
         raise RemoteProtocolError(f"{type(msg).__name__} is not sent by servers")
 
     def _register(self) -> None:
@@ -115,8 +120,9 @@ class ServerConnection(ControlLineProtocol):
     def report_have(self, blocks: list[str]) -> None:
         if self.welcome is None:
             return
-        for group in wc.chunked(blocks):
-            self._notify(wc.Have(group))
+        store = self.agent.store
+        for group in wc.chunked([b for b in blocks if store.has(b)]):
+            self._notify(wc.Have(group, tuple(store.size_of(b) for b in group)))
         self.report_space()
 
     def report_gone(self, blocks: list[str]) -> None:

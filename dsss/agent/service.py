@@ -67,6 +67,7 @@ class StorageAgent:
         self._reported_space: tuple[int, int] | None = None
         self._last_space_report = float("-inf")
         self.scrubber = Scrubber(self.store, self.lost)
+        self.replications = 0
 
     # --- control channel -----------------------------------------------------------------------
 
@@ -131,6 +132,16 @@ class StorageAgent:
     def lost(self, block: str) -> None:
         if self.connection is not None:
             self.connection.report_gone([block])
+
+    def replicate(self, msg: wc.Replicate) -> None:
+        from twisted.internet import defer
+
+        from dsss.agent.replicate import replicate
+
+        self.replications += 1
+        defer.ensureDeferred(replicate(self, msg)).addErrback(
+            lambda f: log.failure("replication failed", f)
+        )
 
     # --- UDP -----------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class AgentConnection(ControlLineProtocol):
             if len(self.record.blocks) + len(msg.blocks) > MAX_PARTS_PER_AGENT:
                 # Bounds the location index: one agent cannot make the server grow forever.
                 return wc.Error("too-many", f"at most {MAX_PARTS_PER_AGENT} parts per agent are indexed")
-            registry.have(self.record, msg.blocks)
+            registry.have(self.record, msg.blocks, msg.sizes)
             return wc.Ok()
         if isinstance(msg, wc.Gone):
             registry.gone(self.record, msg.blocks)

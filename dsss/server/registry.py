@@ -67,6 +67,7 @@ class Registry:
         self._by_handle: dict[int, AgentRecord] = {}
         self._last_seq: dict[str, int] = {}
         self._index: dict[str, set[str]] = {}
+        self._sizes: dict[str, int] = {}
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class Registry:
                 holders.discard(rec.agent_id)
                 if not holders:
                     del self._index[block]
+                    self._sizes.pop(block, None)
         rec.blocks = set()
 
     def by_handle(self, handle: Any) -> AgentRecord | None:
@@ -193,10 +195,22 @@ class Registry:
 
     # --- location index -----------------------------------------------------------------------
 
-    def have(self, rec: AgentRecord, blocks: Iterable[str]) -> None:
-        for block in blocks:
+    def have(
+        self, rec: AgentRecord, blocks: Iterable[str], sizes: Iterable[int | None] | None = None
+    ) -> None:
+        blocks = list(blocks)
+        for block, size in zip(blocks, sizes if sizes is not None else [None] * len(blocks)):
             rec.blocks.add(block)
             self._index.setdefault(block, set()).add(rec.agent_id)
+            if size is not None:
+                self._sizes[block] = size
+
+    def size_of(self, block: str) -> int | None:
+        return self._sizes.get(block)
+
+    def indexed(self) -> Iterable[tuple[str, set[str]]]:
+        """(part, ids of the agents that reported it), for every indexed part."""
+        return self._index.items()
 
     def gone(self, rec: AgentRecord, blocks: Iterable[str]) -> None:
         for block in blocks:
@@ -206,6 +220,7 @@ class Registry:
                 holders.discard(rec.agent_id)
                 if not holders:
                     del self._index[block]
+                    self._sizes.pop(block, None)
 
     def space(self, rec: AgentRecord, capacity: int, free: int) -> None:
         rec.capacity = capacity

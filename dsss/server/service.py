@@ -21,6 +21,7 @@ from dsss.clientauth import RequestVerifier
 from dsss.endpoints import EndpointService, UDPService
 from dsss.ratelimit import RateLimiter
 from dsss.server.relay import RelayTable
+from dsss.server.repair import Repairer
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
 from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
@@ -50,6 +51,9 @@ class ServerConfig:
     allowed_clients: frozenset[str] | None = None
     http_rate: float = 200.0
     relay_limit: float = 10 * 1024 * 1024
+    # Seconds a part may stay below the replica count before the server copies it again
+    # (0: never; `dsss.client repair` still works).
+    repair_after: float = 600.0
 
 
 class DiscoveryServer:
@@ -73,6 +77,7 @@ class DiscoveryServer:
         )
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
         self.relays = RelayTable(config.relay_limit)
+        self.repairer = Repairer(self, config.repair_after) if config.repair_after > 0 else None
         # Introduction keys this server handed out: (client, agent address, expiry). A key
         # authorizes relaying between exactly that client and that agent.
         self.issued: OrderedDict[str, tuple[PeerAddress, PeerAddress, float]] = OrderedDict()
@@ -252,6 +257,7 @@ class DiscoveryServer:
                 "parts-indexed": self.registry.counts()["indexed-parts"],
             },
             "activity": {**self.stats, **self.metrics.activity()},
+            "repair": self.repairer.status() if self.repairer is not None else None,
         }
 
     # --- housekeeping --------------------------------------------------------------------------
@@ -291,6 +297,10 @@ class ServerService(MultiService):
         timer = TimerService(config.heartbeat, self.server.tick)
         timer.clock = reactor
         timer.setServiceParent(self)
+        if self.server.repairer is not None:
+            repair = TimerService(max(1.0, min(config.heartbeat, config.repair_after)), self.server.repairer.tick)
+            repair.clock = reactor
+            repair.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

@@ -38,6 +38,16 @@ def _check_endpoint(description: str, what: str) -> None:
         ) from None
 
 
+def _repair_after(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 30 * 86400:
+        raise usage.UsageError("--repair-after must be a number of seconds (0 to disable)")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run a DSSS discovery server: HTTP API, agent control channel and UDP punch socket."
@@ -52,6 +62,7 @@ class Options(usage.Options):
         ["clients", None, None, "File of allowed client public keys; requests must then be signed."],
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
         ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
+        ["repair-after", None, "600", "Seconds a part may lack replicas before the server copies it again (0: never)."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -110,6 +121,7 @@ class Options(usage.Options):
             allowed_clients=clients,
             http_rate=http_rate,
             relay_limit=relay_limit,
+            repair_after=_repair_after(self["repair-after"]),
         )
 
 

@@ -60,9 +60,12 @@ class Register:
 
 @dataclass(frozen=True)
 class Have:
-    """The agent stores these parts."""
+    """The agent stores these parts. Each hash may carry the part's size (`<hash>:<size>`),
+    which the server needs to re-replicate a part on its own; `sizes` is then parallel to
+    `blocks` (None where a size was not given)."""
 
     blocks: tuple[str, ...]
+    sizes: tuple[int | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,17 @@ class IntroductionRequest:
 @dataclass(frozen=True)
 class Ping:
     pass
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """Server -> agent: copy this stored part to another agent, which gave `key` for it. The
+    agent answers OK at once and uploads in the background."""
+
+    block: str
+    address: PeerAddress
+    agent_id: str
+    key: str
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -135,7 +149,7 @@ class Error:
     text: str
 
 
-Request = Union[Hi, Register, Have, Gone, Space, WhoHas, IntroductionRequest, Ping]
+Request = Union[Hi, Register, Have, Gone, Space, WhoHas, IntroductionRequest, Ping, Replicate]
 Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error]
 Message = Union[Request, Reply]
 REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error)
@@ -175,6 +189,20 @@ def _hashes(words: list[str], verb: str) -> tuple[str, ...]:
         if not is_block_id(w):
             raise RemoteProtocolError(f"{verb}: not a part hash: {w[:80]!r}")
     return tuple(words)
+
+
+def _have(words: list[str]) -> Have:
+    if not 1 <= len(words) <= MAX_HASHES_PER_LINE:
+        raise RemoteProtocolError(f"HAVE takes 1 to {MAX_HASHES_PER_LINE} hashes")
+    blocks: list[str] = []
+    sizes: list[int | None] = []
+    for w in words:
+        block, sep, size = w.partition(":")
+        if not is_block_id(block):
+            raise RemoteProtocolError(f"HAVE: not a part hash: {w[:80]!r}")
+        blocks.append(block)
+        sizes.append(_int(size, "size") if sep else None)
+    return Have(tuple(blocks), tuple(sizes) if any(x is not None for x in sizes) else None)
 
 
 def _arity(words: list[str], n: int, usage: str) -> None:
@@ -244,7 +272,7 @@ def parse_line(line: bytes) -> Message:
         # Values are kept exactly as sent: the signature covers them. Consumers clamp.
         return Register(agent_id, _int(seq, "seq"), _int(cap, "capacity"), _int(free, "free"), version, sig)
     if verb == "HAVE":
-        return Have(_hashes(args, "HAVE"))
+        return _have(args)
     if verb == "GONE":
         return Gone(_hashes(args, "GONE"))
     if verb == "SPACE":
@@ -255,6 +283,17 @@ def parse_line(line: bytes) -> Message:
         if not is_block_id(args[0]):
             raise RemoteProtocolError("WHO_HAS: not a part hash")
         return WhoHas(args[0])
+    if verb == "REPLICATE":
+        _arity(args, 4, "REPLICATE <hash> <address> <agent-id> <key>")
+        if not is_block_id(args[0]):
+            raise RemoteProtocolError("REPLICATE: not a part hash")
+        try:
+            address = PeerAddress.parse(args[1])
+        except Exception:
+            raise RemoteProtocolError("REPLICATE: bad address") from None
+        if not _HEX64.match(args[2]) or not _HEX32.match(args[3]):
+            raise RemoteProtocolError("REPLICATE: bad agent id or key")
+        return Replicate(args[0], address, args[2], args[3])
     if verb == "INTRODUCTION_REQUEST":
         _arity(args, 3, "INTRODUCTION_REQUEST <address> <size> <hash>")
         try:
@@ -293,13 +332,18 @@ def encode(msg: Message) -> bytes:
             f"{msg.signature}"
         )
     elif isinstance(msg, Have):
-        text = "HAVE " + " ".join(check_block_id(b) for b in msg.blocks)
+        sizes = msg.sizes or (None,) * len(msg.blocks)
+        text = "HAVE " + " ".join(
+            check_block_id(b) + ("" if n is None else f":{n}") for b, n in zip(msg.blocks, sizes)
+        )
     elif isinstance(msg, Gone):
         text = "GONE " + " ".join(check_block_id(b) for b in msg.blocks)
     elif isinstance(msg, Space):
         text = f"SPACE {msg.capacity} {msg.free}"
     elif isinstance(msg, WhoHas):
         text = f"WHO_HAS {msg.block}"
+    elif isinstance(msg, Replicate):
+        text = f"REPLICATE {msg.block} {msg.address} {msg.agent_id} {msg.key}"
     elif isinstance(msg, IntroductionRequest):
         text = f"INTRODUCTION_REQUEST {msg.address} {msg.size} {msg.block}"
     else:  # pragma: no cover - a bug on our side

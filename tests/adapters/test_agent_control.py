@@ -48,7 +48,7 @@ def test_registers_signed_then_reports_what_it_stores(agent):
     VerifyKey(bytes.fromhex(msg.agent_id)).verify(msg.signed_bytes(SESSION), bytes.fromhex(msg.signature))
     assert msg.agent_id == agent.identity.agent_id and msg.capacity == 10_000
     proto.dataReceived(f"WELCOME {TOKEN} 1000 7000\n".encode())
-    assert lines(t) == [f"HAVE {block_hash(b'one')}", f"SPACE 10000 {agent.store.free}"]
+    assert lines(t) == [f"HAVE {block_hash(b'one')}:3", f"SPACE 10000 {agent.store.free}"]
     assert agent.welcome.udp_port == 7000
 
 

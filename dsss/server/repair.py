@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.unit.test_repair -*-
+"""Automatic re-replication: parts that stay below the replica count get copied again.
+
+A part whose live holders are fewer than `--replicas` (an agent went away, or reported its copy
+corrupt) is noted; if it is still short `repair_after` seconds later, the server picks a live
+holder as the source and a live agent without a copy as the target, asks the target for an
+introduction key for the source's address, and sends the source `REPLICATE`. The target's HAVE
+then restores the count. Bounded: a few copies at a time, each part retried no more often than
+`repair_after`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from dsss.errors import DSSSError
+from dsss.wire import control as wc
+
+if TYPE_CHECKING:
+    from dsss.server.service import DiscoveryServer
+
+log = Logger()
+
+
+class Repairer:
+    def __init__(self, server: "DiscoveryServer", repair_after: float, max_in_flight: int = 8,
+                 rng: random.Random | None = None) -> None:
+        self.server = server
+        self.repair_after = repair_after
+        self.max_in_flight = max_in_flight
+        self.rng = rng or random.SystemRandom()
+        self.short_since: dict[str, float] = {}
+        self.last_try: dict[str, float] = {}
+        self.in_flight: set[str] = set()
+        self.started = 0
+        self.failed = 0
+
+    def plan(self, now: float) -> list[str]:
+        """Note the parts below the replica count; return those due for a copy."""
+        registry = self.server.registry
+        replicas = self.server.replicas
+        due = []
+        short = {}
+        for block, holders in registry.indexed():
+            live = sum(1 for i in holders if (r := registry.get(i)) is not None and registry.is_live(r, now))
+            if 0 < live < replicas:
+                since = self.short_since.get(block, now)
+                short[block] = since
+                if (
+                    now - since >= self.repair_after
+                    and block not in self.in_flight
+                    and now - self.last_try.get(block, float("-inf")) >= self.repair_after
+                ):
+                    due.append(block)
+        self.short_since = short
+        self.last_try = {b: t for b, t in self.last_try.items() if b in short}
+        return due[: max(0, self.max_in_flight - len(self.in_flight))]
+
+    def tick(self) -> None:
+        now = self.server.now()
+        if self.server.warming():
+            return  # agents may still be re-registering after a restart
+        for block in self.plan(now):
+            self.in_flight.add(block)
+            self.last_try[block] = now
+            d = defer.ensureDeferred(self._repair(block))
+            d.addErrback(lambda f: log.failure("repair failed", f))
+            d.addBoth(lambda _, b=block: self.in_flight.discard(b))
+
+    async def _repair(self, block: str) -> None:
+        server = self.server
+        registry = server.registry
+        now = server.now()
+        size = registry.size_of(block)
+        if size is None:
+            return  # the holders did not report its size: only `dsss.client repair` can help
+        holders = [registry.get(i) for i in dict(registry.indexed()).get(block, set())]
+        live = [r for r in holders if r is not None and registry.is_live(r, now) and r.address]
+        if not live:
+            return
+        source = self.rng.choice(live)
+        targets = registry.place(size, 1, now, exclude=[r.address for r in live if r.address])
+        if not targets:
+            log.info("part {block} is short of replicas, but no other agent has room", block=block[:16])
+            return
+        target = targets[0]
+        assert source.address is not None and target.address is not None
+        self.started += 1
+        try:
+            intro = await server.introduce(target.address, source.address, size, block)
+            reply = await source.handle.request(
+                wc.Replicate(block, target.address, target.agent_id, intro["introduction-key"]),
+                server.config.query_timeout,
+            )
+        except DSSSError as e:
+            self.failed += 1
+            log.info("re-replicating {block} failed: {e}", block=block[:16], e=str(e))
+            return
+        if not isinstance(reply, wc.Ok):
+            self.failed += 1
+            return
+        log.info(
+            "re-replicating {block} from {source} to {target}",
+            block=block[:16], source=str(source.address), target=str(target.address),
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {"short": len(self.short_since), "in-flight": len(self.in_flight),
+                "started": self.started, "failed": self.failed}

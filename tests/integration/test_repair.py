@@ -1,0 +1,44 @@
+"""Automatic re-replication with real processes: an agent goes away for good, the network copies
+its parts again by itself, without any client."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_lost_replicas_come_back_without_a_client(make_network, tmp_path):
+    net = make_network(heartbeat=0.5)
+    net.start_server("--repair-after=2")
+    for _ in range(4):
+        net.start_agent()
+    net.wait_live(4)
+    net.client("keygen")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(5 * 65536 + 11))
+    address = net.client("put", "--part-size", "64K", str(src)).stdout.decode().split()[0]
+    blocks = {f.name for a in net.agents for f in (a.storage / "blocks").rglob("*") if f.is_file()}
+    assert len(blocks) == 7 and address in blocks  # 6 parts and the manifest
+
+    victim = next(a for a in net.agents if any((a.storage / "blocks").rglob(address)))
+    victim.kill()
+    survivors = {a.address for a in net.agents if a is not victim}
+
+    deadline = time.monotonic() + 45
+    while True:
+        holders = {b: net.http(f"/api/who-has?q={b}")[1]["addresses"] for b in blocks}
+        if all(len(h) == 3 for h in holders.values()):
+            break
+        assert time.monotonic() < deadline, (holders, net.status().get("repair"))
+        time.sleep(0.5)
+    assert all(set(h) <= survivors for h in holders.values())
+    # Two more agents gone: every part still has a copy on the last one.
+    for agent in [a for a in net.agents if a is not victim][:2]:
+        agent.kill()
+    out = tmp_path / "out"
+    net.client("get", address, "-o", str(out))
+    assert out.read_bytes() == src.read_bytes()

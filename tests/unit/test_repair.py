@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from dsss.model import PeerAddress
+from dsss.server.registry import Registry
+from dsss.server.repair import Repairer
+
+B1, B2 = "aa" * 32, "bb" * 32
+
+
+class FakeServer:
+    replicas = 3
+
+    def __init__(self):
+        self.registry = Registry(heartbeat=1.0)
+        self.t = 100.0
+
+    def now(self):
+        return self.t
+
+
+def live_agent(server, n):
+    rec, _ = server.registry.register(agent_id=f"{n:064x}", seq=1, capacity=10**6, free=10**6,
+                                      version="1", handle=object(), now=server.t)
+    server.registry.heard_udp(rec.token, PeerAddress("127.0.0.1", 4000 + n), server.t)
+    return rec
+
+
+def advance(server, seconds, agents):
+    server.t += seconds
+    for a in agents:
+        if server.registry.get(a.agent_id) is a:
+            server.registry.heard_tcp(a, server.t)
+            server.registry.heard_udp(a.token, a.address, server.t)
+
+
+def test_parts_short_for_long_enough_are_due_once():
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    for a in agents:
+        server.registry.have(a, [B1], [100])
+    server.registry.have(agents[0], [B2], [100])  # B2 was only ever stored once... still short
+    r = Repairer(server, repair_after=10)
+    assert r.plan(server.t) == []  # just noticed
+    server.registry.unregister(agents[2].handle)  # B1 drops to two holders
+    advance(server, 5, agents)
+    assert r.plan(server.t) == []
+    advance(server, 6, agents)
+    assert sorted(r.plan(server.t)) == sorted([B1, B2])
+    # Tried recently: not due again until repair_after has passed.
+    r.last_try[B1] = server.t
+    assert r.plan(server.t) == [B2]
+
+
+def test_a_part_that_recovers_is_forgotten():
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    for a in agents[:2]:
+        server.registry.have(a, [B1], [100])
+    r = Repairer(server, repair_after=10)
+    r.plan(server.t)
+    assert B1 in r.short_since
+    server.registry.have(agents[2], [B1], [100])
+    advance(server, 20, agents)
+    assert r.plan(server.t) == [] and r.short_since == {}
+
+
+def test_lost_parts_are_not_repairable_and_in_flight_is_bounded():
+    server = FakeServer()
+    a = live_agent(server, 0)
+    blocks = [f"{i:064x}" for i in range(20)]
+    server.registry.have(a, blocks, [1] * 20)
+    r = Repairer(server, repair_after=0, max_in_flight=4)
+    assert len(r.plan(server.t)) == 4
+    r.in_flight.update(blocks[:4])
+    assert len(r.plan(server.t)) == 0
+    server.registry.unregister(a.handle)  # no holder left: nothing to copy from
+    r.in_flight.clear()
+    assert r.plan(server.t) == []
