@@ -50,7 +50,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -371,7 +370,8 @@ class NatLab:
         return "\n".join(lines)
 
 
-_open_labs: "weakref.WeakSet[NatLab]" = weakref.WeakSet()
+# Labs not closed yet (strong references: a lab dropped without close() is still torn down at exit).
+_open_labs: set[NatLab] = set()
 
 
 @atexit.register

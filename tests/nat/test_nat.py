@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
+from dsss.crypto.keys import generate_key_file
 from dsss.harness import AGENT_READY, AgentProc, child_env
 from dsss.netns import SERVER_IP, Host, NatLab, NatNetwork, Router, paths_used, probe_punch
 from tests.nat.conftest import lab_namespaces
@@ -40,7 +41,7 @@ def start(net: NatNetwork, hosts: list[Host], *server_args: str) -> list[AgentPr
         m = a.wait_for(AGENT_READY)
         a.agent_id, a.address = m.group(1), m.group(2)
     net.wait_live(len(agents))
-    net.client("keygen")
+    generate_key_file(net.key)  # what `keygen` does, without starting a client
     return agents
 
 
@@ -353,6 +354,8 @@ def test_public_agents_work_without_punching(
     work directly even with every PUNCH datagram to and from them dropped."""
     hosts = [nat_lab.host(f"p{i}") for i in (1, 2, 3)]
     rules = [(h, chain) for h in hosts for chain in ("INPUT", "OUTPUT")]
+    if nat_lab.run(hosts[0], "iptables", "-C", "INPUT", *_PUNCH, check=False).returncode == 2:
+        pytest.skip("iptables has no string match (xt_string) here")
     for h, chain in rules:
         nat_lab.run(h, "iptables", "-A", chain, *_PUNCH)
     try:
