@@ -40,15 +40,17 @@ def test_parts_short_for_long_enough_are_due_once():
         server.registry.have(a, [B1], [100])
     server.registry.have(agents[0], [B2], [100])  # B2 was only ever stored once... still short
     r = Repairer(server, repair_after=10)
-    assert r.plan(server.t) == []  # just noticed
+    assert r.plan(server.t) == []  # B2 noticed short at t=100
     server.registry.unregister(agents[2].handle)  # B1 drops to two holders
     advance(server, 5, agents)
-    assert r.plan(server.t) == []
+    assert r.plan(server.t) == []  # B1 noticed at t=105
+    advance(server, 6, agents)
+    assert r.plan(server.t) == [B2]  # t=111: B2 has been short for 11 s, B1 for 6 s
+    r.last_try[B2] = server.t
+    advance(server, 5, agents)
+    assert r.plan(server.t) == [B1]  # t=116: B1 due; B2 tried 5 s ago, not yet again
     advance(server, 6, agents)
     assert sorted(r.plan(server.t)) == sorted([B1, B2])
-    # Tried recently: not due again until repair_after has passed.
-    r.last_try[B1] = server.t
-    assert r.plan(server.t) == [B2]
 
 
 def test_a_part_that_recovers_is_forgotten():
