@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_agent_core -*-
 """Introduction keys: the agent's permission slips for uploads and downloads. Pure, clock-free.
 
-A key is random (128 bits), single-use, bound to the client's public address, one part hash and a
-size, and expires after `ttl` seconds. A key issued for size 0 is a download key; any other size
+A key is random (128 bits), single-use, bound to the client's public IP address (not its port,
+which a symmetric NAT changes per destination), one part hash and a size, and expires after `ttl` seconds. A key issued for size 0 is a download key; any other size
 makes an upload key for exactly that many bytes. Neither works for the other operation. Presenting a key consumes it, whatever the outcome, so a key
 that leaks after one attempt is worthless.
 """
@@ -68,7 +68,9 @@ class IntroductionTable:
             raise AccessDenied("unknown or already used introduction key")
         if now > intro.expires:
             raise AccessDenied("introduction key expired")
-        if intro.client != client:
+        if intro.client.host != client.host:
+            # The IP, not the port: behind a symmetric NAT the client's packets reach the agent
+            # from another public port than the one the server observed.
             raise AccessDenied("introduction key was issued for another client address")
         if intro.block != block:
             raise AccessDenied("introduction key was issued for another part")

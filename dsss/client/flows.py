@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import BinaryIO, Callable
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer

@@ -77,7 +77,8 @@ def test_where_to_upload_needs_live_agents_with_room(server):
     treq = StubTreq(DiscoveryAPI(server).resource())
     code, doc = decoded(get(treq, "/api/where-to-upload?size=100"))
     assert code == 503 and "error" in doc
-    a, b, c = FakeAgent(server, 4001), FakeAgent(server, 4002), FakeAgent(server, 4003, free=50)
+    for port, free in ((4001, 10_000), (4002, 10_000), (4003, 50)):
+        FakeAgent(server, port, free=free)
     code, doc = decoded(get(treq, "/api/where-to-upload?size=100"))
     assert code == 200 and doc["replicas"] == 2
     assert sorted(doc["addresses"]) == ["127.0.0.1:4001", "127.0.0.1:4002"]

@@ -388,11 +388,6 @@ def test_public_agents_work_without_punching(
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DSSS bug: behind a symmetric NAT the client's QUIC packets reach a public agent from another "
-    "port than the server observed, the handshake succeeds (so no relay fallback), and the agent "
-    "refuses the introduction key: 'introduction key was issued for another client address' "
-    "(dsss/agent/introductions.py, check against dsss/client/peer.py _connect)"))
 def test_client_behind_symmetric_nat_stores_on_public_agents(
     nat_lab: NatLab, nat_net: Callable[..., NatNetwork], random_file: Callable[..., Path], tmp_path: Path
 ) -> None:

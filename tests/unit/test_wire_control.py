@@ -209,7 +209,7 @@ MALFORMED = [
     f"REGISTER {AGENT} 1 10 5 v1 {SIG} x".encode(),
     f"WELCOME {TOKEN} 100".encode(),
     f"WELCOME {TOKEN} 100 1 2".encode(),
-    f"INTRODUCTION_REQUEST 1.2.3.4:5 6".encode(),
+    "INTRODUCTION_REQUEST 1.2.3.4:5 6".encode(),
     f"INTRODUCTION_REQUEST 1.2.3.4:5 6 {H1} x".encode(),
     b"ERROR",
     # non-ASCII
