@@ -111,6 +111,13 @@ class AgentProc(Proc):
 
 
 class LocalNetwork:
+    # Where the server listens, and the command prefix it runs under (subclasses place it
+    # elsewhere, e.g. in a network namespace).
+    server_ip = "127.0.0.1"
+
+    def server_prefix(self) -> Sequence[str]:
+        return ()
+
     def __init__(
         self,
         base: str | os.PathLike[str],
@@ -157,16 +164,17 @@ class LocalNetwork:
         offset = 0
         if self.server is not None and self.server.log_path.exists():
             offset = len(self.server.log())
+        ip = self.server_ip
         args = [
             "dsss-server",
-            f"--http=tcp:{http}:interface=127.0.0.1",
-            f"--control=tcp:{control}:interface=127.0.0.1",
-            f"--udp=127.0.0.1:{udp}",
+            f"--http=tcp:{http}:interface={ip}",
+            f"--control=tcp:{control}:interface={ip}",
+            f"--udp={ip}:{udp}",
             f"--heartbeat={self.heartbeat}",
             f"--replicas={self.replicas}",
             *extra,
         ]
-        proc = self._spawn("server", args)
+        proc = self._spawn("server", args, prefix=self.server_prefix())
         m = proc.wait_for(SERVER_READY, after=offset)
         self.http_port, self.control_port, self.udp_port = int(m.group(2)), int(m.group(4)), int(m.group(6))
         self.server = proc
@@ -174,7 +182,7 @@ class LocalNetwork:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.server_ip}:{self.http_port}"
 
     def start_agent(self, name: str | None = None, *extra: str, wait: bool = True) -> AgentProc:
         name = name or f"agent{len(self.agents) + 1}"

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from dsss.harness import AGENT_READY, SERVER_READY, AgentProc, LocalNetwork, Proc, child_env
+from dsss.harness import AGENT_READY, AgentProc, LocalNetwork, child_env
 
 T = TypeVar("T")
 
@@ -470,30 +470,10 @@ class NatNetwork(LocalNetwork):
         self.lab = lab
         self.hosts: dict[str, Host] = {}  # agent name -> host it runs on
 
-    def start_server(self, *extra: str, reuse_ports: bool = False) -> Proc:
-        if reuse_ports and self.http_port:
-            http, control, udp = self.http_port, self.control_port, self.udp_port
-        else:
-            http = control = udp = 0
-        offset = len(self.server.log()) if self.server is not None else 0
-        args = [
-            "dsss-server",
-            f"--http=tcp:{http}:interface={SERVER_IP}",
-            f"--control=tcp:{control}:interface={SERVER_IP}",
-            f"--udp={SERVER_IP}:{udp}",
-            f"--heartbeat={self.heartbeat}",
-            f"--replicas={self.replicas}",
-            *extra,
-        ]
-        proc: Proc = self._spawn("server", args, prefix=self.lab.exec_prefix(self.lab.wan))
-        m = proc.wait_for(SERVER_READY, after=offset)
-        self.http_port, self.control_port, self.udp_port = int(m.group(2)), int(m.group(4)), int(m.group(6))
-        self.server = proc
-        return proc
+    server_ip = SERVER_IP
 
-    @property
-    def url(self) -> str:
-        return f"http://{SERVER_IP}:{self.http_port}"
+    def server_prefix(self) -> Sequence[str]:
+        return self.lab.exec_prefix(self.lab.wan)
 
     def start_agent(self, name: str | None = None, *extra: str, wait: bool = True,
                     host: Host | None = None) -> AgentProc:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -41,3 +42,33 @@ def shared_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNe
         yield net
     finally:
         net.stop()
+
+
+def run_with_terminal_stderr(cmd: list[str], env: dict[str, str], timeout: float = 60.0) -> tuple[int, bytes, str]:
+    """Run `cmd` with stderr on a pseudo-terminal (stdout on a pipe), as a user at a terminal
+    would; returns (exit code, stdout, what the terminal showed)."""
+    import pty
+    import subprocess
+    import threading
+
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while the child runs: a closed pty may drop unread output
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    out, _ = proc.communicate(timeout=timeout)
+    reader.join(10)
+    os.close(leader)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")

@@ -16,7 +16,7 @@ from dsss.client.cli import build_parser
 from dsss.crypto.keys import generate_key_file, public_key_hex
 from dsss.harness import LocalNetwork, child_env
 from dsss.model import block_hash, is_block_id
-from tests.conftest import start_network
+from tests.conftest import run_with_terminal_stderr, start_network
 
 pytestmark = [pytest.mark.integration]
 
@@ -335,9 +335,6 @@ def test_config_file_and_precedence(shared_network, tmp_path):
 
 
 def test_multi_file_put_progress_on_a_terminal(shared_network, tmp_path):
-    import pty
-    import threading
-
     net = shared_network
     key = tmp_path / "t.key"
     net.client("keygen", key=key)
@@ -346,30 +343,10 @@ def test_multi_file_put_progress_on_a_terminal(shared_network, tmp_path):
         f = tmp_path / f"t{i}.bin"
         f.write_bytes(os.urandom(300 * 1024))
         files.append(str(f))
-    leader, follower = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            chunks.append(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     cmd = [sys.executable, "-m", "dsss.client", "--server", net.url, "--key", str(key), "put", *files]
-    proc = subprocess.Popen(cmd, env=child_env({"HOME": str(tmp_path)}), stdout=subprocess.PIPE, stderr=follower)
-    os.close(follower)
-    out, _ = proc.communicate(timeout=60)
-    reader.join(10)
-    os.close(leader)
-    assert proc.returncode == 0
+    code, out, text = run_with_terminal_stderr(cmd, child_env({"HOME": str(tmp_path)}))
+    assert code == 0
     assert [line.split()[1] for line in out.decode().splitlines()] == files
-    text = b"".join(chunks).decode(errors="replace")
     assert "3 files" in text and "t0.bin" in text and "B/s" in text, text
     assert "stored 3 files, 0.9 MiB in" in text and "MiB/s)" in text, text
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dsss.model import block_hash, is_block_id
-from tests.conftest import start_network
+from tests.conftest import run_with_terminal_stderr, start_network
 
 pytestmark = [pytest.mark.integration]
 
@@ -171,8 +171,6 @@ def test_get_survives_a_killed_agent_and_corrupt_replicas(make_network, tmp_path
 
 
 def test_progress_bar_on_a_terminal_and_silence_on_a_pipe(shared_network, tmp_path):
-    import pty
-    import subprocess
     import sys
 
     from dsss.harness import child_env
@@ -186,33 +184,10 @@ def test_progress_bar_on_a_terminal_and_silence_on_a_pipe(shared_network, tmp_pa
     assert len(r.stdout.decode().splitlines()) == 1
 
     # On a terminal: a tqdm bar with a byte rate.
-    leader, follower = pty.openpty()
     cmd = [sys.executable, "-m", "dsss.client", "--server", net.url, "--key", str(net.key), "put", str(src)]
-    import threading
-
-    chunks: list[bytes] = []
-
-    def drain() -> None:  # read while the child runs: a closed pty may drop unread output
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            chunks.append(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=follower)
-    os.close(follower)
-    out, _ = proc.communicate(timeout=60)
-    reader.join(10)
-    os.close(leader)
-    seen = b"".join(chunks)
-    assert proc.returncode == 0
+    code, out, text = run_with_terminal_stderr(cmd, child_env())
+    assert code == 0
     assert len(out.decode().split()[0]) == 64
-    text = seen.decode(errors="replace")
     assert "p.bin" in text and "B/s" in text, text
 
 
