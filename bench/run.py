@@ -1,0 +1,540 @@
+"""DSSS benchmark suite, against Tahoe-LAFS 1.20 in the same run. See docs/performance.md.
+
+    .venv/bin/python bench/run.py                       # everything but the profile (~1 h)
+    .venv/bin/python bench/run.py --quick               # small sizes, 2 repeats (a few minutes)
+    .venv/bin/python bench/run.py --only throughput small --repeat 5
+    .venv/bin/python bench/run.py --only profile        # py-spy profile of a 64 MiB put/get
+
+Measurements (in this order): startup, throughput, small, rss, discovery, nat; and profile
+(only when named). Every DSSS figure comes from real processes on loopback (a server and four
+agents, replicas 3) and the real CLI; Tahoe-LAFS runs as a local grid (introducer, four storage
+nodes, one client node, 2-of-4 shares) in its own network namespace, on the same files, with
+each repeat of DSSS and Tahoe interleaved. Prints a table per measurement (median, min, max;
+MB = 10^6 bytes) and writes every figure, with each run's raw values, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    BENCH_DIR,
+    MiB,
+    REPO_ROOT,
+    file_digest,
+    load_average,
+    log,
+    make_random_file,
+    ratio,
+    render_table,
+    run_timed,
+    size_label,
+    stat_cells,
+    summary,
+)
+
+ALL = ["startup", "throughput", "small", "rss", "discovery", "nat"]
+EXTRA = ["profile"]
+
+FULL = {
+    "repeat": 3,
+    "sizes": [1 * MiB, 64 * MiB, 256 * MiB],
+    "small_files": 200,
+    "small_size": 4096,
+    "small_repeat": 2,
+    "rss_sizes": [64 * MiB, 1024 * MiB],
+    "discovery_agents": [10, 100, 1000],
+    "discovery_requests": 500,
+    "nat_size": 64 * MiB,
+    "profile_size": 64 * MiB,
+}
+QUICK = {
+    "repeat": 2,
+    "sizes": [1 * MiB, 16 * MiB],
+    "small_files": 30,
+    "small_size": 4096,
+    "small_repeat": 2,
+    "rss_sizes": [16 * MiB, 64 * MiB],
+    "discovery_agents": [10, 100],
+    "discovery_requests": 200,
+    "nat_size": 8 * MiB,
+    "profile_size": 16 * MiB,
+}
+
+
+def mbps(size: int, seconds: float) -> float:
+    return size / 1e6 / seconds
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cfg = dict(QUICK if args.quick else FULL)
+        if args.repeat:
+            self.cfg["repeat"] = args.repeat
+            self.cfg["small_repeat"] = args.repeat
+        self.work = Path(args.work or tempfile.mkdtemp(prefix="dsss-bench-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {"meta": self.meta(), "config": self.cfg, "measurements": {}}
+        self.tables: list[str] = []
+        self._dsss: Any = None
+        self._tahoe: Any = None
+        self._tahoe_tried = False
+
+    # --- environment -----------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        def cmd(*c: str) -> str:
+            try:
+                return subprocess.run(c, capture_output=True, text=True, cwd=REPO_ROOT, timeout=30).stdout.strip()
+            except OSError:
+                return ""
+
+        return {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "cores": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "dsss_commit": cmd("git", "rev-parse", "--short", "HEAD"),
+            "load_average_start": load_average(),
+            "quick": bool(self.args.quick),
+            "argv": sys.argv[1:],
+        }
+
+    def dsss(self) -> Any:
+        if self._dsss is None:
+            from dsss_bench import DsssNetwork
+
+            log("starting DSSS: a server and 4 agents on loopback (replicas 3, heartbeat 1 s, 8 KiB datagrams)")
+            self._dsss = DsssNetwork(self.work / "dsss")
+            self._dsss.start()
+        return self._dsss
+
+    def tahoe(self) -> Any:
+        """The Tahoe grid, or None (with the reason recorded) if it cannot run here."""
+        if self.args.no_tahoe:
+            self.results["meta"]["tahoe"] = "not run (--no-tahoe)"
+            return None
+        if not self._tahoe_tried:
+            from tahoe import TahoeGrid
+
+            self._tahoe_tried = True
+            grid = TahoeGrid(self.work / "tahoe")
+            if grid.start():
+                self._tahoe = grid
+                version = grid.call("cli_startup")
+                self.results["meta"]["tahoe"] = version.get("stdout", "").strip() if version.get("ok") else "?"
+                self.results["meta"]["tahoe_grid_start_s"] = grid.setup.get("seconds")
+            else:
+                self.results["meta"]["tahoe"] = f"UNAVAILABLE: {grid.unavailable}"
+        return self._tahoe
+
+    def tahoe_op(self, op: str, **kw: Any) -> dict[str, Any] | None:
+        grid = self.tahoe()
+        if grid is None:
+            return None
+        r = grid.call(op, **kw)
+        if not r.get("ok"):
+            raise RuntimeError(f"Tahoe {op} failed: {r.get('error')}")
+        return r
+
+    def close(self) -> None:
+        if self._tahoe is not None:
+            self._tahoe.stop()
+        if self._dsss is not None:
+            self._dsss.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            log(f"work directory kept: {self.work}")
+
+    def save(self) -> None:
+        self.results["meta"]["load_average_end"] = load_average()
+        self.results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        path = Path(self.args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        tmp.replace(path)
+
+    def emit(self, text: str) -> None:
+        self.tables.append(text)
+        print(text, flush=True)
+
+    # --- measurements ----------------------------------------------------------------------------
+
+    def m_startup(self) -> dict[str, Any]:
+        """Per-call overhead of each CLI: an interpreter start, imports, argument parsing."""
+        from dsss.harness import child_env
+
+        env = child_env()
+        n = max(3, self.cfg["repeat"])
+        help_s, import_s, tahoe_s = [], [], []
+        imports = "import dsss.client.cli, dsss.client.flows, dsss.client.peer, dsss.client.discovery"
+        for _ in range(n):
+            help_s.append(run_timed([sys.executable, "-m", "dsss.client", "--help"], env=env)["seconds"])
+            import_s.append(run_timed([sys.executable, "-c", imports], env=env)["seconds"])
+            r = self.tahoe_op("cli_startup")
+            if r is not None:
+                tahoe_s.append(r["seconds"])
+        res = {"dsss_help_s": summary(help_s), "dsss_imports_s": summary(import_s),
+               "tahoe_version_s": summary(tahoe_s)}
+        self.emit(render_table(
+            ["CLI start-up (s)", "median", "min", "max"],
+            [["dsss --help (no network imports)", *stat_cells(res["dsss_help_s"])],
+             ["dsss: python + client network imports", *stat_cells(res["dsss_imports_s"])],
+             ["tahoe --version", *stat_cells(res["tahoe_version_s"])]],
+            title="startup: per-call CLI overhead"))
+        return res
+
+    def m_throughput(self) -> dict[str, Any]:
+        d = self.dsss()
+        out: dict[str, Any] = {}
+        for size in self.cfg["sizes"]:
+            src = make_random_file(self.work / "files" / f"rand-{size}.bin", size)
+            digest = file_digest(src)
+            runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+                s: {"put": [], "get": []} for s in ("dsss", "tahoe_web", "tahoe_cli")}
+            dst = self.work / "out.bin"
+
+            def check(what: str) -> None:
+                ok = file_digest(dst) == digest
+                dst.unlink()
+                if not ok:
+                    raise RuntimeError(f"{what}: the bytes read back differ from those stored")
+
+            def do_dsss() -> None:
+                p = d.put(src)
+                runs["dsss"]["put"].append(p)
+                g = d.get(p["address"], dst)
+                check("dsss get")
+                runs["dsss"]["get"].append(g)
+
+            def do_tahoe() -> None:
+                for kind, put_op, get_op in (("tahoe_web", "put_web", "get_web"), ("tahoe_cli", "put_cli", "get_cli")):
+                    p = self.tahoe_op(put_op, file=str(src))
+                    if p is None:
+                        return
+                    runs[kind]["put"].append(p)
+                    g = self.tahoe_op(get_op, cap=p["cap"], out=str(dst))
+                    check(f"tahoe {get_op}")
+                    runs[kind]["get"].append(g)  # type: ignore[arg-type]
+
+            for i in range(self.cfg["repeat"]):
+                # Alternate who goes first, so a drift in the machine's load favours neither.
+                for step in ((do_dsss, do_tahoe) if i % 2 == 0 else (do_tahoe, do_dsss)):
+                    step()
+                line = [f"{size_label(size)} #{i + 1}:"]
+                for sys_, ops in runs.items():
+                    if ops["put"]:
+                        line.append(f"{sys_} put {mbps(size, ops['put'][-1]['seconds']):.1f} "
+                                    f"get {mbps(size, ops['get'][-1]['seconds']):.1f} MB/s")
+                log(" ".join(line))
+            entry: dict[str, Any] = {"size": size}
+            for sys_, ops in runs.items():
+                for op in ("put", "get"):
+                    rs = ops[op]
+                    entry[f"{sys_}_{op}_mbps"] = summary(mbps(size, r["seconds"]) for r in rs)
+                    entry[f"{sys_}_{op}_seconds"] = summary(r["seconds"] for r in rs)
+                    rss_key = "maxrss_kb" if sys_ == "dsss" else "tool_maxrss_kb"
+                    cpu_key = "cpu_s" if sys_ == "dsss" else "tool_cpu_s"
+                    entry[f"{sys_}_{op}_client_maxrss_kb"] = summary(r.get(rss_key) for r in rs)
+                    entry[f"{sys_}_{op}_client_cpu_s"] = summary(r.get(cpu_key) for r in rs)
+                    if sys_ == "dsss":
+                        entry[f"dsss_{op}_daemons_cpu_s"] = summary(sum(r["daemons_cpu_s"].values()) for r in rs)
+                    else:
+                        entry[f"{sys_}_{op}_nodes_cpu_s"] = summary(r.get("nodes_cpu_s") for r in rs)
+                        entry[f"{sys_}_{op}_client_node_peak_rss_kb"] = summary(
+                            r.get("client_node_peak_rss_kb") for r in rs)
+            for base in ("tahoe_web", "tahoe_cli"):
+                for op in ("put", "get"):
+                    a = entry[f"dsss_{op}_mbps"]["values"]
+                    b = entry[f"{base}_{op}_mbps"]["values"]
+                    entry[f"ratio_{op}_vs_{base}"] = {
+                        "of_medians": ratio(entry[f"dsss_{op}_mbps"]["median"], entry[f"{base}_{op}_mbps"]["median"]),
+                        "per_repeat": summary(x / y for x, y in zip(a, b)),
+                    }
+            out[str(size)] = entry
+            if size >= 256 * MiB and not self.args.keep:
+                src.unlink()  # disk space: the largest files are not needed again
+            self.save_partial("throughput", out)
+        rows = []
+        for entry in out.values():
+            for op in ("put", "get"):
+                for sys_, label in (("dsss", "DSSS CLI"), ("tahoe_web", "Tahoe web API (curl)"),
+                                    ("tahoe_cli", "Tahoe CLI")):
+                    s = entry[f"{sys_}_{op}_mbps"]
+                    if not s["n"]:
+                        continue
+                    rat = entry.get(f"ratio_{op}_vs_{sys_}") if sys_ != "dsss" else None
+                    rows.append([size_label(entry["size"]), op, label, *stat_cells(s),
+                                 None if rat is None else rat["of_medians"],
+                                 None if rat is None else f"{rat['per_repeat']['min']:.2f}..{rat['per_repeat']['max']:.2f}"
+                                 if rat["per_repeat"]["n"] else None])
+        self.emit(render_table(["size", "op", "system", "MB/s median", "min", "max", "DSSS/this (medians)",
+                                "DSSS/this per repeat"], rows,
+                               title=f"throughput: MB/s (10^6 B/s), {self.cfg['repeat']} repeats, whole CLI/curl call"))
+        return out
+
+    def save_partial(self, name: str, value: Any) -> None:
+        self.results["measurements"][name] = value
+        self.save()
+
+    def m_small(self) -> dict[str, Any]:
+        d = self.dsss()
+        n, size = self.cfg["small_files"], self.cfg["small_size"]
+        sdir = self.work / "small" / "small"
+        files = [make_random_file(sdir / f"f{i:04d}", size) for i in range(n)]
+        digests = {f.name: file_digest(f) for f in files}
+        res: dict[str, Any] = {"files": n, "size": size, "runs": []}
+
+        def verify(outdir: Path, what: str) -> None:
+            found = {p.name: file_digest(p) for p in outdir.rglob("f*") if p.is_file()}
+            if found != digests:
+                raise RuntimeError(f"{what}: {len(found)} files back, {sum(found.get(k) == v for k, v in digests.items())} intact")
+            shutil.rmtree(outdir)
+
+        for i in range(self.cfg["small_repeat"]):
+            run: dict[str, Any] = {}
+            limited = d.rate_limited_responses()
+            p = d.put_many(files)
+            run["dsss_put"] = {"seconds": p["seconds"], "files_per_s": n / p["seconds"], "maxrss_kb": p["maxrss_kb"],
+                               "cpu_s": p["cpu_s"], "daemons_cpu_s": p["daemons_cpu_s"],
+                               "http_429": d.rate_limited_responses() - limited}
+            outdir = self.work / "small-out"
+            outdir.mkdir(exist_ok=True)
+            per_call = []
+            t0 = time.monotonic()
+            for f, address in zip(files, p["addresses"]):
+                per_call.append(d.get(address, outdir / f.name)["seconds"])
+            total = time.monotonic() - t0
+            verify(outdir, "dsss get")
+            run["dsss_get"] = {"seconds": total, "files_per_s": n / total, "per_call_s": summary(per_call),
+                               "calls": n}
+            if self.tahoe() is not None:
+                pw = self.tahoe_op("put_many_web", files=[str(f) for f in files])
+                assert pw is not None
+                gw = self.tahoe_op("get_many_web", caps=pw["caps"], outdir=str(outdir))
+                assert gw is not None
+                verify(outdir, "tahoe web get")
+                run["tahoe_web_put"] = {"seconds": pw["seconds"], "files_per_s": n / pw["seconds"]}
+                run["tahoe_web_get"] = {"seconds": gw["seconds"], "files_per_s": n / gw["seconds"]}
+                name = f"small-{i}"
+                pc = self.tahoe_op("put_many_cli", dir=str(sdir), name=name)
+                gc = self.tahoe_op("get_many_cli", name=name, outdir=str(outdir))
+                assert pc is not None and gc is not None
+                verify(outdir, "tahoe cli get")
+                run["tahoe_cli_put"] = {"seconds": pc["seconds"], "files_per_s": n / pc["seconds"]}
+                run["tahoe_cli_get"] = {"seconds": gc["seconds"], "files_per_s": n / gc["seconds"]}
+            res["runs"].append(run)
+            log("small #%d: %s" % (i + 1, ", ".join(f"{k} {v['files_per_s']:.1f}/s" for k, v in run.items())))
+        keys = ["dsss_put", "dsss_get", "tahoe_web_put", "tahoe_web_get", "tahoe_cli_put", "tahoe_cli_get"]
+        for k in keys:
+            res[k + "_files_per_s"] = summary(r[k]["files_per_s"] for r in res["runs"] if k in r)
+        res["dsss_get_per_call_s"] = summary(
+            v for r in res["runs"] for v in r["dsss_get"]["per_call_s"]["values"])
+        res["dsss_put_http_429"] = [r["dsss_put"]["http_429"] for r in res["runs"]]
+        labels = {
+            "dsss_put": "DSSS: one `put` of all files",
+            "dsss_get": f"DSSS: {n} `get` calls (no multi-get)",
+            "tahoe_web_put": "Tahoe web: one curl, PUT /uri each",
+            "tahoe_web_get": "Tahoe web: one curl, GET /uri/CAP each",
+            "tahoe_cli_put": "Tahoe CLI: one `tahoe cp -r`",
+            "tahoe_cli_get": "Tahoe CLI: one `tahoe cp -r` back",
+        }
+        rows = [[labels[k], *stat_cells(res[k + "_files_per_s"])] for k in keys if res[k + "_files_per_s"]["n"]]
+        rows.append(["DSSS: seconds per `get` call", *stat_cells(res["dsss_get_per_call_s"])])
+        self.emit(render_table(["files/s", "median", "min", "max"], rows,
+                               title=f"small: {n} files of {size_label(size)}, {self.cfg['small_repeat']} repeats"))
+        return res
+
+    def m_rss(self) -> dict[str, Any]:
+        d = self.dsss()
+        res: dict[str, Any] = {}
+        rows = []
+        for size in self.cfg["rss_sizes"]:
+            src = make_random_file(self.work / "files" / f"rss-{size}.bin", size)
+            digest = file_digest(src)
+            dst = self.work / "rss-out.bin"
+            p = d.put(src)
+            g = d.get(p["address"], dst)
+            ok = file_digest(dst) == digest
+            dst.unlink()
+            if not ok:
+                raise RuntimeError("rss: get returned different bytes")
+            res[str(size)] = {
+                "put_maxrss_kb": p["maxrss_kb"], "get_maxrss_kb": g["maxrss_kb"],
+                "put_mbps": mbps(size, p["seconds"]), "get_mbps": mbps(size, g["seconds"]),
+                "put_cpu_s": p["cpu_s"], "get_cpu_s": g["cpu_s"],
+            }
+            rows.append([size_label(size), p["maxrss_kb"] * 1024 / 1e6, g["maxrss_kb"] * 1024 / 1e6,
+                         mbps(size, p["seconds"]), mbps(size, g["seconds"])])
+            if not self.args.keep:
+                src.unlink()
+            log(f"rss {size_label(size)}: put {p['maxrss_kb'] / 1024:.0f} MiB, get {g['maxrss_kb'] / 1024:.0f} MiB peak")
+        self.emit(render_table(["file", "put peak RSS (MB)", "get peak RSS (MB)", "put MB/s", "get MB/s"], rows,
+                               title="rss: DSSS client peak RSS (wait4 ru_maxrss), one run each"))
+        return res
+
+    def m_discovery(self) -> dict[str, Any]:
+        from discovery_scale import measure
+
+        log(f"discovery: {self.cfg['discovery_agents']} simulated agents, all at once")
+        res = measure(self.cfg["discovery_agents"], self.work / "discovery", requests=self.cfg["discovery_requests"])
+        rows = []
+        for n, r in res.items():
+            rows.append([n, r["who_has_ms"]["p50"], r["who_has_ms"]["p99"], r["who_has_ms"]["max"],
+                         r["where_to_upload_ms"]["p50"], r["where_to_upload_ms"]["p99"], r["where_to_upload_ms"]["max"],
+                         r["server_rss_kb"]["registered"] / 1024, r["register_seconds"]])
+        self.emit(render_table(["agents", "who-has p50 ms", "p99", "max", "where-to-upload p50 ms", "p99", "max",
+                                "server RSS MiB", "register all (s)"], rows,
+                               title=f"discovery: {self.cfg['discovery_requests']} sequential requests per count, "
+                                     "the counts interleaved, one HTTP connection each"))
+        return res
+
+    def m_nat(self) -> dict[str, Any]:
+        import nat_bench
+
+        res = nat_bench.measure(self.work, self.cfg["nat_size"], self.cfg["repeat"])
+        if "skipped" in res:
+            self.emit(f"\n## nat: skipped: {res['skipped']}")
+            return res
+        rows = []
+        for kind in ("direct", "relay"):
+            r = res.get(kind, {})
+            if "error" in r:
+                rows.append([kind, "ERROR", r["error"][:60], None, None, None, None, None])
+                continue
+            rows.append([kind, "put", *stat_cells(r["put_mbps"]), ",".join(r["paths_seen"]), r["relayed_bytes"]])
+            rows.append([kind, "get", *stat_cells(r["get_mbps"]), ",".join(r["paths_seen"]), r["relayed_bytes"]])
+        self.emit(render_table(["path", "op", "MB/s median", "min", "max", "paths reported", "relayed bytes"], rows,
+                               title=f"nat: {size_label(res['size'])} across NATs, MTU 1500, 1452-byte datagrams"))
+        return res
+
+    def m_profile(self) -> dict[str, Any]:
+        import profile_dsss
+
+        d = self.dsss()
+        src = make_random_file(self.work / "files" / f"profile-{self.cfg['profile_size']}.bin", self.cfg["profile_size"])
+        outdir = Path(self.args.json).resolve().parent / "profile"
+        res = profile_dsss.profile(d, src, outdir)
+        self.emit(profile_dsss.render(res))
+        return res
+
+    # --- targets ---------------------------------------------------------------------------------
+
+    def targets(self) -> list[dict[str, Any]]:
+        m = self.results["measurements"]
+        out: list[dict[str, Any]] = []
+
+        def add(target: str, measured: str, met: bool | None, note: str = "") -> None:
+            out.append({"target": target, "measured": measured, "met": met, "note": note})
+
+        tp = m.get("throughput")
+        if isinstance(tp, dict) and tp:
+            size = max(int(k) for k in tp)
+            e = tp[str(size)]
+            note = "" if size == 256 * MiB else f"largest size measured was {size_label(size)}, not 256 MiB"
+            for op in ("put", "get"):
+                r = e[f"ratio_{op}_vs_tahoe_web"]["of_medians"]
+                add(f"{op} 256 MiB >= 2x Tahoe web API", f"{r:.2f}x" if r else "no Tahoe figure",
+                    None if r is None else r >= 2.0, note)
+        sm = m.get("small")
+        if isinstance(sm, dict) and "dsss_put_files_per_s" in sm:
+            for op in ("put", "get"):
+                v = sm[f"dsss_{op}_files_per_s"]["median"]
+                add(f"small files {op} >= 50 files/s", f"{v:.1f}/s", v >= 50)
+        rs = m.get("rss")
+        if isinstance(rs, dict) and rs:
+            size = max(int(k) for k in rs)
+            e = rs[str(size)]
+            peak = max(e["put_maxrss_kb"], e["get_maxrss_kb"]) * 1024 / 1e6
+            add("client peak RSS < 150 MB for 1 GiB", f"{peak:.0f} MB ({size_label(size)})", peak < 150,
+                "" if size == 1024 * MiB else f"largest file measured was {size_label(size)}")
+        dc = m.get("discovery")
+        if isinstance(dc, dict) and dc:
+            lo, hi = min(dc, key=int), max(dc, key=int)
+            a, b = dc[lo]["who_has_ms"]["p99"], dc[hi]["who_has_ms"]["p99"]
+            add(f"who-has p99 at 1000 agents <= 2x p99 at 10", f"{b:.1f} ms at {hi} vs {a:.1f} ms at {lo} ({b / a:.2f}x)",
+                b <= 2 * a, "" if hi == "1000" else f"largest count measured was {hi}")
+        nat = m.get("nat")
+        if isinstance(nat, dict) and "size" in nat and isinstance(tp, dict) and tp:
+            ref_size = str(nat["size"]) if str(nat["size"]) in tp else str(max(int(k) for k in tp))
+            for kind in ("direct", "relay"):
+                r = nat.get(kind, {})
+                if "error" in r:
+                    add(f"NAT {kind} >= Tahoe web on loopback", "error", False, r["error"][:80])
+                    continue
+                for op in ("put", "get"):
+                    v = r[f"{op}_mbps"]["median"]
+                    t = tp[ref_size][f"tahoe_web_{op}_mbps"]["median"]
+                    add(f"NAT {kind} {op} >= Tahoe web {op} on loopback",
+                        f"{v:.1f} vs {t:.1f} MB/s" if t else f"{v:.1f} MB/s (no Tahoe figure)",
+                        None if t is None else v >= t, f"Tahoe at {size_label(int(ref_size))}")
+        return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and 2 repeats (a few minutes)")
+    ap.add_argument("--only", nargs="+", choices=ALL + EXTRA, metavar="NAME",
+                    help=f"run only these measurements ({', '.join(ALL + EXTRA)})")
+    ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (default 3, quick 2)")
+    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "run.json"), help="where to write the results")
+    ap.add_argument("--no-tahoe", action="store_true", help="measure DSSS alone")
+    ap.add_argument("--work", default=None, help="work directory (default: a new temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (files, logs, stores)")
+    args = ap.parse_args()
+    names = args.only or ALL
+    bench = Bench(args)
+    started = time.monotonic()
+    log(f"work directory {bench.work}; results to {args.json}")
+    failures = 0
+    try:
+        for name in (n for n in ALL + EXTRA if n in names):
+            log(f"=== {name}")
+            t0 = time.monotonic()
+            try:
+                value = getattr(bench, f"m_{name}")()
+            except Exception as e:
+                import traceback
+
+                traceback.print_exc()
+                value = {"error": f"{type(e).__name__}: {e}"}
+                failures += 1
+                bench.emit(f"\n## {name}: FAILED: {value['error']}")
+            bench.results.setdefault("elapsed_s", {})[name] = round(time.monotonic() - t0, 1)
+            bench.save_partial(name, value)
+        bench.results["targets"] = bench.targets()
+        rows = [[t["target"], t["measured"], {True: "yes", False: "NO", None: "?"}[t["met"]], t["note"]]
+                for t in bench.results["targets"]]
+        if rows:
+            bench.emit(render_table(["target", "measured", "met", "note"], rows, title="targets"))
+    finally:
+        bench.results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+        bench.save()
+        bench.close()
+    tahoe = bench.results["meta"].get("tahoe")
+    if tahoe:
+        print(f"\nTahoe-LAFS: {tahoe}")
+    print(f"load average start {bench.results['meta']['load_average_start']}, end "
+          f"{bench.results['meta']['load_average_end']}; {os.cpu_count()} cores; "
+          f"elapsed {bench.results['meta']['elapsed_s']:.0f} s; JSON: {args.json}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
