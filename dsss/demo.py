@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = same
     finally:
         net.stop()
-        codes = {p.name: p.popen.returncode for p in net.procs}
-        say(f"stopped all processes: exit codes {codes}")
+        # twistd shuts down cleanly on SIGTERM, then exits by that signal (-15).
+        clean = [p.name for p in net.procs if "Server Shut Down." in p.log()]
+        unclean = [p.name for p in net.procs if p.name not in clean]
+        say(f"stopped {len(clean)} processes cleanly with SIGTERM" + (f"; not cleanly: {unclean}" if unclean else ""))
+        ok = ok and not unclean
         if args.keep or not ok:
             say(f"logs kept in {work}")
         else:
