@@ -65,7 +65,7 @@ def check_server_url(url: str) -> str:
         raise BadRequest("the server URL must be a string")
     parts = urlsplit(url)
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a bad port
     except ValueError:
         raise BadRequest(f"the server URL has a bad port: {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:

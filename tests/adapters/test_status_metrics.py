@@ -278,7 +278,7 @@ def test_json_observer_writes_one_parsable_event_per_line():
     log = Logger(observer=observer, namespace="dsss.test")
     log.info("DSSS server ready http={http}", http="127.0.0.1:1")
     try:
-        1 / 0
+        raise ZeroDivisionError("for the test")
     except ZeroDivisionError:
         log.failure("it broke")
     lines = out.getvalue().splitlines()

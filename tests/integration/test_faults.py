@@ -198,7 +198,7 @@ def test_floods_do_not_starve_other_peers(make_network, tmp_path):
     # UDP: 20 000 PINGs from one socket, bounded and on loopback only.
     flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flood.bind(("127.0.0.2", 0))
-    for i in range(20_000):
+    for _ in range(20_000):
         flood.sendto(b"\x00PING -", ("127.0.0.1", net.udp_port))
     flood.close()
     # HTTP: a burst from 127.0.0.2 is limited (429) ...
