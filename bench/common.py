@@ -58,9 +58,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run_timed(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 7200,
-              stdin_data: bytes | None = None) -> dict[str, Any]:
+              stdin_data: bytes | None = None, rss_every: float | None = None) -> dict[str, Any]:
     """Run `cmd` to completion: wall seconds, exit code, stdout/stderr, and the child's own peak
-    RSS and CPU time (reaped with wait4, so the figures are this child's alone)."""
+    RSS and CPU time (reaped with wait4, so the figures are this child's alone). With
+    `rss_every`, also `rss_timeline`: [seconds since start, VmRSS kB] sampled that often."""
+    timeline: list[tuple[float, int]] = []
+    next_sample = 0.0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         p = subprocess.Popen(list(cmd), env=env, stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
@@ -74,7 +77,13 @@ def run_timed(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if rss_every is not None and now - start >= next_sample:
+                rss = proc_status_kb(p.pid, "VmRSS")
+                if rss is not None:
+                    timeline.append((round(now - start, 2), rss))
+                next_sample += rss_every
+            if now > deadline:
                 p.kill()
                 pid, status, usage = os.wait4(p.pid, 0)
                 break
@@ -90,6 +99,7 @@ def run_timed(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout:
             "stderr": err.read().decode(errors="replace")[-4000:],
             "maxrss_kb": usage.ru_maxrss,
             "cpu_s": usage.ru_utime + usage.ru_stime,
+            **({"rss_timeline": timeline} if rss_every is not None else {}),
         }
 
 

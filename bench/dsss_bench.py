@@ -47,11 +47,11 @@ class DsssNetwork:
     def client_command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "dsss.client", "--server", self.net.url, "--key", str(self.net.key), *args]
 
-    def client(self, *args: str, timeout: float = 7200) -> dict[str, Any]:
+    def client(self, *args: str, timeout: float = 7200, rss_every: float | None = None) -> dict[str, Any]:
         """Run the CLI once; the result of run_timed plus the daemons' CPU seconds meanwhile."""
         pids = self.daemon_pids
         before = {name: proc_cpu(pid) for name, pid in pids.items()}
-        r = run_timed(self.client_command(*args), env=self.env, timeout=timeout)
+        r = run_timed(self.client_command(*args), env=self.env, timeout=timeout, rss_every=rss_every)
         r["daemons_cpu_s"] = {name: round(proc_cpu(pid) - before[name], 3) for name, pid in pids.items()}
         return r
 
@@ -60,13 +60,13 @@ class DsssNetwork:
             raise RuntimeError(f"dsss {what} failed ({r['rc']}): {r['stderr'][-1500:]}")
         return r
 
-    def put(self, path: Path) -> dict[str, Any]:
-        r = self._checked(self.client("put", str(path)), "put")
+    def put(self, path: Path, *, rss_every: float | None = None) -> dict[str, Any]:
+        r = self._checked(self.client("put", str(path), rss_every=rss_every), "put")
         r["address"] = r.pop("stdout").split()[0]
         return r
 
-    def get(self, address: str, out: Path) -> dict[str, Any]:
-        r = self._checked(self.client("get", address, "-o", str(out)), "get")
+    def get(self, address: str, out: Path, *, rss_every: float | None = None) -> dict[str, Any]:
+        r = self._checked(self.client("get", address, "-o", str(out), rss_every=rss_every), "get")
         r.pop("stdout", None)
         return r
 

@@ -18,6 +18,7 @@ also summarizes them:
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, log
+from common import BENCH_DIR, file_digest, log
 
 TOOLS = BENCH_DIR / ".tools-venv"
 PY_SPY = TOOLS / "bin" / "py-spy"
@@ -79,7 +80,10 @@ INCLUSIVE = [
     ("UDP doRead", "doRead (twisted/internet/udp.py"),
     ("BlockStore", "(dsss/storage/blockstore.py"),
     ("discovery HTTP (treq)", "(treq/"),
-    ("bytes join/copy in request()", "on_end (dsss/quic.py"),
+    ("after a reply completes (join, hash, decrypt, write)", "on_end (dsss/quic.py"),
+    ("agent: background scrub (re-read, re-hash)", "Scrubber.step (dsss/agent/scrub.py"),
+    ("agent: upload commit (fsync, rename)", "commit (dsss/storage/blockstore.py"),
+    ("agent: upload write + hash per chunk", "BlockWriter.write (dsss/storage/blockstore.py"),
 ]
 
 
@@ -191,10 +195,17 @@ def profile(dsss: Any, src: Path, outdir: Path) -> dict[str, Any]:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        if r.returncode != 0:
-            return {"error": f"profiled {op} failed: {r.stderr[-1500:]}"}
+        # py-spy exits 0 whatever the client did, and prints its own lines on stdout: check the
+        # client's work itself.
         if op == "put":
-            address = r.stdout.split()[0]
+            m = re.search(r"^([0-9a-f]{64}) ", r.stdout, re.M)
+            if r.returncode != 0 or m is None:
+                return {"error": f"profiled put failed: {r.stdout[-800:]} {r.stderr[-800:]}"}
+            address = m.group(1)
+        else:
+            got = outdir / "get.out"
+            if r.returncode != 0 or not got.exists() or file_digest(got) != file_digest(src):
+                return {"error": f"profiled get failed: {r.stdout[-800:]} {r.stderr[-800:]}"}
         result[op] = {
             "seconds_under_profiler": round(seconds, 2),
             "client": summarize(client_raw),

@@ -34,9 +34,11 @@ from common import (  # noqa: E402
     MiB,
     REPO_ROOT,
     file_digest,
+    fmt,
     load_average,
     log,
     make_random_file,
+    proc_cpu,
     ratio,
     render_table,
     run_timed,
@@ -76,6 +78,14 @@ QUICK = {
 
 def mbps(size: int, seconds: float) -> float:
     return size / 1e6 / seconds
+
+
+def quartiles(timeline: list[tuple[float, int]]) -> list[int]:
+    """VmRSS (kB) at 25, 50, 75 and 100% of a call's samples (0 when there are none)."""
+    if not timeline:
+        return [0, 0, 0, 0]
+    n = len(timeline)
+    return [timeline[min(n - 1, max(0, int(round(q * n)) - 1))][1] for q in (0.25, 0.5, 0.75, 1.0)]
 
 
 class Bench:
@@ -190,14 +200,25 @@ class Bench:
             r = self.tahoe_op("cli_startup")
             if r is not None:
                 tahoe_s.append(r["seconds"])
-        res = {"dsss_help_s": summary(help_s), "dsss_imports_s": summary(import_s),
-               "tahoe_version_s": summary(tahoe_s)}
+        res: dict[str, Any] = {"dsss_help_s": summary(help_s), "dsss_imports_s": summary(import_s),
+                               "tahoe_version_s": summary(tahoe_s)}
+        # Background load each side adds while the other is measured (DSSS agents scrub at their
+        # default 8 MiB/s each, everyone heartbeats).
+        d = self.dsss()
+        pids = d.daemon_pids
+        before = {k: proc_cpu(p) for k, p in pids.items()}
+        time.sleep(10)
+        res["dsss_idle_cpu_pct"] = 100 * sum(proc_cpu(p) - before[k] for k, p in pids.items()) / 10
+        r = self.tahoe_op("idle_cpu", seconds=10)
+        res["tahoe_idle_cpu_pct"] = None if r is None else 100 * r["nodes_cpu_s"] / 10
         self.emit(render_table(
             ["CLI start-up (s)", "median", "min", "max"],
             [["dsss --help (no network imports)", *stat_cells(res["dsss_help_s"])],
              ["dsss: python + client network imports", *stat_cells(res["dsss_imports_s"])],
              ["tahoe --version", *stat_cells(res["tahoe_version_s"])]],
             title="startup: per-call CLI overhead"))
+        self.emit(f"idle daemons: DSSS server + 4 agents {fmt(res['dsss_idle_cpu_pct'], 1)}% of a core, "
+                  f"Tahoe 5 nodes {fmt(res['tahoe_idle_cpu_pct'], 1)}% of a core (over 10 s)")
         return res
 
     def m_throughput(self) -> dict[str, Any]:
@@ -369,24 +390,31 @@ class Bench:
             src = make_random_file(self.work / "files" / f"rss-{size}.bin", size)
             digest = file_digest(src)
             dst = self.work / "rss-out.bin"
-            p = d.put(src)
-            g = d.get(p["address"], dst)
+            p = d.put(src, rss_every=0.25)
+            g = d.get(p["address"], dst, rss_every=0.25)
             ok = file_digest(dst) == digest
             dst.unlink()
             if not ok:
                 raise RuntimeError("rss: get returned different bytes")
             res[str(size)] = {
                 "put_maxrss_kb": p["maxrss_kb"], "get_maxrss_kb": g["maxrss_kb"],
+                "put_rss_quartiles_kb": quartiles(p["rss_timeline"]),
+                "get_rss_quartiles_kb": quartiles(g["rss_timeline"]),
+                "put_rss_timeline": p["rss_timeline"], "get_rss_timeline": g["rss_timeline"],
                 "put_mbps": mbps(size, p["seconds"]), "get_mbps": mbps(size, g["seconds"]),
                 "put_cpu_s": p["cpu_s"], "get_cpu_s": g["cpu_s"],
             }
             rows.append([size_label(size), p["maxrss_kb"] * 1024 / 1e6, g["maxrss_kb"] * 1024 / 1e6,
+                         "/".join(f"{kb * 1024 / 1e6:.0f}" for kb in res[str(size)]["put_rss_quartiles_kb"]),
+                         "/".join(f"{kb * 1024 / 1e6:.0f}" for kb in res[str(size)]["get_rss_quartiles_kb"]),
                          mbps(size, p["seconds"]), mbps(size, g["seconds"])])
             if not self.args.keep:
                 src.unlink()
             log(f"rss {size_label(size)}: put {p['maxrss_kb'] / 1024:.0f} MiB, get {g['maxrss_kb'] / 1024:.0f} MiB peak")
-        self.emit(render_table(["file", "put peak RSS (MB)", "get peak RSS (MB)", "put MB/s", "get MB/s"], rows,
-                               title="rss: DSSS client peak RSS (wait4 ru_maxrss), one run each"))
+        self.emit(render_table(["file", "put peak RSS (MB)", "get peak RSS (MB)", "put RSS at 25/50/75/100%",
+                                "get RSS at 25/50/75/100%", "put MB/s", "get MB/s"], rows,
+                               title="rss: DSSS client peak RSS (wait4 ru_maxrss; VmRSS sampled every 0.25 s "
+                                     "at 25/50/75/100% of the call), one run each"))
         return res
 
     def m_discovery(self) -> dict[str, Any]:
