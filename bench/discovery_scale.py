@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import http.client
 import json
-import os
 import random
 import secrets
 import subprocess
@@ -341,6 +340,8 @@ def measure(counts: list[int], base: Path, *, requests: int = 500, parts_per_age
             "where_to_upload_ms": _ms(lat["where"][sc.agents]),
             "where_to_upload_answers": answers["where"][sc.agents],
             "server_rss_kb": sc.rss,
+            "who_has_values_ms": [round(v * 1e3, 3) for v in lat["who"][sc.agents]],
+            "where_to_upload_values_ms": [round(v * 1e3, 3) for v in lat["where"][sc.agents]],
         }
         for sc in scales
     }

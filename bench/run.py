@@ -1,6 +1,6 @@
 """DSSS benchmark suite, against Tahoe-LAFS 1.20 in the same run. See docs/performance.md.
 
-    .venv/bin/python bench/run.py                       # everything but the profile (~1 h)
+    .venv/bin/python bench/run.py                       # everything but the profile (~25-30 min)
     .venv/bin/python bench/run.py --quick               # small sizes, 2 repeats (a few minutes)
     .venv/bin/python bench/run.py --only throughput small --repeat 5
     .venv/bin/python bench/run.py --only profile        # py-spy profile of a 64 MiB put/get
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -221,76 +221,80 @@ class Bench:
                   f"Tahoe 5 nodes {fmt(res['tahoe_idle_cpu_pct'], 1)}% of a core (over 10 s)")
         return res
 
-    def m_throughput(self) -> dict[str, Any]:
+    def _throughput_one(self, size: int) -> dict[str, Any]:
+        """One size: each repeat stores and reads back the same file with DSSS and Tahoe."""
         d = self.dsss()
+        src = make_random_file(self.work / "files" / f"rand-{size}.bin", size)
+        digest = file_digest(src)
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            s: {"put": [], "get": []} for s in ("dsss", "tahoe_web", "tahoe_cli")}
+        dst = self.work / "out.bin"
+
+        def check(what: str) -> None:
+            ok = file_digest(dst) == digest
+            dst.unlink()
+            if not ok:
+                raise RuntimeError(f"{what}: the bytes read back differ from those stored")
+
+        def do_dsss() -> None:
+            p = d.put(src)
+            runs["dsss"]["put"].append(p)
+            g = d.get(p["address"], dst)
+            check("dsss get")
+            runs["dsss"]["get"].append(g)
+
+        def do_tahoe() -> None:
+            for kind, put_op, get_op in (("tahoe_web", "put_web", "get_web"), ("tahoe_cli", "put_cli", "get_cli")):
+                p = self.tahoe_op(put_op, file=str(src))
+                if p is None:
+                    return
+                runs[kind]["put"].append(p)
+                g = self.tahoe_op(get_op, cap=p["cap"], out=str(dst))
+                check(f"tahoe {get_op}")
+                runs[kind]["get"].append(g)  # type: ignore[arg-type]
+
+        for i in range(self.cfg["repeat"]):
+            # Alternate who goes first, so a drift in the machine's load favours neither.
+            for step in ((do_dsss, do_tahoe) if i % 2 == 0 else (do_tahoe, do_dsss)):
+                step()
+            line = [f"{size_label(size)} #{i + 1}:"]
+            for sys_, ops in runs.items():
+                if ops["put"]:
+                    line.append(f"{sys_} put {mbps(size, ops['put'][-1]['seconds']):.1f} "
+                                f"get {mbps(size, ops['get'][-1]['seconds']):.1f} MB/s")
+            log(" ".join(line))
+        entry: dict[str, Any] = {"size": size}
+        for sys_, ops in runs.items():
+            for op in ("put", "get"):
+                rs = ops[op]
+                entry[f"{sys_}_{op}_mbps"] = summary(mbps(size, r["seconds"]) for r in rs)
+                entry[f"{sys_}_{op}_seconds"] = summary(r["seconds"] for r in rs)
+                rss_key = "maxrss_kb" if sys_ == "dsss" else "tool_maxrss_kb"
+                cpu_key = "cpu_s" if sys_ == "dsss" else "tool_cpu_s"
+                entry[f"{sys_}_{op}_client_maxrss_kb"] = summary(r.get(rss_key) for r in rs)
+                entry[f"{sys_}_{op}_client_cpu_s"] = summary(r.get(cpu_key) for r in rs)
+                if sys_ == "dsss":
+                    entry[f"dsss_{op}_daemons_cpu_s"] = summary(sum(r["daemons_cpu_s"].values()) for r in rs)
+                else:
+                    entry[f"{sys_}_{op}_nodes_cpu_s"] = summary(r.get("nodes_cpu_s") for r in rs)
+                    entry[f"{sys_}_{op}_client_node_peak_rss_kb"] = summary(
+                        r.get("client_node_peak_rss_kb") for r in rs)
+        for base in ("tahoe_web", "tahoe_cli"):
+            for op in ("put", "get"):
+                a = entry[f"dsss_{op}_mbps"]["values"]
+                b = entry[f"{base}_{op}_mbps"]["values"]
+                entry[f"ratio_{op}_vs_{base}"] = {
+                    "of_medians": ratio(entry[f"dsss_{op}_mbps"]["median"], entry[f"{base}_{op}_mbps"]["median"]),
+                    "per_repeat": summary(x / y for x, y in zip(a, b)),
+                }
+        if size >= 256 * MiB and not self.args.keep:
+            src.unlink()  # disk space: the largest files are not needed again
+        return entry
+
+    def m_throughput(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for size in self.cfg["sizes"]:
-            src = make_random_file(self.work / "files" / f"rand-{size}.bin", size)
-            digest = file_digest(src)
-            runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-                s: {"put": [], "get": []} for s in ("dsss", "tahoe_web", "tahoe_cli")}
-            dst = self.work / "out.bin"
-
-            def check(what: str) -> None:
-                ok = file_digest(dst) == digest
-                dst.unlink()
-                if not ok:
-                    raise RuntimeError(f"{what}: the bytes read back differ from those stored")
-
-            def do_dsss() -> None:
-                p = d.put(src)
-                runs["dsss"]["put"].append(p)
-                g = d.get(p["address"], dst)
-                check("dsss get")
-                runs["dsss"]["get"].append(g)
-
-            def do_tahoe() -> None:
-                for kind, put_op, get_op in (("tahoe_web", "put_web", "get_web"), ("tahoe_cli", "put_cli", "get_cli")):
-                    p = self.tahoe_op(put_op, file=str(src))
-                    if p is None:
-                        return
-                    runs[kind]["put"].append(p)
-                    g = self.tahoe_op(get_op, cap=p["cap"], out=str(dst))
-                    check(f"tahoe {get_op}")
-                    runs[kind]["get"].append(g)  # type: ignore[arg-type]
-
-            for i in range(self.cfg["repeat"]):
-                # Alternate who goes first, so a drift in the machine's load favours neither.
-                for step in ((do_dsss, do_tahoe) if i % 2 == 0 else (do_tahoe, do_dsss)):
-                    step()
-                line = [f"{size_label(size)} #{i + 1}:"]
-                for sys_, ops in runs.items():
-                    if ops["put"]:
-                        line.append(f"{sys_} put {mbps(size, ops['put'][-1]['seconds']):.1f} "
-                                    f"get {mbps(size, ops['get'][-1]['seconds']):.1f} MB/s")
-                log(" ".join(line))
-            entry: dict[str, Any] = {"size": size}
-            for sys_, ops in runs.items():
-                for op in ("put", "get"):
-                    rs = ops[op]
-                    entry[f"{sys_}_{op}_mbps"] = summary(mbps(size, r["seconds"]) for r in rs)
-                    entry[f"{sys_}_{op}_seconds"] = summary(r["seconds"] for r in rs)
-                    rss_key = "maxrss_kb" if sys_ == "dsss" else "tool_maxrss_kb"
-                    cpu_key = "cpu_s" if sys_ == "dsss" else "tool_cpu_s"
-                    entry[f"{sys_}_{op}_client_maxrss_kb"] = summary(r.get(rss_key) for r in rs)
-                    entry[f"{sys_}_{op}_client_cpu_s"] = summary(r.get(cpu_key) for r in rs)
-                    if sys_ == "dsss":
-                        entry[f"dsss_{op}_daemons_cpu_s"] = summary(sum(r["daemons_cpu_s"].values()) for r in rs)
-                    else:
-                        entry[f"{sys_}_{op}_nodes_cpu_s"] = summary(r.get("nodes_cpu_s") for r in rs)
-                        entry[f"{sys_}_{op}_client_node_peak_rss_kb"] = summary(
-                            r.get("client_node_peak_rss_kb") for r in rs)
-            for base in ("tahoe_web", "tahoe_cli"):
-                for op in ("put", "get"):
-                    a = entry[f"dsss_{op}_mbps"]["values"]
-                    b = entry[f"{base}_{op}_mbps"]["values"]
-                    entry[f"ratio_{op}_vs_{base}"] = {
-                        "of_medians": ratio(entry[f"dsss_{op}_mbps"]["median"], entry[f"{base}_{op}_mbps"]["median"]),
-                        "per_repeat": summary(x / y for x, y in zip(a, b)),
-                    }
-            out[str(size)] = entry
-            if size >= 256 * MiB and not self.args.keep:
-                src.unlink()  # disk space: the largest files are not needed again
+            out[str(size)] = self._throughput_one(size)
             self.save_partial("throughput", out)
         rows = []
         for entry in out.values():
@@ -496,7 +500,7 @@ class Bench:
         if isinstance(dc, dict) and dc:
             lo, hi = min(dc, key=int), max(dc, key=int)
             a, b = dc[lo]["who_has_ms"]["p99"], dc[hi]["who_has_ms"]["p99"]
-            add(f"who-has p99 at 1000 agents <= 2x p99 at 10", f"{b:.1f} ms at {hi} vs {a:.1f} ms at {lo} ({b / a:.2f}x)",
+            add("who-has p99 at 1000 agents <= 2x p99 at 10", f"{b:.1f} ms at {hi} vs {a:.1f} ms at {lo} ({b / a:.2f}x)",
                 b <= 2 * a, "" if hi == "1000" else f"largest count measured was {hi}")
         nat = m.get("nat")
         if isinstance(nat, dict) and "size" in nat and isinstance(tp, dict) and tp:
