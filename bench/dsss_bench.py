@@ -19,10 +19,12 @@ from dsss.harness import LocalNetwork, child_env
 
 class DsssNetwork:
     def __init__(self, base: Path, *, agents: int = 4, replicas: int = 3, datagram_size: int = 8192,
-                 heartbeat: float = 1.0, server_args: Sequence[str] = ()) -> None:
+                 heartbeat: float = 1.0, server_args: Sequence[str] = (),
+                 client_options: Sequence[str] = ()) -> None:
         self.net = LocalNetwork(base, heartbeat=heartbeat, replicas=replicas, datagram_size=datagram_size)
         self.agent_count = agents
         self.server_args = list(server_args)
+        self.client_options = list(client_options)  # global CLI flags, e.g. --parallel 8
         self.env = child_env()
 
     def start(self) -> None:
@@ -45,7 +47,8 @@ class DsssNetwork:
         return pids
 
     def client_command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "dsss.client", "--server", self.net.url, "--key", str(self.net.key), *args]
+        return [sys.executable, "-m", "dsss.client", "--server", self.net.url, "--key", str(self.net.key),
+                *self.client_options, *args]
 
     def client(self, *args: str, timeout: float = 7200, rss_every: float | None = None) -> dict[str, Any]:
         """Run the CLI once; the result of run_timed plus the daemons' CPU seconds meanwhile."""
