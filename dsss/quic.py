@@ -58,19 +58,24 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from aioquic.buffer import Buffer
-from aioquic.quic import events
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import (
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509 import Certificate
+from qh3._hazmat import Buffer
+from qh3._hazmat import Certificate as NativeCertificate
+from qh3._hazmat import Ed25519PrivateKey as NativeEd25519PrivateKey
+from qh3.quic import events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import (
+    SMALLEST_MAX_DATAGRAM_SIZE,
     QuicErrorCode,
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.recovery import QuicPacketPacer
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509 import Certificate
+from qh3.tls import SignatureAlgorithm
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
@@ -107,7 +112,7 @@ ALPN = "dsss/1"
 
 CONNECTION_ID_LENGTH = 8
 MAX_DATAGRAM_SIZE_LIMIT = 16000
-"""aioquic fails with a protocol error above ~16 KiB datagrams."""
+"""Largest datagram size accepted (aioquic failed above ~16 KiB; kept for both ends)."""
 
 MAX_DATA = 16 * 1024 * 1024
 """Initial connection-wide receive window (aioquic doubles it as data is consumed)."""
@@ -117,11 +122,6 @@ MAX_STREAM_DATA = 8 * 1024 * 1024
 STREAM_SEND_HIGH_WATER = 1024 * 1024
 """A L{QuicStream.write} Deferred fires once the stream holds at most this many
 unacknowledged bytes."""
-
-PACING_BURST = 0.002
-"""Seconds of sending the pacer may burst.  A reactor rounds timers up to about
-1 ms, so aioquic's sub-millisecond pacing buckets would cap a flow at a few
-datagrams per millisecond; a 2 ms bucket matches what the reactor can do."""
 
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 UDP_MAX_PACKET_SIZE = 65535
@@ -172,21 +172,52 @@ class RequestTimeout(QuicError):
     """A request did not complete within its timeout."""
 
 
-class _WidePacer(QuicPacketPacer):
-    """aioquic's pacer with a burst of at least L{PACING_BURST} seconds."""
+def _native_identity(
+    identity: tuple[Certificate, Ed25519PrivateKey],
+) -> tuple[NativeCertificate, NativeEd25519PrivateKey]:
+    """The certificate and key as qh3's TLS stack wants them (DER, PKCS#8)."""
+    certificate, key = identity
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return NativeCertificate(der), NativeEd25519PrivateKey(pkcs8)
 
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
-        self.bucket_max = max(self.bucket_max, PACING_BURST)
+
+def _peer_key(quic: QuicConnection) -> bytes | None:
+    """The raw Ed25519 key of the certificate the peer presented, if any."""
+    native = quic.get_peercert()
+    if native is None:
+        return None
+    try:
+        return public_key_of(x509.load_der_x509_certificate(native.public_bytes()))
+    except ValueError:
+        return None
 
 
-def _widen_pacing(quic: QuicConnection) -> None:
-    """Swap the pacer of C{quic} for a L{_WidePacer} (aioquic has no option)."""
-    recovery = getattr(quic, "_loss", None)
-    pacer = getattr(recovery, "_pacer", None)
-    if isinstance(pacer, QuicPacketPacer):
-        wide = _WidePacer(max_datagram_size=pacer._max_datagram_size)
-        recovery._pacer = wide  # type: ignore[union-attr]
+class _StreamIds:
+    """
+    The peer-initiated stream IDs of one type (bidi or uni) that were already
+    used and forgotten, so that late frames never recreate them.  Kept compact:
+    every ID below C{floor} is done, and C{above} holds the done ones past it.
+    """
+
+    def __init__(self, first: int) -> None:
+        self.floor = first
+        self.above: set[int] = set()
+
+    def add(self, stream_id: int) -> None:
+        if stream_id < self.floor:
+            return
+        self.above.add(stream_id)
+        while self.floor in self.above:
+            self.above.discard(self.floor)
+            self.floor += 4
+
+    def __contains__(self, stream_id: int) -> bool:
+        return stream_id < self.floor or stream_id in self.above
 
 
 def _call_safely(stream: QuicStream | None, f: Callable[..., Any], *args: Any) -> None:
@@ -362,12 +393,11 @@ class QuicStream:
         return d
 
     def _buffered(self) -> int:
-        """Bytes queued on the stream in aioquic and not yet acknowledged."""
-        quic_stream = self.connection._quic._streams.get(self.stream_id)
-        if quic_stream is None:
+        """Bytes queued on the stream in QUIC and not yet sent once."""
+        try:
+            return int(self.connection._quic.get_send_buffer_size(self.stream_id))
+        except Exception:
             return 0
-        sender = quic_stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
 
     def _check_writers(self) -> bool:
         """Fire the write Deferreds if below the bound; True when none are left."""
@@ -418,9 +448,7 @@ class QuicStream:
 
     def _maybe_forget(self) -> None:
         if self._recv_done and self._send_done and not self._write_waiters:
-            # Forgotten once aioquic discards it too: until then late frames
-            # for it must not look like a new stream from the peer.
-            self.connection._finished.add(self.stream_id)
+            self.connection._forget_stream(self.stream_id)
 
 
 class QuicConnectionHandle:
@@ -450,7 +478,10 @@ class QuicConnectionHandle:
         self._expected_public_key = expected_public_key
         self._streams: dict[int, QuicStream] = {}
         self._blocked: set[QuicStream] = set()
-        self._finished: set[int] = set()
+        # Peer-initiated stream IDs already done with (bidi, uni): late frames
+        # for them must not look like a new stream from the peer.
+        first = 1 if is_client else 0
+        self._peer_done = (_StreamIds(first), _StreamIds(first + 2))
         self._cids: set[bytes] = set()
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
@@ -620,14 +651,13 @@ class QuicConnectionHandle:
             if stream._check_writers():
                 self._blocked.discard(stream)
 
-    def _sweep_streams(self) -> None:
-        """Forget the finished streams aioquic has discarded."""
-        if not self._finished:
-            return
-        live = self._quic._streams
-        for stream_id in [i for i in self._finished if i not in live]:
-            self._finished.discard(stream_id)
-            self._streams.pop(stream_id, None)
+    def _forget_stream(self, stream_id: int) -> None:
+        """Drop a stream that is done both ways; its ID is never reused."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._blocked.discard(stream)
+        if bool(stream_id & 1) == self.is_client:
+            self._peer_done[(stream_id >> 1) & 1].add(stream_id)
 
     def _process_events(self) -> None:
         # A callback may write, which calls back in here: the outer loop
@@ -677,7 +707,11 @@ class QuicConnectionHandle:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             peer_initiated = bool(event.stream_id & 1) == self.is_client
-            if not peer_initiated or self._lost is not None:
+            if (
+                not peer_initiated
+                or self._lost is not None
+                or event.stream_id in self._peer_done[(event.stream_id >> 1) & 1]
+            ):
                 return  # late data for a stream we already forgot
             stream = QuicStream(self, event.stream_id)
             self._streams[event.stream_id] = stream
@@ -691,12 +725,8 @@ class QuicConnectionHandle:
         stream._received(event.data, event.end_stream)
 
     def _handshake_completed(self) -> None:
-        cert = getattr(self._quic.tls, "_peer_certificate", None)
         if self.is_client:
-            try:
-                key: bytes | None = public_key_of(cert) if cert is not None else None
-            except ValueError:
-                key = None
+            key = _peer_key(self._quic)
             self.peer_public_key = key
             expected = self._expected_public_key
             if expected is not None and key != expected:
@@ -771,7 +801,6 @@ class QuicConnectionHandle:
             stream._send_failed(lost)
         self._streams.clear()
         self._blocked.clear()
-        self._finished.clear()
 
     def _connection_terminated(self, event: events.ConnectionTerminated) -> None:
         self._lose(self._error_for_close(event))
@@ -830,6 +859,9 @@ class QuicEndpoint(DatagramProtocol):
         self._clock = clock
         self._on_control = on_control
         self._server_identity = server_identity
+        self._native_identity = (
+            _native_identity(server_identity) if server_identity is not None else None
+        )
         self._on_stream = on_stream
         self._max_datagram_size = max_datagram_size
         self._idle_timeout = idle_timeout
@@ -929,7 +961,6 @@ class QuicEndpoint(DatagramProtocol):
             return existing._wait_for_handshake()
         configuration = self._configuration(is_client=True)
         quic = QuicConnection(configuration=configuration)
-        _widen_pacing(quic)
         handle = QuicConnectionHandle(
             self, quic, addr, is_client=True, expected_public_key=expected_public_key
         )
@@ -1094,9 +1125,9 @@ class QuicEndpoint(DatagramProtocol):
             configuration=self._configuration(is_client=False),
             original_destination_connection_id=original_cid,
         )
-        _widen_pacing(quic)
         quic.receive_datagram(data, addr, now)
-        if quic._state == QuicConnectionState.FIRSTFLIGHT:
+        core = quic._core
+        if core is None or not core.received_authenticated_packet:
             return  # the Initial did not decrypt: garbage, keep no state
         handle = QuicConnectionHandle(self, quic, addr, is_client=False)
         previous = self._servers.get(addr)
@@ -1133,9 +1164,12 @@ class QuicEndpoint(DatagramProtocol):
         if is_client:
             # No PKI: the peer's key is pinned after the handshake instead.
             configuration.verify_mode = ssl.CERT_NONE
+            # TLS still checks the CertificateVerify signature with the
+            # certificate's key; DSSS identities are Ed25519 keys.
+            configuration.signature_algorithms = [SignatureAlgorithm.ED25519]
         else:
             assert self._server_identity is not None
-            configuration.certificate, configuration.private_key = self._server_identity
+            configuration.certificate, configuration.private_key = self._native_identity
         return configuration
 
     def _add_cid(self, handle: QuicConnectionHandle, cid: bytes) -> None:
@@ -1197,7 +1231,6 @@ class QuicEndpoint(DatagramProtocol):
             handle._process_events()
             handle._arm_timer()
             handle._check_writers()
-            handle._sweep_streams()
             if not self._send_unsent():
                 # Socket full: keep the remaining connections for the retry.
                 for rest in dirty:

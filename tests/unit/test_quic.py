@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from aioquic.buffer import Buffer
-from aioquic.quic.packet import pull_quic_header
+from qh3._hazmat import Buffer
+from qh3.quic.packet import pull_quic_header
 from nacl.signing import SigningKey
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
