@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-A small Twisted adapter around aioquic's sans-I/O L{QuicConnection}.
+A small Twisted adapter around qh3's sans-I/O L{QuicConnection}.
+
+qh3 is a fork of aioquic with the same API and a native (Rust) connection core:
+it costs about a quarter of aioquic's CPU per byte (see docs/performance.md).
 
 One L{QuicEndpoint} owns one UDP socket and drives every QUIC connection on
 it, as a client (L{QuicEndpoint.connect}) and, when given a server identity,
@@ -74,7 +77,10 @@ from qh3.quic.packet import (
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
 )
+from qh3.quic.tls_bridge import QuicTlsBridge
 from qh3.tls import SignatureAlgorithm
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -112,10 +118,10 @@ ALPN = "dsss/1"
 
 CONNECTION_ID_LENGTH = 8
 MAX_DATAGRAM_SIZE_LIMIT = 16000
-"""Largest datagram size accepted (aioquic failed above ~16 KiB; kept for both ends)."""
+"""Largest datagram size accepted (aioquic failed above ~16 KiB; the bound is kept)."""
 
 MAX_DATA = 16 * 1024 * 1024
-"""Initial connection-wide receive window (aioquic doubles it as data is consumed)."""
+"""Initial connection-wide receive window (the window grows as data is consumed)."""
 MAX_STREAM_DATA = 8 * 1024 * 1024
 """Initial per-stream receive window."""
 
@@ -170,6 +176,46 @@ class ConnectionLost(QuicError):
 
 class RequestTimeout(QuicError):
     """A request did not complete within its timeout."""
+
+
+class _TlsBridge(QuicTlsBridge):
+    """
+    qh3's TLS bridge, except that a client announces its own
+    C{max_datagram_size} as C{max_udp_payload_size} (qh3 always says 1472).
+    The peer never sends a datagram larger than that, so without this an
+    agent would answer a loopback client in 1.4 KB datagrams, with five times
+    the per-datagram work of 8 KiB ones.
+    """
+
+    def serialize_transport_parameters(self) -> bytes:
+        data: bytes = super().serialize_transport_parameters()
+        if not self.configuration.is_client:
+            return data
+        parameters = pull_quic_transport_parameters(Buffer(data=data))
+        parameters.max_udp_payload_size = self.configuration.max_datagram_size
+        buf = Buffer(capacity=len(data) + 16)
+        push_quic_transport_parameters(buf, parameters)
+        return bytes(buf.data)
+
+
+class _Connection(QuicConnection):
+    """qh3's L{QuicConnection} with L{_TlsBridge}."""
+
+    def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
+        bridge = _TlsBridge(
+            self._configuration,
+            version=self._version,
+            local_initial_source_connection_id=self.host_cid,
+            remote_initial_source_connection_id=remote_source_cid,
+            original_destination_connection_id=self._original_destination_connection_id,
+            retry_source_connection_id=self._retry_source_connection_id,
+            session_ticket_fetcher=self._session_ticket_fetcher,
+            session_ticket_handler=self._session_ticket_handler,
+            quic_logger=self._quic_logger,
+            version_change_handler=self._set_version,
+        )
+        self._tls = bridge
+        return bridge
 
 
 def _native_identity(
@@ -428,7 +474,7 @@ class QuicStream:
         write Deferreds fail with L{StreamReset}.
         """
         quic = self.connection._quic
-        # aioquic ignores this if everything we sent was already acknowledged.
+        # QUIC ignores this if everything we sent was already acknowledged.
         try:
             quic.reset_stream(self.stream_id, error_code)
         except ValueError:
@@ -514,7 +560,7 @@ class QuicConnectionHandle:
         if self._lost is not None:
             raise ConnectionLost(f"connection to {self.peer!r} is closed: {self._lost}")
         stream_id = self._quic.get_next_available_stream_id()
-        # An empty write makes aioquic create the stream and move on to the next id.
+        # An empty write makes QUIC create the stream and move on to the next id.
         self._quic.send_stream_data(stream_id, b"")
         stream = QuicStream(self, stream_id)
         self._streams[stream_id] = stream
@@ -627,7 +673,7 @@ class QuicConnectionHandle:
         at, self._timer_at = self._timer_at, None
         now = self._endpoint._clock.seconds()
         if at is not None and now < at:
-            # The timer is due: never let float rounding make aioquic ignore it.
+            # The timer is due: never let float rounding make QUIC ignore it.
             now = at
         self._quic.handle_timer(now)
         self._changed()
@@ -960,7 +1006,7 @@ class QuicEndpoint(DatagramProtocol):
                 return succeed(existing)
             return existing._wait_for_handshake()
         configuration = self._configuration(is_client=True)
-        quic = QuicConnection(configuration=configuration)
+        quic = _Connection(configuration=configuration)
         handle = QuicConnectionHandle(
             self, quic, addr, is_client=True, expected_public_key=expected_public_key
         )
@@ -1121,7 +1167,7 @@ class QuicEndpoint(DatagramProtocol):
         self._accept(data, addr, header.destination_cid, now)
 
     def _accept(self, data: bytes, addr: Address, original_cid: bytes, now: float) -> None:
-        quic = QuicConnection(
+        quic = _Connection(
             configuration=self._configuration(is_client=False),
             original_destination_connection_id=original_cid,
         )
@@ -1224,7 +1270,7 @@ class QuicEndpoint(DatagramProtocol):
             try:
                 datagrams = handle._quic.datagrams_to_send(now)
             except Exception:
-                log.failure("aioquic failed to build datagrams")
+                log.failure("QUIC failed to build datagrams")
                 datagrams = []
             self._unsent.extend(datagrams)
             # datagrams_to_send may change state (closing) and thus the timer.

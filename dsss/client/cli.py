@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from dsss.client.maintenance import FileHealth, Repaired
     from dsss.crypto.manifest import Manifest
 
-# The network side (treq, aioquic, ...) is imported only by the commands that use it, so that
+# The network side (treq, qh3, ...) is imported only by the commands that use it, so that
 # keygen, pubkey, ls, config and --help start quickly.
 
 PROG = "python -m dsss.client"

@@ -153,6 +153,7 @@ def make_pair(
     reorder: float = 0.0,
     seed: int = 1,
     record: bool = False,
+    client_datagram_size: int | None = None,
     **endpoint_kw: Any,
 ) -> Pair:
     clock = Clock()
@@ -169,8 +170,11 @@ def make_pair(
         on_stream=handler,
         **endpoint_kw,
     )
+    client_kw = dict(endpoint_kw)
+    if client_datagram_size is not None:
+        client_kw["max_datagram_size"] = client_datagram_size
     client = QuicEndpoint(
-        clock, on_control=lambda d, a: client_control.append((d, a)), **endpoint_kw
+        clock, on_control=lambda d, a: client_control.append((d, a)), **client_kw
     )
     link.attach(server, SERVER_ADDR)
     link.attach(client, CLIENT_ADDR)
@@ -575,7 +579,28 @@ def test_datagram_size_limits() -> None:
     handle = pair.connect()
     payload = random.Random(8).randbytes(200_000)
     assert pair.result(handle.request(payload, max_response=300_000)) == b"echo:" + payload
-    assert max(len(d) for d, _, _ in pair.link.stats.log) > 8192
+    assert max(len(d) for d, src, _ in pair.link.stats.log if src == CLIENT_ADDR) > 8192
+    assert max(len(d) for d, src, _ in pair.link.stats.log if src == SERVER_ADDR) > 8192
+
+
+def test_server_sends_no_larger_datagrams_than_the_client_announced() -> None:
+    """
+    A client announces its datagram size as max_udp_payload_size: a server set
+    for larger datagrams answers a 1452-byte client in datagrams of at most
+    1452 bytes, and a 8192-byte client in larger ones (downloads at loopback
+    speed).
+    """
+    payload = random.Random(9).randbytes(300_000)
+    for client_size, expect_above, bound in ((1452, 1200, 1452), (8192, 1472, 8192)):
+        pair = make_pair(
+            max_datagram_size=16000, client_datagram_size=client_size, record=True
+        )
+        handle = pair.connect()
+        assert pair.result(handle.request(b"x", max_response=400_000)) == b"echo:x"
+        pair.link.stats.log.clear()
+        assert pair.result(handle.request(payload, max_response=400_000)) == b"echo:" + payload
+        from_server = [len(d) for d, src, _ in pair.link.stats.log if src == SERVER_ADDR]
+        assert expect_above < max(from_server) <= bound
 
 
 def test_link_loss_and_reorder_are_seeded() -> None:
