@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None, metavar="N",
                    help=f"parts in flight at once, 1 to {MAX_PARALLEL} (default 4)")
     p.add_argument("--datagram-size", type=int, default=None, metavar="BYTES",
-                   help="largest QUIC datagram (default: 8192 on loopback, else 1452)")
+                   help="largest QUIC datagram (default: 16000 on loopback, else 1452)")
     p.add_argument("--json", action="store_true", default=False,
                    help="machine-readable output: one JSON document on stdout")
     p.add_argument("-v", "--verbose", action="store_true", default=False,
@@ -253,7 +253,7 @@ def _datagram_size(args: argparse.Namespace, host: str) -> int:
         if not 1200 <= args.datagram_size <= 16000:
             raise LocalUsageError("--datagram-size must be between 1200 and 16000")
         return int(args.datagram_size)
-    return 8192 if ipaddress.ip_address(host).is_loopback else 1452
+    return 16000 if ipaddress.ip_address(host).is_loopback else 1452
 
 
 async def _resolve(reactor: Any, host: str) -> str:

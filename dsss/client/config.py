@@ -28,7 +28,7 @@ from dsss.model import parse_size
 from dsss.wire.transfer import MAX_PART
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
-DEFAULT_PART_SIZE = 1024 * 1024
+DEFAULT_PART_SIZE = 4 * 1024 * 1024
 DEFAULT_PARALLEL = 4
 MAX_PART_SIZE = MAX_PART - TAG_BYTES
 MAX_PARALLEL = 64

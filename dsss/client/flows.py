@@ -26,7 +26,7 @@ from dsss.wire.transfer import MAX_PART
 
 log = Logger()
 
-DEFAULT_PART_SIZE = 1024 * 1024
+DEFAULT_PART_SIZE = 4 * 1024 * 1024
 MAX_PART_SIZE = MAX_PART - TAG_BYTES
 DEFAULT_PARALLEL = 4
 

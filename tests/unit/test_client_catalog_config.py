@@ -180,7 +180,7 @@ def test_precedence_command_line_then_environment_then_file_then_default(tmp_pat
     env = {"DSSS_SERVER": "http://10.0.0.2:2", "DSSS_KEY": str(tmp_path / "env.key")}
 
     s = resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=FileConfig(), home=home)
-    assert (s.server, s.key, s.part_size, s.parallel) == (DEFAULT_SERVER, home / ".config" / "dsss" / "key", 1 << 20, 4)
+    assert (s.server, s.key, s.part_size, s.parallel) == (DEFAULT_SERVER, home / ".config" / "dsss" / "key", 4 << 20, 4)
     assert set(s.sources.values()) == {"default"}
 
     s = resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=file, home=home)
