@@ -47,6 +47,8 @@ from common import (  # noqa: E402
     summary,
 )
 
+from dsss.model import parse_size  # noqa: E402
+
 ALL = ["startup", "throughput", "small", "rss", "discovery", "nat"]
 EXTRA = ["profile"]
 
@@ -92,6 +94,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.cfg = dict(QUICK if args.quick else FULL)
+        if args.sizes:
+            self.cfg["sizes"] = [parse_size(x) for x in args.sizes]
         if args.repeat:
             self.cfg["repeat"] = args.repeat
             self.cfg["small_repeat"] = args.repeat
@@ -526,6 +530,8 @@ def main() -> int:
                     help=f"run only these measurements ({', '.join(ALL + EXTRA)})")
     ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (default 3, quick 2)")
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "run.json"), help="where to write the results")
+    ap.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+                    help="file sizes for the throughput measurement, e.g. 256M (default 1M 64M 256M)")
     ap.add_argument("--no-tahoe", action="store_true", help="measure DSSS alone")
     ap.add_argument("--work", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (files, logs, stores)")
