@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -109,14 +111,38 @@ class UDPService(Service):
 def listen_udp(
     reactor: Any, host: str, port: int, protocol: DatagramProtocol, max_packet: int = 65535
 ) -> IListeningPort:
-    import socket
-
     p = reactor.listenUDP(port, protocol, interface=host, maxPacketSize=max_packet)
     sock = getattr(p, "socket", None)
     if sock is not None:
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-            except OSError:
-                pass
+        enlarge_socket_buffers(sock)
     return p
+
+
+UDP_SOCKET_BUFFER = 16 * 1024 * 1024
+"""Send and receive buffer asked for on every UDP socket (QUIC at loopback speed)."""
+
+
+def enlarge_socket_buffers(sock: socket.socket) -> None:
+    """
+    Ask for L{UDP_SOCKET_BUFFER} bytes of send and receive buffer.  The
+    kernel caps the request at net.core.rmem_max / wmem_max (212992 bytes by
+    default), and a receive buffer that small overflows at loopback speeds:
+    QUIC sees the drops as congestion.  Where the process may (CAP_NET_ADMIN),
+    the cap is lifted with SO_RCVBUFFORCE / SO_SNDBUFFORCE.
+    """
+    linux = sys.platform.startswith("linux")
+    # Python's socket module does not name them; these are Linux's values.
+    pairs = (
+        (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32) if linux else None),
+        (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33) if linux else None),
+    )
+    for option, force in pairs:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+            # Linux reports twice the usable size it granted.
+            if sock.getsockopt(socket.SOL_SOCKET, option) >= 2 * UDP_SOCKET_BUFFER:
+                continue
+            if force is not None:
+                sock.setsockopt(socket.SOL_SOCKET, force, UDP_SOCKET_BUFFER)
+        except OSError:
+            pass

@@ -56,7 +56,6 @@ stream is under L{STREAM_SEND_HIGH_WATER}: wait for it before writing more.
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +88,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from dsss.crypto.certs import public_key_of
+from dsss.endpoints import enlarge_socket_buffers
 from dsss.errors import RemoteProtocolError
 from dsss.wire.datagram import RELAY_PREFIX, decode_relay, encode_relay
 
@@ -129,7 +129,6 @@ STREAM_SEND_HIGH_WATER = 1024 * 1024
 """A L{QuicStream.write} Deferred fires once the stream holds at most this many
 unacknowledged bytes."""
 
-UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 UDP_MAX_PACKET_SIZE = 65535
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -941,11 +940,7 @@ class QuicEndpoint(DatagramProtocol):
         )
         sock = getattr(listening, "socket", None)
         if sock is not None:
-            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
-                except OSError:
-                    pass
+            enlarge_socket_buffers(sock)
         self._port = listening
         return listening
 
