@@ -17,7 +17,7 @@ import dsss
 from dsss.agent.control import ServerConnection, ServerConnectionFactory
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
-from dsss.agent.scrub import Scrubber
+from dsss.agent.scrub import BUSY_WINDOW, ScrubPacer, Scrubber
 from dsss.crypto.certs import make_certificate
 from dsss.errors import DSSSError, StorageFull
 from dsss.model import PeerAddress
@@ -30,6 +30,8 @@ log = Logger()
 # When introduced to a client, the agent sends PUNCH datagrams towards it at these delays (s),
 # so that its NAT opens a mapping for the client's packets.
 PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)
+TICK = 0.1
+"""Seconds between the agent's housekeeping ticks (pings, expiry, scrub)."""
 
 
 @dataclass(frozen=True)
@@ -224,25 +226,22 @@ class AgentService(MultiService):
             self.metrics.service(reactor, config.metrics).setServiceParent(self)
         self._keepalive = LoopingCall(self._tick)
         self._keepalive.clock = reactor
-        self._scrub_credit = 0.0
+        self._scrub_pacer = ScrubPacer(config.scrub_rate)
 
     def _tick(self) -> None:
         agent = self.agent
         agent.maybe_ping()
         agent.introductions.expire(self.reactor.seconds())
         agent.maybe_report_space()
-        if agent.config.scrub_rate:
-            # Each tick (0.1 s) may read a tenth of the scrub rate; a part larger than that is
-            # read whole and the debt is paid back over the following ticks.
-            self._scrub_credit = min(self._scrub_credit + agent.config.scrub_rate / 10, agent.config.scrub_rate)
-            if self._scrub_credit > 0:
-                self._scrub_credit -= agent.scrubber.step(1)
+        busy = self.reactor.seconds() - self.transfers.last_active < BUSY_WINDOW
+        if self._scrub_pacer.may_read(TICK, busy):
+            self._scrub_pacer.spent(agent.scrubber.step(1))
 
     def startService(self) -> None:
         config = self.agent.config
         self.udp_port = self.quic.listen(self.reactor, config.udp_host, config.udp_port)
         super().startService()
-        self._keepalive.start(0.1, now=False)
+        self._keepalive.start(TICK, now=False)
 
     def stopService(self) -> Any:
         if self._keepalive.running:

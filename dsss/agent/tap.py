@@ -24,7 +24,7 @@ class Options(usage.Options):
         ["udp", None, "0.0.0.0:0", "Local UDP HOST:PORT for punching and transfers."],
         ["capacity", None, None, "Most bytes to store, e.g. 10G (default: free space of DIR)."],
         ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-16000)."],
-        ["scrub-rate", None, "8M", "Bytes per second re-read to detect bit rot (0 to disable)."],
+        ["scrub-rate", None, "8M", "Bytes per second re-read to detect bit rot (0 to disable; 1/8 of it during transfers)."],
         ["metrics", None, None, "Endpoint for Prometheus /metrics, e.g. tcp:9100:interface=127.0.0.1."],
         LOG_FORMAT_OPTION,
     ]

@@ -33,6 +33,7 @@ class _StreamRequest:
         self.writer: BlockWriter | None = None
         self.download: wt.Download | None = None
         self.finished = False
+        handler.touch()
         stream.on_data = self.data
         stream.on_end = self.end
         stream.on_error = self.error
@@ -102,6 +103,7 @@ class _StreamRequest:
     def end(self) -> None:
         if self.finished:
             return
+        self.handler.touch()
         try:
             if not self.header.done:
                 raise RemoteProtocolError("stream ended before a complete header")
@@ -162,6 +164,11 @@ class TransferHandler:
         self.uploads = 0
         self.downloads = 0
         self.refused = 0
+        # When a transfer last started or ended (the background scrub slows down after it).
+        self.last_active = float("-inf")
+
+    def touch(self) -> None:
+        self.last_active = self.agent.clock.seconds()
 
     def on_stream(self, stream: "QuicStream") -> None:
         _StreamRequest(self, stream)

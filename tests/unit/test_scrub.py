@@ -34,3 +34,26 @@ def test_scrub_finds_rot_within_its_budget(tmp_path):
 def test_scrub_of_an_empty_store(tmp_path):
     s = Scrubber(BlockStore(tmp_path, capacity=10), lambda b: None)
     assert s.step(100) == 0
+
+
+def test_scrub_pacer_reads_at_its_rate_and_yields_to_transfers() -> None:
+    from dsss.agent.scrub import BUSY_SHARE, ScrubPacer
+
+    def bytes_read(pacer: ScrubPacer, seconds: float, busy: bool, part: int) -> int:
+        total = 0
+        for _ in range(int(seconds * 10)):
+            if pacer.may_read(0.1, busy):
+                pacer.spent(part)
+                total += part
+        return total
+
+    rate = 8 * 1024 * 1024
+    idle = bytes_read(ScrubPacer(rate), 60, False, 1024 * 1024)
+    busy = bytes_read(ScrubPacer(rate), 60, True, 1024 * 1024)
+    # Over a minute, within one part of the rate (a part is read whole, then paid back).
+    assert abs(idle - 60 * rate) <= 2 * 1024 * 1024
+    assert abs(busy - 60 * rate / BUSY_SHARE) <= 2 * 1024 * 1024
+    # A part larger than a second's credit is still read, and then paid back.
+    big = bytes_read(ScrubPacer(1024 * 1024), 60, False, 4 * 1024 * 1024)
+    assert 56 * 1024 * 1024 <= big <= 64 * 1024 * 1024
+    assert bytes_read(ScrubPacer(0), 10, False, 1) == 0
