@@ -1284,13 +1284,17 @@ class QuicEndpoint(DatagramProtocol):
         """Write queued datagrams; False if the socket buffer filled up."""
         unsent = self._unsent
         transport = self._transport()
+        # The socket itself when there is one: Port.write re-validates the
+        # address of every datagram, which costs more than the send.
+        sock = getattr(transport, "socket", None)
+        send = sock.sendto if sock is not None else transport.write
         sent = 0
         try:
             for data, addr in unsent:
                 try:
                     if self._relay_peers:
                         data, addr = self._route(data, addr)
-                    transport.write(data, addr)
+                    send(data, addr)
                 except BlockingIOError:
                     return False
                 except Exception as e:
