@@ -3,7 +3,8 @@
 check, repair, config.
 
 What a command produces goes to stdout (addresses, tables, reports; one JSON document with
-`--json`, except `put`, which writes one JSON object per line, one per file). Everything else
+`--json`, except `put` and a `get` into a directory, which write one JSON object per line, one
+per file). Everything else
 (progress bars on a terminal, warnings, errors) goes to stderr. Every known failure is one line
 `dsss: error: ...` on stderr and a non-zero exit code; with `--json` the same error is also a JSON
 object on stdout. A traceback is printed only for a bug.
@@ -31,6 +32,7 @@ from dsss.client.config import MAX_PARALLEL, Settings, settings_from
 from dsss.client.render import (
     PutDisplay,
     byte_bar,
+    count_bar,
     dump_json,
     human_size,
     local_date,
@@ -72,7 +74,7 @@ class _Parser(argparse.ArgumentParser):
 
 EPILOG = f"""commands:
   keygen   create your key pair               pubkey   print your public key
-  put      store files                        get      fetch a file
+  put      store files                        get      fetch files
   ls       list what this key stored          info     show a file's manifest
   share    let another key read a file        check    count each part's replicas
   repair   restore missing replicas           config   show the settings in force
@@ -110,10 +112,17 @@ An existing key file is never overwritten (exit code 2).
 Each file is also recorded in the catalog beside the key (see `ls`). On a terminal, progress
 bars (overall and per file) and a summary line are drawn on stderr.
 """),
-    "get": ("fetch a file by its address", f"""examples:
+    "get": ("fetch files by their addresses", f"""examples:
   {PROG} get {SHORT} -o photo.jpg
   {PROG} get {SHORT} -o - | tar -tvf -
   {PROG} --json get {SHORT} -o photo.jpg
+  {PROG} get ADDRESS1 ADDRESS2 ADDRESS3 -o photos/   # prints `ADDRESS PATH` for each
+
+With several addresses (or when OUT is an existing directory), every file goes into the
+directory OUT under the name it was stored with (its address if that name is `.` or `..`),
+replacing a file of that name; several files are fetched at once, in one session. Each file
+is written to a temporary file and renamed when complete, so a failed one leaves nothing.
+Failures are listed on stderr, one line per address, and the exit code is that of the first.
 """),
     "ls": ("list the files this key has stored or shared (from the local catalog)", f"""examples:
   {PROG} ls
@@ -163,7 +172,7 @@ def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
     )
     # Also accepted after the command; the global flag's default stays in force otherwise.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="print one JSON document on stdout (put: one object per line)")
+                   help="print one JSON document on stdout (put, get -o DIR: one object per line)")
     return p
 
 
@@ -199,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 1M)")
 
     get = _subparser(sub, "get")
-    get.add_argument("address", metavar="ADDRESS")
-    get.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, or - for stdout")
+    get.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    get.add_argument("-o", "--output", required=True, metavar="OUT",
+                     help="output file, or - for stdout; for several addresses, a directory "
+                          "(each file gets the name it was stored with)")
 
     _subparser(sub, "ls")
 
@@ -343,6 +354,7 @@ def _manifest_doc(address: str, m: Manifest) -> dict[str, Any]:
         "size": m.size,
         "part-size": m.part_size,
         "parts": len(m.parts),
+        "inline": m.inline is not None,  # the file is carried inside its manifest
         "created": m.created,
         "created-utc": utc_iso(m.created),
     }
@@ -413,25 +425,37 @@ async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
 
 
 async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import Progress, put_file
+    from dsss.client.flows import Progress, part_count, put_files
 
     for name in args.files:
         if not os.path.isfile(name):
             raise CommandLineError(f"{name}: not a readable file")
     key = load_key_file(settings.key)
     sizes = [os.path.getsize(name) for name in args.files]
+    names = [clean_name(os.path.basename(name)) for name in args.files]  # as the manifest keeps them
     session = await _session(reactor, args, settings, key)
     display = PutDisplay(sizes, enabled=stderr_is_terminal())
-    success = False
-    try:
-        for name, size in zip(args.files, sizes):
-            stored_name = clean_name(os.path.basename(name))  # as the manifest keeps it
-            advance = display.start_file(stored_name, size)
-            address = await put_file(session, name, owner=key.public_key,
-                                     part_size=settings.part_size, progress=Progress(advance=advance))
-            display.end_file(size)
-            parts = (size + settings.part_size - 1) // settings.part_size
-            entry = catalog.Entry(address=address, name=stored_name, size=size,
+    # Several files are stored at once; their lines are printed (and recorded in the catalog)
+    # in the order given, each as soon as it and every file before it has ended.
+    ended: dict[int, tuple[str | None, BaseException | None]] = {}
+    errors: list[tuple[int, BaseException]] = []
+    printed = stored = 0
+
+    def flush(*, all_ended: bool = False) -> None:
+        nonlocal printed, stored
+        for i in sorted(ended) if all_ended else range(printed, len(args.files)):
+            if i not in ended:
+                break
+            address, error = ended.pop(i)
+            printed = i + 1
+            if address is None:
+                assert error is not None
+                errors.append((i, error))
+                continue
+            stored += 1
+            name, size = args.files[i], sizes[i]
+            parts = part_count(size, settings.part_size)
+            entry = catalog.Entry(address=address, name=names[i], size=size,
                                   parts=parts, created=int(time.time()))
             _record(settings, entry)
             if args.json:
@@ -441,19 +465,50 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
                 ))
             else:
                 display.write_line(f"{address} {name}")
-        success = True
+
+    def alone(i: int) -> bool:  # stored on its own (several parts), so it gets its own bar
+        return len(args.files) == 1 or part_count(sizes[i], settings.part_size) > 1
+
+    def started(i: int) -> Progress:
+        return Progress(advance=display.start_file(names[i], sizes[i], own_bar=alone(i)))
+
+    def done(i: int, address: str | None, error: BaseException | None) -> None:
+        if address is not None:
+            display.end_file(sizes[i], own_bar=alone(i))
+        ended[i] = (address, error)
+        flush()
+
+    try:
+        await put_files(session, list(args.files), sizes, owner=key.public_key,
+                        part_size=settings.part_size, progress_for=started, on_done=done)
+        flush(all_ended=True)
     finally:
-        display.close(success=success)
+        display.close(success=not errors and stored == len(args.files))
         await session.peers.close()
-    return 0
+    for _i, error in errors:
+        if not isinstance(error, (DSSSError, OSError)):
+            raise error  # a bug: the traceback
+    if not errors:
+        return 0
+    i, error = errors[0]
+    if len(args.files) == 1 or not isinstance(error, DSSSError):
+        raise error
+    # Which file failed, and what became of the others (those printed above are stored).
+    more = f" (and {len(errors) - 1} more failed)" if len(errors) > 1 else ""
+    named = DSSSError(f"{args.files[i]}: {error}{more}; stored {stored} of {len(args.files)} files")
+    named.exit_code, named.code = error.exit_code, error.code
+    raise named
 
 
 async def cmd_get(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
     from dsss.client.flows import get_to_stream
 
-    address = _check_address(args.address)
+    addresses = list(dict.fromkeys(map(_check_address, args.addresses)))
     if args.json and args.output == "-":
         raise CommandLineError("--json cannot be used with -o - (stdout carries the file)")
+    if len(addresses) > 1 or (args.output != "-" and os.path.isdir(args.output)):
+        return await _get_to_directory(reactor, args, settings, addresses)
+    address = addresses[0]
     key = load_key_file(settings.key)
     session = await _session(reactor, args, settings, key)
     try:
@@ -467,6 +522,109 @@ async def cmd_get(reactor: Any, args: argparse.Namespace, settings: Settings) ->
         await session.peers.close()
     if args.json:
         dump_json({**_manifest_doc(address, manifest), "output": args.output})
+    return 0
+
+
+def _output_name(address: str, manifest: Manifest) -> str:
+    """The name a file gets in `get ... -o DIR`: the name in its manifest (which has no `/`
+    and no control characters), or its address if that name is empty, `.` or `..`."""
+    return manifest.name if manifest.name not in ("", ".", "..") else address
+
+
+async def _get_to_directory(
+    reactor: Any, args: argparse.Namespace, settings: Settings, addresses: list[str]
+) -> int:
+    """`get ADDRESS... -o DIR`: every file into DIR under its own name, several at a time, in
+    one session. Each file is written to a temporary file beside its final name and renamed
+    only once it is complete; a file that fails leaves nothing. Lines (or JSON objects) come
+    in the order of the addresses; failures are reported at the end, one line each."""
+    from contextlib import contextmanager
+    from typing import Iterator
+
+    from dsss.client.flows import get_files
+
+    if args.output == "-":
+        raise CommandLineError("-o - takes one address; give a directory to get several files")
+    directory = Path(args.output)
+    if not directory.is_dir():
+        raise CommandLineError(f"-o {args.output}: not a directory (several addresses go into one)")
+    key = load_key_file(settings.key)
+    claimed: dict[str, int] = {}  # output name -> the index of the address writing it
+    ended: dict[int, tuple[Manifest | None, BaseException | None]] = {}
+    failures: list[tuple[str, BaseException]] = []
+    printed = 0
+    advance, close_bar = count_bar(len(addresses), "files")
+
+    @contextmanager
+    def open_output(i: int, manifest: Manifest) -> Iterator[Any]:
+        name = _output_name(addresses[i], manifest)
+        if name in claimed:
+            raise LocalUsageError(f"{addresses[claimed[name]]} is also named {name!r}; "
+                                  f"get them into different directories")
+        claimed[name] = i
+        final = directory / name
+        tmp = directory / f".{name}.dsss-{secrets.token_hex(4)}.part"
+        try:
+            with open(tmp, "xb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            del claimed[name]
+            raise
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def flush() -> None:
+        nonlocal printed
+        while printed in ended:
+            manifest, error = ended.pop(printed)
+            address = addresses[printed]
+            printed += 1
+            if error is not None:
+                failures.append((address, error))
+                continue
+            assert manifest is not None
+            output = str(directory / _output_name(address, manifest))
+            if args.json:
+                print(json.dumps({**_manifest_doc(address, manifest), "output": output},
+                                 ensure_ascii=True), flush=True)
+            else:
+                print(f"{address} {output}", flush=True)
+
+    def done(i: int, manifest: Manifest | None, error: BaseException | None) -> None:
+        advance(1)
+        ended[i] = (manifest, error)
+        flush()
+
+    session = await _session(reactor, args, settings, key)
+    try:
+        await get_files(session, addresses, key=key, open_output=open_output, on_done=done)
+    finally:
+        close_bar()
+        await session.peers.close()
+    for _address, error in failures:
+        if not isinstance(error, (DSSSError, OSError)):
+            raise error  # a bug: the traceback
+    for address, error in failures:
+        if isinstance(error, DSSSError):
+            message, code, kind = str(error), error.exit_code, error.code
+        else:
+            assert isinstance(error, OSError)
+            where = f": {error.filename}" if getattr(error, "filename", None) else ""
+            message, code, kind = f"{error.strerror or error}{where}", 1, "os"
+        _error_line(f"{address}: {message}")
+        if args.json:
+            dump_json({"address": address, "error": message, "code": kind, "exit-code": code})
+    if failures:
+        if len(addresses) > 1:
+            _error_line(f"fetched {len(addresses) - len(failures)} of {len(addresses)} files")
+        first = failures[0][1]
+        return first.exit_code if isinstance(first, DSSSError) else 1
     return 0
 
 
@@ -531,12 +689,13 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
             parts += f" ({short} below target)"
     else:
         parts = "no parts"
+    inline = " (the file is inside its manifest)" if m.inline is not None else ""
     rows = [
         ["address", address],
         ["name", m.name],
         ["size", f"{human_size(m.size)} ({m.size} bytes)"],
         ["part size", f"{human_size(m.part_size)} ({m.part_size} bytes)"],
-        ["parts", str(len(m.parts))],
+        ["parts", f"{len(m.parts)}{inline}"],
         ["created", f"{local_date(m.created)} (local time)"],
         ["replicas", f"manifest {manifest_count}, {parts}; target {health.target}"],
     ]

@@ -12,6 +12,7 @@ import treq
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from nacl.public import PrivateKey, PublicKey
@@ -30,6 +31,9 @@ from dsss.errors import (
 from dsss.model import PeerAddress, check_block_id
 
 MAX_RESPONSE = 1024 * 1024
+# Introductions asked for in the same reactor turn go out as one /api/introduce-many request
+# of at most this many (the server's bound).
+MAX_INTRODUCTIONS = 16
 _BY_STATUS: dict[int, type[DSSSError]] = {
     400: BadRequest,
     401: AccessDenied,
@@ -104,6 +108,11 @@ class DiscoveryClient:
         # With a key, requests are signed for servers that admit only listed clients.
         self.key = key
         self._server_key: PublicKey | None = None
+        # Introductions waiting for the end of this reactor turn, to be asked for together;
+        # False once the server has shown it has no /api/introduce-many (an older server).
+        self._pending: list[tuple[PeerAddress, str, int, PeerAddress, defer.Deferred[Introduction]]] = []
+        self._flush_call: Any = None
+        self.batch = True
 
     async def _get(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
         """GET with retries: a server that is down or restarting (connection refused, timeouts,
@@ -211,13 +220,88 @@ class DiscoveryClient:
     async def introduce_me(
         self, to: PeerAddress, block: str, size: int, from_: PeerAddress
     ) -> Introduction:
+        """An introduction key for `block` at the agent `to`. Those asked for in the same
+        reactor turn (the replicas of one block, blocks of files in flight) travel together."""
+        if not self.batch:
+            return await self._introduce_one(to, block, size, from_)
+        d: defer.Deferred[Introduction] = defer.Deferred()
+        self._pending.append((to, block, size, from_, d))
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+        return await d
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        pending, self._pending = self._pending, []
+        groups: dict[PeerAddress, list[Any]] = {}
+        for item in pending:
+            groups.setdefault(item[3], []).append(item)
+        for items in groups.values():
+            for start in range(0, len(items), MAX_INTRODUCTIONS):
+                defer.ensureDeferred(self._introduce_batch(items[start : start + MAX_INTRODUCTIONS]))
+
+    async def _introduce_batch(self, items: list[Any]) -> None:
+        async def single(item: Any) -> None:
+            to, block, size, from_, d = item
+            try:
+                d.callback(await self._introduce_one(to, block, size, from_))
+            except BaseException:
+                d.errback()
+
+        if len(items) == 1 or not self.batch:
+            for item in items:
+                await single(item)
+            return
+        params = [("from", str(items[0][3]))]
+        params += [("i", f"{to},{block},{size}") for to, block, size, _, _ in items]
+        try:
+            doc = await self._get("/api/introduce-many", params)
+            answers = doc.get("introductions")
+            if not isinstance(answers, list) or len(answers) != len(items):
+                raise RemoteProtocolError("bad /api/introduce-many answer")
+        except NotFound:
+            # A server without /api/introduce-many: ask one at a time from now on.
+            self.batch = False
+            for item in items:
+                defer.ensureDeferred(single(item))
+            return
+        except BaseException:
+            failure = Failure()
+            for *_, d in items:
+                d.errback(failure)
+            return
+        for item, answer in zip(items, answers):
+            d = item[4]
+            if not isinstance(answer, dict):
+                d.errback(RemoteProtocolError("bad /api/introduce-many answer"))
+            elif "error" in answer:
+                status = answer.get("status")
+                if doc.get("warming") and status in (404, 503):
+                    # Not final while the server warms up: ask again alone, with retries.
+                    defer.ensureDeferred(single(item))
+                    continue
+                cls = _BY_STATUS.get(status, DSSSError) if isinstance(status, int) else DSSSError
+                d.errback(cls(f"server: {answer['error']}"))
+            else:
+                try:
+                    d.callback(self._introduction(answer, "/api/introduce-many"))
+                except RemoteProtocolError as e:
+                    d.errback(e)
+
+    async def _introduce_one(
+        self, to: PeerAddress, block: str, size: int, from_: PeerAddress
+    ) -> Introduction:
         doc = await self._get(
             "/api/introduce-me",
             {"to": str(to), "hash": block, "size": str(size), "from": str(from_)},
         )
+        return self._introduction(doc, "/api/introduce-me")
+
+    @staticmethod
+    def _introduction(doc: dict[str, Any], path: str) -> Introduction:
         key, agent, address = doc.get("introduction-key"), doc.get("agent"), doc.get("address")
         if not isinstance(key, str) or not isinstance(agent, str) or not isinstance(address, str):
-            raise RemoteProtocolError("bad /api/introduce-me answer")
+            raise RemoteProtocolError(f"bad {path} answer")
         try:
             bytes.fromhex(agent)
         except ValueError:

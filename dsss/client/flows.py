@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
@@ -29,6 +29,11 @@ log = Logger()
 DEFAULT_PART_SIZE = 4 * 1024 * 1024
 MAX_PART_SIZE = MAX_PART - TAG_BYTES
 DEFAULT_PARALLEL = 4
+# A file of at most this many bytes (and at most one part) travels inside its manifest: one
+# block on the network instead of two. 16 KiB of plaintext is a manifest blob of about 22 KiB
+# (base64), which costs the same round trips as a 4 KiB one, while `info`, `check` and `share`
+# (which read the manifest) stay cheap. See docs/performance.md.
+INLINE_MAX = 16 * 1024
 
 
 class ReplicationError(Unavailable):
@@ -163,6 +168,10 @@ async def put_stream(
     progress = progress or Progress()
     file_key = secrets.token_bytes(KEY_BYTES)
     file_id = secrets.token_bytes(FILE_ID_BYTES)
+    if is_inline(size, part_size):
+        return await _put_inline(session, stream, name=name, size=size, owner=owner,
+                                 part_size=part_size, file_key=file_key, file_id=file_id,
+                                 progress=progress)
     count = _count_parts(size, part_size)
     refs: list[PartRef | None] = [None] * count
     slots = defer.DeferredSemaphore(session.parallel)
@@ -216,6 +225,50 @@ async def put_stream(
     return address
 
 
+async def _put_inline(
+    session: Session,
+    stream: BinaryIO,
+    *,
+    name: str,
+    size: int,
+    owner: PublicKey,
+    part_size: int,
+    file_key: bytes,
+    file_id: bytes,
+    progress: Progress,
+) -> str:
+    """A small file: its one part, encrypted as part 0, goes inside the manifest."""
+    plaintext = stream.read(size)
+    if len(plaintext) != size:
+        raise DSSSError(f"{name} changed while it was being read")
+    if stream.read(1):
+        raise DSSSError(f"{name} grew while it was being read")
+    manifest = Manifest(
+        name=name,
+        size=size,
+        part_size=part_size,
+        file_id=file_id,
+        parts=(),
+        created=int(time.time()),
+        inline=encrypt_part(file_key, file_id, 0, plaintext),
+    )
+    blob = seal_manifest(manifest, file_key, owner)
+    address = block_hash(blob)
+    await store_block(session, address, blob)
+    progress.advance(size)
+    return address
+
+
+def is_inline(size: int, part_size: int) -> bool:
+    """Whether `put_stream` carries a file of `size` bytes inside its manifest."""
+    return 0 < size <= min(INLINE_MAX, part_size)
+
+
+def part_count(size: int, part_size: int) -> int:
+    """The number of blocks a file of `size` bytes is stored as, besides its manifest."""
+    return 0 if is_inline(size, part_size) else _count_parts(size, part_size)
+
+
 async def put_file(
     session: Session,
     path: str | os.PathLike[str],
@@ -260,6 +313,19 @@ async def get_to_stream(
     manifest, file_key = await fetch_manifest(session, address, key)
     if on_manifest is not None:
         on_manifest(manifest)
+    await _write_file(session, manifest, file_key, out, progress)
+    return manifest
+
+
+async def _write_file(
+    session: Session, manifest: Manifest, file_key: bytes, out: BinaryIO, progress: Progress
+) -> None:
+    """Fetch, verify and decrypt the parts of an opened manifest into `out`, in order."""
+    if manifest.inline is not None:
+        data = decrypt_part(file_key, manifest.file_id, 0, manifest.inline)
+        out.write(data)
+        progress.advance(len(data))
+        return
     parts = manifest.parts
     results: dict[int, bytes] = {}
     window = max(1, session.parallel)
@@ -291,4 +357,134 @@ async def get_to_stream(
         out.write(data)
         progress.advance(len(data))
         next_write += 1
-    return manifest
+
+
+# --- many files in one session -------------------------------------------------------------------
+
+
+def files_in_flight(session: Session) -> int:
+    """How many files `put_files` and `get_files` keep in flight at once."""
+    return max(4, 2 * session.parallel)
+
+
+async def _each_bounded(
+    count: int,
+    start: Callable[[int], Any],
+    *,
+    limit: int,
+    heavy: Callable[[int], bool],
+    stop: Callable[[], bool],
+) -> None:
+    """Run `start(i)` (a coroutine function) for i in order, at most `limit` at a time, and only
+    one at a time of those that `heavy(i)` says are large (they use the whole `parallel` window
+    of parts each, so memory stays that of one large file plus a few small ones). No new one is
+    started once `stop()` says so; those already running finish."""
+    slots = defer.DeferredSemaphore(max(1, limit))
+    big = defer.DeferredLock()
+    running: list[defer.Deferred[None]] = []
+
+    async def run(i: int, is_heavy: bool) -> None:
+        try:
+            await start(i)
+        finally:
+            slots.release()
+            if is_heavy:
+                big.release()
+
+    for i in range(count):
+        if stop():
+            break
+        is_heavy = heavy(i)
+        if is_heavy:
+            await big.acquire()
+        await slots.acquire()
+        if stop():
+            slots.release()
+            if is_heavy:
+                big.release()
+            break
+        running.append(defer.ensureDeferred(run(i, is_heavy)))
+    results = await defer.DeferredList(running, consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            assert isinstance(value, Failure)
+            value.raiseException()
+
+
+async def put_files(
+    session: Session,
+    paths: list[str],
+    sizes: list[int],
+    *,
+    owner: PublicKey,
+    part_size: int = DEFAULT_PART_SIZE,
+    progress_for: Callable[[int], Progress] | None = None,
+    on_done: Callable[[int, str | None, BaseException | None], None],
+) -> None:
+    """Store several files, up to `files_in_flight(session)` at once (a file of several parts
+    is stored alone, with the usual window of parts). `on_done(i, address, error)` is called
+    once for every file started, as it ends. After a failure no new file is started: the files
+    in flight finish, the rest are not stored (and not reported)."""
+    failed: list[BaseException] = []
+
+    async def one(i: int) -> None:
+        progress = progress_for(i) if progress_for is not None else None
+        try:
+            address = await put_file(session, paths[i], owner=owner, part_size=part_size,
+                                     progress=progress)
+        except BaseException as e:  # reported to the caller, which decides what is a bug
+            failed.append(e)
+            on_done(i, None, e)
+            return
+        try:
+            on_done(i, address, None)
+        except BaseException as e:  # say, stdout is gone: start nothing more
+            failed.append(e)
+            raise
+
+    await _each_bounded(
+        len(paths), one, limit=files_in_flight(session),
+        heavy=lambda i: part_count(sizes[i], part_size) > 1, stop=lambda: bool(failed),
+    )
+
+
+async def get_files(
+    session: Session,
+    addresses: list[str],
+    *,
+    key: PrivateKey,
+    open_output: Callable[[int, Manifest], Any],
+    on_done: Callable[[int, Manifest | None, BaseException | None], None],
+) -> None:
+    """Fetch several files, up to `files_in_flight(session)` at once; a file larger than one
+    part is fetched alone (its parts with the usual window). Unlike a put, one failure does not
+    stop the others.
+
+    `open_output(i, manifest)` is called once the manifest is open and returns a context
+    manager giving the stream to write to (it commits the file on a clean exit, and removes it
+    otherwise); `on_done(i, manifest, error)` is called once per address."""
+    big = defer.DeferredLock()
+
+    async def one(i: int) -> None:
+        address = addresses[i]
+        manifest: Manifest | None = None
+        try:
+            manifest, file_key = await fetch_manifest(session, address, key)
+            # Only the manifest is known to be small before it is opened: a file of several
+            # parts waits for the other large ones, so at most one streams at a time.
+            heavy = len(manifest.parts) > 1
+            if heavy:
+                await big.acquire()
+            try:
+                with open_output(i, manifest) as out:
+                    await _write_file(session, manifest, file_key, out, Progress())
+            finally:
+                if heavy:
+                    big.release()
+        except BaseException as e:
+            on_done(i, manifest, e)
+        else:
+            on_done(i, manifest, None)
+
+    await _each_bounded(len(addresses), one, limit=files_in_flight(session),
+                        heavy=lambda i: False, stop=lambda: False)

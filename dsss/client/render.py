@@ -85,6 +85,18 @@ def _bar(total: int, desc: str, *, position: int = 0, leave: bool = True) -> Any
                 nrows=size.lines or 24, mininterval=0.2, position=position)
 
 
+def count_bar(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A bar counting things (files) on a terminal: (advance, close); no-ops elsewhere."""
+    if not stderr_is_terminal():
+        return (lambda n: None), (lambda: None)
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    size = shutil.get_terminal_size((100, 24))
+    bar = tqdm(total=total, unit="file", desc=desc, file=sys.stderr,
+               ncols=min(size.columns or 100, 120), nrows=size.lines or 24, mininterval=0.2)
+    return bar.update, bar.close
+
+
 def byte_bar(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
     """A single byte-count bar on a terminal: (advance, close); no-ops elsewhere."""
     if not stderr_is_terminal():
@@ -110,11 +122,17 @@ class PutDisplay:
         if enabled and self.count > 1:
             self._overall = _bar(self.total, f"{self.count} files", position=0)
 
-    def start_file(self, name: str, size: int) -> Callable[[int], None]:
-        """Begin a file; returns the `advance(nbytes)` callback for its parts."""
+    def start_file(self, name: str, size: int, *, own_bar: bool = True) -> Callable[[int], None]:
+        """Begin a file; returns the `advance(nbytes)` callback for its parts.
+
+        Files stored several at a time (`own_bar=False`, small ones) only advance the overall
+        bar, which names the last one started; a file stored alone also gets a bar of its own."""
         if not self.enabled:
             return lambda n: None
         multi = self._overall is not None
+        if multi and not own_bar:
+            self._overall.set_postfix_str(name, refresh=True)
+            return self._overall.update  # type: ignore[no-any-return]
         self._file = _bar(size, name, position=1 if multi else 0, leave=not multi)
         bars = [b for b in (self._file, self._overall) if b is not None]
 
@@ -124,10 +142,10 @@ class PutDisplay:
 
         return advance
 
-    def end_file(self, size: int) -> None:
+    def end_file(self, size: int, *, own_bar: bool = True) -> None:
         self.done_files += 1
         self.done_bytes += size
-        if self._file is not None:
+        if own_bar and self._file is not None:
             self._file.close()
             self._file = None
 

@@ -9,10 +9,17 @@ Stored form ("blob"), all lengths fixed:
     body       rest      XChaCha20-Poly1305(JSON manifest, ad = magic || sealed key)
 
 The file's address is BLAKE2b-256 of the blob. The JSON body is described in docs/protocol.md.
+
+A small file is carried inside its manifest ("inline", body version 2): its single part is
+encrypted exactly as part 0 would be (same key, nonce and associated data, see parts.py) and that
+ciphertext is the body's `inline` value (base64), so the whole file is one blob on the network.
+Files stored with parts keep writing version 1, which readers of version 1 only still read.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
@@ -32,6 +39,8 @@ MAGIC = b"DSSSM\x01"
 SEALED_KEY_BYTES = KEY_BYTES + 48
 NONCE_BYTES = 24
 VERSION = 1
+VERSION_INLINE = 2  # the body carries the file's only part itself (`inline`)
+VERSIONS = (VERSION, VERSION_INLINE)
 MAX_NAME = 1024
 _FILE_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -52,11 +61,19 @@ class Manifest:
     parts: tuple[PartRef, ...]
     created: int
     cipher: str = CIPHER
-    version: int = VERSION
+    # The ciphertext of the file's only part (encrypted as part 0), when it is carried in the
+    # manifest instead of being stored as a block of its own; then `parts` is empty.
+    inline: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def version(self) -> int:
+        return VERSION if self.inline is None else VERSION_INLINE
+
     def to_json(self) -> bytes:
-        body = {
+        if self.inline is not None and self.parts:
+            raise ValueError("an inline manifest has no stored parts")
+        body: dict[str, Any] = {
             "version": self.version,
             "name": self.name,
             "size": self.size,
@@ -66,6 +83,8 @@ class Manifest:
             "created": self.created,
             "parts": [[p.hash, p.size, p.plain] for p in self.parts],
         }
+        if self.inline is not None:
+            body["inline"] = base64.b64encode(self.inline).decode("ascii")
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @classmethod
@@ -77,7 +96,7 @@ class Manifest:
         if not isinstance(body, dict):
             raise RemoteProtocolError("manifest is not a JSON object")
         version = body.get("version")
-        if type(version) is not int or version != VERSION:
+        if type(version) is not int or version not in VERSIONS:
             raise RemoteProtocolError(f"unsupported manifest version {body.get('version')!r}")
         try:
             name = body["name"]
@@ -123,9 +142,20 @@ class Manifest:
                 raise RemoteProtocolError(f"manifest part {i} is malformed")
             parts.append(PartRef(p[0], p[1], p[2]))
             total += p[2]
-        if total != size:
+        inline = None
+        if version == VERSION_INLINE:
+            raw_inline = body.get("inline")
+            if not isinstance(raw_inline, str) or parts:
+                raise RemoteProtocolError("inline manifest lacks its data, or also lists parts")
+            try:
+                inline = base64.b64decode(raw_inline.encode("ascii"), validate=True)
+            except (UnicodeEncodeError, binascii.Error, ValueError):
+                raise RemoteProtocolError("inline manifest data is not base64") from None
+            if len(inline) != size + TAG_BYTES or size > part_size:
+                raise RemoteProtocolError("inline manifest data does not match the file size")
+        elif total != size:
             raise RemoteProtocolError("manifest part sizes do not add up to the file size")
-        return cls(name, size, part_size, file_id, tuple(parts), created, cipher)
+        return cls(name, size, part_size, file_id, tuple(parts), created, cipher, inline)
 
 
 def safe_name(name: str) -> bool:

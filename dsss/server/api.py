@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
+from twisted.internet import defer
 from werkzeug.exceptions import HTTPException
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+# Introductions in one /api/introduce-many request.
+MAX_INTRODUCTIONS = 16
 
 
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
@@ -111,12 +114,13 @@ class DiscoveryAPI:
     def __init__(self, server: "DiscoveryServer") -> None:
         self.server = server
 
-    def _admit(self, request: IRequest) -> None:
-        """Per-IP rate limit, then (with --clients) a signed request from a listed client."""
+    def _admit(self, request: IRequest, cost: int = 1) -> None:
+        """Per-IP rate limit (a batch costs one request per item), then (with --clients) a
+        signed request from a listed client."""
         server = self.server
         peer = request.getClientAddress()
         host = getattr(peer, "host", None)
-        if not server.http_limiter.allow(host, server.now()):
+        if not server.http_limiter.allow(host, server.now(), cost):
             raise RateLimited("too many requests from your address; slow down")
         if server.verifier is not None:
             server.verifier.verify(
@@ -182,6 +186,41 @@ class DiscoveryAPI:
         from_ = PeerAddress.parse(_arg(request, "from") or "")
         result = await self.server.introduce(to, from_, size, block)
         return _json(request, result)
+
+    @app.route("/api/introduce-many", methods=["GET"])
+    async def introduce_many(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"i", [])  # type: ignore[attr-defined]
+        self._admit(request, cost=max(1, min(len(raw), MAX_INTRODUCTIONS)))
+        if not raw:
+            raise BadRequest("missing parameter 'i'")
+        if len(raw) > MAX_INTRODUCTIONS:
+            raise BadRequest(f"at most {MAX_INTRODUCTIONS} introductions per request")
+        from_ = PeerAddress.parse(_arg(request, "from") or "")
+        items = []
+        for value in raw:
+            fields = value.decode("utf-8", "replace").split(",")
+            if len(fields) != 3:
+                raise BadRequest("each 'i' must be TO,HASH,SIZE")
+            items.append((PeerAddress.parse(fields[0]), check_block_id(fields[1]), _size(fields[2])))
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.server.introduce(to, from_, size, block)) for to, block, size in items],
+            consumeErrors=True,
+        )
+        answers: list[dict[str, Any]] = []
+        for ok, value in results:
+            if ok:
+                answers.append(value)
+                continue
+            failure: Any = value
+            if isinstance(failure.value, DSSSError):
+                answers.append({"error": str(failure.value), "status": failure.value.http_status})
+            else:
+                log.failure("unexpected error in an introduction", failure)
+                answers.append({"error": "internal error", "status": 500})
+        body: dict[str, Any] = {"introductions": answers}
+        if self.server.warming():
+            body["warming"] = True  # a 404 or 503 among them may change within seconds
+        return _json(request, body)
 
     @app.route("/api/info", methods=["GET"])
     def info(self, request: IRequest) -> bytes:

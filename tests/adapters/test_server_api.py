@@ -125,6 +125,40 @@ def test_introduce_me_relays_the_agents_key(server):
     assert decoded(results)[0] == 504  # the agent did not answer in time
 
 
+def test_introduce_many_asks_every_agent_at_once_and_answers_each(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    agents = [FakeAgent(server, 4800 + i) for i in range(3)]
+    items = "".join(f"&i=127.0.0.1:{4800 + i},{HASH},{77 + i}" for i in range(3))
+    results = get(treq, f"/api/introduce-many?from=127.0.0.1:9999{items}&i=127.0.0.1:4899,{HASH},1")
+    # Every agent is asked before any answers; each key is bound to its own agent, hash, size
+    # and the caller's address, exactly as with introduce-me.
+    for i, a in enumerate(agents):
+        assert a.sent() == [f"INTRODUCTION_REQUEST 127.0.0.1:9999 {77 + i} {HASH}"]
+    agents[0].reply("0123456789abcdef0123456789abcdef")
+    agents[1].reply("ERROR full no room")
+    assert results == []
+    server.clock.advance(server.config.query_timeout + 0.1)  # agent 2 never answers
+    treq.flush()
+    code, doc = decoded(results)
+    assert code == 200
+    first, full, late, unknown = doc["introductions"]
+    assert first == {"introduction-key": "0123456789abcdef0123456789abcdef",
+                     "agent": agents[0].rec.agent_id, "address": "127.0.0.1:4800"}
+    assert full["status"] == 503 and "refused: full" in full["error"]
+    assert late["status"] == 504 and unknown == {"error": "no live agent at 127.0.0.1:4899", "status": 404}
+
+
+def test_introduce_many_costs_one_request_per_introduction(server):
+    server.http_limiter.rate, server.http_limiter.burst = 0.0, 10.0
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    FakeAgent(server, 4900)
+    items = f"&i=127.0.0.1:4901,{HASH},1" * 6
+    code, doc = decoded(get(treq, f"/api/introduce-many?from=127.0.0.1:1{items}"))
+    assert code == 200 and len(doc["introductions"]) == 6
+    code, doc = decoded(get(treq, f"/api/introduce-many?from=127.0.0.1:1{items}"))
+    assert code == 429  # 6 + 6 > a burst of 10
+
+
 def test_dead_agent_is_unknown_and_left_out(server):
     treq = StubTreq(DiscoveryAPI(server).resource())
     agent = FakeAgent(server, 4600)
@@ -151,6 +185,16 @@ def test_dead_agent_is_unknown_and_left_out(server):
         f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=1&from=::1",
         "/api/where-to-upload?size=%ff",
         f"/api/where-to-upload?size={16 * 1024 * 1024 + 1}",
+        "/api/introduce-many?from=127.0.0.1:1",
+        f"/api/introduce-many?i=127.0.0.1:1,{HASH},1",
+        f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1:1,{HASH}",
+        f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1:1,{HASH},1,2",
+        f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1,{HASH},1",
+        f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1:1,{HASH.upper()},1",
+        f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1:1,{HASH},-1",
+        f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1:1,{HASH},{16 * 1024 * 1024 + 1}",
+        f"/api/introduce-many?from=127.0.0.1:1&from=127.0.0.1:2&i=127.0.0.1:1,{HASH},1",
+        "/api/introduce-many?from=127.0.0.1:1" + f"&i=127.0.0.1:1,{HASH},1" * 17,
     ],
 )
 def test_bad_parameters_are_400_with_an_error(server, url):

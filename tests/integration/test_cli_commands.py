@@ -106,7 +106,8 @@ def test_ls_lists_what_this_key_stored(shared_network, tmp_path):
     doc = alice.json("ls")
     assert doc["catalog"] == str(alice.key) + ".catalog"
     files = {f["address"]: f for f in doc["files"]}
-    assert files[addr_a]["name"] == "a?x.txt" and files[addr_a]["size"] == 1500 and files[addr_a]["parts"] == 1
+    # 1500 bytes travel inside the manifest: no part of their own.
+    assert files[addr_a]["name"] == "a?x.txt" and files[addr_a]["size"] == 1500 and files[addr_a]["parts"] == 0
     assert files[addr_b]["parts"] == 3 and files[addr_b]["kind"] == "put"
     assert doc["skipped-lines"] == 0
 
@@ -232,7 +233,7 @@ def test_json_output_of_every_command(shared_network, tmp_path):
     assert len(lines) == 2  # JSON lines: one object per file
     puts = [json.loads(line) for line in lines]
     assert [p["file"] for p in puts] == [str(f) for f in files]
-    assert all(is_block_id(p["address"]) and p["parts"] == 1 for p in puts)
+    assert all(is_block_id(p["address"]) and p["parts"] == 0 for p in puts)  # inline
     address = puts[0]["address"]
 
     out = tmp_path / "out.txt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -204,3 +205,106 @@ def test_verbose_says_which_path_reached_each_agent(shared_network, tmp_path):
     for ln in lines:
         _, _, address, path = ln.split()
         assert path == "direct" and address in live
+
+
+def test_get_many_addresses_into_a_directory(shared_network, tmp_path):
+    net = shared_network
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"empty": 0, "one": 1, "note.txt": 4096, "sixteen": 16 * 1024, "parts.bin": 3 * PART + 5}
+    for name, size in sizes.items():
+        (src / name).write_bytes(os.urandom(size))
+    names = list(sizes)
+    r = net.client("put", "--part-size", str(PART), *(str(src / n) for n in names))
+    addresses = [line.split()[0] for line in r.stdout.decode().splitlines()]
+    assert len(addresses) == len(names)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "note.txt").write_bytes(b"an older note, replaced")
+    # An address given twice is fetched once.
+    r = net.client("get", *addresses, addresses[0], "-o", str(out))
+    assert r.stderr == b""
+    assert r.stdout.decode().splitlines() == [f"{a} {out / n}" for a, n in zip(addresses, names)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary file left
+    for n in names:
+        assert (out / n).read_bytes() == (src / n).read_bytes()
+
+    # --json: one object per file, in the order given; one address into a directory works too.
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    r = net.client("--json", "get", addresses[2], "-o", str(out2))
+    doc = json.loads(r.stdout)
+    assert doc["name"] == "note.txt" and doc["output"] == str(out2 / "note.txt") and doc["inline"] is True
+    assert (out2 / "note.txt").read_bytes() == (src / "note.txt").read_bytes()
+
+
+def test_get_many_reports_each_failure_and_writes_only_whole_files(shared_network, tmp_path):
+    net = shared_network
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(b"mine\n" * 100)
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_bytes(b"theirs\n")
+    other = tmp_path / "other.key"
+    net.client("keygen", key=other)
+    a_mine = _put(net, mine)
+    a_theirs = net.client("put", str(theirs), key=other).stdout.decode().split()[0]
+    unknown = "c" * 64
+    out = tmp_path / "out"
+    out.mkdir()
+    r = net.client("get", a_mine, unknown, a_theirs, "-o", str(out), check=False)
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 3, err  # the first failure's code: unknown address
+    assert err == [
+        f"dsss: error: {unknown}: no file is stored at {unknown} (unknown address)",
+        f"dsss: error: {a_theirs}: this file was not stored for your key",
+        "dsss: error: fetched 1 of 3 files",
+    ]
+    assert r.stdout.decode() == f"{a_mine} {out / 'mine.txt'}\n"
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]  # nothing half-written
+    assert (out / "mine.txt").read_bytes() == mine.read_bytes()
+
+    # --json: the failures are objects too, after the files fetched.
+    r = net.client("--json", "get", unknown, a_mine, "-o", str(out), check=False)
+    docs = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert r.returncode == 3 and docs[0]["address"] == a_mine
+    assert docs[1] == {"address": unknown, "error": f"no file is stored at {unknown} (unknown address)",
+                       "code": "not-found", "exit-code": 3}
+
+    # Two files of the same name: one is written, the other refused, never mixed.
+    same = tmp_path / "sub"
+    same.mkdir()
+    (same / "mine.txt").write_bytes(b"another file of the same name\n")
+    a_same = _put(net, same / "mine.txt")
+    out3 = tmp_path / "out3"
+    out3.mkdir()
+    r = net.client("get", a_mine, a_same, "-o", str(out3), check=False)
+    assert r.returncode == 1 and "is also named 'mine.txt'" in r.stderr.decode()
+    assert [p.name for p in out3.iterdir()] == ["mine.txt"]
+    assert (out3 / "mine.txt").read_bytes() in (mine.read_bytes(), (same / "mine.txt").read_bytes())
+
+    # Command-line mistakes are refused before anything is fetched.
+    r = net.client("get", a_mine, a_same, "-o", str(tmp_path / "missing"), check=False)
+    assert r.returncode == 2 and "not a directory" in r.stderr.decode()
+    r = net.client("get", a_mine, a_same, "-o", "-", check=False)
+    assert r.returncode == 2 and "-o - takes one address" in r.stderr.decode()
+    r = net.client("get", a_mine, "nope", "-o", str(out3), check=False)
+    assert r.returncode == 2 and "not a file address" in r.stderr.decode()
+
+
+def test_put_of_several_files_names_the_one_that_failed(make_network, tmp_path):
+    # Two agents for three replicas: no file can be stored.
+    net = start_network(make_network(heartbeat=0.5, replicas=3), agents=2)
+    net.client("keygen")
+    files = []
+    for i in range(3):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(os.urandom(100 + i))
+        files.append(str(f))
+    r = net.client("put", *files, check=False)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 4 and r.stdout == b""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"dsss: error: {files[0]}: stored a part on 2 of 3 agents")
+    assert err.endswith("; stored 0 of 3 files"), err
+    assert not net.key.with_name(net.key.name + ".catalog").exists()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -638,3 +639,91 @@ def test_public_key_hex_round_trip() -> None:
 def test_parse_public_key_refuses_garbage(text: str) -> None:
     with pytest.raises(LocalUsageError):
         parse_public_key(text)
+
+
+# --- inline manifests (version 2): a small file inside its manifest ---------------------------
+
+
+def make_inline(plain: bytes = b"small file\n", part_size: int = 1024 * 1024) -> Manifest:
+    return Manifest(name="note.txt", size=len(plain), part_size=part_size, file_id=FID, parts=(),
+                    created=1_700_000_000, inline=encrypt_part(KEY, FID, 0, plain))
+
+
+def test_inline_manifest_fields_and_round_trip() -> None:
+    m = make_inline()
+    body = body_of(m)
+    assert body["version"] == 2 and body["parts"] == []
+    # The inline data is the file's only part, encrypted exactly as part 0 would be, in base64.
+    assert base64.b64decode(body["inline"]) == encrypt_part(KEY, FID, 0, b"small file\n")
+    back = Manifest.from_json(m.to_json())
+    assert back == m and back.inline is not None and back.version == 2
+    assert decrypt_part(KEY, FID, 0, back.inline) == b"small file\n"
+    blob = seal_manifest(m, FILE_KEY, OWNER.public_key)
+    opened, key = open_manifest(blob, OWNER)
+    assert opened == m and key == FILE_KEY
+    assert b"small file" not in blob
+
+
+def test_manifests_without_inline_data_keep_version_1() -> None:
+    """What the client wrote before inline manifests existed is still written and read alike."""
+    assert body_of(make_manifest())["version"] == 1 and "inline" not in body_of(make_manifest())
+    h = block_hash(b"p")
+    old = (b'{"version":1,"name":"a.txt","size":5,"part-size":1048576,'
+           b'"cipher":"xchacha20poly1305-ietf","file-id":"' + FID.hex().encode() +
+           b'","created":1795751429,"parts":[["' + h.encode() + b'",21,5]]}')
+    m = Manifest.from_json(old)
+    assert m.inline is None and m.version == 1 and m.parts == (PartRef(h, 21, 5),)
+    assert m.to_json() == old
+    # An "inline" key in a version 1 body is an unknown key: ignored.
+    assert Manifest.from_json(old[:-1] + b',"inline":"AAAA"}') == m
+
+
+def _inline_mutations() -> list[tuple[str, Any]]:
+    good = body_of(make_inline())
+    h = block_hash(b"x")
+
+    def with_(**changes: Any) -> dict[str, Any]:
+        b = dict(good)
+        for k, v in changes.items():
+            key = k.replace("_", "-")
+            if v is None:
+                b.pop(key, None)
+            else:
+                b[key] = v
+        return b
+
+    return [
+        ("missing", with_(inline=None)),
+        ("not-a-string", with_(inline=5)),
+        ("not-base64", with_(inline="!!!!")),
+        ("base64-with-junk", with_(inline=good["inline"] + "\n")),
+        ("too-long", with_(size=good["size"] - 1)),
+        ("too-short", with_(size=good["size"] + 1)),
+        ("also-parts", with_(parts=[[h, 27, 11]])),
+        ("bigger-than-part-size", with_(**{"part_size": good["size"] - 1})),
+        ("version-1-without-parts", with_(version=1)),
+    ]
+
+
+@pytest.mark.parametrize("body", [b for _, b in _inline_mutations()], ids=[i for i, _ in _inline_mutations()])
+def test_inline_manifest_validation(body: dict[str, Any]) -> None:
+    with pytest.raises(RemoteProtocolError):
+        from_body(body)
+
+
+def test_inline_manifest_cannot_also_list_parts() -> None:
+    m = make_manifest()
+    bad = Manifest(name=m.name, size=m.size, part_size=m.part_size, file_id=FID, parts=m.parts,
+                   created=1, inline=b"x" * 20)
+    with pytest.raises(ValueError):
+        bad.to_json()
+
+
+def test_inline_part_bound_to_its_file_and_position() -> None:
+    """The inline data is a part: moved into another file (other file id) it fails its tag."""
+    m = make_inline()
+    assert m.inline is not None
+    with pytest.raises(IntegrityError):
+        decrypt_part(KEY, FID2, 0, m.inline)
+    with pytest.raises(IntegrityError):
+        decrypt_part(KEY, FID, 1, m.inline)

@@ -1,0 +1,129 @@
+"""DiscoveryClient's batching of introductions, against the real API (StubTreq) and a Clock."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from dsss.client.discovery import MAX_INTRODUCTIONS, DiscoveryClient, Introduction
+from dsss.errors import NotFound, Unavailable
+from dsss.model import PeerAddress
+from dsss.server.api import DiscoveryAPI
+from dsss.server.service import DiscoveryServer, ServerConfig
+from tests.adapters.test_server_api import HASH, FakeAgent
+
+ME = PeerAddress("127.0.0.1", 9999)
+
+
+@pytest.fixture
+def server() -> DiscoveryServer:
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    clock.advance(60)  # past the warm-up after a start, when answers are final
+    return server
+
+
+class CountingHTTP:
+    """StubTreq, recording every path asked for; `hide_batch` plays an older server."""
+
+    def __init__(self, stub: StubTreq, *, hide_batch: bool = False) -> None:
+        self.stub = stub
+        self.paths: list[str] = []
+        self.hide_batch = hide_batch
+
+    def get(self, url: str, **kw: Any) -> Any:
+        kw.pop("reactor", None)
+        kw.pop("timeout", None)
+        path = url.split("//", 1)[1].split("/", 1)[1].split("?")[0]
+        self.paths.append("/" + path)
+        if self.hide_batch and path == "api/introduce-many":
+            url = "http://server/api/no-such-endpoint"
+        return self.stub.get(url, **kw)
+
+
+def settle(server: Any, stub: StubTreq, agents: list[FakeAgent], replies: dict[int, str]) -> None:
+    """Run the turn's flush, let the requests reach the agents, answer, and deliver."""
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    for i, line in replies.items():
+        agents[i].reply(line)
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+
+
+def outcomes(ds: list[defer.Deferred[Any]]) -> list[Any]:
+    out: list[Any] = []
+    for d in ds:
+        box: list[Any] = []
+        d.addBoth(box.append)
+        assert box, "not answered"
+        out.append(box[0].value if hasattr(box[0], "value") else box[0])
+    return out
+
+
+@pytest.mark.parametrize("hide_batch", [False, True], ids=["batched", "older-server"])
+def test_introductions_of_one_turn_share_a_request(server: Any, hide_batch: bool) -> None:
+    agents = [FakeAgent(server, 5000 + i) for i in range(3)]
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    http = CountingHTTP(stub, hide_batch=hide_batch)
+    client = DiscoveryClient("http://server", reactor=server.clock, http=http)
+    ds = [defer.ensureDeferred(client.introduce_me(a.address, HASH, 100 + i, ME))
+          for i, a in enumerate(agents)]
+    assert http.paths == []  # nothing until the end of the turn
+    settle(server, stub, agents, {0: "0123456789abcdef0123456789abcdef",
+                                  1: "ERROR full no room",
+                                  2: "fedcba9876543210fedcba9876543210"})
+    first, full, third = outcomes(ds)
+    assert isinstance(first, Introduction) and first.key == "0123456789abcdef0123456789abcdef"
+    assert first.agent_id == agents[0].rec.agent_id and first.address == agents[0].address
+    assert isinstance(third, Introduction) and third.address == agents[2].address
+    # The refused one fails alone, with the error it would have had on its own.
+    assert isinstance(full, Unavailable) and "refused: full" in str(full)
+    if hide_batch:
+        # One try of the batch (404), then one request each, and no more batches afterwards.
+        assert http.paths == ["/api/introduce-many"] + ["/api/introduce-me"] * 3
+        assert client.batch is False
+    else:
+        assert http.paths == ["/api/introduce-many"]
+
+
+def test_one_introduction_alone_uses_introduce_me(server: Any) -> None:
+    agents = [FakeAgent(server, 5100)]
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    http = CountingHTTP(stub)
+    client = DiscoveryClient("http://server", reactor=server.clock, http=http)
+    d = defer.ensureDeferred(client.introduce_me(agents[0].address, HASH, 0, ME))
+    settle(server, stub, agents, {0: "0123456789abcdef0123456789abcdef"})
+    assert isinstance(outcomes([d])[0], Introduction) and http.paths == ["/api/introduce-me"]
+
+
+def test_large_turns_are_split_and_unknown_agents_fail_alone(server: Any) -> None:
+    agent = FakeAgent(server, 5200)
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    http = CountingHTTP(stub)
+    client = DiscoveryClient("http://server", reactor=server.clock, http=http)
+    n = MAX_INTRODUCTIONS + 2
+    ds = [defer.ensureDeferred(client.introduce_me(agent.address, HASH, 1, ME)) for _ in range(n)]
+    gone = defer.ensureDeferred(client.introduce_me(PeerAddress("127.0.0.1", 5299), HASH, 1, ME))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    asked = agent.sent()
+    assert len(asked) == n
+    for _ in asked:
+        agent.reply("0123456789abcdef0123456789abcdef")
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    assert http.paths == ["/api/introduce-many", "/api/introduce-many"]
+    assert all(isinstance(x, Introduction) for x in outcomes(ds))
+    err = outcomes([gone])[0]
+    assert isinstance(err, NotFound) and "no live agent at 127.0.0.1:5299" in str(err)

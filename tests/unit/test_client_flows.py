@@ -1,0 +1,246 @@
+# -*- test-case-name: tests.unit.test_client_flows -*-
+"""put and get of many files (dsss.client.flows) against in-memory fakes of the discovery
+server and the agents: inline small files, several files in flight, per-file errors."""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from nacl.public import PrivateKey
+from twisted.internet import defer
+
+from dsss.client.discovery import Introduction
+from dsss.client.flows import (
+    INLINE_MAX,
+    files_in_flight,
+    get_files,
+    get_to_stream,
+    part_count,
+    put_files,
+)
+from dsss.crypto.manifest import open_manifest
+from dsss.errors import NotFound, Unavailable, WrongKey
+from dsss.model import block_hash
+from tests.unit.test_client_catalog_config import FakeNetwork, result_of
+
+OWNER = PrivateKey.generate()
+PART = 8 * 1024
+
+
+def write_files(tmp_path: Path, sizes: list[int]) -> tuple[list[str], list[bytes]]:
+    paths, datas = [], []
+    for i, size in enumerate(sizes):
+        data = os.urandom(size)
+        p = tmp_path / f"f{i}"
+        p.write_bytes(data)
+        paths.append(str(p))
+        datas.append(data)
+    return paths, datas
+
+
+def put_all(net: FakeNetwork, paths: list[str], part_size: int = PART) -> dict[int, Any]:
+    ended: dict[int, Any] = {}
+
+    def done(i: int, address: str | None, error: BaseException | None) -> None:
+        assert i not in ended
+        ended[i] = address if error is None else error
+
+    sizes = [os.path.getsize(p) for p in paths]
+    result_of(put_files(net.session(), paths, sizes, owner=OWNER.public_key, part_size=part_size,
+                        on_done=done))
+    return ended
+
+
+def blob_of(net: FakeNetwork, block: str) -> bytes:
+    return next(blobs[block] for blobs in net.agents.values() if block in blobs)
+
+
+def fetch(net: FakeNetwork, address: str) -> bytes:
+    out = io.BytesIO()
+    result_of(get_to_stream(net.session(), address, out, key=OWNER))
+    return out.getvalue()
+
+
+def test_small_files_travel_inside_their_manifest(tmp_path: Path) -> None:
+    net = FakeNetwork()
+    net.add_agents(4)
+    sizes = [0, 1, 100, INLINE_MAX, INLINE_MAX + 1, 3 * PART - 5]
+    paths, datas = write_files(tmp_path, sizes)
+    ended = put_all(net, paths, part_size=64 * 1024)
+    assert sorted(ended) == list(range(len(sizes)))
+    for i, data in enumerate(datas):
+        address = ended[i]
+        assert fetch(net, address) == data
+        manifest, _ = open_manifest(blob_of(net, address), OWNER)
+        inline = 0 < len(data) <= INLINE_MAX
+        assert (manifest.inline is not None) == inline
+        assert len(manifest.parts) == part_count(len(data), 64 * 1024)
+        # An inline file is one block: only its manifest went to the agents, 3 copies.
+        blocks = {b for _, b in net.uploads if b in {address, *(p.hash for p in manifest.parts)}}
+        assert len(blocks) == 1 + len(manifest.parts)
+    # The plaintext of a small file is nowhere on the agents.
+    for blobs in net.agents.values():
+        for blob in blobs.values():
+            assert datas[2] not in blob and datas[3][:64] not in blob
+    # A file no larger than the part size, but larger than INLINE_MAX, is one part as before;
+    # with a part size smaller than the file, nothing is inline.
+    assert part_count(INLINE_MAX + 1, 1 << 20) == 1 and part_count(100, 64) == 2
+
+
+def test_put_files_stops_starting_files_after_a_failure(tmp_path: Path) -> None:
+    net = FakeNetwork()
+    net.add_agents(3)
+    paths, datas = write_files(tmp_path, [10, 20, 3333, 40, 50])
+    where = net.where_to_upload
+
+    async def refuse_one_size(size: int, exclude: Any = None) -> Any:
+        if size > 3333:  # the manifest of file 2 only
+            raise Unavailable("server: no live agent has room")
+        return await where(size, exclude)
+
+    net.where_to_upload = refuse_one_size  # type: ignore[method-assign]
+    ended = put_all(net, paths)
+    # The fakes answer at once, so files 0 and 1 ended before 2 started, and 3 and 4 were
+    # never started: not stored, not reported.
+    assert sorted(ended) == [0, 1, 2]
+    assert isinstance(ended[2], Unavailable)
+    assert fetch(net, ended[0]) == datas[0] and fetch(net, ended[1]) == datas[1]
+    assert len({b for _, b in net.uploads}) == 2
+
+
+class GatedNetwork(FakeNetwork):
+    """Uploads wait until the test releases them, so what is in flight can be counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[defer.Deferred[None], Introduction, str, bytes]] = []
+
+    async def upload(self, intro: Introduction, block: str, data: bytes) -> None:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append((d, intro, block, data))
+        await d
+        await FakeNetwork.upload(self, intro, block, data)
+
+    def release(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, *_ in waiting:
+            d.callback(None)
+
+    def blocks_in_flight(self) -> set[str]:
+        return {block for _, _, block, _ in self.waiting}
+
+
+def test_several_small_files_in_flight_and_large_ones_alone(tmp_path: Path, monkeypatch: Any) -> None:
+    import dsss.client.flows as flows
+
+    net = GatedNetwork()
+    net.add_agents(4)
+    session = net.session()  # parallel 2: 4 files in flight
+    assert files_in_flight(session) == 4
+    sizes = [100] * 6 + [3 * PART, 3 * PART] + [100] * 2
+    paths, datas = write_files(tmp_path, sizes)
+    running: set[str] = set()
+    most = {"files": 0, "large": 0}
+    original = flows.put_file
+
+    async def watched(session: Any, path: str, **kw: Any) -> str:
+        running.add(path)
+        most["files"] = max(most["files"], len(running))
+        most["large"] = max(most["large"], sum(os.path.getsize(p) > PART for p in running))
+        try:
+            return await original(session, path, **kw)
+        finally:
+            running.discard(path)
+
+    monkeypatch.setattr(flows, "put_file", watched)
+    ended: dict[int, Any] = {}
+    d = defer.ensureDeferred(put_files(
+        session, paths, sizes, owner=OWNER.public_key, part_size=PART,
+        on_done=lambda i, a, e: ended.__setitem__(i, a if e is None else e),
+    ))
+    for _ in range(100):
+        if not net.waiting:
+            break
+        net.release()
+    assert d.called and sorted(ended) == list(range(10))
+    assert all(isinstance(a, str) for a in ended.values())
+    for i, data in enumerate(datas):
+        assert fetch(net, ended[i]) == data
+    # Several files were in flight, never more than the window, and never two large ones.
+    assert most == {"files": 4, "large": 1}
+
+
+def test_get_files_reports_every_address_and_writes_only_complete_files(tmp_path: Path) -> None:
+    net = FakeNetwork()
+    net.add_agents(4)
+    paths, datas = write_files(tmp_path, [5, INLINE_MAX + 7, 3 * PART + 1, 77])
+    ended = put_all(net, paths)
+    addresses = [ended[i] for i in range(4)]
+    # Someone else's file, an unknown address, and a file whose part is corrupt everywhere.
+    other = FakeNetwork()
+    other.agents, other.live = net.agents, net.live
+    stranger = PrivateKey.generate()
+    (tmp_path / "x").write_bytes(b"not yours")
+    theirs: dict[int, Any] = {}
+    result_of(put_files(other.session(), [str(tmp_path / "x")], [9], owner=stranger.public_key,
+                        on_done=lambda i, a, e: theirs.__setitem__(i, a)))
+    unknown = "ab" * 32
+    manifest, _ = open_manifest(blob_of(net, addresses[1]), OWNER)
+    for blobs in net.agents.values():
+        blobs[manifest.parts[0].hash] = b"rotten" * 10
+    wanted = [*addresses, theirs[0], unknown]
+
+    outputs: dict[int, io.BytesIO] = {}
+    committed: list[int] = []
+    aborted: list[int] = []
+
+    @contextmanager
+    def open_output(i: int, m: Any) -> Iterator[io.BytesIO]:
+        outputs[i] = io.BytesIO()
+        try:
+            yield outputs[i]
+        except BaseException:
+            aborted.append(i)
+            raise
+        committed.append(i)
+
+    results: dict[int, Any] = {}
+    result_of(get_files(net.session(), wanted, key=OWNER, open_output=open_output,
+                        on_done=lambda i, m, e: results.__setitem__(i, e if e is not None else m)))
+    assert sorted(results) == list(range(6))
+    assert sorted(committed) == [0, 2, 3] and aborted == [1]
+    for i in (0, 2, 3):
+        assert outputs[i].getvalue() == datas[i] and results[i].name == f"f{i}"
+    assert "corrupt on every replica" in str(results[1])
+    assert isinstance(results[4], WrongKey) and 4 not in outputs  # nothing opened
+    assert isinstance(results[5], NotFound) and "unknown address" in str(results[5])
+
+
+def test_inline_manifest_block_hash_is_the_address(tmp_path: Path) -> None:
+    net = FakeNetwork()
+    net.add_agents(3)
+    paths, datas = write_files(tmp_path, [42])
+    address = put_all(net, paths)[0]
+    for blobs in net.agents.values():
+        assert list(blobs) == [address] and block_hash(blobs[address]) == address
+
+
+@pytest.mark.parametrize("size", [1, INLINE_MAX])
+def test_inline_file_that_changes_while_read_is_refused(tmp_path: Path, size: int) -> None:
+    from dsss.client.flows import put_stream
+    from dsss.errors import DSSSError
+
+    net = FakeNetwork()
+    net.add_agents(3)
+    with pytest.raises(DSSSError, match="changed while"):
+        result_of(put_stream(net.session(), io.BytesIO(b"x" * (size - 1)), name="n", size=size,
+                             owner=OWNER.public_key))
+    with pytest.raises(DSSSError, match="grew while"):
+        result_of(put_stream(net.session(), io.BytesIO(b"x" * (size + 1)), name="n", size=size,
+                             owner=OWNER.public_key))
+    assert net.uploads == []
