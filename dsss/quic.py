@@ -57,7 +57,7 @@ stream is under L{STREAM_SEND_HIGH_WATER}: wait for it before writing more.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -86,6 +86,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dsss.crypto.certs import public_key_of
 from dsss.endpoints import enlarge_socket_buffers
@@ -215,6 +216,39 @@ class _Connection(QuicConnection):
         )
         self._tls = bridge
         return bridge
+
+
+REQUEST_CHUNK = 256 * 1024
+"""Bytes handed to QUIC per write by L{QuicConnectionHandle.request}."""
+
+
+def _send_in_slices(stream: QuicStream, pieces: list[bytes]) -> None:
+    """Write C{pieces} on C{stream} and end it, a slice at a time, waiting for
+    the stream to drain below its high-water mark between slices.  A failed
+    write stops it quietly: the request's reply, or its on_error, decides."""
+    slices = [
+        memoryview(piece)[offset : offset + REQUEST_CHUNK]
+        for piece in pieces
+        for offset in range(0, len(piece), REQUEST_CHUNK)
+    ]
+    if not slices:
+        stream.write(b"", end=True).addErrback(lambda f: None)
+        return
+    slices.reverse()
+
+    def pump(_: object = None) -> None:
+        while slices:
+            chunk = slices.pop()
+            d = stream.write(chunk, end=not slices)
+            if not d.called:
+                d.addCallbacks(pump, lambda f: None)
+                return
+            outcome: list[object] = []
+            d.addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                return
+
+    pump()
 
 
 def _native_identity(
@@ -566,11 +600,18 @@ class QuicConnectionHandle:
         return stream
 
     def request(
-        self, data: bytes, *, max_response: int, timeout: float = 30.0
+        self,
+        data: bytes | Sequence[bytes],
+        *,
+        max_response: int,
+        timeout: float = 30.0,
     ) -> Deferred[bytes]:
         """
-        Send C{data} on a new stream, end it, and collect the reply until the
-        peer ends its side.
+        Send C{data} (bytes, or pieces sent one after the other) on a new
+        stream, end it, and collect the reply until the peer ends its side.
+        Large data is handed to QUIC in L{REQUEST_CHUNK} slices as the stream
+        drains, so at most about L{STREAM_SEND_HIGH_WATER} of it is copied
+        into QUIC's buffers at a time.
 
         @param max_response: most bytes accepted in the reply; beyond it the
             stream is reset and the result fails with L{ResponseTooLarge}.
@@ -609,7 +650,9 @@ class QuicConnectionHandle:
                 chunks.append(chunk)
 
         def on_end() -> None:
-            finish(b"".join(chunks))
+            reply = b"".join(chunks)
+            chunks.clear()  # the stream (and this closure) may outlive the request
+            finish(reply)
 
         def on_timeout() -> None:
             stream.reset(APP_ERROR_STREAM)
@@ -627,7 +670,7 @@ class QuicConnectionHandle:
         timer = self._endpoint._clock.callLater(timeout, on_timeout)
         # A failed write (peer sent STOP_SENDING, connection lost) does not end
         # the request: the reply, or on_error, decides.
-        stream.write(data, end=True).addErrback(lambda f: None)
+        _send_in_slices(stream, [data] if isinstance(data, bytes) else list(data))
         return result_d
 
     def close(self) -> None:

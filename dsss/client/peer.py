@@ -191,7 +191,7 @@ class PeerNetwork:
         )
         self.endpoint.relay_via(agent.as_tuple(), self.server_udp)
 
-    async def _request(self, intro: Introduction, data: bytes, max_response: int) -> bytes:
+    async def _request(self, intro: Introduction, data: bytes | list[bytes], max_response: int) -> bytes:
         conn = await self._connect(intro)
         try:
             return await conn.request(data, max_response=max_response, timeout=self.transfer_timeout)
@@ -205,7 +205,7 @@ class PeerNetwork:
 
     async def upload(self, intro: Introduction, block: str, data: bytes) -> None:
         header = wt.encode_request(wt.Upload(intro.key, block, len(data)))
-        raw = await self._request(intro, header + data, wt.MAX_HEADER)
+        raw = await self._request(intro, [header, data], wt.MAX_HEADER)
         line, _, _ = raw.partition(b"\n")
         try:
             reply = wt.parse_reply(line)

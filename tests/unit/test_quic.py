@@ -660,3 +660,16 @@ async def test_real_sockets_4mib_stream() -> None:
     finally:
         await client.close()
         await server.close()
+
+
+def test_finished_requests_leave_no_stream_state() -> None:
+    """Streams done both ways are forgotten on both sides; a long session does not grow."""
+    pair = make_pair()
+    handle = pair.connect()
+    payload = random.Random(12).randbytes(300_000)
+    for _ in range(20):
+        assert pair.result(handle.request(payload, max_response=400_000)) == b"echo:" + payload
+    pair.idle(1.0)
+    assert handle._streams == {}
+    (server_handle,) = [h for h in pair.server._all if not h.is_client]
+    assert server_handle._streams == {}
