@@ -121,9 +121,9 @@ CONNECTION_ID_LENGTH = 8
 MAX_DATAGRAM_SIZE_LIMIT = 16000
 """Largest datagram size accepted (aioquic failed above ~16 KiB; the bound is kept)."""
 
-MAX_DATA = 16 * 1024 * 1024
+MAX_DATA = 4 * 1024 * 1024
 """Initial connection-wide receive window (the window grows as data is consumed)."""
-MAX_STREAM_DATA = 8 * 1024 * 1024
+MAX_STREAM_DATA = 2 * 1024 * 1024
 """Initial per-stream receive window."""
 
 STREAM_SEND_HIGH_WATER = 1024 * 1024

@@ -29,6 +29,16 @@ log = Logger()
 DEFAULT_PART_SIZE = 4 * 1024 * 1024
 MAX_PART_SIZE = MAX_PART - TAG_BYTES
 DEFAULT_PARALLEL = 4
+PUT_WINDOW_BYTES = 12 * 1024 * 1024
+"""Most plaintext bytes of one file's parts being stored at once: each part in flight costs
+its ciphertext plus QUIC's buffers towards every replica, and the client's memory must not
+grow with the part size (3 parts of the default 4 MiB; `--parallel` parts when they are
+small)."""
+
+
+def put_window(parallel: int, part_size: int) -> int:
+    """How many parts of one file a put stores at once."""
+    return max(1, min(parallel, PUT_WINDOW_BYTES // max(1, part_size)))
 # A file of at most this many bytes (and at most one part) travels inside its manifest: one
 # block on the network instead of two. 16 KiB of plaintext is a manifest blob of about 22 KiB
 # (base64), which costs the same round trips as a 4 KiB one, while `info`, `check` and `share`
@@ -174,17 +184,19 @@ async def put_stream(
                                  progress=progress)
     count = _count_parts(size, part_size)
     refs: list[PartRef | None] = [None] * count
-    slots = defer.DeferredSemaphore(session.parallel)
+    slots = defer.DeferredSemaphore(put_window(session.parallel, part_size))
     running: list[defer.Deferred[None]] = []
     failure: list[BaseException] = []
 
     async def send(index: int, plaintext: bytes) -> None:
         try:
+            plain_size = len(plaintext)
             ciphertext = encrypt_part(file_key, file_id, index, plaintext)
+            del plaintext  # only the ciphertext stays in memory while it is stored
             h = block_hash(ciphertext)
             await store_block(session, h, ciphertext)
-            refs[index] = PartRef(h, len(ciphertext), len(plaintext))
-            progress.advance(len(plaintext))
+            refs[index] = PartRef(h, len(ciphertext), plain_size)
+            progress.advance(plain_size)
         except BaseException as e:
             failure.append(e)
         finally:
@@ -202,6 +214,7 @@ async def put_stream(
             failure.append(DSSSError(f"{name} changed while it was being read"))
             break
         running.append(defer.ensureDeferred(send(index, plaintext)))
+        del plaintext
     if running:
         await defer.DeferredList(running)
     if failure:

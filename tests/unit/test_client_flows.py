@@ -244,3 +244,18 @@ def test_inline_file_that_changes_while_read_is_refused(tmp_path: Path, size: in
         result_of(put_stream(net.session(), io.BytesIO(b"x" * (size + 1)), name="n", size=size,
                              owner=OWNER.public_key))
     assert net.uploads == []
+
+
+def test_put_window_bounds_bytes_in_flight() -> None:
+    from dsss.client.flows import PUT_WINDOW_BYTES, put_window
+
+    MiB = 1024 * 1024
+    assert put_window(4, 4 * MiB) == 3
+    assert put_window(4, 1 * MiB) == 4
+    assert put_window(64, 64 * 1024) == 64
+    assert put_window(8, 16 * MiB) == 1
+    for parallel in (1, 2, 4, 16):
+        for part in (4096, MiB, 4 * MiB, 16 * MiB - 16):
+            window = put_window(parallel, part)
+            assert 1 <= window <= parallel
+            assert window == 1 or window * part <= PUT_WINDOW_BYTES
