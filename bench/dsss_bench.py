@@ -81,11 +81,31 @@ class DsssNetwork:
         r["addresses"] = addresses
         return r
 
+    def get_many(self, addresses: Sequence[str], outdir: Path) -> dict[str, Any]:
+        """One `get ADDRESS... -o DIR` call for all of them."""
+        r = self._checked(self.client("get", *addresses, "-o", str(outdir)), "get")
+        lines = [line for line in r.pop("stdout").splitlines() if line.strip()]
+        if len(lines) != len(addresses):
+            raise RuntimeError(f"get printed {len(lines)} lines for {len(addresses)} addresses")
+        return r
+
     def metrics_text(self) -> str:
         import urllib.request
 
         with urllib.request.urlopen(self.net.url + "/metrics", timeout=10) as resp:
             return resp.read().decode()
+
+    def api_requests(self) -> int:
+        """Discovery requests (who-has, where-to-upload, introduce-me, introduce-many,
+        upload-to) the server answered so far, whatever their status (from its /metrics)."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if line.startswith("dsss_http_requests_total{") and any(
+                f'endpoint="/api/{name}"' in line
+                for name in ("who-has", "where-to-upload", "introduce-me", "introduce-many", "upload-to")
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+        return int(total)
 
     def rate_limited_responses(self) -> int:
         """HTTP 429 answers the server gave so far (from its /metrics)."""

@@ -113,6 +113,8 @@ class DiscoveryClient:
         self._pending: list[tuple[PeerAddress, str, int, PeerAddress, defer.Deferred[Introduction]]] = []
         self._flush_call: Any = None
         self.batch = True
+        # False once the server has shown it has no /api/upload-to (an older server).
+        self.combined_upload = True
 
     async def _get(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
         """GET with retries: a server that is down or restarting (connection refused, timeouts,
@@ -216,6 +218,42 @@ class DiscoveryClient:
         if exclude:
             params.append(("exclude", ",".join(str(a) for a in exclude)))
         return self._addresses(await self._get("/api/where-to-upload", params))
+
+    async def upload_to(
+        self, block: str, size: int, from_: PeerAddress, *, copies: int,
+        exclude: list[PeerAddress] | None = None,
+    ) -> list[tuple[PeerAddress, Introduction | DSSSError]] | None:
+        """Where to upload `block` (`copies` agents at most, none in `exclude`) with an
+        introduction to each, in one request: for each agent picked, its introduction or the
+        error it gave. None if the server has no /api/upload-to (then ask where_to_upload and
+        introduce_me instead)."""
+        if not self.combined_upload:
+            return None
+        params = [("size", str(size)), ("hash", block), ("from", str(from_)), ("copies", str(copies))]
+        if exclude:
+            params.append(("exclude", ",".join(str(a) for a in exclude)))
+        try:
+            doc = await self._get("/api/upload-to", params)
+        except NotFound:
+            # Only a server without /api/upload-to answers it with 404 (an agent that is gone
+            # is an error inside the answer).
+            self.combined_upload = False
+            return None
+        answers = doc.get("introductions")
+        if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
+            raise RemoteProtocolError("bad /api/upload-to answer")
+        out: list[tuple[PeerAddress, Introduction | DSSSError]] = []
+        for answer in answers:
+            address = answer.get("address")
+            if not isinstance(address, str):
+                raise RemoteProtocolError("bad /api/upload-to answer")
+            if "error" in answer:
+                status = answer.get("status")
+                cls = _BY_STATUS.get(status, DSSSError) if isinstance(status, int) else DSSSError
+                out.append((PeerAddress.parse(address), cls(f"server: {answer['error']}")))
+            else:
+                out.append((PeerAddress.parse(address), self._introduction(answer, "/api/upload-to")))
+        return out
 
     async def introduce_me(
         self, to: PeerAddress, block: str, size: int, from_: PeerAddress

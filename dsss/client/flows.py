@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dsss.client.discovery import DiscoveryClient
+from dsss.client.discovery import DiscoveryClient, Introduction
 from dsss.client.peer import PeerNetwork
 from dsss.crypto.manifest import Manifest, PartRef, clean_name, open_manifest, seal_manifest
 from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part, encrypt_part
@@ -91,23 +91,33 @@ async def store_block(
     stored: list[PeerAddress] = []
     failed: list[PeerAddress] = []
     errors: list[str] = []
+    me = session.peers.public_address
     for _attempt in range(4):
         need = wanted - len(stored)
         if need <= 0:
             break
+        avoid = held + stored + failed
+        # Where to upload, with the introductions, in one request if the server can; else
+        # where-to-upload, then one introduction per agent.
+        upload_to = getattr(session.discovery, "upload_to", None)
         try:
-            targets = await session.discovery.where_to_upload(len(data), exclude=held + stored + failed)
+            picked = None if upload_to is None else await upload_to(block, len(data), me,
+                                                                   copies=min(need, session.replicas),
+                                                                   exclude=avoid)
+            if picked is None:
+                targets = await session.discovery.where_to_upload(len(data), exclude=avoid)
+                picked = [(t, None) for t in targets]
         except Unavailable as e:
             errors.append(str(e))
             break
-        targets = [t for t in targets if t not in stored and t not in failed and t not in held][:need]
-        if not targets:
+        picked = [(t, i) for t, i in picked if t not in stored and t not in failed and t not in held][:need]
+        if not picked:
             break
         results = await defer.DeferredList(
-            [defer.ensureDeferred(_upload_one(session, t, block, data)) for t in targets],
+            [defer.ensureDeferred(_upload_one(session, t, block, data, intro)) for t, intro in picked],
             consumeErrors=True,
         )
-        for target, (ok, value) in zip(targets, results):
+        for (target, _), (ok, value) in zip(picked, results):
             if ok:
                 stored.append(target)
             else:
@@ -124,10 +134,18 @@ async def store_block(
     return stored
 
 
-async def _upload_one(session: Session, target: PeerAddress, block: str, data: bytes) -> None:
-    me = session.peers.public_address
-    assert me is not None
-    intro = await session.discovery.introduce_me(target, block, len(data), me)
+async def _upload_one(
+    session: Session, target: PeerAddress, block: str, data: bytes,
+    intro: Introduction | DSSSError | None = None,
+) -> None:
+    """Upload to `target`, with the introduction (or the error) the server already gave, or
+    after asking for one."""
+    if isinstance(intro, DSSSError):
+        raise intro
+    if intro is None:
+        me = session.peers.public_address
+        assert me is not None
+        intro = await session.discovery.introduce_me(target, block, len(data), me)
     await session.peers.upload(intro, block, data)
 
 

@@ -52,6 +52,16 @@ def _size(text: str | None, name: str = "size") -> int:
     return value
 
 
+def _exclude(request: IRequest) -> list[PeerAddress]:
+    """`exclude` (may repeat): comma-separated agent addresses."""
+    exclude = []
+    for raw in request.args.get(b"exclude", []):  # type: ignore[attr-defined]
+        for part in raw.decode("utf-8", "replace").split(","):
+            if part:
+                exclude.append(PeerAddress.parse(part))
+    return exclude
+
+
 def _header(request: IRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     if value is None:
@@ -166,12 +176,7 @@ class DiscoveryAPI:
     def where_to_upload(self, request: IRequest) -> bytes:
         self._admit(request)
         size = _size(_arg(request, "size"))
-        exclude = []
-        for raw in request.args.get(b"exclude", []):  # type: ignore[attr-defined]
-            for part in raw.decode("utf-8", "replace").split(","):
-                if part:
-                    exclude.append(PeerAddress.parse(part))
-        addresses = self.server.where_to_upload(size, exclude)
+        addresses = self.server.where_to_upload(size, _exclude(request))
         return _json(
             request,
             {"addresses": [str(a) for a in addresses], "replicas": self.server.replicas},
@@ -202,6 +207,16 @@ class DiscoveryAPI:
             if len(fields) != 3:
                 raise BadRequest("each 'i' must be TO,HASH,SIZE")
             items.append((PeerAddress.parse(fields[0]), check_block_id(fields[1]), _size(fields[2])))
+        answers = await self._introductions(from_, items)
+        body: dict[str, Any] = {"introductions": answers}
+        if self.server.warming():
+            body["warming"] = True  # a 404 or 503 among them may change within seconds
+        return _json(request, body)
+
+    async def _introductions(
+        self, from_: PeerAddress, items: list[tuple[PeerAddress, str, int]]
+    ) -> list[dict[str, Any]]:
+        """Every item's introduction at once; each answer is the introduction or its error."""
         results = await defer.DeferredList(
             [defer.ensureDeferred(self.server.introduce(to, from_, size, block)) for to, block, size in items],
             consumeErrors=True,
@@ -217,9 +232,30 @@ class DiscoveryAPI:
             else:
                 log.failure("unexpected error in an introduction", failure)
                 answers.append({"error": "internal error", "status": 500})
-        body: dict[str, Any] = {"introductions": answers}
+        return answers
+
+    @app.route("/api/upload-to", methods=["GET"])
+    async def upload_to(self, request: IRequest) -> bytes:
+        """where-to-upload and the introductions to the agents it picks, in one request."""
+        replicas = self.server.replicas
+        raw_copies = _arg(request, "copies", required=False)
+        copies = replicas
+        if raw_copies is not None:
+            if not raw_copies.isdigit() or len(raw_copies) > 3 or not 1 <= int(raw_copies) <= replicas:
+                self._admit(request)
+                raise BadRequest(f"copies must be a whole number from 1 to {replicas}")
+            copies = int(raw_copies)
+        self._admit(request, cost=1 + copies)
+        size = _size(_arg(request, "size"))
+        block = check_block_id(_arg(request, "hash") or "")
+        from_ = PeerAddress.parse(_arg(request, "from") or "")
+        targets = self.server.where_to_upload(size, _exclude(request))[:copies]
+        answers = await self._introductions(from_, [(to, block, size) for to in targets])
+        for to, answer in zip(targets, answers):
+            answer.setdefault("address", str(to))
+        body: dict[str, Any] = {"introductions": answers, "replicas": replicas}
         if self.server.warming():
-            body["warming"] = True  # a 404 or 503 among them may change within seconds
+            body["warming"] = True
         return _json(request, body)
 
     @app.route("/api/info", methods=["GET"])

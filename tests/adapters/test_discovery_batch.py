@@ -127,3 +127,41 @@ def test_large_turns_are_split_and_unknown_agents_fail_alone(server: Any) -> Non
     assert all(isinstance(x, Introduction) for x in outcomes(ds))
     err = outcomes([gone])[0]
     assert isinstance(err, NotFound) and "no live agent at 127.0.0.1:5299" in str(err)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["upload-to", "older-server"])
+def test_upload_to_places_and_introduces_or_says_it_cannot(server: Any, older: bool) -> None:
+    agents = [FakeAgent(server, 5300 + i) for i in range(3)]
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    http = CountingHTTP(stub)
+    if older:
+        real_get = http.get
+
+        def get(url: str, **kw: Any) -> Any:
+            if "/api/upload-to" in url:
+                url = "http://server/api/no-such-endpoint"
+            return real_get(url, **kw)
+
+        http.get = get  # type: ignore[method-assign]
+    client = DiscoveryClient("http://server", reactor=server.clock, http=http)
+    d = defer.ensureDeferred(client.upload_to(HASH, 10, ME, copies=2, exclude=[agents[0].address]))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    if older:
+        assert outcomes([d]) == [None] and client.combined_upload is False
+        assert [a.sent() for a in agents] == [[], [], []]
+        return
+    assert [len(a.sent()) for a in agents] == [0, 1, 1]
+    agents[1].reply("0123456789abcdef0123456789abcdef")
+    agents[2].reply("ERROR full no room")
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    (picked,) = outcomes([d])
+    by_address = dict(picked)
+    assert set(by_address) == {agents[1].address, agents[2].address}
+    intro = by_address[agents[1].address]
+    assert isinstance(intro, Introduction) and intro.agent_id == agents[1].rec.agent_id
+    assert isinstance(by_address[agents[2].address], Unavailable)
+    assert http.paths == ["/api/upload-to"]

@@ -159,6 +159,41 @@ def test_introduce_many_costs_one_request_per_introduction(server):
     assert code == 429  # 6 + 6 > a burst of 10
 
 
+def test_upload_to_places_and_introduces_in_one_request(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    url = f"/api/upload-to?size=77&hash={HASH}&from=127.0.0.1:9999"
+    code, doc = decoded(get(treq, url))
+    assert code == 503 and "no live agent has room" in doc["error"]
+    agents = {4950 + i: FakeAgent(server, 4950 + i) for i in range(3)}
+    results = get(treq, url + "&exclude=127.0.0.1:4950")
+    asked = {port: a.sent() for port, a in agents.items()}
+    # The two other agents (replicas 2) are asked, each for a key bound to this hash, size and
+    # caller, exactly as introduce-me would ask.
+    assert asked == {4950: [], 4951: [f"INTRODUCTION_REQUEST 127.0.0.1:9999 77 {HASH}"],
+                     4952: [f"INTRODUCTION_REQUEST 127.0.0.1:9999 77 {HASH}"]}
+    agents[4951].reply("0123456789abcdef0123456789abcdef")
+    agents[4952].reply("ERROR full no room")
+    treq.flush()
+    code, doc = decoded(results)
+    assert code == 200 and doc["replicas"] == 2
+    ok, full = sorted(doc["introductions"], key=lambda a: a["address"])
+    assert ok == {"introduction-key": "0123456789abcdef0123456789abcdef",
+                  "agent": agents[4951].rec.agent_id, "address": "127.0.0.1:4951"}
+    assert full["address"] == "127.0.0.1:4952" and full["status"] == 503 and "refused: full" in full["error"]
+
+    results = get(treq, url + "&copies=1")
+    assert sum(len(a.sent()) for a in agents.values()) == 1  # one agent asked
+
+
+def test_upload_to_costs_a_where_to_upload_and_each_introduction(server):
+    server.http_limiter.rate, server.http_limiter.burst = 0.0, 5.0
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    url = f"/api/upload-to?size=77&hash={HASH}&from=127.0.0.1:9999&copies=1"
+    assert decoded(get(treq, url))[0] == 503  # no agent: 2 tokens spent
+    assert decoded(get(treq, url))[0] == 503
+    assert decoded(get(treq, url))[0] == 429  # 2 + 2 + 2 > 5
+
+
 def test_dead_agent_is_unknown_and_left_out(server):
     treq = StubTreq(DiscoveryAPI(server).resource())
     agent = FakeAgent(server, 4600)
@@ -195,6 +230,15 @@ def test_dead_agent_is_unknown_and_left_out(server):
         f"/api/introduce-many?from=127.0.0.1:1&i=127.0.0.1:1,{HASH},{16 * 1024 * 1024 + 1}",
         f"/api/introduce-many?from=127.0.0.1:1&from=127.0.0.1:2&i=127.0.0.1:1,{HASH},1",
         "/api/introduce-many?from=127.0.0.1:1" + f"&i=127.0.0.1:1,{HASH},1" * 17,
+        "/api/upload-to?size=1&from=127.0.0.1:1",
+        f"/api/upload-to?hash={HASH}&from=127.0.0.1:1",
+        f"/api/upload-to?size=1&hash={HASH}",
+        f"/api/upload-to?size=1&hash={HASH}&from=127.0.0.1:1&copies=0",
+        f"/api/upload-to?size=1&hash={HASH}&from=127.0.0.1:1&copies=3",  # more than the replicas
+        f"/api/upload-to?size=1&hash={HASH}&from=127.0.0.1:1&copies=x",
+        f"/api/upload-to?size=1&hash={HASH}&from=127.0.0.1:1&copies=1&copies=1",
+        f"/api/upload-to?size=1&hash={HASH}&from=127.0.0.1:1&exclude=bogus",
+        f"/api/upload-to?size={16 * 1024 * 1024 + 1}&hash={HASH}&from=127.0.0.1:1",
     ],
 )
 def test_bad_parameters_are_400_with_an_error(server, url):

@@ -246,6 +246,44 @@ def test_inline_file_that_changes_while_read_is_refused(tmp_path: Path, size: in
     assert net.uploads == []
 
 
+class PlacingNetwork(FakeNetwork):
+    """A server with /api/upload-to: placement and introductions in one call; one agent
+    refuses every introduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing: set[Any] = set()
+        self.calls: list[tuple[int, list[Any]]] = []
+        self.introductions = 0
+
+    async def upload_to(self, block: str, size: int, from_: Any, *, copies: int,
+                        exclude: list[Any] | None = None) -> list[tuple[Any, Any]]:
+        self.calls.append((copies, list(exclude or [])))
+        picked = (await self.where_to_upload(size, exclude))[:copies]
+        return [(a, Unavailable(f"server: agent at {a} refused: full no room") if a in self.refusing
+                 else await self.introduce_me(a, block, size, from_)) for a in picked]
+
+    async def introduce_me(self, to: Any, block: str, size: int, from_: Any) -> Introduction:
+        self.introductions += 1
+        return await super().introduce_me(to, block, size, from_)
+
+
+def test_store_block_asks_where_and_introductions_in_one_call_and_replaces_refusals() -> None:
+    from dsss.client.flows import store_block
+
+    net = PlacingNetwork()
+    a, b, c, d = net.add_agents(4)
+    net.refusing.add(b)
+    data = b"ciphertext" * 10
+    block = block_hash(data)
+    stored = result_of(store_block(net.session(), block, data))
+    # a, c and then d in a second round: b refused its introduction and was excluded.
+    assert sorted(stored) == [a, c, d]
+    assert net.calls == [(3, []), (1, [a, c, b])]
+    assert net.introductions == 3  # never asked again one at a time
+    assert all(block in net.agents[x] for x in (a, c, d)) and block not in net.agents[b]
+
+
 def test_put_window_bounds_bytes_in_flight() -> None:
     from dsss.client.flows import PUT_WINDOW_BYTES, put_window
 

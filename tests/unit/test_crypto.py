@@ -727,3 +727,13 @@ def test_inline_part_bound_to_its_file_and_position() -> None:
         decrypt_part(KEY, FID2, 0, m.inline)
     with pytest.raises(IntegrityError):
         decrypt_part(KEY, FID, 1, m.inline)
+
+
+def test_inline_manifest_reseals_for_another_key_with_its_data() -> None:
+    blob = seal_manifest(make_inline(), FILE_KEY, OWNER.public_key)
+    shared = reseal_for(blob, OWNER, FRIEND.public_key)
+    m, key = open_manifest(shared, FRIEND)
+    assert m == make_inline() and key == FILE_KEY and m.inline is not None
+    assert decrypt_part(KEY, FID, 0, m.inline) == b"small file\n"
+    with pytest.raises(WrongKey):
+        open_manifest(shared, OWNER)
