@@ -247,11 +247,18 @@ async def put_stream(
         parts=tuple(r for r in refs if r is not None),
         created=int(time.time()),
     )
+    # Stored last: until this succeeds no address exists, so no half file is ever reachable.
+    return await _store_manifest(session, manifest, file_key, owner)
+
+
+async def _store_manifest(
+    session: Session, manifest: Manifest, file_key: bytes, owner: PublicKey
+) -> str:
+    """Seal `manifest` to `owner`, store it, and return its address (the file's)."""
     blob = seal_manifest(manifest, file_key, owner)
     if len(blob) > MAX_PART:
         raise DSSSError("file has too many parts for one manifest; use a larger --part-size")
     address = block_hash(blob)
-    # Stored last: until this succeeds no address exists, so no half file is ever reachable.
     await store_block(session, address, blob)
     return address
 
@@ -283,9 +290,7 @@ async def _put_inline(
         created=int(time.time()),
         inline=encrypt_part(file_key, file_id, 0, plaintext),
     )
-    blob = seal_manifest(manifest, file_key, owner)
-    address = block_hash(blob)
-    await store_block(session, address, blob)
+    address = await _store_manifest(session, manifest, file_key, owner)
     progress.advance(size)
     return address
 
