@@ -531,6 +531,36 @@ def test_other_os_error_during_write_propagates(store: BlockStore, root: Path) -
     assert_clean(store)
 
 
+class _FullAtFlush:
+    """Wraps a real file; buffered writes succeed, flushing them fails with ENOSPC."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def test_disk_full_when_buffered_bytes_are_flushed(store: BlockStore, root: Path) -> None:
+    """Writes are buffered: a full disk may show only at commit, and still leaves nothing."""
+    store.put(HA, A)
+    w = store.begin_write(HB, len(B))
+    w._f = _FullAtFlush(w._f)  # type: ignore[assignment]
+    w.write(B)
+    with pytest.raises(StorageFull):
+        w.commit()
+    assert not store.has(HB)
+    assert files_under(root) == [store.path_of(HA)]
+    assert store.used == len(A)
+    assert_clean(store)
+
+
 def test_disk_full_at_fsync(store: BlockStore, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store.put(HA, A)
     w = store.begin_write(HB, len(B))
