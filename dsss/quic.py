@@ -19,7 +19,10 @@ The adapter only moves datagrams and time:
   - outgoing datagrams are collected once per reactor turn (one
     C{callLater(0)} for the whole endpoint) from every connection that did
     something since the last turn;
-  - each connection arms one C{callLater} from C{get_timer()}.
+  - each connection arms one C{callLater} from C{get_timer()};
+  - on Linux, a run of same-size datagrams to one address leaves in one
+    C{sendmsg} with UDP segmentation offload (UDP_SEGMENT), one by one if the
+    kernel refuses it.
 
 Everything runs on the injected clock, so tests drive it with
 L{twisted.internet.task.Clock} (see L{dsss.quic_testing}).
@@ -56,7 +59,11 @@ stream is under L{STREAM_SEND_HIGH_WATER}: wait for it before writing more.
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
+import struct
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,6 +144,13 @@ CLOSE_GRACE = 3.0
 """Longest L{QuicEndpoint.close} waits for connections to finish closing."""
 BLOCKED_RETRY = 0.001
 """Delay before retrying a send that found the socket buffer full."""
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+"""Linux's UDP_SEGMENT socket option (GSO for UDP, Linux 4.18+); Python does not name it."""
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE)
 
 MAX_RELAY_PEERS = 4096
 """Most peers remembered as reached through a relay."""
@@ -968,6 +982,8 @@ class QuicEndpoint(DatagramProtocol):
         # and the relays whose wrapped packets we accept.
         self._relay_peers: dict[Address, Address] = {}
         self._relay_servers: set[Address] = set()
+        # UDP segmentation offload (Linux): on until the kernel refuses it.
+        self._gso = sys.platform.startswith("linux")
 
     # setup
 
@@ -1330,6 +1346,8 @@ class QuicEndpoint(DatagramProtocol):
         # The socket itself when there is one: Port.write re-validates the
         # address of every datagram, which costs more than the send.
         sock = getattr(transport, "socket", None)
+        if sock is not None and self._gso and not self._relay_peers:
+            return self._send_segmented(sock)
         send = sock.sendto if sock is not None else transport.write
         sent = 0
         try:
@@ -1347,6 +1365,57 @@ class QuicEndpoint(DatagramProtocol):
                 sent += 1
         finally:
             del unsent[:sent]
+        return True
+
+    def _send_segmented(self, sock: socket.socket) -> bool:
+        """
+        L{_send_unsent} with UDP segmentation offload: a run of datagrams of
+        one size to one address (the last may be shorter) goes to the kernel
+        in one C{sendmsg}, which splits it (Linux UDP_SEGMENT).  One system
+        call, and one trip through the stack and any NAT on the way, instead
+        of one per datagram.  If the kernel refuses, it is switched off and
+        datagrams go one by one.
+        """
+        unsent = self._unsent
+        n = len(unsent)
+        i = 0
+        try:
+            while i < n:
+                data, addr = unsent[i]
+                size = len(data)
+                j = i + 1
+                total = size
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    nxt, to = unsent[j]
+                    if to != addr or len(nxt) > size or total + len(nxt) > GSO_MAX_BYTES:
+                        break
+                    total += len(nxt)
+                    j += 1
+                    if len(nxt) < size:
+                        break  # a shorter datagram ends the run
+                try:
+                    if j - i == 1:
+                        sock.sendto(data, addr)
+                    else:
+                        sock.sendmsg(
+                            [b"".join(d for d, _ in unsent[i:j])],
+                            [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
+                            0,
+                            addr,
+                        )
+                except BlockingIOError:
+                    return False
+                except Exception as e:
+                    if j - i > 1 and (not isinstance(e, OSError) or e.errno in GSO_REFUSED):
+                        log.info("UDP segmentation offload refused ({e}); sending datagrams one by one", e=e)
+                        self._gso = False
+                        del unsent[:i]
+                        i = 0
+                        return self._send_unsent()
+                    log.debug("UDP send to {addr!r} failed: {e}", addr=addr, e=e)
+                i = j
+        finally:
+            del unsent[:i]
         return True
 
     def _write(self, data: bytes, addr: Address) -> None:

@@ -8,6 +8,7 @@ a L{Clock}; one moves 4 MiB over real UDP sockets on 127.0.0.1.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 import struct
@@ -629,8 +630,29 @@ def test_link_loss_and_reorder_are_seeded() -> None:
 # real sockets
 
 
+class _SocketProxy:
+    """A real socket whose sendmsg (UDP segmentation offload) is counted, or refused."""
+
+    def __init__(self, sock: Any, refuse: bool) -> None:
+        self._sock = sock
+        self._refuse = refuse
+        self.segmented = 0
+
+    def sendmsg(self, *args: Any) -> int:
+        if self._refuse:
+            raise OSError(errno.EIO, "no segmentation offload here")
+        self.segmented += 1
+        return int(self._sock.sendmsg(*args))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("kernel", ["segments", "refuses segmentation"])
 @pytest_twisted.ensureDeferred
-async def test_real_sockets_4mib_stream() -> None:
+async def test_real_sockets_4mib_stream(kernel: str) -> None:
+    """A 4 MiB stream over real UDP sockets arrives intact, sent in segmented runs
+    (UDP_SEGMENT) where the kernel does it and one datagram at a time where it refuses."""
     from twisted.internet import reactor
 
     handler = Handler(lambda digest: digest, keep=False)
@@ -639,7 +661,9 @@ async def test_real_sockets_4mib_stream() -> None:
     )
     client = QuicEndpoint(reactor, on_control=lambda d, a: None)
     server.listen(reactor, "127.0.0.1", 0)
-    client.listen(reactor, "127.0.0.1", 0)
+    port = client.listen(reactor, "127.0.0.1", 0)
+    proxy = _SocketProxy(port.socket, refuse=kernel != "segments")  # type: ignore[attr-defined]
+    port.socket = proxy  # type: ignore[attr-defined]
     try:
         handle = await client.connect(server.address, expected_public_key=SERVER_KEY).addTimeout(5, reactor)
         payload = random.Random(4).randbytes(4 * 1024 * 1024)
@@ -657,6 +681,10 @@ async def test_real_sockets_4mib_stream() -> None:
         assert b"".join(reply) == hashlib.sha256(payload).digest()
         assert handler.sha.digest() == hashlib.sha256(payload).digest()
         assert len(handler.chunks) > 1
+        if kernel == "segments":
+            assert client._gso and proxy.segmented > 0
+        else:
+            assert not client._gso and proxy.segmented == 0
     finally:
         await client.close()
         await server.close()
