@@ -20,6 +20,7 @@ import time
 
 from twisted.internet import defer, reactor
 
+from common import proc_cpu
 from dsss.crypto.certs import make_certificate, public_key_of
 from dsss.quic import QuicEndpoint
 
@@ -57,11 +58,6 @@ def serve(datagram: int, total: int) -> None:
     print(port.getHost().port, flush=True)
     reactor.run()
 
-
-def proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(datagram: int, total: int, down: bool) -> dict[str, float]:

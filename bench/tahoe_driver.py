@@ -43,11 +43,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from common import proc_cpu  # stdlib only: this runs in the Tahoe venv
+
 INTRODUCER_PORT = 41000
 STORAGE_PORTS = (41001, 41002, 41003, 41004)
 WEB_PORT = 41010
 SHARES = ("--shares-needed=2", "--shares-happy=4", "--shares-total=4")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(*words: object) -> None:
@@ -62,15 +63,6 @@ def _die_with_parent() -> None:
     except Exception:
         pass
 
-
-def proc_cpu(pid: int) -> float:
-    """User+system CPU seconds of a running process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def proc_status_kb(pid: int, key: str) -> int:
