@@ -47,7 +47,19 @@ from common import (  # noqa: E402
     summary,
 )
 
+from dsss.errors import DSSSError  # noqa: E402
 from dsss.model import parse_size  # noqa: E402
+
+def size_arg(text: str) -> int:
+    """argparse type for a file size such as 256M: a clear error for anything else."""
+    try:
+        size = parse_size(text)
+    except (ValueError, DSSSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError("a size must be at least 1 byte")
+    return size
+
 
 ALL = ["startup", "throughput", "small", "rss", "discovery", "nat"]
 EXTRA = ["profile"]
@@ -97,7 +109,7 @@ class Bench:
         self.args = args
         self.cfg = dict(QUICK if args.quick else FULL)
         if args.sizes:
-            self.cfg["sizes"] = [parse_size(x) for x in args.sizes]
+            self.cfg["sizes"] = list(args.sizes)
         if args.repeat:
             self.cfg["repeat"] = args.repeat
             self.cfg["small_repeat"] = args.repeat
@@ -556,7 +568,7 @@ def main() -> int:
                     help=f"run only these measurements ({', '.join(ALL + EXTRA)})")
     ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (default 3, quick 2)")
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "run.json"), help="where to write the results")
-    ap.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+    ap.add_argument("--sizes", nargs="+", default=None, metavar="SIZE", type=size_arg,
                     help="file sizes for the throughput measurement, e.g. 256M (default 1M 64M 256M)")
     ap.add_argument("--no-tahoe", action="store_true", help="measure DSSS alone")
     ap.add_argument("--work", default=None, help="work directory (default: a new temporary one)")

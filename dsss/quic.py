@@ -129,7 +129,7 @@ MAX_DATAGRAM_SIZE_LIMIT = 16000
 """Largest datagram size accepted (aioquic failed above ~16 KiB; the bound is kept)."""
 
 MAX_DATA = 4 * 1024 * 1024
-"""Initial connection-wide receive window (the window grows as data is consumed)."""
+"""Initial connection-wide receive window: at most this much is in flight per connection."""
 MAX_STREAM_DATA = 2 * 1024 * 1024
 """Initial per-stream receive window."""
 
