@@ -1,6 +1,6 @@
 """The DSSS side: a real network on loopback (dsss.harness.LocalNetwork) and the real CLI.
 
-A server and four agents run as `twistd` processes (replicas 3, heartbeat 1 s, 16000-byte QUIC
+A server and four agents run as `twistd` processes (replicas 3, heartbeat 1 s, 65000-byte QUIC
 datagrams on loopback); every operation is one `python -m dsss.client ...` process, timed from
 start to exit (what a user waits for), with its peak RSS and CPU time from wait4, and the CPU
 the server and agents used meanwhile.
@@ -18,7 +18,7 @@ from dsss.harness import LocalNetwork, child_env
 
 
 class DsssNetwork:
-    def __init__(self, base: Path, *, agents: int = 4, replicas: int = 3, datagram_size: int = 16000,
+    def __init__(self, base: Path, *, agents: int = 4, replicas: int = 3, datagram_size: int = 65000,
                  heartbeat: float = 1.0, server_args: Sequence[str] = (),
                  client_options: Sequence[str] = ()) -> None:
         self.net = LocalNetwork(base, heartbeat=heartbeat, replicas=replicas, datagram_size=datagram_size)

@@ -1,6 +1,6 @@
 """One QUIC stream between two processes on loopback, through DSSS's own adapter (dsss.quic).
 
-    .venv/bin/python bench/quic_pipe.py --size 128 --datagram 1452 8192 16000 [--down] [--json PATH]
+    .venv/bin/python bench/quic_pipe.py --size 128 --datagram 1452 16000 65000 [--down] [--json PATH]
 
 The parent is the QUIC client; a child process is the server (it holds an Ed25519 identity as an
 agent does). Upload: the client writes SIZE MB on one stream, the server counts it and answers.
@@ -112,7 +112,7 @@ if __name__ == "__main__":
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=128, help="MB to move (10^6 bytes)")
-    ap.add_argument("--datagram", type=int, nargs="+", default=[1452, 8192, 16000])
+    ap.add_argument("--datagram", type=int, nargs="+", default=[1452, 16000, 65000])
     ap.add_argument("--down", action="store_true", help="server to client instead of client to server")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

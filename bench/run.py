@@ -146,7 +146,7 @@ class Bench:
         if self._dsss is None:
             from dsss_bench import DsssNetwork
 
-            log("starting DSSS: a server and 4 agents on loopback (replicas 3, heartbeat 1 s, 16000-byte datagrams)")
+            log("starting DSSS: a server and 4 agents on loopback (replicas 3, heartbeat 1 s, 65000-byte datagrams)")
             self._dsss = DsssNetwork(self.work / "dsss")
             self._dsss.start()
         return self._dsss

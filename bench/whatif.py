@@ -30,7 +30,7 @@ from dsss.model import parse_size  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    knobs: dict[str, Any] = {"name": text, "datagram": 16000, "parallel": None, "part": None, "replicas": 3}
+    knobs: dict[str, Any] = {"name": text, "datagram": 65000, "parallel": None, "part": None, "replicas": 3}
     for word in text.split():
         if word == "base":
             continue

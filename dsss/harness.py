@@ -124,7 +124,7 @@ class LocalNetwork:
         *,
         heartbeat: float = 1.0,
         replicas: int = 3,
-        datagram_size: int = 16000,
+        datagram_size: int = 65000,
     ) -> None:
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ class Options(usage.Options):
         ["server", None, "127.0.0.1:8471", "The discovery server's control HOST:PORT."],
         ["udp", None, "0.0.0.0:0", "Local UDP HOST:PORT for punching and transfers."],
         ["capacity", None, None, "Most bytes to store, e.g. 10G (default: free space of DIR)."],
-        ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-16000)."],
+        ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-65000; more than 1452 only on loopback)."],
         ["scrub-rate", None, "8M", "Bytes per second re-read to detect bit rot (0 to disable; 1/8 of it during transfers)."],
         ["metrics", None, None, "Endpoint for Prometheus /metrics, e.g. tcp:9100:interface=127.0.0.1."],
         LOG_FORMAT_OPTION,
@@ -59,8 +59,8 @@ class Options(usage.Options):
         except BadRequest as e:
             raise usage.UsageError(f"--scrub-rate: {e}") from None
         dsize = self["datagram-size"]
-        if not str(dsize).isdigit() or not 1200 <= int(dsize) <= 16000:
-            raise usage.UsageError("--datagram-size must be an integer from 1200 to 16000")
+        if not str(dsize).isdigit() or not 1200 <= int(dsize) <= 65000:
+            raise usage.UsageError("--datagram-size must be an integer from 1200 to 65000")
         self.config = AgentConfig(
             storage=storage,
             server_host=server_host,

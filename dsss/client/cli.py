@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None, metavar="N",
                    help=f"parts in flight at once, 1 to {MAX_PARALLEL} (default 4)")
     p.add_argument("--datagram-size", type=int, default=None, metavar="BYTES",
-                   help="largest QUIC datagram (default: 16000 on loopback, else 1452)")
+                   help="largest QUIC datagram (default: 65000 on loopback, else 1452)")
     p.add_argument("--json", action="store_true", default=False,
                    help="machine-readable output: one JSON document on stdout")
     p.add_argument("-v", "--verbose", action="store_true", default=False,
@@ -260,11 +260,13 @@ def _check_address(text: str) -> str:
 
 
 def _datagram_size(args: argparse.Namespace, host: str) -> int:
+    from dsss.quic import LOOPBACK_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
+
     if args.datagram_size is not None:
-        if not 1200 <= args.datagram_size <= 16000:
-            raise LocalUsageError("--datagram-size must be between 1200 and 16000")
+        if not 1200 <= args.datagram_size <= MAX_DATAGRAM_SIZE_LIMIT:
+            raise LocalUsageError(f"--datagram-size must be between 1200 and {MAX_DATAGRAM_SIZE_LIMIT}")
         return int(args.datagram_size)
-    return 16000 if ipaddress.ip_address(host).is_loopback else 1452
+    return LOOPBACK_DATAGRAM_SIZE if ipaddress.ip_address(host).is_loopback else 1452
 
 
 async def _resolve(reactor: Any, host: str) -> str:
