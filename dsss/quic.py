@@ -1082,10 +1082,15 @@ class QuicEndpoint(DatagramProtocol):
 
     # shutdown
 
-    def close(self) -> Deferred[None]:
+    def close(self, grace: float = CLOSE_GRACE) -> Deferred[None]:
         """
-        Close every connection gracefully, wait (at most L{CLOSE_GRACE}
-        seconds) for them to end, then stop listening if L{listen} was used.
+        Close every connection gracefully, wait (at most C{grace} seconds) for
+        them to end, then stop listening if L{listen} was used.
+
+        With C{grace=0} (a client that is about to exit) each peer is still
+        sent its CONNECTION_CLOSE at once, but the closing period that would
+        repeat it if it were lost (three probe timeouts) is not waited for:
+        a peer that misses it ends the connection at its idle timeout.
         """
         self._closing = True
         handles = list(self._all)
@@ -1097,11 +1102,16 @@ class QuicEndpoint(DatagramProtocol):
             for handle in list(self._all):
                 handle._terminate()
 
-        grace = self._clock.callLater(CLOSE_GRACE, force)
+        if grace <= 0:
+            if self._flush_call is not None and self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush()  # the CONNECTION_CLOSE frames leave now
+            force()
+        grace_call = self._clock.callLater(max(0.0, grace), force)
 
         def stop(_: object) -> Deferred[None] | None:
-            if grace.active():
-                grace.cancel()
+            if grace_call.active():
+                grace_call.cancel()
             if self._flush_call is not None and self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None

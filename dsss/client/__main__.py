@@ -1,14 +1,43 @@
-"""`python -m dsss.client ...`"""
+"""`python -m dsss.client ...`
 
+Start-up and exit are part of every command's time (a put of 256 MiB takes a few seconds), so
+this entry point spends as little as it can on either: the garbage collector is off while the
+modules load (imports create many objects and no garbage; a put's collections are cheap once
+`dsss.client.cli` has frozen what the imports made) and, once the command has ended and its
+output is flushed, the process leaves with `os._exit` instead of tearing its modules down one
+by one. Together about 0.17 s of the 0.9 s a command took on the benchmark machine.
+"""
+
+import gc
+import os
 import sys
-
-from twisted.internet.task import react
-
-from dsss.client.cli import main
 
 
 def entry() -> None:
-    react(main, sys.argv[1:])
+    gc.disable()  # dsss.client.cli turns it back on once the command's modules are loaded
+    from twisted.internet.task import react
+
+    from dsss.client.cli import main
+
+    try:
+        react(main, sys.argv[1:])
+    except SystemExit as e:
+        code = e.code
+    else:  # pragma: no cover - react always exits
+        code = 0
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stdout was closed (say, a pipe to `head`)
+        code = code or 1
+    # Every file the command wrote is closed (and a fetched file renamed into place) before
+    # react returns; nothing is left for interpreter teardown to do but free memory.
+    os._exit(code)
 
 
 if __name__ == "__main__":

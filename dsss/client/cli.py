@@ -13,6 +13,7 @@ object on stdout. A traceback is printed only for a bug.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import json
 import os
@@ -284,11 +285,22 @@ async def _resolve(reactor: Any, host: str) -> str:
         raise ServerUnreachable(f"cannot resolve the server's host name {host!r}") from None
 
 
+def _collect_garbage_again() -> None:
+    """`python -m dsss.client` loads its modules with the garbage collector off (see
+    `dsss.client.__main__`); once the network stack is loaded, the objects the imports made are
+    frozen (never scanned again) and collection is back on, so a long transfer's memory stays
+    bounded."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, key: PrivateKey) -> Session:
     from dsss.client.discovery import DiscoveryClient
     from dsss.client.flows import Session
     from dsss.client.peer import PeerNetwork
 
+    _collect_garbage_again()
     # With the key, requests are signed when the server admits only listed clients.
     discovery = DiscoveryClient(settings.server, reactor=reactor, key=key)
     info = await discovery.info()

@@ -236,7 +236,9 @@ class PeerNetwork:
         if self.on_close is not None:
             self.on_close(dict(self.paths))
         try:
-            await self.endpoint.close()
+            # The client exits next: its CONNECTION_CLOSEs are sent, the closing period (which
+            # would resend them if lost) is not waited for; see QuicEndpoint.close.
+            await self.endpoint.close(grace=0)
         except Exception:  # closing is best effort
             pass
 

@@ -547,6 +547,24 @@ def test_endpoint_close_ends_all_connections() -> None:
     assert failure_type(pair.result(pair.client.connect(SERVER_ADDR, expected_public_key=None))) is ConnectionFailed
 
 
+def test_close_without_grace_still_tells_the_peer() -> None:
+    """
+    close(grace=0), as a client that is about to exit does it, ends every
+    connection at once, without simulated time passing, and the peer still
+    learns of it from the CONNECTION_CLOSE (long before its idle timeout).
+    """
+    pair = make_pair()
+    handle = pair.connect()
+    assert pair.result(handle.request(b"q", max_response=1000)) == b"echo:q"
+    assert len(pair.server.connections) == 1
+    before = pair.clock.seconds()
+    d = pair.client.close(grace=0)
+    assert pair.client.connections == []
+    assert pair.result(d) is None
+    assert pair.clock.seconds() == before
+    pair.run(lambda: not pair.server.connections, timeout=5.0)
+
+
 def test_both_roles_on_one_socket() -> None:
     """Two agents connect to each other at the same time over the same sockets."""
     clock = Clock()
