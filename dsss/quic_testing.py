@@ -39,6 +39,8 @@ class LinkStats:
     lost: int = 0
     reordered: int = 0
     unroutable: int = 0
+    coalesced: int = 0  # datagrams delivered in runs, several in one segmentsReceived call (gro)
+    runs_to: dict[Address, int] = field(default_factory=dict)  # such runs, by destination
     # Every datagram written, as (data, source, destination), if recording.
     log: list[tuple[bytes, Address, Address]] = field(default_factory=list)
 
@@ -76,6 +78,10 @@ class MemoryDatagramLink:
     @param latency: one-way delay of every datagram.
     @param rng: random source; pass a seeded one for repeatable tests.
     @param record: keep every datagram written in C{stats.log}.
+    @param gro: deliver a run of same-size datagrams sent from one address to
+        another at one instant (the last may be shorter) in one
+        C{segmentsReceived(buffer, segment_size, source)} call, as Linux does
+        for a socket with UDP_GRO on.
     """
 
     def __init__(
@@ -88,8 +94,11 @@ class MemoryDatagramLink:
         reorder_delay: float = 0.005,
         rng: random.Random | None = None,
         record: bool = False,
+        gro: bool = False,
     ) -> None:
         self.clock = clock
+        self.gro = gro
+        self._open_runs: dict[tuple[Address, Address], list[bytes]] = {}
         self.loss = loss
         self.reorder = reorder
         self.latency = latency
@@ -138,7 +147,30 @@ class MemoryDatagramLink:
         if self.reorder and self.rng.random() < self.reorder:
             stats.reordered += 1
             delay += self.rng.random() * self.reorder_delay
+        elif self.gro:
+            key = (source, destination)
+            run = self._open_runs.get(key)
+            if run is not None and len(datagram) <= len(run[0]) and len(run[-1]) == len(run[0]):
+                run.append(datagram)
+                return
+            run = self._open_runs[key] = [datagram]
+            self.clock.callLater(0, self._open_runs.pop, key, None)  # a run is one instant's
+            self.clock.callLater(delay, self._deliver_run, run, source, destination)
+            return
         self.clock.callLater(delay, self._deliver, datagram, source, destination)
+
+    def _deliver_run(self, run: list[bytes], source: Address, destination: Address) -> None:
+        if len(run) == 1:
+            self._deliver(run[0], source, destination)
+            return
+        protocol = self._hosts.get(destination)
+        if protocol is None:
+            self.stats.unroutable += len(run)
+            return
+        self.stats.delivered += len(run)
+        self.stats.coalesced += len(run)
+        self.stats.runs_to[destination] = self.stats.runs_to.get(destination, 0) + 1
+        protocol.segmentsReceived(b"".join(run), len(run[0]), source)  # type: ignore[attr-defined]
 
     def _deliver(self, datagram: bytes, source: Address, destination: Address) -> None:
         protocol = self._hosts.get(destination)
