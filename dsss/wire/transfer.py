@@ -7,6 +7,21 @@ with one reply line, followed for DOWNLOAD by the part's bytes, and ends the str
 
     UPLOAD <key> <hash> <size>\\n<size bytes>   ->  Ok\\n            | ERROR <code> <text>\\n
     DOWNLOAD <key> <hash>\\n                     ->  Ok <size>\\n<bytes> | ERROR <code> <text>\\n
+
+A chained upload (replication down a chain of agents, as GFS and HDFS pipelines do) says
+`chain` and names the agents that store the next copies (none for the last agent of a chain),
+each as `<host:port>/<agent id>/<introduction key>`, the key being one the server had that agent
+issue for the previous agent's address:
+
+    UPLOAD <key> <hash> <size> chain [<hop> ...]\\n<size bytes>
+        ->  Stored <n> <receipt> [<receipt> ...]\\n | ERROR ...
+
+The agent forwards the bytes to the first hop as they arrive, with the rest of the chain, and
+answers once its own copy is stored and the next hop has answered: `n` is how many agents of the
+chain, from this one on, stored the part (the first n; a hop that failed ends the count), and
+each of them gives a receipt: its Ed25519 signature (hex) over `receipt_message(hash, key)`,
+`key` being the introduction key it was sent. The uploader knows every agent's key and every
+introduction key of its chain, so no agent can claim copies that others did not make.
 """
 
 from __future__ import annotations
@@ -15,13 +30,41 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from dsss.errors import RemoteProtocolError
-from dsss.model import is_block_id
+from dsss.errors import DSSSError, RemoteProtocolError
+from dsss.model import PeerAddress, is_block_id
 
-MAX_HEADER = 256
+MAX_CHAIN = 4
+"""Most agents an upload may name to forward to (the client stores further copies itself)."""
+MAX_HEADER = 256 + MAX_CHAIN * 160
+"""Longest request or reply line: a chain of MAX_CHAIN hops, or MAX_CHAIN + 1 receipts."""
 MAX_PART = 16 * 1024 * 1024
 _KEY = re.compile(r"\A[0-9a-f]{32}\Z")
+_AGENT_ID = re.compile(r"\A[0-9a-f]{64}\Z")
+_RECEIPT = re.compile(r"\A[0-9a-f]{128}\Z")
 _CODE = re.compile(r"\A[a-z][a-z0-9-]{0,31}\Z")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """The next agent of a chained upload: where it is, its key (pinned), its introduction key."""
+
+    address: PeerAddress
+    agent_id: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.agent_id}/{self.key}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Hop":
+        parts = text.split("/")
+        if len(parts) != 3 or not _AGENT_ID.match(parts[1]) or not _KEY.match(parts[2]):
+            raise RemoteProtocolError(f"bad chain hop {text[:40]!r}")
+        try:
+            address = PeerAddress.parse(parts[0])
+        except DSSSError:
+            raise RemoteProtocolError(f"bad chain hop address {parts[0][:40]!r}") from None
+        return cls(address, parts[1], parts[2])
 
 
 @dataclass(frozen=True)
@@ -29,6 +72,13 @@ class Upload:
     key: str
     block: str
     size: int
+    # A chained upload: answered with receipts (`Stored`), passed on to `chain[0]` if any.
+    chained: bool = False
+    chain: tuple[Hop, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.chain and not self.chained:
+            raise ValueError("only a chained upload has hops")
 
 
 @dataclass(frozen=True)
@@ -45,13 +95,31 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """`Stored <n> <receipt>...`: the answer to a chained UPLOAD; the first `n` agents of the
+    chain (this one first) stored the part, and `receipts` holds each one's signed receipt, in
+    chain order."""
+
+    receipts: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.receipts)
+
+
+def receipt_message(block: str, key: str) -> bytes:
+    """What an agent signs to say it stored `block`, uploaded with introduction key `key`."""
+    return f"dsss-stored-v1 {block} {key}".encode("ascii")
+
+
+@dataclass(frozen=True)
 class Refused:
     code: str
     text: str
 
 
 TransferRequest = Union[Upload, Download]
-TransferReply = Union[Done, Refused]
+TransferReply = Union[Done, Stored, Refused]
 
 
 def _decode(line: bytes) -> list[str]:
@@ -76,13 +144,19 @@ def parse_request(line: bytes) -> TransferRequest:
     words = _decode(line)
     verb = words[0]
     if verb == "UPLOAD":
-        if len(words) != 4:
-            raise RemoteProtocolError("usage: UPLOAD <key> <hash> <size>")
-        _, key, block, size = words
+        chained = len(words) > 4 and words[4] == "chain"
+        if len(words) != 4 and not (chained and len(words) <= 5 + MAX_CHAIN):
+            raise RemoteProtocolError(
+                f"usage: UPLOAD <key> <hash> <size> [chain <hop> ...] (at most {MAX_CHAIN} hops)"
+            )
+        _, key, block, size = words[:4]
         n = _size(size)
         if n > MAX_PART:
             raise RemoteProtocolError(f"part larger than {MAX_PART} bytes")
-        req: TransferRequest = Upload(key, block, n)
+        chain = tuple(Hop.parse(w) for w in words[5:])
+        if len({h.agent_id for h in chain}) != len(chain):
+            raise RemoteProtocolError("an agent appears twice in the chain")
+        req: TransferRequest = Upload(key, block, n, chained, chain)
     elif verb == "DOWNLOAD":
         if len(words) != 3:
             raise RemoteProtocolError("usage: DOWNLOAD <key> <hash>")
@@ -98,7 +172,8 @@ def parse_request(line: bytes) -> TransferRequest:
 
 def encode_request(req: TransferRequest) -> bytes:
     if isinstance(req, Upload):
-        return f"UPLOAD {req.key} {req.block} {req.size}\n".encode("ascii")
+        hops = " chain" + "".join(f" {h}" for h in req.chain) if req.chained else ""
+        return f"UPLOAD {req.key} {req.block} {req.size}{hops}\n".encode("ascii")
     return f"DOWNLOAD {req.key} {req.block}\n".encode("ascii")
 
 
@@ -112,6 +187,14 @@ def parse_reply(line: bytes) -> TransferReply:
             if n > MAX_PART:
                 raise RemoteProtocolError("reply announces a part larger than allowed")
             return Done(n)
+    elif words[0] == "Stored" and len(words) >= 3:
+        n = _size(words[1])
+        receipts = tuple(words[2:])
+        if not 1 <= n <= MAX_CHAIN + 1 or len(receipts) != n:
+            raise RemoteProtocolError("bad count in a Stored reply")
+        if not all(_RECEIPT.match(r) for r in receipts):
+            raise RemoteProtocolError("bad receipt in a Stored reply")
+        return Stored(receipts)
     elif words[0] == "ERROR" and len(words) >= 2 and _CODE.match(words[1]):
         return Refused(words[1], " ".join(words[2:]))
     raise RemoteProtocolError("bad reply header")
@@ -120,6 +203,8 @@ def parse_reply(line: bytes) -> TransferReply:
 def encode_reply(reply: TransferReply) -> bytes:
     if isinstance(reply, Done):
         return b"Ok\n" if reply.size is None else f"Ok {reply.size}\n".encode("ascii")
+    if isinstance(reply, Stored):
+        return f"Stored {reply.count} {' '.join(reply.receipts)}\n".encode("ascii")
     clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in reply.text)[:200]
     return f"ERROR {reply.code} {clean}\n".encode("ascii")
 

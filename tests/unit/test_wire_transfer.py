@@ -8,13 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsss.errors import RemoteProtocolError
+from dsss.model import PeerAddress
 from dsss.wire.transfer import (
+    MAX_CHAIN,
     MAX_HEADER,
     MAX_PART,
     Done,
     Download,
     HeaderSplitter,
+    Hop,
     Refused,
+    Stored,
     Upload,
     encode_reply,
     encode_request,
@@ -390,3 +394,79 @@ def test_grammar_shaped_garbage(words: list[str]) -> None:
             parse(line)
         except RemoteProtocolError:
             pass
+
+
+# chained uploads
+
+AGENT_ID = "ab" * 32
+
+
+def _hop(i: int, host: str = "198.51.100.11") -> Hop:
+    return Hop(PeerAddress(host, 40000 + i), f"{i:02x}" * 32, f"{i:02x}" * 16)
+
+
+def test_chained_upload_round_trips_with_ipv4_and_ipv6_hops() -> None:
+    chain = (_hop(1), _hop(2, "2001:db8::7"))
+    req = Upload(KEY, H, 4 * 1024 * 1024, True, chain)
+    line = encode_request(req)
+    assert line.startswith(f"UPLOAD {KEY} {H} 4194304 chain ".encode()) and line.endswith(b"\n")
+    assert parse_request(line[:-1]) == req
+    assert b"[2001:db8::7]:40002/" in line
+
+
+def test_the_last_agent_of_a_chain_gets_a_chained_upload_without_hops() -> None:
+    req = Upload(KEY, H, 10, True)
+    assert encode_request(req) == f"UPLOAD {KEY} {H} 10 chain\n".encode()
+    assert parse_request(encode_request(req)[:-1]) == req
+    assert parse_request(f"UPLOAD {KEY} {H} 10".encode()) == Upload(KEY, H, 10, False)
+    with pytest.raises(ValueError):
+        Upload(KEY, H, 10, False, (_hop(1),))
+
+
+def test_longest_chain_fits_the_header_limit() -> None:
+    chain = tuple(_hop(i, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff") for i in range(1, MAX_CHAIN + 1))
+    line = encode_request(Upload(KEY, H, MAX_PART, True, chain))
+    assert len(line) <= MAX_HEADER
+    assert parse_request(line[:-1]).chain == chain  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "hops",
+    [
+        ["198.51.100.11:4000/" + AGENT_ID],  # no key
+        ["198.51.100.11:4000/" + AGENT_ID + "/" + KEY, "chain"],
+        ["198.51.100.11:4000/" + AGENT_ID + "/" + KEY + "/x"],
+        ["198.51.100.11:4000/" + "zz" * 32 + "/" + KEY],  # agent id not hex
+        ["198.51.100.11:4000/" + AGENT_ID + "/" + KEY[:-1]],  # short key
+        ["example.org:4000/" + AGENT_ID + "/" + KEY],  # a name, not an address
+        ["198.51.100.11:0/" + AGENT_ID + "/" + KEY],  # port 0
+        ["198.51.100.11:4000/" + AGENT_ID + "/" + KEY, "198.51.100.12:4000/" + AGENT_ID + "/" + KEY],
+        [f"198.51.100.1{i}:4000/{i:02x}" + "0" * 62 + "/" + KEY for i in range(MAX_CHAIN + 1)],
+    ],
+    ids=["no-key", "chain-twice", "extra-field", "bad-id", "short-key", "hostname", "port-0", "same-agent-twice", "too-long"],
+)
+def test_malformed_chains_are_refused(hops: list[str]) -> None:
+    line = f"UPLOAD {KEY} {H} 10 chain " + " ".join(hops)
+    with pytest.raises(RemoteProtocolError):
+        parse_request(line.encode())
+
+
+def test_stored_reply_round_trips_and_is_bounded() -> None:
+    receipt = "5e" * 64
+    for n in range(1, MAX_CHAIN + 2):
+        reply = Stored((receipt,) * n)
+        line = encode_reply(reply)
+        assert len(line) <= MAX_HEADER
+        assert parse_reply(line[:-1]) == reply and reply.count == n
+    too_many = " ".join([receipt] * (MAX_CHAIN + 2))
+    for bad in (
+        b"Stored 0",
+        f"Stored {MAX_CHAIN + 2} {too_many}".encode(),
+        b"Stored",
+        b"Stored x " + receipt.encode(),
+        f"Stored 2 {receipt}".encode(),  # fewer receipts than copies
+        f"Stored 1 {receipt[:-2]}".encode(),  # a short receipt
+        f"Stored 1 {receipt[:-1]}Z".encode(),
+    ):
+        with pytest.raises(RemoteProtocolError):
+            parse_reply(bad)
