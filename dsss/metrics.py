@@ -320,6 +320,11 @@ class _AgentStateCollector(Collector):
         yield counter("dsss_agent_downloads", "Downloads served.", transfers.downloads)
         yield counter("dsss_agent_refused", "Transfers refused (bad key, full, corrupt, ...).",
                       transfers.refused)
+        yield counter("dsss_agent_forwards", "Chained uploads passed on to the next agent.",
+                      transfers.forwards)
+        yield counter("dsss_agent_forward_failures",
+                      "Chained uploads this agent could not pass on (the uploader made that copy).",
+                      transfers.forward_failures)
         info = GaugeMetricFamily("dsss_agent_info", "This agent's id and version.",
                                  labels=["agent", "version"])
         info.add_metric([agent.identity.agent_id, agent.version], 1)

@@ -4,24 +4,146 @@
 Every stream carries one request (dsss.wire.transfer). An upload is written to the store's
 incoming/ area chunk by chunk while it arrives and becomes visible only after its size and hash are
 verified; a stream that is reset or a connection that is lost leaves nothing behind.
+
+A chained upload is also passed on, chunk by chunk as it arrives, to the next agent of its chain
+(`_Forward`), over QUIC from this agent's own socket as a client would send it. The reply waits
+for both: this agent's copy stored, and the next agent's answer; it says how many agents of the
+chain stored the part. A forward that fails (the next agent unreachable, refusing, or too slow to
+keep up) only shortens that count: the uploader stores the missing copies itself.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.model import PeerAddress
 from dsss.storage.blockstore import BlockWriter
 from dsss.wire import transfer as wt
+from dsss.wire.datagram import DPunch, encode_datagram
 
 if TYPE_CHECKING:
     from dsss.agent.service import StorageAgent
     from dsss.quic import QuicStream
 
 log = Logger()
+
+
+FORWARD_TIMEOUT = 45.0
+"""Seconds a forward may take, from its first byte to the next agent's answer (less than the
+uploader's own 60 s, so a stuck chain still answers `Stored` with what it did)."""
+FORWARD_HANDSHAKE_TIMEOUT = 3.0
+
+
+class _Forward:
+    """Passes one chained upload on to the next agent of its chain while it arrives.
+
+    What the next agent has not taken yet stays queued here: at most the part itself (the
+    upload's size was checked). `done` fires with the receipts of the agents from the next one
+    on that stored the part (none if the forward failed); it never fails.
+    """
+
+    def __init__(self, handler: "TransferHandler", upload: wt.Upload) -> None:
+        self.handler = handler
+        hop, rest = upload.chain[0], upload.chain[1:]
+        self.hop = hop
+        self.block = upload.block
+        self.pending: list[bytes] | None = [
+            wt.encode_request(wt.Upload(hop.key, upload.block, upload.size, True, rest))
+        ]
+        self.stream: "QuicStream | None" = None
+        self.ended = False
+        self.reply: list[bytes] = []
+        self.done: defer.Deferred[tuple[str, ...]] = defer.Deferred()
+        clock = handler.agent.clock
+        self._timer = clock.callLater(FORWARD_TIMEOUT, self.fail, "timed out")
+        defer.ensureDeferred(self._open()).addErrback(lambda f: self.fail(f.getErrorMessage()))
+
+    async def _open(self) -> None:
+        from dsss.quic import QuicError
+
+        quic = self.handler.agent.quic
+        target = self.hop.address.as_tuple()
+        try:
+            # Open our NAT towards the next agent; it punches towards us (the server asked it for
+            # the introduction key the chain carries).
+            quic.send_control(encode_datagram(DPunch("agent")), target)
+            conn = await quic.connect(target, expected_public_key=bytes.fromhex(self.hop.agent_id),
+                                      handshake_timeout=FORWARD_HANDSHAKE_TIMEOUT)
+            stream = conn.open_stream()
+        except (QuicError, DSSSError) as e:
+            self.fail(f"cannot reach it: {e}")
+            return
+        if self.done.called:
+            stream.reset()
+            return
+        self.stream = stream
+        stream.on_data = self._reply_data
+        stream.on_end = self._reply_end
+        stream.on_error = lambda e: self.fail(f"stream failed: {e}")
+        pending, self.pending = self.pending or [], None
+        for chunk in pending:
+            self._write(chunk)
+        if self.ended:
+            self._write(b"", end=True)
+
+    def _write(self, chunk: bytes, end: bool = False) -> None:
+        stream = self.stream
+        if stream is None or self.done.called:
+            return
+        stream.write(chunk, end=end).addErrback(lambda f: None)  # on_error reports failures
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done.called:
+            return
+        if self.pending is not None:
+            self.pending.append(chunk)
+        else:
+            self._write(chunk)
+
+    def end(self) -> None:
+        self.ended = True
+        if self.pending is None:
+            self._write(b"", end=True)
+
+    def _reply_data(self, chunk: bytes) -> None:
+        self.reply.append(chunk)
+        if sum(len(c) for c in self.reply) > wt.MAX_HEADER:
+            self.fail("its answer is too long")
+
+    def _reply_end(self) -> None:
+        try:
+            reply = wt.parse_reply(b"".join(self.reply).partition(b"\n")[0])
+        except RemoteProtocolError as e:
+            self.fail(f"bad answer: {e}")
+            return
+        if isinstance(reply, wt.Refused):
+            self.fail(f"refused: {reply.code} {reply.text}")
+        elif isinstance(reply, wt.Stored):
+            self._finish(reply.receipts)  # the uploader checks them, every one
+        else:
+            self.fail("it answered without receipts")
+
+    def _finish(self, receipts: tuple[str, ...]) -> None:
+        if self.done.called:
+            return
+        if self._timer.active():
+            self._timer.cancel()
+        self.pending = None
+        self.done.callback(receipts)
+
+    def fail(self, why: str) -> None:
+        if self.done.called:
+            return
+        log.info("forwarding {block} to {hop} failed: {why}", block=self.block[:16],
+                 hop=str(self.hop.address), why=why)
+        self.handler.forward_failures += 1
+        if self.stream is not None:
+            self.stream.reset()
+        self._finish(())
 
 
 class _StreamRequest:
@@ -32,6 +154,9 @@ class _StreamRequest:
         self.header = wt.HeaderSplitter()
         self.writer: BlockWriter | None = None
         self.download: wt.Download | None = None
+        self.forward: _Forward | None = None
+        self.upload: wt.Upload | None = None
+        self.discard = False  # the body is not needed (the part is stored here already)
         self.finished = False
         handler.touch()
         stream.on_data = self.data
@@ -65,9 +190,12 @@ class _StreamRequest:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+        if self.forward is not None:
+            self.forward.fail("the upload was aborted")
+            self.forward = None
 
     def data(self, chunk: bytes) -> None:
-        if self.finished:
+        if self.finished or self.discard:
             return
         try:
             if not self.header.done:
@@ -76,9 +204,13 @@ class _StreamRequest:
                     return
                 line, chunk = split
                 self.start(wt.parse_request(line))
+                if self.discard:
+                    return
             if self.writer is not None:
                 if chunk:
                     self.writer.write(chunk)
+                    if self.forward is not None:
+                        self.forward.feed(chunk)
             elif chunk:
                 raise RemoteProtocolError("DOWNLOAD takes no body")
         except DSSSError as e:
@@ -90,12 +222,23 @@ class _StreamRequest:
             self.agent.introductions.use(
                 req.key, client=self.client(), block=req.block, now=now, upload_size=req.size
             )
+            self.upload = req
             if self.agent.store.has(req.block):
-                # Already stored: the bytes are not needed, the answer is the same.
-                self.reply(wt.Done())
+                # Already stored: the bytes are not needed, the answer is the same (a chain
+                # is served from the stored copy).
                 self.stream.stop_reading()
+                self.discard = True
+                if req.chain:
+                    self._forward_stored(req)
+                elif req.chained:
+                    self._stored_down_the_chain(())
+                else:
+                    self.reply(wt.Done())
                 return
             self.writer = self.agent.store.begin_write(req.block, req.size)
+            if req.chain:
+                self.forward = _Forward(self.handler, req)
+                self.handler.forwards += 1
         else:
             self.agent.introductions.use(req.key, client=self.client(), block=req.block, now=now)
             self.download = req
@@ -109,10 +252,24 @@ class _StreamRequest:
                 raise RemoteProtocolError("stream ended before a complete header")
             if self.writer is not None:
                 writer, self.writer = self.writer, None
-                writer.commit()
+                forward, self.forward = self.forward, None
+                writer_chained = self.upload is not None and self.upload.chained
+                if forward is not None:
+                    forward.end()  # the next agent verifies and stores while we do
+                try:
+                    writer.commit()
+                except DSSSError:
+                    if forward is not None:
+                        forward.fail("the upload did not verify here")
+                    raise
                 self.handler.uploads += 1
-                self.reply(wt.Done())
                 self.agent.stored(writer.block)
+                if forward is not None:
+                    forward.done.addCallback(self._stored_down_the_chain)
+                elif writer_chained:
+                    self._stored_down_the_chain(())
+                else:
+                    self.reply(wt.Done())
             elif self.download is not None:
                 self.serve(self.download.block)
         except DSSSError as e:
@@ -144,6 +301,25 @@ class _StreamRequest:
         else:
             handler.serving -= len(data)
 
+    def _forward_stored(self, req: wt.Upload) -> None:
+        """The part is stored here already: pass the stored copy down the chain."""
+        try:
+            data = self.agent.store.get(req.block)
+        except DSSSError:
+            self._stored_down_the_chain(())  # unreadable here: the uploader fills the rest
+            return
+        forward = _Forward(self.handler, req)
+        self.handler.forwards += 1
+        forward.feed(data)
+        forward.end()
+        forward.done.addCallback(self._stored_down_the_chain)
+
+    def _stored_down_the_chain(self, receipts: tuple[str, ...]) -> None:
+        """Answer a chained upload: our own receipt, then those of the agents after us."""
+        assert self.upload is not None
+        own = self.agent.identity.sign(wt.receipt_message(self.upload.block, self.upload.key))
+        self.reply(wt.Stored((own, *receipts)))
+
     def error(self, err: Any) -> None:
         self.abort()
         self.finished = True
@@ -164,6 +340,8 @@ class TransferHandler:
         self.uploads = 0
         self.downloads = 0
         self.refused = 0
+        self.forwards = 0  # chained uploads passed on to the next agent
+        self.forward_failures = 0
         # When a transfer last started or ended (the background scrub slows down after it).
         self.last_active = float("-inf")
 

@@ -226,6 +226,7 @@ def test_agent_metrics(tmp_path):
     data = b"x" * 1234
     agent.store.put(block_hash(data), data)
     transfers.uploads, transfers.downloads, transfers.refused = 2, 3, 1
+    transfers.forwards, transfers.forward_failures = 5, 4
     treq = StubTreq(AgentMetrics(agent, transfers).resource())
     code, headers, body = fetch(treq, "/metrics")[0]
     assert code == 200
@@ -238,6 +239,8 @@ def test_agent_metrics(tmp_path):
     assert m[("dsss_agent_uploads_total", ())] == 2
     assert m[("dsss_agent_downloads_total", ())] == 3
     assert m[("dsss_agent_refused_total", ())] == 1
+    assert m[("dsss_agent_forwards_total", ())] == 5
+    assert m[("dsss_agent_forward_failures_total", ())] == 4
     info = (("agent", agent.identity.agent_id), ("version", agent.version))
     assert m[("dsss_agent_info", info)] == 1
     assert fetch(treq, "/")[0][0] == 404
