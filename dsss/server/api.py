@@ -29,6 +29,27 @@ log = Logger()
 MAX_INTRODUCTIONS = 16
 
 
+def chain_order(targets: list[PeerAddress]) -> list[PeerAddress]:
+    """The agents of a replication chain in an order where, as far as possible, no agent passes
+    the part to one at the same public IP address: agents behind one NAT rarely reach each
+    other through it (few home routers hairpin), while agents behind different ones can punch.
+    Otherwise the order of the placement is kept."""
+    rest = list(targets)
+    ordered: list[PeerAddress] = []
+    while rest:
+        last = ordered[-1].host if ordered else None
+        # The next agent: the first at another address than the last one, preferring the IP
+        # address most of the remaining ones share (so that it does not end the chain twice).
+        counts: dict[str, int] = {}
+        for t in rest:
+            counts[t.host] = counts.get(t.host, 0) + 1
+        candidates = [t for t in rest if t.host != last] or rest
+        pick = max(candidates, key=lambda t: counts[t.host])
+        ordered.append(pick)
+        rest.remove(pick)
+    return ordered
+
+
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
     values = request.args.get(name.encode("ascii"), [])  # type: ignore[attr-defined]
     if not values:
@@ -214,11 +235,14 @@ class DiscoveryAPI:
         return _json(request, body)
 
     async def _introductions(
-        self, from_: PeerAddress, items: list[tuple[PeerAddress, str, int]]
+        self, from_: PeerAddress | list[PeerAddress], items: list[tuple[PeerAddress, str, int]]
     ) -> list[dict[str, Any]]:
-        """Every item's introduction at once; each answer is the introduction or its error."""
+        """Every item's introduction at once (item i for `from_[i]` if it is a list); each
+        answer is the introduction or its error."""
+        sources = from_ if isinstance(from_, list) else [from_] * len(items)
         results = await defer.DeferredList(
-            [defer.ensureDeferred(self.server.introduce(to, from_, size, block)) for to, block, size in items],
+            [defer.ensureDeferred(self.server.introduce(to, src, size, block))
+             for (to, block, size), src in zip(items, sources)],
             consumeErrors=True,
         )
         answers: list[dict[str, Any]] = []
@@ -236,7 +260,11 @@ class DiscoveryAPI:
 
     @app.route("/api/upload-to", methods=["GET"])
     async def upload_to(self, request: IRequest) -> bytes:
-        """where-to-upload and the introductions to the agents it picks, in one request."""
+        """where-to-upload and the introductions to the agents it picks, in one request.
+
+        With `chain=1` the agents picked form a replication chain: the first one's introduction
+        is for the client (`from`), each next one's for the agent before it, so that the client
+        uploads once and each agent passes the part on (a chained UPLOAD)."""
         replicas = self.server.replicas
         raw_copies = _arg(request, "copies", required=False)
         copies = replicas
@@ -249,11 +277,20 @@ class DiscoveryAPI:
         size = _size(_arg(request, "size"))
         block = check_block_id(_arg(request, "hash") or "")
         from_ = PeerAddress.parse(_arg(request, "from") or "")
+        chain = _arg(request, "chain", required=False)
+        if chain not in (None, "0", "1"):
+            raise BadRequest("chain must be 0 or 1")
         targets = self.server.where_to_upload(size, _exclude(request))[:copies]
-        answers = await self._introductions(from_, [(to, block, size) for to in targets])
+        sources: PeerAddress | list[PeerAddress] = from_
+        if chain == "1":
+            targets = chain_order(targets)
+            sources = [from_, *targets[:-1]]
+        answers = await self._introductions(sources, [(to, block, size) for to in targets])
         for to, answer in zip(targets, answers):
             answer.setdefault("address", str(to))
         body: dict[str, Any] = {"introductions": answers, "replicas": replicas}
+        if chain == "1":
+            body["chain"] = True
         if self.server.warming():
             body["warming"] = True
         return _json(request, body)

@@ -165,3 +165,42 @@ def test_upload_to_places_and_introduces_or_says_it_cannot(server: Any, older: b
     assert isinstance(intro, Introduction) and intro.agent_id == agents[1].rec.agent_id
     assert isinstance(by_address[agents[2].address], Unavailable)
     assert http.paths == ["/api/upload-to"]
+
+
+def test_upload_to_a_chain_introduces_each_agent_to_the_one_before_it(server: Any) -> None:
+    """With chain=1 the first agent's introduction is for the client, the next one's for the
+    first agent (which passes the part on), and the client marks it as a chain hop."""
+    agents = [FakeAgent(server, 5400 + i) for i in range(2)]
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub))
+    d = defer.ensureDeferred(client.upload_to(HASH, 10, ME, copies=2, chain=True))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    asked = {a.address: a.sent() for a in agents}
+    for a in agents:
+        a.reply("0123456789abcdef0123456789abcdef")
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    (picked,) = outcomes([d])
+    (first, intro0), (second, intro1) = picked
+    assert asked[first] == [f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]
+    assert asked[second] == [f"INTRODUCTION_REQUEST {first} 10 {HASH}"]
+    assert isinstance(intro0, Introduction) and not intro0.chained
+    assert isinstance(intro1, Introduction) and intro1.chained and intro1.address == second
+
+
+def test_chain_order_avoids_passing_a_part_between_agents_at_one_ip() -> None:
+    from dsss.server.api import chain_order
+
+    a1, a2, a3 = (PeerAddress("198.51.100.11", p) for p in (1, 2, 3))
+    b1, b2 = (PeerAddress("198.51.100.12", p) for p in (1, 2))
+    for targets in ([a1, a2, b1], [a1, b1, a2], [b1, a1, a2]):
+        order = chain_order(targets)
+        assert sorted(order, key=str) == sorted(targets, key=str)
+        assert all(x.host != y.host for x, y in zip(order, order[1:])), order
+    order = chain_order([a1, a2, a3, b1, b2])
+    assert all(x.host != y.host for x, y in zip(order, order[1:])), order
+    # nothing to avoid: the placement's order is kept
+    assert chain_order([a1, a2, a3]) == [a1, a2, a3]
