@@ -7,7 +7,8 @@ Each variant gets its own network (a server and four agents on loopback, replica
 started at once; each repeat does a put and a get of the same random file with every variant in
 turn (the order rotates), so a change in the machine's load hits them alike. Knobs:
 `datagram=N` (agents' --datagram-size and the client's), `parallel=N` (the client's --parallel),
-`part=SIZE` (put --part-size), `replicas=N` (the server's --replicas). Prints MB/s (median, min, max), the ratio to the first variant,
+`part=SIZE` (put --part-size), `replicas=N` (the server's --replicas), `chain=0|1` (the client's
+--no-chain or --chain; its default on loopback is no chain). Prints MB/s (median, min, max), the ratio to the first variant,
 and CPU per MB of the client and of the daemons; `--json PATH` keeps the raw figures.
 """
 
@@ -30,13 +31,14 @@ from dsss.model import parse_size  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    knobs: dict[str, Any] = {"name": text, "datagram": 65000, "parallel": None, "part": None, "replicas": 3}
+    knobs: dict[str, Any] = {"name": text, "datagram": 65000, "parallel": None, "part": None, "replicas": 3,
+                             "chain": None}
     for word in text.split():
         if word == "base":
             continue
         key, sep, value = word.partition("=")
-        if not sep or key not in ("datagram", "parallel", "part", "replicas"):
-            raise SystemExit(f"unknown knob {word!r} (datagram=N, parallel=N, part=SIZE, replicas=N)")
+        if not sep or key not in ("datagram", "parallel", "part", "replicas", "chain"):
+            raise SystemExit(f"unknown knob {word!r} (datagram=N, parallel=N, part=SIZE, replicas=N, chain=0|1)")
         knobs[key] = value if key == "part" else int(value)
     return knobs
 
@@ -57,6 +59,8 @@ def main() -> int:
             options = ["--datagram-size", str(v["datagram"])]
             if v["parallel"]:
                 options += ["--parallel", str(v["parallel"])]
+            if v["chain"] is not None:
+                options += ["--chain" if v["chain"] else "--no-chain"]
             net = DsssNetwork(work / f"v{i}", datagram_size=v["datagram"], replicas=v["replicas"],
                               client_options=options)
             net.start()

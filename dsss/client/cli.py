@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest QUIC datagram (default: 65000 on loopback, else 1452)")
     p.add_argument("--json", action="store_true", default=False,
                    help="machine-readable output: one JSON document on stdout")
+    p.add_argument("--chain", action=argparse.BooleanOptionalAction, default=None,
+                   help="store the copies of a part by sending it once, to the first agent of a "
+                        "chain that passes it on, instead of sending every copy from here "
+                        "(default: chain unless the server is on loopback, where there is no "
+                        "uplink to save)")
     p.add_argument("-v", "--verbose", action="store_true", default=False,
                    help="also say on stderr which path reached each agent (direct or relay)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -309,9 +314,19 @@ async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, k
     peers = PeerNetwork(reactor, (host, info.udp_port), bind_host=bind,
                         max_datagram_size=_datagram_size(args, host))
     if getattr(args, "verbose", False):
-        peers.on_close = _print_paths
+        def report(paths: dict[str, str]) -> None:
+            _print_paths(paths)
+            if peers.uploaded:
+                print(f"dsss: uploaded {peers.uploaded} bytes, {peers.copies_made} copies stored",
+                      file=sys.stderr)
+
+        peers.on_close = report
     await peers.start()
-    return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=settings.parallel)
+    chain = getattr(args, "chain", None)
+    if chain is None:
+        chain = not ipaddress.ip_address(host).is_loopback
+    return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=settings.parallel,
+                   chain=chain)
 
 
 def _print_paths(paths: dict[str, str]) -> None:

@@ -62,6 +62,9 @@ class Introduction:
     key: str
     agent_id: str
     address: PeerAddress
+    # Issued for the agent before this one in a replication chain, not for the client: only
+    # good as a hop of a chained upload.
+    chained: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,17 +224,23 @@ class DiscoveryClient:
 
     async def upload_to(
         self, block: str, size: int, from_: PeerAddress, *, copies: int,
-        exclude: list[PeerAddress] | None = None,
+        exclude: list[PeerAddress] | None = None, chain: bool = False,
     ) -> list[tuple[PeerAddress, Introduction | DSSSError]] | None:
         """Where to upload `block` (`copies` agents at most, none in `exclude`) with an
         introduction to each, in one request: for each agent picked, its introduction or the
         error it gave. None if the server has no /api/upload-to (then ask where_to_upload and
-        introduce_me instead)."""
+        introduce_me instead).
+
+        With `chain`, the agents form a replication chain (each introduction after the first
+        is for the agent before it; see `PeerNetwork.upload`) and the answer's introductions
+        say so (`Introduction.chained`); a server that does not chain gives plain ones."""
         if not self.combined_upload:
             return None
         params = [("size", str(size)), ("hash", block), ("from", str(from_)), ("copies", str(copies))]
         if exclude:
             params.append(("exclude", ",".join(str(a) for a in exclude)))
+        if chain:
+            params.append(("chain", "1"))
         try:
             doc = await self._get("/api/upload-to", params)
         except NotFound:
@@ -242,8 +251,9 @@ class DiscoveryClient:
         answers = doc.get("introductions")
         if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
             raise RemoteProtocolError("bad /api/upload-to answer")
+        chained = chain and doc.get("chain") is True
         out: list[tuple[PeerAddress, Introduction | DSSSError]] = []
-        for answer in answers:
+        for i, answer in enumerate(answers):
             address = answer.get("address")
             if not isinstance(address, str):
                 raise RemoteProtocolError("bad /api/upload-to answer")
@@ -252,7 +262,10 @@ class DiscoveryClient:
                 cls = _BY_STATUS.get(status, DSSSError) if isinstance(status, int) else DSSSError
                 out.append((PeerAddress.parse(address), cls(f"server: {answer['error']}")))
             else:
-                out.append((PeerAddress.parse(address), self._introduction(answer, "/api/upload-to")))
+                intro = self._introduction(answer, "/api/upload-to")
+                if chained and i > 0:
+                    intro = Introduction(intro.key, intro.agent_id, intro.address, chained=True)
+                out.append((PeerAddress.parse(address), intro))
         return out
 
     async def introduce_me(

@@ -22,7 +22,7 @@ from dsss.crypto.manifest import Manifest, PartRef, clean_name, open_manifest, s
 from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part, encrypt_part
 from dsss.errors import DSSSError, IntegrityError, NotFound, Unavailable
 from dsss.model import PeerAddress, block_hash
-from dsss.wire.transfer import MAX_PART
+from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
 log = Logger()
 
@@ -46,6 +46,11 @@ def put_window(parallel: int, part_size: int) -> int:
 INLINE_MAX = 16 * 1024
 
 
+CHAIN_BREAKS_TOLERATED = 2
+"""Chained uploads that may stop short (an agent could not reach the next) before a session
+stops chaining and sends every copy itself."""
+
+
 class ReplicationError(Unavailable):
     code = "replication"
 
@@ -66,6 +71,10 @@ class Session:
     replicas: int
     parallel: int = DEFAULT_PARALLEL
     rng: random.Random = field(default_factory=random.SystemRandom)
+    # Replicate down a chain of agents (the client sends each part once, each agent passes it
+    # on as it arrives) where the server offers it; else the client sends every copy itself.
+    chain: bool = True
+    chain_breaks: int = 0  # chains that stopped short; after CHAIN_BREAKS_TOLERATED, no more
 
 
 # --- storing one block on several agents ---------------------------------------------------------
@@ -84,6 +93,11 @@ async def store_block(
 
     Agents that fail are excluded and replaced by asking the server again; fails with
     ReplicationError if that many copies cannot be made.
+
+    With `session.chain` (and a server that offers it), the copies are made by a chained
+    upload: the part goes once to the first agent picked, which passes it on down the chain;
+    signed receipts say which agents stored it, and the copies still missing are made on the
+    next round like any other.
     """
     assert session.peers.public_address is not None
     wanted = session.replicas if copies is None else copies
@@ -92,6 +106,7 @@ async def store_block(
     failed: list[PeerAddress] = []
     errors: list[str] = []
     me = session.peers.public_address
+    chain_broke = False
     for _attempt in range(4):
         need = wanted - len(stored)
         if need <= 0:
@@ -100,10 +115,11 @@ async def store_block(
         # Where to upload, with the introductions, in one request if the server can; else
         # where-to-upload, then one introduction per agent.
         upload_to = getattr(session.discovery, "upload_to", None)
+        chain = session.chain and need > 1 and not chain_broke
         try:
             picked = None if upload_to is None else await upload_to(block, len(data), me,
                                                                    copies=min(need, session.replicas),
-                                                                   exclude=avoid)
+                                                                   exclude=avoid, chain=chain)
             if picked is None:
                 targets = await session.discovery.where_to_upload(len(data), exclude=avoid)
                 picked = [(t, None) for t in targets]
@@ -113,6 +129,22 @@ async def store_block(
         picked = [(t, i) for t, i in picked if t not in stored and t not in failed and t not in held][:need]
         if not picked:
             break
+        if len(picked) > 1 and isinstance(picked[1][1], Introduction) and picked[1][1].chained:
+            done, lost, why = await _upload_chain(session, block, data, picked)
+            stored += done
+            failed += lost
+            errors += why
+            # An agent that cannot pass a part on to the next one (two agents behind one NAT
+            # rarely reach each other) is not at fault: the copies left go from here.
+            if why:
+                chain_broke = True
+                session.chain_breaks += 1
+                if session.chain_breaks >= CHAIN_BREAKS_TOLERATED:
+                    # These agents cannot reach each other (symmetric NATs, say): every further
+                    # chain would cost a handshake timeout before the copies go from here anyway.
+                    log.info("agents could not pass parts on to each other; sending every copy from here")
+                    session.chain = False
+            continue
         results = await defer.DeferredList(
             [defer.ensureDeferred(_upload_one(session, t, block, data, intro)) for t, intro in picked],
             consumeErrors=True,
@@ -132,6 +164,34 @@ async def store_block(
             f"stored a part on {len(stored)} of {wanted} agents ({detail})"
         )
     return stored
+
+
+async def _upload_chain(
+    session: Session, block: str, data: bytes,
+    picked: list[tuple[PeerAddress, Introduction | DSSSError]],
+) -> tuple[list[PeerAddress], list[PeerAddress], list[str]]:
+    """One chained upload to the agents picked, in order: returns where it was stored (a
+    prefix of them), the agent that failed (the first one, if it did not store it), and what
+    went wrong."""
+    head, intro = picked[0]
+    if not isinstance(intro, Introduction):
+        return [], [head], [f"{head}: {intro}"]
+    hops: list[Introduction] = []
+    for _target, hop in picked[1 : 1 + MAX_CHAIN]:
+        if not isinstance(hop, Introduction):
+            break  # each hop's key is for the agent before it: the chain ends here
+        hops.append(hop)
+    chain = [head] + [h.address for h in hops]
+    try:
+        count = await session.peers.upload(intro, block, data, tuple(hops))
+    except DSSSError as e:
+        return [], [head], [f"{head}: {e}"]
+    stored = chain[:count]
+    if count == 0:
+        return [], [head], [f"{head}: gave no valid receipt"]
+    if count < len(chain):
+        return stored, [], [f"{chain[count]}: did not store it (chained from {chain[count - 1]})"]
+    return stored, [], []
 
 
 async def _upload_one(

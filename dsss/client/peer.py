@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -48,6 +50,24 @@ class PeerError(Unavailable):
     code = "peer"
 
 
+def _receipted(block: str, agents: tuple[Introduction, ...], receipts: tuple[str, ...]) -> int:
+    """How many agents of a chain, from the first, proved they stored `block`: each receipt must
+    be that agent's signature over the block and the introduction key it was sent. The first
+    bad or missing receipt ends the count (the copies after it are made again)."""
+    count = 0
+    for intro, receipt in zip(agents, receipts):
+        try:
+            VerifyKey(bytes.fromhex(intro.agent_id)).verify(
+                wt.receipt_message(block, intro.key), bytes.fromhex(receipt)
+            )
+        except (ValueError, BadSignatureError):
+            log.warn("agent {agent} gave no valid receipt for {block}", agent=str(intro.address),
+                     block=block[:16])
+            break
+        count += 1
+    return count
+
+
 class PeerNetwork:
     """Owns the client's UDP socket; learns the public address; uploads and downloads parts."""
 
@@ -83,6 +103,10 @@ class PeerNetwork:
         self._relay_waiters: dict[PeerAddress, list[defer.Deferred[None]]] = {}
         # Called with `paths` when the network is closed (the CLI's --verbose prints them).
         self.on_close: Callable[[dict[str, str]], None] | None = None
+        # Bytes of parts and manifests this client sent in uploads that succeeded, and the copies
+        # they made (more than one each when agents passed them on down a chain).
+        self.uploaded = 0
+        self.copies_made = 0
 
     async def start(self, timeout: float = 5.0) -> PeerAddress:
         """Bind the socket and learn our public address from the server's PONG."""
@@ -203,8 +227,13 @@ class PeerNetwork:
         cls = _REFUSALS.get(reply.code, PeerError)
         return cls(f"agent {intro.address} refused: {reply.text}")
 
-    async def upload(self, intro: Introduction, block: str, data: bytes) -> None:
-        header = wt.encode_request(wt.Upload(intro.key, block, len(data)))
+    async def upload(self, intro: Introduction, block: str, data: bytes,
+                     chain: tuple[Introduction, ...] = ()) -> int:
+        """Upload `data` to the introduced agent; with a `chain` (introductions each issued for
+        the agent before it), that agent passes it on down the chain as it arrives. Returns how
+        many agents stored it: the first agent and the first n-1 of the chain."""
+        hops = tuple(wt.Hop(i.address, i.agent_id, i.key) for i in chain[: wt.MAX_CHAIN])
+        header = wt.encode_request(wt.Upload(intro.key, block, len(data), bool(hops), hops))
         raw = await self._request(intro, [header, data], wt.MAX_HEADER)
         line, _, _ = raw.partition(b"\n")
         try:
@@ -213,6 +242,12 @@ class PeerNetwork:
             raise PeerError(f"agent {intro.address} answered badly: {e}") from None
         if isinstance(reply, wt.Refused):
             raise self._refused(reply, intro)
+        self.uploaded += len(data)
+        count = 1
+        if isinstance(reply, wt.Stored):
+            count = _receipted(block, (intro, *chain[: len(hops)]), reply.receipts)
+        self.copies_made += count
+        return count
 
     async def download(self, intro: Introduction, block: str, max_size: int = wt.MAX_PART) -> bytes:
         header = wt.encode_request(wt.Download(intro.key, block))

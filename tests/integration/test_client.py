@@ -196,15 +196,18 @@ def test_verbose_says_which_path_reached_each_agent(shared_network, tmp_path):
     net = shared_network
     f = tmp_path / "v"
     f.write_bytes(os.urandom(1000))
-    r = net.client("-v", "put", str(f))
-    lines = [ln for ln in r.stderr.decode().splitlines() if ln.startswith("dsss: path ")]
-    # On loopback every agent is reached directly. The part and the manifest each go to three of
-    # the four agents, so three or four agents are named, each once.
-    assert 3 <= len(lines) <= 4 and len(set(lines)) == len(lines)
     live = net.live_addresses()
-    for ln in lines:
-        _, _, address, path = ln.split()
-        assert path == "direct" and address in live
+    # A file this small is one block (its manifest). With a chain the client sends it to the
+    # first agent only, which passes it on; without (the default on loopback) to each of three.
+    for options, expected in ((("--chain",), {1}), ((), {3}), (("--no-chain",), {3})):
+        r = net.client("-v", *options, "put", str(f))
+        lines = [ln for ln in r.stderr.decode().splitlines() if ln.startswith("dsss: path ")]
+        assert len(lines) in expected and len(set(lines)) == len(lines)
+        for ln in lines:
+            _, _, address, path = ln.split()
+            assert path == "direct" and address in live
+        code, doc = net.http(f"/api/who-has?q={r.stdout.split()[0].decode()}")
+        assert code == 200 and len(doc["addresses"]) == 3
 
 
 def test_get_many_addresses_into_a_directory(shared_network, tmp_path):

@@ -53,9 +53,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def put(net: NatNetwork, path: Path, host: Host, timeout: float = 120.0) -> tuple[str, dict[str, str], float]:
+def put(net: NatNetwork, path: Path, host: Host, timeout: float = 120.0,
+        chain: bool = False) -> tuple[str, dict[str, str], float]:
+    """A put from `host`; by default with every copy sent by the client (`--no-chain`), so
+    the paths it reports are those to every agent storing the file."""
     t = time.monotonic()
-    r = net.client("put", str(path), host=host, options=VERBOSE, timeout=timeout)
+    options = (*VERBOSE, "--chain" if chain else "--no-chain")
+    r = net.client("put", str(path), host=host, options=options, timeout=timeout)
     elapsed = time.monotonic() - t
     address = r.stdout.decode().split()[0]
     return address, paths_used(r.stderr), elapsed
@@ -172,6 +176,42 @@ def test_put_get_20mib_through_cone_nats_over_direct_paths(
     status = net.status()
     assert status["activity"]["relayed-bytes"] == 0
     assert {a["reached"] for a in status["agents"]} == {"direct"}
+
+
+def test_chained_put_through_cone_nats_sends_each_part_once(
+    nat_lab: NatLab, nat_net: Callable[..., NatNetwork], random_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """With `--chain` the client's uplink carries each part once: the first agent passes it to
+    the next through their NATs (punched), and signed receipts prove the three copies. Two of
+    the agents share a NAT (they cannot reach each other through it), so the server orders each
+    chain to pass the part from one NAT to the other."""
+    net = nat_net(heartbeat=1.0)
+    hosts = [nat_lab.host("h1_1"), nat_lab.host("h1_2"), nat_lab.host("h2_1")]
+    agents = start(net, hosts)
+    client = nat_lab.host("h3_1")
+    size = 8 * MiB + 5
+    src = random_file(size)
+    t = time.monotonic()
+    r = net.client("-v", "--chain", "put", "--part-size", "2M", str(src), host=client)
+    report("chained put through cone NATs", size, time.monotonic() - t)
+    address = r.stdout.decode().split()[0]
+    err = r.stderr.decode()
+    m = re.search(r"^dsss: uploaded (\d+) bytes, (\d+) copies stored$", err, re.M)
+    assert m, err
+    sent, copies = int(m.group(1)), int(m.group(2))
+    # 5 parts and the manifest, three copies each; each sent once (ciphertext: 16 bytes a part more)
+    assert copies == 3 * 6
+    assert size < sent < size + 64 * 1024, err
+    assert set(paths_used(err).values()) == {"direct"}
+    out = tmp_path / "out.bin"
+    get(net, address, out, client)
+    assert sha256(out) == sha256(src)
+    doc = json.loads(net.client("--json", "check", address, host=client).stdout)
+    expected = {net.agent_status(a)["address"] for a in agents}
+    blocks = doc["files"][0]["blocks"]
+    assert len(blocks) == 6 and doc["ok"] is True
+    assert all(set(b["holders"]) == expected for b in blocks), doc
+    assert net.status()["activity"]["relayed-bytes"] == 0
 
 
 @pytest.mark.parametrize("kind", ["cone", "symmetric"])

@@ -257,7 +257,8 @@ class PlacingNetwork(FakeNetwork):
         self.introductions = 0
 
     async def upload_to(self, block: str, size: int, from_: Any, *, copies: int,
-                        exclude: list[Any] | None = None) -> list[tuple[Any, Any]]:
+                        exclude: list[Any] | None = None, chain: bool = False) -> list[tuple[Any, Any]]:
+        # a server that does not chain: every introduction is for the client
         self.calls.append((copies, list(exclude or [])))
         picked = (await self.where_to_upload(size, exclude))[:copies]
         return [(a, Unavailable(f"server: agent at {a} refused: full no room") if a in self.refusing
@@ -297,3 +298,92 @@ def test_put_window_bounds_bytes_in_flight() -> None:
             window = put_window(parallel, part)
             assert 1 <= window <= parallel
             assert window == 1 or window * part <= PUT_WINDOW_BYTES
+
+
+class ChainingNetwork(PlacingNetwork):
+    """A server that forms replication chains, and agents that pass parts on; `breaks_after`
+    makes the chain stop after that many agents (the next one cannot be reached)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.breaks_after: int | None = None
+        self.chained_uploads: list[list[Any]] = []
+        self.chain_requests: list[bool] = []
+
+    async def upload_to(self, block: str, size: int, from_: Any, *, copies: int,
+                        exclude: list[Any] | None = None, chain: bool = False) -> list[tuple[Any, Any]]:
+        self.chain_requests.append(chain)
+        picked = await super().upload_to(block, size, from_, copies=copies, exclude=exclude)
+        if not chain:
+            return picked
+        return [(a, i if n == 0 or not isinstance(i, Introduction)
+                 else Introduction(i.key, i.agent_id, i.address, chained=True))
+                for n, (a, i) in enumerate(picked)]
+
+    async def upload(self, intro: Introduction, block: str, data: bytes,  # type: ignore[override]
+                     chain: tuple[Introduction, ...] = ()) -> int:
+        agents = [intro.address] + [h.address for h in chain]
+        assert all(h.chained for h in chain)
+        if chain:
+            self.chained_uploads.append(agents)
+        reached = agents if self.breaks_after is None else agents[: self.breaks_after]
+        for a in reached:
+            await FakeNetwork.upload(self, Introduction("k" * 32, "00" * 32, a), block, data)
+        return len(reached)
+
+
+def test_store_block_sends_a_part_once_down_a_chain() -> None:
+    from dsss.client.flows import store_block
+
+    net = ChainingNetwork()
+    a, b, c, _d = net.add_agents(4)
+    data = b"ciphertext" * 10
+    block = block_hash(data)
+    stored = result_of(store_block(net.session(), block, data))
+    assert sorted(stored) == [a, b, c]
+    assert net.chained_uploads == [[a, b, c]]  # one upload from the client
+    assert net.chain_requests == [True]
+
+
+def test_a_broken_chain_is_finished_from_the_client_without_blaming_the_agent() -> None:
+    """The chain stops after the first agent (it could not reach the second): the two copies
+    left are made directly, on agents the server picks again (the second among them: it was
+    not at fault)."""
+    from dsss.client.flows import store_block
+
+    net = ChainingNetwork()
+    a, b, c, d = net.add_agents(4)
+    net.breaks_after = 1
+    data = b"ciphertext" * 10
+    block = block_hash(data)
+    stored = result_of(store_block(net.session(), block, data))
+    assert len(stored) == 3 and stored[0] == a
+    assert net.chained_uploads == [[a, b, c]]
+    assert net.chain_requests == [True, False]  # no second chain for this part
+    assert net.calls[1] == (2, [a])  # nobody but the holder excluded
+    assert sorted(x for x in (a, b, c, d) if block in net.agents[x]) == sorted(stored)
+
+
+def test_a_session_stops_chaining_after_chains_keep_breaking() -> None:
+    from dsss.client.flows import CHAIN_BREAKS_TOLERATED, store_block
+
+    net = ChainingNetwork()
+    net.add_agents(4)
+    net.breaks_after = 1
+    session = net.session()
+    for i in range(CHAIN_BREAKS_TOLERATED + 2):
+        data = b"part %d" % i
+        assert len(result_of(store_block(session, block_hash(data), data))) == 3
+    assert len(net.chained_uploads) == CHAIN_BREAKS_TOLERATED and session.chain is False
+
+
+def test_session_without_chain_sends_every_copy() -> None:
+    from dsss.client.flows import store_block
+
+    net = ChainingNetwork()
+    net.add_agents(4)
+    session = net.session()
+    session.chain = False
+    data = b"x" * 100
+    stored = result_of(store_block(session, block_hash(data), data))
+    assert len(stored) == 3 and net.chained_uploads == [] and net.chain_requests == [False]
