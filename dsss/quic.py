@@ -1489,7 +1489,13 @@ class QuicEndpoint(DatagramProtocol):
         # The socket itself when there is one: Port.write re-validates the
         # address of every datagram, which costs more than the send.
         sock = getattr(transport, "socket", None)
-        if sock is not None and self._gso and not self._relay_peers:
+        if sock is not None and self._gso:
+            if self._relay_peers:
+                # Wrap what goes through a relay first (a no-op for what is already wrapped,
+                # which is addressed to the relay): a connection's datagrams to the relay are
+                # then runs of one size too.
+                route = self._route
+                unsent[:] = [route(data, addr) for data, addr in unsent]
             return self._send_segmented(sock)
         send = sock.sendto if sock is not None else transport.write
         sent = 0

@@ -35,7 +35,10 @@ log = Logger()
 FORWARD_TIMEOUT = 45.0
 """Seconds a forward may take, from its first byte to the next agent's answer (less than the
 uploader's own 60 s, so a stuck chain still answers `Stored` with what it did)."""
-FORWARD_HANDSHAKE_TIMEOUT = 3.0
+FORWARD_HANDSHAKE_TIMEOUT = 1.5
+"""Seconds to reach the next agent: it punched towards us when it issued the key, before the
+upload began, so a handshake that works takes one round trip; one that fails (agents that
+cannot reach each other) costs the part this long before its copies go from the client."""
 
 
 class _Forward:

@@ -256,7 +256,8 @@ class DiscoveryServer:
                 "parts": sum(a["parts"] for a in live),
                 "parts-indexed": self.registry.counts()["indexed-parts"],
             },
-            "activity": {**self.stats, **self.metrics.activity()},
+            "activity": {**self.stats, **self.metrics.activity(),
+                         "relay-dropped-bytes": self.relays.dropped_bytes},
             "repair": self.repairer.status() if self.repairer is not None else None,
         }
 

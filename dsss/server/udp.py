@@ -48,6 +48,7 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         # plenty, and a flood from one address is dropped without costing the others anything.
         # Relayed packets are limited by the relay's own per-pair byte rate instead.
         self.limiter = RateLimiter(rate=20, burst=40)
+        self._peers: dict[tuple[str, int], PeerAddress] = {}
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -83,11 +84,22 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         else:
             self.dropped += 1
 
+    def _peer(self, addr: tuple[str, int]) -> PeerAddress:
+        """The PeerAddress of `addr`, validated once per address (not once per packet)."""
+        peer = self._peers.get(addr)
+        if peer is None:
+            peer = PeerAddress(addr[0], addr[1])
+            if len(self._peers) >= 4096:
+                self._peers.clear()
+            self._peers[addr] = peer
+        return peer
+
     def _relay(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         try:
-            (host, port), packet = decode_relay(data)
-            src = PeerAddress.from_tuple(addr[:2])
-            dst = PeerAddress(host, port)
+            dst_addr, packet = decode_relay(data)
+            src_addr = (addr[0], addr[1])
+            src = self._peer(src_addr)
+            dst = self._peer(dst_addr)
         except DSSSError:
             self.dropped += 1
             return
@@ -97,4 +109,13 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         metrics = getattr(self.server, "metrics", None)
         if metrics is not None:
             metrics.relayed_bytes(len(packet))
-        self._send(encode_relay(src.as_tuple(), packet), dst.as_tuple())
+        out = encode_relay(src_addr, packet)
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            self._send(out, dst_addr)
+            return
+        try:
+            # The socket itself: Port.write re-validates the address of every packet.
+            sock.sendto(out, dst_addr)
+        except OSError as e:  # a full socket buffer drops it; QUIC recovers
+            log.debug("relayed datagram to {addr} not sent: {e}", addr=dst_addr, e=e)

@@ -71,10 +71,28 @@ def is_relayed(data: bytes) -> bool:
     return data[:1] == RELAY_PREFIX
 
 
+# Every relayed packet carries one of a few headers (one per peer): they are parsed and built
+# once, then looked up (the ipaddress module costs more per packet than the relaying itself).
+_HEADERS: dict[tuple[str, int], bytes] = {}
+_ADDRESSES: dict[bytes, tuple[str, int]] = {}
+_CACHE_MAX = 4096
+
+
+def _remember(cache: dict, key: object, value: object) -> None:  # type: ignore[type-arg]
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+
+
 def encode_relay(addr: tuple[str, int], payload: bytes) -> bytes:
-    packed = ipaddress.ip_address(addr[0]).packed
-    family = b"\x04" if len(packed) == 4 else b"\x06"
-    return RELAY_PREFIX + family + packed + addr[1].to_bytes(2, "big") + payload
+    key = (addr[0], addr[1])
+    header = _HEADERS.get(key)
+    if header is None:
+        packed = ipaddress.ip_address(addr[0]).packed
+        family = b"\x04" if len(packed) == 4 else b"\x06"
+        header = RELAY_PREFIX + family + packed + addr[1].to_bytes(2, "big")
+        _remember(_HEADERS, key, header)
+    return header + payload
 
 
 def decode_relay(data: bytes) -> tuple[tuple[str, int], bytes]:
@@ -84,11 +102,16 @@ def decode_relay(data: bytes) -> tuple[tuple[str, int], bytes]:
     n = {4: 4, 6: 16}.get(data[1])
     if n is None or len(data) < 2 + n + 2 + 1:
         raise RemoteProtocolError("relayed datagram with a bad header")
-    host = str(ipaddress.ip_address(data[2 : 2 + n]))
-    port = int.from_bytes(data[2 + n : 4 + n], "big")
-    if port == 0:
-        raise RemoteProtocolError("relayed datagram for port 0")
-    return (host, port), data[4 + n :]
+    header = bytes(data[: 4 + n])
+    addr = _ADDRESSES.get(header)
+    if addr is None:
+        host = str(ipaddress.ip_address(data[2 : 2 + n]))
+        port = int.from_bytes(data[2 + n : 4 + n], "big")
+        if port == 0:
+            raise RemoteProtocolError("relayed datagram for port 0")
+        addr = (host, port)
+        _remember(_ADDRESSES, header, addr)
+    return addr, data[4 + n :]
 
 
 def is_control(data: bytes) -> bool:

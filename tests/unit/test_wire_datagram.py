@@ -197,3 +197,15 @@ def test_prefixed_garbage_parse_or_protocol_error(body: str) -> None:
     except RemoteProtocolError:
         return
     assert parse_datagram(encode_datagram(msg)) == msg
+
+
+def test_relay_headers_round_trip_for_many_peers() -> None:
+    """Headers are parsed and built once per peer and remembered (a bounded cache); every
+    peer still gets its own, also past the bound."""
+    from dsss.wire.datagram import _CACHE_MAX, decode_relay, encode_relay
+
+    peers = [(f"198.51.{i // 250}.{i % 250 + 1}", 1000 + i) for i in range(_CACHE_MAX + 50)]
+    peers.append(("2001:db8::1", 443))
+    for peer in peers + peers[:10]:
+        payload = f"quic for {peer}".encode()
+        assert decode_relay(encode_relay(peer, payload)) == (peer, payload)
