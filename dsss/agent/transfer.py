@@ -8,8 +8,9 @@ verified; a stream that is reset or a connection that is lost leaves nothing beh
 A chained upload is also passed on, chunk by chunk as it arrives, to the next agent of its chain
 (`_Forward`), over QUIC from this agent's own socket as a client would send it. The reply waits
 for both: this agent's copy stored, and the next agent's answer; it says how many agents of the
-chain stored the part. A forward that fails (the next agent unreachable, refusing, or too slow to
-keep up) only shortens that count: the uploader stores the missing copies itself.
+chain stored the part. A forward that fails (the next agent unreachable, refusing, or not
+answering within FORWARD_TIMEOUT) only shortens that count: the uploader stores the missing
+copies itself.
 """
 
 from __future__ import annotations

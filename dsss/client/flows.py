@@ -135,8 +135,9 @@ async def store_block(
             failed += lost
             errors += why
             # An agent that cannot pass a part on to the next one (two agents behind one NAT
-            # rarely reach each other) is not at fault: the copies left go from here.
-            if why:
+            # rarely reach each other) is not at fault: the copies left go from here. (A first
+            # agent that failed is excluded like any failed agent, and chaining goes on.)
+            if done and why:
                 chain_broke = True
                 session.chain_breaks += 1
                 if session.chain_breaks >= CHAIN_BREAKS_TOLERATED:

@@ -307,6 +307,7 @@ class ChainingNetwork(PlacingNetwork):
     def __init__(self) -> None:
         super().__init__()
         self.breaks_after: int | None = None
+        self.dead: set[Any] = set()  # agents that fail every upload sent to them
         self.chained_uploads: list[list[Any]] = []
         self.chain_requests: list[bool] = []
 
@@ -322,6 +323,8 @@ class ChainingNetwork(PlacingNetwork):
 
     async def upload(self, intro: Introduction, block: str, data: bytes,  # type: ignore[override]
                      chain: tuple[Introduction, ...] = ()) -> int:
+        if intro.address in self.dead:
+            raise Unavailable(f"cannot reach agent {intro.address}")
         agents = [intro.address] + [h.address for h in chain]
         assert all(h.chained for h in chain)
         if chain:
@@ -387,3 +390,20 @@ def test_session_without_chain_sends_every_copy() -> None:
     data = b"x" * 100
     stored = result_of(store_block(session, block_hash(data), data))
     assert len(stored) == 3 and net.chained_uploads == [] and net.chain_requests == [False]
+
+
+def test_a_first_agent_that_fails_is_replaced_and_chaining_goes_on() -> None:
+    """The first agent of the chain fails: it is excluded like any failed agent, the next round
+    chains again among the others, and the session keeps chaining."""
+    from dsss.client.flows import store_block
+
+    net = ChainingNetwork()
+    a, b, c, d = net.add_agents(4)
+    net.dead.add(a)
+    session = net.session()
+    data = b"ciphertext" * 10
+    stored = result_of(store_block(session, block_hash(data), data))
+    assert sorted(stored) == [b, c, d]
+    assert net.chained_uploads == [[b, c, d]]
+    assert net.chain_requests == [True, True] and net.calls[1] == (3, [a])
+    assert session.chain is True and session.chain_breaks == 0
