@@ -53,6 +53,18 @@ class ControlLineProtocol(LineReceiver):
         self.closed = False
         self._limiter = RateLimiter(self.LINE_RATE, self.LINE_BURST, max_keys=1)
 
+    def makeConnection(self, transport: Any) -> None:
+        # Control lines are small requests and replies. With Nagle's algorithm a line waits
+        # until the previous one is acknowledged, and the peer delays its ACK (up to 40 ms on
+        # Linux): every introduction and every HAVE waited for that.
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+        super().makeConnection(transport)
+
     # --- sending -------------------------------------------------------------------------------
 
     def send(self, msg: wc.Message) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError, RemoteProtocolError
@@ -108,7 +109,8 @@ class ServerConnection(ControlLineProtocol):
 
     # --- reports -------------------------------------------------------------------------------
 
-    def _notify(self, msg: wc.Request) -> None:
+    def _notify(self, msg: wc.Request) -> defer.Deferred[None]:
+        """Send `msg`; the Deferred fires (never fails) once the server answered or gave up."""
         d = self.request(msg, self.agent.config.request_timeout)
 
         def check(reply: wc.Reply) -> None:
@@ -116,14 +118,17 @@ class ServerConnection(ControlLineProtocol):
                 log.warn("server refused {msg}: {reply}", msg=type(msg).__name__, reply=reply)
 
         d.addCallbacks(check, lambda f: None)
+        return d
 
-    def report_have(self, blocks: list[str]) -> None:
+    def report_have(self, blocks: list[str]) -> defer.Deferred[None]:
+        """Tell the server we store `blocks`; fires once it has taken them in (or failed)."""
         if self.welcome is None:
-            return
+            return defer.succeed(None)
         store = self.agent.store
-        for group in wc.chunked([b for b in blocks if store.has(b)]):
-            self._notify(wc.Have(group, tuple(store.size_of(b) for b in group)))
+        sent = [self._notify(wc.Have(group, tuple(store.size_of(b) for b in group)))
+                for group in wc.chunked([b for b in blocks if store.has(b)])]
         self.report_space()
+        return defer.gatherResults(sent).addCallback(lambda _: None)
 
     def report_gone(self, blocks: list[str]) -> None:
         if self.welcome is None:

@@ -127,9 +127,12 @@ class StorageAgent:
         if isinstance(err, StorageFull):
             self.maybe_report_space(force=True)
 
-    def stored(self, block: str) -> None:
+    def stored(self, block: str) -> Any:
+        """Report a newly stored part; a Deferred that fires once the server has it indexed
+        (or could not be told: it never fails)."""
         if self.connection is not None:
-            self.connection.report_have([block])
+            return self.connection.report_have([block])
+        return None
 
     def lost(self, block: str) -> None:
         if self.connection is not None:

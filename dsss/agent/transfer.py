@@ -36,6 +36,8 @@ log = Logger()
 FORWARD_TIMEOUT = 45.0
 """Seconds a forward may take, from its first byte to the next agent's answer (less than the
 uploader's own 60 s, so a stuck chain still answers `Stored` with what it did)."""
+HAVE_WAIT = 2.0
+"""Longest an upload's answer waits for the server to acknowledge the agent's HAVE."""
 FORWARD_HANDSHAKE_TIMEOUT = 1.5
 """Seconds to reach the next agent: it punched towards us when it issued the key, before the
 upload began, so a handshake that works takes one round trip; one that fails (agents that
@@ -267,13 +269,14 @@ class _StreamRequest:
                         forward.fail("the upload did not verify here")
                     raise
                 self.handler.uploads += 1
-                self.agent.stored(writer.block)
+                indexed = self._indexed(writer.block)
                 if forward is not None:
-                    forward.done.addCallback(self._stored_down_the_chain)
+                    both = defer.gatherResults([forward.done, indexed])
+                    both.addCallback(lambda results: self._stored_down_the_chain(results[0]))
                 elif writer_chained:
-                    self._stored_down_the_chain(())
+                    indexed.addCallback(lambda _: self._stored_down_the_chain(()))
                 else:
-                    self.reply(wt.Done())
+                    indexed.addCallback(lambda _: self.reply(wt.Done()))
             elif self.download is not None:
                 self.serve(self.download.block)
         except DSSSError as e:
@@ -304,6 +307,26 @@ class _StreamRequest:
             d.addBoth(sent)
         else:
             handler.serving -= len(data)
+
+    def _indexed(self, block: str) -> defer.Deferred[None]:
+        """Report the new part to the server; fires once the server has it indexed, so that
+        whoever stored it finds it with who-has as soon as the upload is answered (at most
+        HAVE_WAIT seconds: a slow or absent server does not hold uploads up)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        timer = self.agent.clock.callLater(HAVE_WAIT, lambda: d.called or d.callback(None))
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not d.called:
+                d.callback(None)
+
+        reported = self.agent.stored(block)
+        if reported is None:
+            done(None)
+        else:
+            reported.addBoth(done)
+        return d
 
     def _forward_stored(self, req: wt.Upload) -> None:
         """The part is stored here already: pass the stored copy down the chain."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from dsss.agent.service import AgentConfig, StorageAgent
@@ -192,3 +193,54 @@ def test_downloads_beyond_the_memory_bound_are_refused_as_busy(rig):
     reply, body = download(rig, rig.key(block, 0), block)
     assert reply == wt.Done(5000) and body == data
     assert rig.handler.serving == 0  # released once the reply went out
+
+
+class _SlowServer:
+    """A control connection whose server acknowledges HAVE only when the test says so."""
+
+    def __init__(self) -> None:
+        self.haves: list[tuple[list[str], defer.Deferred[None]]] = []
+
+    def report_have(self, blocks: list[str]) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.haves.append((blocks, d))
+        return d
+
+
+def _start_upload(rig, data):
+    block = block_hash(data)
+    header = wt.encode_request(wt.Upload(rig.key(block, len(data)), block, len(data)))
+    ep = rig.client()
+    results = []
+    d = ep.connect(AGENT, expected_public_key=bytes.fromhex(rig.agent.identity.agent_id))
+    d.addCallback(lambda conn: conn.request(header + data, max_response=wt.MAX_HEADER))
+    d.addBoth(results.append)
+    return block, results
+
+
+def test_an_upload_is_answered_once_the_server_has_indexed_it(rig):
+    """Read your writes: the uploader's Ok comes after the server acknowledged the agent's
+    HAVE, so a who-has right after a put finds every copy."""
+    server = _SlowServer()
+    rig.agent.connection = server
+    block, results = _start_upload(rig, os.urandom(50_000))
+    assert run_until(rig.clock, lambda: bool(server.haves), timeout=30)
+    assert server.haves[0][0] == [block] and rig.agent.store.has(block)
+    run_until(rig.clock, lambda: bool(results), timeout=1.0)
+    assert results == []  # stored, but not answered while the server has not taken it in
+    server.haves[0][1].callback(None)
+    assert run_until(rig.clock, lambda: bool(results), timeout=5)
+    assert wt.parse_reply(results[0].partition(b"\n")[0]) == wt.Done()
+
+
+def test_a_server_that_does_not_acknowledge_holds_an_upload_back_two_seconds_at_most(rig):
+    from dsss.agent.transfer import HAVE_WAIT
+
+    server = _SlowServer()
+    rig.agent.connection = server
+    block, results = _start_upload(rig, os.urandom(20_000))
+    assert run_until(rig.clock, lambda: bool(server.haves), timeout=30)
+    started = rig.clock.seconds()
+    assert run_until(rig.clock, lambda: bool(results), timeout=HAVE_WAIT + 5)
+    assert rig.clock.seconds() - started >= HAVE_WAIT - 0.01
+    assert wt.parse_reply(results[0].partition(b"\n")[0]) == wt.Done()
