@@ -759,8 +759,14 @@ class QuicConnectionHandle:
 
     def _receive_segments(self, buffer: bytes, segment_size: int, addr: Address, now: float) -> None:
         """Several datagrams of this connection, back to back, each C{segment_size} bytes
-        (the last may be shorter): one call into qh3's native core for all of them."""
-        self._quic.receive_gro_buffer(buffer, segment_size, addr, now)
+        (the last may be shorter), read at once: they go to qh3's native core in one
+        C{receive_many_datagrams} call, and their events are processed once.  (qh3's
+        C{receive_gro_buffer} takes the buffer as it is, but it measured no faster, and a
+        connection stalled once under it in CI; see docs/performance.md, step 13.)"""
+        self._quic.receive_many_datagrams(
+            [buffer[offset : offset + segment_size] for offset in range(0, len(buffer), segment_size)],
+            addr, now,
+        )
         self._changed()
 
     def _on_timer(self) -> None:
