@@ -1,3 +1,3 @@
 """DSSS: a decentralized secure storage system built on Twisted."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

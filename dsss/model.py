@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
+
+import blake3
 
 from dsss.errors import BadRequest
 
@@ -14,9 +15,17 @@ _HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 _HOSTPORT_RE = re.compile(r"\A(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})\Z")
 
 
+HASH_NAME = "BLAKE3"
+
+
 def block_hash(data: bytes) -> str:
-    """The address of stored bytes: BLAKE2b-256 of the bytes, lowercase hex."""
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
+    """The address of stored bytes: BLAKE3 of the bytes (32-byte output), lowercase hex."""
+    return blake3.blake3(data).hexdigest()
+
+
+def block_hasher() -> "blake3.blake3":
+    """An incremental hasher whose `hexdigest()` is `block_hash` of the bytes given to `update`."""
+    return blake3.blake3()
 
 
 def is_block_id(text: str) -> bool:

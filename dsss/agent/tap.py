@@ -13,6 +13,7 @@ from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.model import parse_size
+from dsss.storage.blockstore import StoreFormatError, check_store_format
 
 
 class Options(usage.Options):
@@ -46,6 +47,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--storage: cannot create {storage}: {e}") from None
         if not os.access(storage, os.W_OK):
             raise usage.UsageError(f"--storage: {storage} is not writable")
+        try:
+            check_store_format(storage)
+        except StoreFormatError as e:
+            raise usage.UsageError(f"--storage: {e}") from None
         try:
             server_host, server_port = parse_hostport(self["server"], "--server")
             udp_host, udp_port = parse_hostport(self["udp"], "--udp")

@@ -3,19 +3,23 @@
 
 Layout under the storage directory:
 
-    blocks/ab/cd/abcd...      one file per part, named by BLAKE2b-256 of its bytes (lowercase hex)
+    FORMAT                    the store's format and address hash: "dsss-store 2 blake3"
+    blocks/ab/cd/abcd...      one file per part, named by BLAKE3 of its bytes (lowercase hex)
     incoming/                 parts being written; never visible as blocks
     quarantine/               parts whose bytes no longer match their hash (bit rot), moved aside
 
 A write goes to incoming/, is hashed as it arrives, is checked for size and hash, fsynced and only
 then renamed into blocks/ (and the directory fsynced), so a part is either wholly there or absent.
 A hash that is not 64 lowercase hex characters is refused before any path is built.
+
+A store made before FORMAT existed (DSSS 0.1.0) names its parts by BLAKE2b-256; the parts of such
+a store cannot be checked against BLAKE3 addresses, so it is refused as it is (StoreFormatError)
+rather than scrubbed into quarantine.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import secrets
 import shutil
@@ -24,13 +28,71 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
-from dsss.errors import IntegrityError, NotFound, RemoteProtocolError, StorageFull
-from dsss.model import check_block_id, is_block_id
+from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError, StorageFull
+from dsss.model import block_hash, block_hasher, check_block_id, is_block_id
 
 log = Logger()
 
 # Room always kept free on the disk beyond what we account for (metadata, directories).
 DISK_MARGIN = 1024 * 1024
+
+
+STORE_FORMAT = "dsss-store 2 blake3"
+"""The first line of FORMAT in a store this version reads and writes."""
+
+
+class StoreFormatError(DSSSError):
+    """The storage directory holds a store this version cannot use; nothing in it was changed."""
+
+    exit_code = 2
+    code = "store-format"
+
+
+def check_store_format(root: str | os.PathLike[str]) -> None:
+    """Raise StoreFormatError unless `root` is a store of STORE_FORMAT, or holds no parts yet.
+
+    Reads only: an empty or new directory passes (BlockStore writes FORMAT into it).
+    """
+    root = Path(root)
+    fmt = root / "FORMAT"
+    try:
+        text = fmt.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        text = None
+    except OSError as e:
+        raise StoreFormatError(f"{fmt}: cannot read the store's format: {e}") from None
+    if text is not None:
+        first = text.splitlines()[0].strip() if text.strip() else ""
+        if first != STORE_FORMAT:
+            raise StoreFormatError(
+                f"{root}: unknown store format {first[:80]!r} in FORMAT (this version reads {STORE_FORMAT!r})"
+            )
+        return
+    blocks = root / "blocks"
+    if blocks.is_dir() and any(_block_files(blocks)):
+        raise StoreFormatError(
+            f"{root}: this store was made by DSSS 0.1.0, whose parts are named by BLAKE2b-256; this "
+            f"version names parts by BLAKE3 and cannot check them. Nothing was changed: run this "
+            f"agent with a new --storage directory"
+        )
+
+
+def _block_files(blocks: Path) -> Iterator[Path]:
+    for first in blocks.iterdir():
+        if first.is_dir():
+            for second in first.iterdir():
+                if second.is_dir():
+                    yield from second.iterdir()
+
+
+def _write_format(root: Path) -> None:
+    tmp = root / f".FORMAT.{secrets.token_hex(4)}"
+    with open(tmp, "x", encoding="utf-8") as f:
+        f.write(STORE_FORMAT + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "FORMAT")
+    _fsync_dir(root)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -49,7 +111,11 @@ class BlockStore:
         self._blocks = self.root / "blocks"
         self._incoming = self.root / "incoming"
         self._quarantine = self.root / "quarantine"
-        for d in (self.root, self._blocks, self._incoming, self._quarantine):
+        self.root.mkdir(parents=True, exist_ok=True)
+        check_store_format(self.root)
+        if not (self.root / "FORMAT").exists():
+            _write_format(self.root)
+        for d in (self._blocks, self._incoming, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._clean_incoming()
         self._sizes: dict[str, int] = {}
@@ -134,7 +200,7 @@ class BlockStore:
         except FileNotFoundError:
             self._forget(block)
             raise NotFound(f"no part {block}") from None
-        if hashlib.blake2b(data, digest_size=32).hexdigest() != block:
+        if block_hash(data) != block:
             self.quarantine(block)
             raise IntegrityError(f"part {block} is corrupt on disk; moved to quarantine")
         return data
@@ -193,7 +259,7 @@ class BlockStore:
 
 
 def block_hash_matches(data: bytes, block: str) -> bool:
-    return hashlib.blake2b(data, digest_size=32).hexdigest() == block
+    return block_hash(data) == block
 
 
 WRITE_BUFFER = 1024 * 1024
@@ -207,7 +273,7 @@ class BlockWriter:
         self.block = block
         self.size = size
         self.received = 0
-        self._hash = hashlib.blake2b(digest_size=32)
+        self._hash = block_hasher()
         self._tmp = store._incoming / f"{block}.{secrets.token_hex(8)}"
         # A large buffer: QUIC hands over ~16 KB chunks, one write(2) per MiB is enough.
         self._f = open(self._tmp, "xb", buffering=WRITE_BUFFER)

@@ -114,6 +114,18 @@ def test_agent_bad_options(tmp_path, args):
         agent_tap.Options().parseOptions(full)
 
 
+def test_agent_refuses_a_store_from_before_blake3(tmp_path):
+    import hashlib
+
+    name = hashlib.blake2b(b"x", digest_size=32).hexdigest()
+    d = tmp_path / "s" / "blocks" / name[:2] / name[2:4]
+    d.mkdir(parents=True)
+    (d / name).write_bytes(b"x")
+    with pytest.raises(usage.UsageError, match="--storage: .*BLAKE2b"):
+        agent_tap.Options().parseOptions(["--storage", str(tmp_path / "s")])
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["blocks"]
+
+
 def test_agent_storage_must_be_a_directory(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import dsss
 from dsss.harness import LocalNetwork
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("operators")]
@@ -172,7 +173,7 @@ def test_metrics_after_known_activity(busy):
         assert a[("dsss_agent_capacity_bytes", ())] == 64 * 2**20
         assert a[("dsss_agent_connected", ())] == 1
         assert a[("dsss_agent_refused_total", ())] == 0
-        assert a[("dsss_agent_info", (("agent", proc.agent_id), ("version", "0.1.0")))] == 1
+        assert a[("dsss_agent_info", (("agent", proc.agent_id), ("version", dsss.__version__)))] == 1
 
 
 # --- logs ----------------------------------------------------------------------------------------

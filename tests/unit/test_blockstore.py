@@ -13,7 +13,7 @@ import pytest
 from dsss.errors import BadRequest, IntegrityError, NotFound, RemoteProtocolError, StorageFull
 from dsss.model import block_hash
 from dsss.storage import blockstore as bs_module
-from dsss.storage.blockstore import BlockStore
+from dsss.storage.blockstore import STORE_FORMAT, BlockStore, StoreFormatError, check_store_format
 
 A = b"alpha part bytes"
 B = b"bravo " * 100
@@ -34,7 +34,8 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def files_under(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
+    """Files under path, but for the store's own FORMAT file."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and p != path / "FORMAT")
 
 
 @pytest.fixture
@@ -63,6 +64,61 @@ def test_new_store_creates_its_directories(root: Path) -> None:
         assert (root / name).is_dir()
     assert len(s) == 0 and s.used == 0 and s.reserved == 0
     assert s.blocks() == []
+
+
+def test_addresses_are_blake3() -> None:
+    # The address format every agent and client must agree on: BLAKE3, 32 bytes, lowercase hex.
+    assert block_hash(b"") == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    assert block_hash(b"abc") == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+
+
+def test_new_store_records_its_format(root: Path) -> None:
+    BlockStore(root, capacity=100)
+    assert (root / "FORMAT").read_text() == STORE_FORMAT + "\n"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".FORMAT")] == []
+    check_store_format(root)
+    BlockStore(root, capacity=100)  # and opens again
+
+
+def old_store(root: Path) -> dict[str, bytes | None]:
+    """A store as DSSS 0.1.0 left it: no FORMAT, a part named by BLAKE2b-256."""
+    import hashlib
+
+    data = b"a part from before"
+    name = hashlib.blake2b(data, digest_size=32).hexdigest()
+    d = root / "blocks" / name[:2] / name[2:4]
+    d.mkdir(parents=True)
+    (d / name).write_bytes(data)
+    (root / "incoming").mkdir()
+    (root / "incoming" / "half-written").write_bytes(b"x")
+    return tree(root)
+
+
+def test_store_from_before_blake3_refused_and_untouched(root: Path) -> None:
+    before = old_store(root)
+    with pytest.raises(StoreFormatError, match="BLAKE2b.*Nothing was changed"):
+        BlockStore(root, capacity=10_000)
+    with pytest.raises(StoreFormatError):
+        check_store_format(root)
+    assert tree(root) == before
+
+
+@pytest.mark.parametrize("text", ["dsss-store 3 sha3\n", "", "\x00\xff garbage"])
+def test_unknown_store_format_refused_and_untouched(root: Path, text: str) -> None:
+    BlockStore(root, capacity=100).put(HA, A)
+    (root / "FORMAT").write_text(text, encoding="utf-8", errors="surrogateescape")
+    before = tree(root)
+    with pytest.raises(StoreFormatError, match="unknown store format"):
+        BlockStore(root, capacity=100)
+    assert tree(root) == before
+
+
+def test_old_directory_without_parts_becomes_a_store(root: Path) -> None:
+    # An empty blocks/ (a store that never received a part) is not worth refusing.
+    (root / "blocks" / "ab" / "cd").mkdir(parents=True)
+    s = BlockStore(root, capacity=10_000)
+    assert (root / "FORMAT").read_text() == STORE_FORMAT + "\n"
+    assert s.put(HA, A) is True
 
 
 def test_put_get_round_trip(store: BlockStore) -> None:
