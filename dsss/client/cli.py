@@ -79,6 +79,7 @@ EPILOG = f"""commands:
   ls       list what this key stored          info     show a file's manifest
   share    let another key read a file        check    count each part's replicas
   repair   restore missing replicas           config   show the settings in force
+  gateway  serve put and get over HTTP on this machine (a long-running client)
 
 examples:
   {PROG} keygen
@@ -158,6 +159,18 @@ Exit code 0 when every block has the server's replica count, {EXIT_DEGRADED} whe
 
 Blocks are copied from a healthy holder to agents that do not hold them yet.
 """),
+    "gateway": ("serve put and get over HTTP on this machine, as a long-running client", f"""examples:
+  {PROG} gateway                                   # http://127.0.0.1:8472/
+  {PROG} gateway --listen tcp:9000:interface=127.0.0.1
+  curl -H "Authorization: Bearer $(cat ~/.config/dsss/gateway.token)" \\
+       -T photo.jpg "http://127.0.0.1:8472/files?name=photo.jpg"
+  curl -H "Authorization: Bearer $(cat ~/.config/dsss/gateway.token)" \\
+       -o photo.jpg http://127.0.0.1:8472/files/ADDRESS
+
+PUT /files stores the request body (201, JSON with the address; recorded in `ls`), GET
+/files/ADDRESS streams a file back. Every request needs the token kept in gateway.token
+beside the key (made on first start, mode 0600). Runs until interrupted (SIGINT, SIGTERM).
+"""),
     "config": ("show the settings in force and where each one comes from", f"""examples:
   {PROG} config
   DSSS_CONFIG=./test.toml {PROG} --json config
@@ -236,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every file stored with `put` in this key's catalog")
         c.add_argument("--verify", action="store_true",
                        help="download every holder's copy and check its hash (slower)")
+
+    gw = _subparser(sub, "gateway")
+    gw.add_argument("--listen", default=None, metavar="ENDPOINT",
+                    help="where to listen, a Twisted endpoint string (default: tcp:8472:interface=127.0.0.1)")
+    gw.add_argument("--token-file", default=None, metavar="FILE",
+                    help="the token requests must carry (default: gateway.token beside the key; made if missing)")
+    gw.add_argument("--part-size", default=None, metavar="SIZE",
+                    help="plaintext bytes per part of a stored file (default: config or 4M)")
 
     _subparser(sub, "config")
     return p
@@ -325,8 +346,13 @@ async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, k
     chain = getattr(args, "chain", None)
     if chain is None:
         chain = not ipaddress.ip_address(host).is_loopback
+    from twisted.internet.threads import deferToThreadPool
+
+    def offload(f: Any, *a: Any) -> defer.Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=settings.parallel,
-                   chain=chain)
+                   chain=chain, offload=offload)
 
 
 def _print_paths(paths: dict[str, str]) -> None:
@@ -893,6 +919,52 @@ async def cmd_repair(reactor: Any, args: argparse.Namespace, settings: Settings)
     return 0
 
 
+async def cmd_gateway(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    from twisted.internet.endpoints import serverFromString
+    from twisted.logger import globalLogBeginner
+
+    from dsss.client.gateway import (
+        DEFAULT_LISTEN,
+        Gateway,
+        gateway_log_observer,
+        gateway_site,
+        load_or_make_token,
+        token_path_for,
+    )
+
+    listen = args.listen or DEFAULT_LISTEN
+    try:
+        endpoint = serverFromString(reactor, listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CommandLineError(f"--listen: not an endpoint string ({e}): {listen!r}") from None
+    key = load_key_file(settings.key)
+    token_path = Path(args.token_file) if args.token_file else token_path_for(settings.key)
+    token = load_or_make_token(token_path)
+    session = await _session(reactor, args, settings, key)
+    gateway = Gateway(session, key, server=settings.server, part_size=settings.part_size,
+                      catalog_path=catalog.catalog_path(settings.key))
+    try:
+        port = await endpoint.listen(gateway_site(gateway, token))
+    except Exception as e:
+        await session.peers.close()
+        raise DSSSError(f"--listen {listen}: cannot listen: {e}") from None
+    # A long-running process: its log (requests, failed transfers) goes to stderr.
+    globalLogBeginner.beginLoggingTo([gateway_log_observer(sys.stderr)], redirectStandardIO=False)
+    host = port.getHost()
+    where = f"[{host.host}]" if ":" in getattr(host, "host", "") else getattr(host, "host", "?")
+    print(f"dsss gateway: listening on http://{where}:{getattr(host, 'port', '?')}/ "
+          f"(token in {token_path}); Ctrl-C stops it", flush=True)
+    stopped: defer.Deferred[None] = defer.Deferred()
+
+    async def shut_down() -> None:
+        await defer.maybeDeferred(port.stopListening)
+        await session.peers.close()
+
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shut_down()))
+    await stopped  # until the reactor stops (SIGINT, SIGTERM): react then exits with 0
+    return 0
+
+
 _HANDLERS = {
     "keygen": cmd_keygen,
     "pubkey": cmd_pubkey,
@@ -904,6 +976,7 @@ _HANDLERS = {
     "share": cmd_share,
     "check": cmd_check,
     "repair": cmd_repair,
+    "gateway": cmd_gateway,
 }
 
 

@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, TypeVar
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
@@ -23,6 +23,8 @@ from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part,
 from dsss.errors import DSSSError, IntegrityError, NotFound, Unavailable
 from dsss.model import PeerAddress, block_hash
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
+
+_T = TypeVar("_T")
 
 log = Logger()
 
@@ -75,6 +77,33 @@ class Session:
     # on as it arrives) where the server offers it; else the client sends every copy itself.
     chain: bool = True
     chain_breaks: int = 0  # chains that stopped short; after CHAIN_BREAKS_TOLERATED, no more
+    # Runs a part's encryption and hashing (put) or decryption (get) elsewhere: the CLI and the
+    # gateway give the reactor's thread pool (PyNaCl and blake3 release the GIL), so that the
+    # reactor thread keeps the QUIC connections busy meanwhile. None: on the calling thread.
+    offload: Callable[..., defer.Deferred[Any]] | None = None
+
+    async def run(self, f: Callable[..., _T], *args: Any) -> _T:
+        if self.offload is None:
+            return f(*args)
+        result: _T = await self.offload(f, *args)
+        return result
+
+
+async def read_some(stream: Any, n: int) -> bytes:
+    """`stream.read(n)`, or `await stream.aread(n)` for a stream that is still arriving (the
+    gateway's PUT body)."""
+    aread = getattr(stream, "aread", None)
+    if aread is not None:
+        data: bytes = await aread(n)
+        return data
+    data = stream.read(n)
+    return data
+
+
+def seal_part(file_key: bytes, file_id: bytes, index: int, plaintext: bytes) -> tuple[bytes, str]:
+    """A part's ciphertext and its address."""
+    ciphertext = encrypt_part(file_key, file_id, index, plaintext)
+    return ciphertext, block_hash(ciphertext)
 
 
 # --- storing one block on several agents ---------------------------------------------------------
@@ -270,9 +299,8 @@ async def put_stream(
     async def send(index: int, plaintext: bytes) -> None:
         try:
             plain_size = len(plaintext)
-            ciphertext = encrypt_part(file_key, file_id, index, plaintext)
+            ciphertext, h = await session.run(seal_part, file_key, file_id, index, plaintext)
             del plaintext  # only the ciphertext stays in memory while it is stored
-            h = block_hash(ciphertext)
             await store_block(session, h, ciphertext)
             refs[index] = PartRef(h, len(ciphertext), plain_size)
             progress.advance(plain_size)
@@ -286,7 +314,7 @@ async def put_stream(
         if failure:
             slots.release()
             break
-        plaintext = stream.read(part_size)
+        plaintext = await read_some(stream, part_size)
         expected = min(part_size, size - index * part_size)
         if len(plaintext) != expected:
             slots.release()
@@ -298,7 +326,7 @@ async def put_stream(
         await defer.DeferredList(running)
     if failure:
         raise failure[0]
-    if stream.read(1):
+    if await read_some(stream, 1):
         raise DSSSError(f"{name} grew while it was being read")
     manifest = Manifest(
         name=name,
@@ -337,10 +365,10 @@ async def _put_inline(
     progress: Progress,
 ) -> str:
     """A small file: its one part, encrypted as part 0, goes inside the manifest."""
-    plaintext = stream.read(size)
+    plaintext = await read_some(stream, size)
     if len(plaintext) != size:
         raise DSSSError(f"{name} changed while it was being read")
-    if stream.read(1):
+    if await read_some(stream, 1):
         raise DSSSError(f"{name} grew while it was being read")
     manifest = Manifest(
         name=name,
@@ -403,19 +431,22 @@ async def get_to_stream(
     key: PrivateKey,
     progress: Progress | None = None,
     on_manifest: Callable[[Manifest], None] | None = None,
+    drain: Callable[[], defer.Deferred[None] | None] | None = None,
 ) -> Manifest:
     """Fetch, verify and decrypt a file into `out`, in order, with at most `parallel` parts in
-    memory."""
+    memory. `drain`, if given, is called after each write; a Deferred it returns is waited for
+    before the next part is written (an HTTP response whose reader is slower than the agents)."""
     progress = progress or Progress()
     manifest, file_key = await fetch_manifest(session, address, key)
     if on_manifest is not None:
         on_manifest(manifest)
-    await _write_file(session, manifest, file_key, out, progress)
+    await _write_file(session, manifest, file_key, out, progress, drain)
     return manifest
 
 
 async def _write_file(
-    session: Session, manifest: Manifest, file_key: bytes, out: BinaryIO, progress: Progress
+    session: Session, manifest: Manifest, file_key: bytes, out: BinaryIO, progress: Progress,
+    drain: Callable[[], defer.Deferred[None] | None] | None = None,
 ) -> None:
     """Fetch, verify and decrypt the parts of an opened manifest into `out`, in order."""
     if manifest.inline is not None:
@@ -435,7 +466,7 @@ async def _write_file(
         ciphertext = await fetch_block(session, ref.hash)
         if len(ciphertext) != ref.size:
             raise IntegrityError(f"part {index} has the wrong size")
-        results[index] = decrypt_part(file_key, manifest.file_id, index, ciphertext)
+        results[index] = await session.run(decrypt_part, file_key, manifest.file_id, index, ciphertext)
 
     next_start = 0
     while next_write < len(parts):
@@ -454,6 +485,9 @@ async def _write_file(
         out.write(data)
         progress.advance(len(data))
         next_write += 1
+        waiting = drain() if drain is not None else None
+        if waiting is not None:
+            await waiting
 
 
 # --- many files in one session -------------------------------------------------------------------
