@@ -162,6 +162,10 @@ class BodyPipe:
     def tell(self) -> int:
         return 0
 
+    def close(self) -> None:  # Request._cleanup and connectionLost close their content
+        self._chunks.clear()
+        self._buffered = 0
+
     # the reader's side (put_stream)
 
     async def aread(self, n: int) -> bytes:
@@ -169,6 +173,9 @@ class BodyPipe:
         while self._buffered < n and not self._complete:
             if self._error is not None:
                 raise self._error
+            if self._paused:  # a read larger than the buffer: let the rest of it in
+                self._paused = False
+                self._transport.resumeProducing()
             self._waiting = defer.Deferred()
             await self._waiting
         if self._error is not None and self._buffered < n:
@@ -192,7 +199,7 @@ class BodyPipe:
     async def discard(self) -> None:
         """Read and drop what is left of the body (before answering with an error)."""
         while not self._complete and self._error is None:
-            await self.aread(BODY_BUFFER)
+            await self.aread(self._limit)
         self._chunks.clear()
         self._buffered = 0
         if self._paused:
@@ -228,6 +235,13 @@ class GatewayRequest(Request):
                 return
         if not self.authorized():
             self._refused = True
+            # Twisted would answer `Expect: 100-continue` after this; the refusal is final.
+            self.requestHeaders.removeHeader(b"expect")
+            peer = self.getClientAddress()
+            log.info("refused {command} {path} from {peer}: no or wrong token",
+                     command=getattr(self.channel, "_command", b"?").decode("ascii", "replace"),
+                     path=getattr(self.channel, "_path", b"?")[:200].decode("ascii", "replace"),
+                     peer=getattr(peer, "host", "?"))
             transport = self.channel.transport if self.channel is not None else None
             if transport is not None:
                 body = b'{"error": "this gateway needs its token: Authorization: Bearer TOKEN"}\n'
@@ -369,22 +383,22 @@ class Gateway:
     async def put(self, request: IRequest) -> bytes:
         from dsss.client.flows import part_count, put_stream
 
-        self._check(request)
-        raw = request.args.get(b"name", [b""])  # type: ignore[attr-defined]
-        if len(raw) > 1:
-            raise BadRequest("parameter 'name' given more than once")
-        try:
-            name = clean_name(raw[0].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BadRequest("parameter 'name' is not UTF-8") from None
         body = request.content  # type: ignore[attr-defined]
-        if isinstance(body, BodyPipe):
-            size = body.length
-        else:
-            body.seek(0, os.SEEK_END)
-            size = body.tell()
-            body.seek(0)
         try:
+            self._check(request)
+            raw = request.args.get(b"name", [b""])  # type: ignore[attr-defined]
+            if len(raw) > 1:
+                raise BadRequest("parameter 'name' given more than once")
+            try:
+                name = clean_name(raw[0].decode("utf-8"))
+            except UnicodeDecodeError:
+                raise BadRequest("parameter 'name' is not UTF-8") from None
+            if isinstance(body, BodyPipe):
+                size = body.length
+            else:
+                body.seek(0, os.SEEK_END)
+                size = body.tell()
+                body.seek(0)
             async with self._transfer():
                 address = await put_stream(self.session, body, name=name, size=size,
                                            owner=self.key.public_key, part_size=self.part_size)
@@ -428,7 +442,10 @@ class Gateway:
                                     drain=out.drain)
         except BaseException as e:
             out.close()
-            if not started:
+            if not started or (out.written == 0 and not getattr(request, "startedWriting", True)):
+                # Nothing is out yet: an ordinary error answer, without the file's headers.
+                for header in (b"content-type", b"content-length", b"content-disposition"):
+                    request.responseHeaders.removeHeader(header)
                 raise
             # The status line and part of the body are out: the only honest signal left is to
             # close the connection short of Content-Length.
