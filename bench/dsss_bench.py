@@ -4,15 +4,23 @@ A server and four agents run as `twistd` processes (replicas 3, heartbeat 1 s, 6
 datagrams on loopback); every operation is one `python -m dsss.client ...` process, timed from
 start to exit (what a user waits for), with its peak RSS and CPU time from wait4, and the CPU
 the server and agents used meanwhile.
+
+The gateway (`python -m dsss.client gateway`, started once by `start_gateway`) is the other way
+in: `curl` PUT and GET against it, as Tahoe's web API is measured, each call timed from curl's
+start to its exit, with the gateway's CPU and its peak RSS during the call (VmHWM, reset first).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import proc_cpu, run_timed
+from common import proc_cpu, proc_status_kb, run_timed
 
 from dsss.harness import LocalNetwork, child_env
 
@@ -26,6 +34,9 @@ class DsssNetwork:
         self.server_args = list(server_args)
         self.client_options = list(client_options)  # global CLI flags, e.g. --parallel 8
         self.env = child_env()
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.gateway_url = ""
+        self._token = ""
 
     def start(self) -> None:
         self.net.start_server(*self.server_args)
@@ -37,7 +48,94 @@ class DsssNetwork:
             raise RuntimeError(f"keygen failed: {r['stderr']}")
 
     def stop(self) -> None:
+        self.stop_gateway()
         self.net.stop()
+
+    # --- the gateway -------------------------------------------------------------------------------
+
+    def start_gateway(self) -> None:
+        if self.gateway is not None:
+            return
+        log_path = self.net.base / "gateway.log"
+        self.gateway = subprocess.Popen(
+            self.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1"), env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(log_path, "ab"))
+        assert self.gateway.stdout is not None
+        line = self.gateway.stdout.readline().decode(errors="replace")
+        if "listening on " not in line:
+            self.stop_gateway()
+            raise RuntimeError(f"the gateway did not start: {line!r}; see {log_path}")
+        self.gateway_url = line.split("listening on ", 1)[1].split()[0].rstrip("/")
+        self._token = Path(line.split("(token in ", 1)[1].split(")")[0]).read_text().strip()
+
+    def stop_gateway(self) -> None:
+        gw, self.gateway = self.gateway, None
+        if gw is None:
+            return
+        gw.terminate()
+        try:
+            gw.wait(15)
+        except subprocess.TimeoutExpired:
+            gw.kill()
+            gw.wait()
+
+    def _curl(self, *args: str) -> dict[str, Any]:
+        """One curl call against the gateway: run_timed's figures, the gateway's CPU and peak RSS
+        during it, and the daemons' CPU."""
+        assert self.gateway is not None, "start_gateway() first"
+        pid = self.gateway.pid
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5\n")  # VmHWM back to the current RSS
+        except OSError:
+            pass
+        pids = self.daemon_pids
+        before = {name: proc_cpu(p) for name, p in pids.items()}
+        gw_before = proc_cpu(pid)
+        r = run_timed(["curl", "-sS", "-f", "-H", "Expect:", "-H", f"Authorization: Bearer {self._token}", *args],
+                      env=self.env)
+        r["gateway_cpu_s"] = round(proc_cpu(pid) - gw_before, 3)
+        r["gateway_peak_rss_kb"] = proc_status_kb(pid, "VmHWM")
+        r["daemons_cpu_s"] = {name: round(proc_cpu(p) - before[name], 3) for name, p in pids.items()}
+        if r["rc"] != 0:
+            raise RuntimeError(f"curl {' '.join(args[:3])}... failed ({r['rc']}): {r['stderr'][-800:]}")
+        return r
+
+    def put_web(self, path: Path) -> dict[str, Any]:
+        r = self._curl("-T", str(path), f"{self.gateway_url}/files?name={path.name}")
+        r["address"] = json.loads(r.pop("stdout"))["address"]
+        return r
+
+    def get_web(self, address: str, out: Path) -> dict[str, Any]:
+        r = self._curl("-o", str(out), f"{self.gateway_url}/files/{address}")
+        r.pop("stdout", None)
+        return r
+
+    def _curl_config(self, lines: list[str]) -> str:
+        path = self.net.base / f"curl-{time.monotonic_ns()}.cfg"
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    def put_many_web(self, paths: Sequence[Path]) -> dict[str, Any]:
+        """One curl, one PUT /files per file (as Tahoe's web API is driven)."""
+        lines = ['write-out = "\\n"']
+        for p in paths:
+            lines += [f'url = "{self.gateway_url}/files?name={p.name}"', f'upload-file = "{p}"']
+        r = self._curl("--config", self._curl_config(lines))
+        docs = [json.loads(line) for line in r.pop("stdout").splitlines() if line.strip()]
+        if len(docs) != len(paths):
+            raise RuntimeError(f"the gateway answered {len(docs)} of {len(paths)} PUTs")
+        r["addresses"] = [doc["address"] for doc in docs]
+        return r
+
+    def get_many_web(self, addresses: Sequence[str], outdir: Path) -> dict[str, Any]:
+        os.makedirs(outdir, exist_ok=True)
+        lines = []
+        for i, address in enumerate(addresses):
+            lines += [f'url = "{self.gateway_url}/files/{address}"', f'output = "{outdir}/f{i:04d}"']
+        r = self._curl("--config", self._curl_config(lines))
+        r.pop("stdout", None)
+        return r
 
     @property
     def daemon_pids(self) -> dict[str, int]:
