@@ -53,12 +53,13 @@ class DsssNetwork:
 
     # --- the gateway -------------------------------------------------------------------------------
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, *options: str) -> None:
+        """Start `dsss gateway` (once) with the network's client options and `options`."""
         if self.gateway is not None:
             return
         log_path = self.net.base / "gateway.log"
         self.gateway = subprocess.Popen(
-            self.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1"), env=self.env,
+            self.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1", *options), env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(log_path, "ab"))
         assert self.gateway.stdout is not None
         line = self.gateway.stdout.readline().decode(errors="replace")

@@ -8,7 +8,9 @@ started at once; each repeat does a put and a get of the same random file with e
 turn (the order rotates), so a change in the machine's load hits them alike. Knobs:
 `datagram=N` (agents' --datagram-size and the client's), `parallel=N` (the client's --parallel),
 `part=SIZE` (put --part-size), `replicas=N` (the server's --replicas), `chain=0|1` (the client's
---no-chain or --chain; its default on loopback is no chain). Prints MB/s (median, min, max), the ratio to the first variant,
+--no-chain or --chain; its default on loopback is no chain), `gateway=1` (put and get with curl
+through `dsss gateway`, started once per variant, instead of one CLI process per call; the
+client CPU is then the gateway's plus curl's). Prints MB/s (median, min, max), the ratio to the first variant,
 and CPU per MB of the client and of the daemons; `--json PATH` keeps the raw figures.
 """
 
@@ -32,13 +34,16 @@ from dsss.model import parse_size  # noqa: E402
 
 def parse_variant(text: str) -> dict[str, Any]:
     knobs: dict[str, Any] = {"name": text, "datagram": 65000, "parallel": None, "part": None, "replicas": 3,
-                             "chain": None}
+                             "chain": None, "gateway": 0}
     for word in text.split():
         if word == "base":
             continue
         key, sep, value = word.partition("=")
-        if not sep or key not in ("datagram", "parallel", "part", "replicas", "chain"):
-            raise SystemExit(f"unknown knob {word!r} (datagram=N, parallel=N, part=SIZE, replicas=N, chain=0|1)")
+        if not sep or key not in ("datagram", "parallel", "part", "replicas", "chain", "gateway"):
+            raise SystemExit(f"unknown knob {word!r} (datagram=N, parallel=N, part=SIZE, replicas=N, chain=0|1, "
+                             f"gateway=0|1)")
+        if key != "part" and not value.isdigit():
+            raise SystemExit(f"{key} takes a whole number: {word!r}")
         knobs[key] = value if key == "part" else int(value)
     return knobs
 
@@ -65,6 +70,8 @@ def main() -> int:
                               client_options=options)
             net.start()
             nets.append(net)
+            if v["gateway"]:
+                net.start_gateway(*(["--part-size", v["part"]] if v["part"] else []))
         src = make_random_file(work / "file.bin", size)
         digest = file_digest(src)
         runs: list[dict[str, list[dict[str, Any]]]] = [{"put": [], "get": []} for _ in variants]
@@ -73,11 +80,23 @@ def main() -> int:
             order = order[r % len(order):] + order[:r % len(order)]
             for i in order:
                 v, net = variants[i], nets[i]
+                out = work / "out.bin"
+                if v["gateway"]:
+                    p = net.put_web(src)
+                    g = net.get_web(p["address"], out)
+                    for x in (p, g):
+                        x["cpu_s"] += x["gateway_cpu_s"]
+                    if file_digest(out) != digest:
+                        raise RuntimeError(f"{v['name']}: the gateway's get returned other bytes")
+                    out.unlink()
+                    runs[i]["put"].append(p)
+                    runs[i]["get"].append(g)
+                    log(f"{v['name']}: put {size / 1e6 / p['seconds']:.1f} get {size / 1e6 / g['seconds']:.1f} MB/s")
+                    continue
                 put_args = ["put", str(src)] + (["--part-size", v["part"]] if v["part"] else [])
                 p = net.client(*put_args)
                 if p["rc"] != 0:
                     raise RuntimeError(f"{v['name']}: put failed: {p['stderr'][-800:]}")
-                out = work / "out.bin"
                 g = net.client("get", p["stdout"].split()[0], "-o", str(out))
                 if g["rc"] != 0 or file_digest(out) != digest:
                     raise RuntimeError(f"{v['name']}: get failed: {g['stderr'][-800:]}")
