@@ -111,7 +111,15 @@ class UDPService(Service):
 def listen_udp(
     reactor: Any, host: str, port: int, protocol: DatagramProtocol, max_packet: int = 65535
 ) -> IListeningPort:
-    p = reactor.listenUDP(port, protocol, interface=host, maxPacketSize=max_packet)
+    """Listen on UDP with large socket buffers; with UDP GRO where the reactor and kernel allow
+    it if `protocol` takes runs of datagrams (`segmentsReceived`)."""
+    from dsss.udpgro import GroPort
+
+    if hasattr(protocol, "segmentsReceived") and GroPort.usable(reactor):
+        p = GroPort(port, protocol, interface=host, maxPacketSize=max_packet, reactor=reactor)
+        p.startListening()
+    else:
+        p = reactor.listenUDP(port, protocol, interface=host, maxPacketSize=max_packet)
     sock = getattr(p, "socket", None)
     if sock is not None:
         enlarge_socket_buffers(sock)

@@ -59,7 +59,6 @@ stream is under L{STREAM_SEND_HIGH_WATER}: wait for it before writing more.
 
 from __future__ import annotations
 
-import errno
 import socket
 import ssl
 import struct
@@ -88,7 +87,6 @@ from qh3.quic.packet import (
 )
 from qh3.quic.tls_bridge import QuicTlsBridge
 from qh3.tls import SignatureAlgorithm
-from twisted.internet import udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
@@ -99,6 +97,14 @@ from twisted.python.failure import Failure
 from dsss.crypto.certs import public_key_of
 from dsss.endpoints import enlarge_socket_buffers
 from dsss.errors import RemoteProtocolError
+from dsss.udpgro import (
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
+    GSO_REFUSED,
+    SOL_UDP,
+    UDP_SEGMENT,
+    GroPort,
+)
 from dsss.wire.datagram import RELAY_PREFIX, decode_relay, encode_relay
 
 __all__ = [
@@ -150,18 +156,6 @@ CLOSE_GRACE = 3.0
 """Longest L{QuicEndpoint.close} waits for connections to finish closing."""
 BLOCKED_RETRY = 0.001
 """Delay before retrying a send that found the socket buffer full."""
-
-SOL_UDP = 17
-UDP_SEGMENT = 103
-"""Linux's UDP_SEGMENT socket option (GSO for UDP, Linux 4.18+); Python does not name it."""
-GSO_MAX_SEGMENTS = 64
-GSO_MAX_BYTES = 65000
-GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE)
-UDP_GRO = 104
-"""Linux's UDP_GRO socket option (5.0+): the kernel may hand over several datagrams of one
-flow and one size (the last may be shorter) in one read, with their size in a control
-message. A sender's GSO batch crosses veths and NAT routers whole and arrives this way."""
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 
 MAX_RELAY_PEERS = 4096
 """Most peers remembered as reached through a relay."""
@@ -970,62 +964,6 @@ class QuicConnectionHandle:
             d.callback(None)
 
 
-class _GroPort(udp.Port):
-    """
-    A UDP port that reads with UDP GRO on (Linux): a run of same-size
-    datagrams from one sender (a GSO batch, often 40 or more datagrams of 1452
-    bytes) arrives in one C{recvmsg} and goes to the protocol's
-    C{segmentsReceived} in one call, instead of one read, one Python call and
-    one call into qh3 per datagram. Without GRO (the option refused) every
-    read is a single datagram, as with Twisted's own port.
-    """
-
-    @staticmethod
-    def usable(reactor: Any) -> bool:
-        # A real reactor's UDP port (tests' in-memory reactors have their own listenUDP).
-        from twisted.internet.posixbase import PosixReactorBase
-
-        return (
-            sys.platform.startswith("linux")
-            and _GRO_CMSG_SPACE > 0
-            and isinstance(reactor, PosixReactorBase)
-        )
-
-    def _bindSocket(self) -> None:
-        super()._bindSocket()
-        try:
-            self.socket.setsockopt(SOL_UDP, UDP_GRO, 1)
-        except OSError:
-            pass  # an older kernel: plain reads
-
-    def doRead(self) -> None:
-        read = 0
-        sock = self.socket
-        protocol = self.protocol
-        while read < self.maxThroughput:
-            try:
-                data, ancillary, _flags, addr = sock.recvmsg(self.maxPacketSize, _GRO_CMSG_SPACE)
-            except OSError as se:
-                no = se.args[0]
-                if no in udp._sockErrReadIgnore or no in udp._sockErrReadRefuse:
-                    return
-                raise
-            read += len(data)
-            segment = 0
-            for level, kind, value in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
-                    segment = struct.unpack("=i", value[:4])[0]
-            if self.addressFamily == socket.AF_INET6:
-                addr = addr[:2]
-            try:
-                if segment and len(data) > segment:
-                    protocol.segmentsReceived(data, segment, addr)
-                else:
-                    protocol.datagramReceived(data, addr)
-            except BaseException:
-                log.failure("error in a UDP protocol")
-
-
 class QuicEndpoint(DatagramProtocol):
     """
     A UDP socket carrying QUIC connections and DSSS control datagrams.
@@ -1095,8 +1033,8 @@ class QuicEndpoint(DatagramProtocol):
         Listen on UDP C{host}:C{port} with large datagrams and socket buffers.
         The endpoint then owns the port and L{close} stops it.
         """
-        if _GroPort.usable(reactor):
-            listening: IListeningPort = _GroPort(
+        if GroPort.usable(reactor):
+            listening: IListeningPort = GroPort(
                 port, self, interface=host, maxPacketSize=UDP_MAX_PACKET_SIZE, reactor=reactor
             )
             listening.startListening()

@@ -7,12 +7,15 @@
   NAT): a client asks with `RELAY <introduction key>` (a key this server handed it for that agent),
   then sends QUIC packets wrapped as relayed datagrams; the server forwards them, re-wrapped with
   the sender's address, over the NAT mappings both ends keep open towards it. It sees only QUIC
-  packets, encrypted end to end.
+  packets, encrypted end to end. On Linux the socket reads with UDP GRO (`dsss.udpgro.GroPort`):
+  a run of relayed packets from one sender to one peer (QUIC sends them in GSO runs) arrives in
+  one read and leaves in one `sendmsg` with UDP segmentation offload, headers swapped, instead
+  of one read, one Python call and one `sendto` per packet.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -20,7 +23,9 @@ from twisted.logger import Logger
 from dsss.errors import DSSSError
 from dsss.model import PeerAddress
 from dsss.ratelimit import RateLimiter
+from dsss.udpgro import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, GSO_REFUSED, send_run
 from dsss.wire.datagram import (
+    RELAY_PREFIX,
     DPing,
     DPong,
     DRelay,
@@ -49,6 +54,8 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         # Relayed packets are limited by the relay's own per-pair byte rate instead.
         self.limiter = RateLimiter(rate=20, burst=40)
         self._peers: dict[tuple[str, int], PeerAddress] = {}
+        self._gso = True  # relayed runs leave in one sendmsg until the kernel refuses
+        self.runs_relayed = 0  # runs forwarded whole (for tests and curiosity)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -84,6 +91,84 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         else:
             self.dropped += 1
 
+    def segmentsReceived(self, data: bytes, size: int, addr: tuple[str, int]) -> None:
+        """A run of datagrams of `size` bytes (the last may be shorter) from one sender, read at
+        once with UDP GRO. Relayed packets to one peer are forwarded as a run; anything else
+        (PINGs, packets for several peers, a malformed header) datagram by datagram."""
+        segments = [data[i : i + size] for i in range(0, len(data), size)]
+        first = segments[0]
+        sock = getattr(self.transport, "socket", None)
+        if first[:1] != RELAY_PREFIX or len(first) < 2 or sock is None or not self._gso:
+            for segment in segments:
+                self.datagramReceived(segment, addr)
+            return
+        try:
+            dst_addr, _ = decode_relay(first)
+            src = self._peer((addr[0], addr[1]))
+            dst = self._peer(dst_addr)
+        except DSSSError:
+            for segment in segments:
+                self.datagramReceived(segment, addr)
+            return
+        hlen = 4 + (4 if first[1] == 4 else 16)
+        header_in = first[:hlen]
+        header_out = encode_relay((addr[0], addr[1]), b"")
+        if len(header_out) != hlen:  # an IPv4 peer relayed to an IPv6 one: sizes change
+            for segment in segments:
+                self.datagramReceived(segment, addr)
+            return
+        now = self.server.clock.seconds()
+        relays = self.server.relays
+        run: list[bytes] = []
+        forwarded = 0
+        for segment in segments:
+            self.received += 1
+            if segment[:hlen] != header_in:  # another peer (or not relayed): on its own
+                self.received -= 1
+                self._send_relayed_run(sock, run, dst_addr)
+                run = []
+                self.datagramReceived(segment, addr)
+                continue
+            n = len(segment) - hlen
+            if n <= 0 or not relays.forward(src, dst, n, now):
+                self.dropped += 1
+                continue
+            run.append(header_out + segment[hlen:])
+            forwarded += n
+        self._send_relayed_run(sock, run, dst_addr)
+        metrics = getattr(self.server, "metrics", None)
+        if metrics is not None and forwarded:
+            metrics.relayed_bytes(forwarded)
+
+    def _send_relayed_run(self, sock: Any, run: list[bytes], dst_addr: tuple[str, int]) -> None:
+        """Send datagrams of one size (the last may be shorter) to one address, in GSO runs."""
+        i = 0
+        while i < len(run):
+            j, total = i, 0
+            while j < len(run) and j - i < GSO_MAX_SEGMENTS and total + len(run[j]) <= GSO_MAX_BYTES:
+                total += len(run[j])
+                j += 1
+            j = max(j, i + 1)
+            try:
+                send_run(sock, run[i:j], dst_addr)
+                if j - i > 1:
+                    self.runs_relayed += 1
+            except OSError as e:
+                if j - i > 1 and e.errno in GSO_REFUSED:
+                    log.info("UDP segmentation offload refused ({e}); relaying one datagram at a time", e=e)
+                    self._gso = False
+                    for datagram in run[i:]:
+                        self._sendto(sock, datagram, dst_addr)
+                    return
+                log.debug("relayed datagrams to {addr} not sent: {e}", addr=dst_addr, e=e)
+            i = j
+
+    def _sendto(self, sock: Any, datagram: bytes, addr: tuple[str, int]) -> None:
+        try:
+            sock.sendto(datagram, addr)
+        except OSError as e:  # a full socket buffer drops it; QUIC recovers
+            log.debug("relayed datagram to {addr} not sent: {e}", addr=addr, e=e)
+
     def _peer(self, addr: tuple[str, int]) -> PeerAddress:
         """The PeerAddress of `addr`, validated once per address (not once per packet)."""
         peer = self._peers.get(addr)
@@ -114,8 +199,5 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         if sock is None:
             self._send(out, dst_addr)
             return
-        try:
-            # The socket itself: Port.write re-validates the address of every packet.
-            sock.sendto(out, dst_addr)
-        except OSError as e:  # a full socket buffer drops it; QUIC recovers
-            log.debug("relayed datagram to {addr} not sent: {e}", addr=dst_addr, e=e)
+        # The socket itself: Port.write re-validates the address of every packet.
+        self._sendto(sock, out, dst_addr)

@@ -108,3 +108,187 @@ def test_spoofed_relay_packets_cannot_reroute_the_agent():
     run_until(clock, lambda: bool(results), timeout=5)
     link.inject(encode_relay(direct, b"\x00PUNCH x"), S, A)
     assert not agent.relayed(direct)
+
+
+# --- relayed runs: read with UDP GRO, forwarded with UDP segmentation offload ----------------------
+
+import errno  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
+
+import pytest  # noqa: E402
+import pytest_twisted  # noqa: E402
+
+from dsss.udpgro import UDP_SEGMENT  # noqa: E402
+from dsss.wire.datagram import decode_relay, encode_relay  # noqa: E402
+
+
+class RecordingSocket:
+    """What the relay hands the kernel: single datagrams and segmented runs (split as the
+    kernel would), or a refusal of segmentation."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[str, tuple[str, int], list[bytes]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        self.calls.append(("one", addr, [data]))
+        return len(data)
+
+    def sendmsg(self, buffers: list[bytes], ancdata: list, flags: int, addr: tuple[str, int]) -> int:
+        if self.refuse:
+            raise OSError(errno.EIO, "segmentation refused")
+        ((level, kind, value),) = ancdata
+        assert (level, kind) == (socket.SOL_UDP if hasattr(socket, "SOL_UDP") else 17, UDP_SEGMENT)
+        size = struct.unpack("=H", value)[0]
+        data = b"".join(buffers)
+        self.calls.append(("run", addr, [data[i : i + size] for i in range(0, len(data), size)]))
+        return len(data)
+
+    def datagrams_to(self, addr: tuple[str, int]) -> list[bytes]:
+        return [d for _, to, ds in self.calls if to == addr for d in ds]
+
+
+class SocketTransport:
+    def __init__(self, sock: RecordingSocket) -> None:
+        self.socket = sock
+        self.written: list[tuple[bytes, tuple[str, int]]] = []
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.written.append((data, addr))
+
+
+def relay_with_socket(limit: int = 10 * 1024 * 1024, refuse: bool = False):
+    clock = Clock()
+    clock.advance(100)
+    server = DiscoveryServer(clock, ServerConfig(relay_limit=limit))
+    proto = DiscoveryDatagramProtocol(server)
+    sock = RecordingSocket(refuse=refuse)
+    proto.transport = SocketTransport(sock)
+    server._remember_key(KEY, PeerAddress(*C), PeerAddress(*A))
+    proto.datagramReceived(encode_datagram(DRelay(KEY)), C)
+    assert proto.transport.written == [(encode_datagram(DRelayed(PeerAddress(*A))), C)]
+    return clock, server, proto, sock
+
+
+def packets(n: int, size: int = 1400, last: int = 600) -> list[bytes]:
+    out = [os.urandom(size) for _ in range(n - 1)]
+    return out + [os.urandom(last)]
+
+
+def test_a_relayed_run_leaves_in_one_segmented_send_with_the_headers_swapped():
+    clock, server, proto, sock = relay_with_socket()
+    pkts = packets(20)
+    wrapped = [encode_relay(A, p) for p in pkts]
+    proto.segmentsReceived(b"".join(wrapped), len(wrapped[0]), C)
+    assert [(kind, to, len(ds)) for kind, to, ds in sock.calls] == [("run", A, 20)]
+    assert [decode_relay(d) for d in sock.datagrams_to(A)] == [(C, p) for p in pkts]
+    assert server.relays.relayed_bytes == sum(map(len, pkts))
+    assert proto.runs_relayed == 1 and proto.dropped == 0
+    # And back: the agent's run reaches the client with the agent's address in front.
+    back = packets(5, 1200, 1200)
+    proto.segmentsReceived(b"".join(encode_relay(C, p) for p in back), len(encode_relay(C, back[0])), A)
+    assert [decode_relay(d) for d in sock.datagrams_to(C)] == [(A, p) for p in back]
+
+
+def test_a_long_run_is_split_within_the_kernels_limits():
+    clock, server, proto, sock = relay_with_socket()
+    pkts = packets(64, 1452 - 8, 1452 - 8)  # 64 x 1452 bytes wrapped: more than 65000 in one send
+    proto.segmentsReceived(b"".join(encode_relay(A, p) for p in pkts), 1452, C)
+    assert all(sum(map(len, ds)) <= 65000 and len(ds) <= 64 for _, _, ds in sock.calls)
+    assert len(sock.calls) == 2
+    assert [decode_relay(d)[1] for d in sock.datagrams_to(A)] == pkts
+
+
+def test_a_run_mixing_peers_and_unauthorized_packets_keeps_order_and_drops_only_those():
+    clock, server, proto, sock = relay_with_socket()
+    b = ("198.51.100.12", 40002)  # an agent this client has no key for
+    pkts = packets(6, 1000, 1000)
+    wrapped = [encode_relay(b if i == 3 else A, p) for i, p in enumerate(pkts)]
+    proto.segmentsReceived(b"".join(wrapped), 1000 + 8, C)
+    assert [decode_relay(d)[1] for d in sock.datagrams_to(A)] == pkts[:3] + pkts[4:]
+    assert sock.datagrams_to(b) == []
+    assert proto.dropped == 1
+    assert [(kind, len(ds)) for kind, _, ds in sock.calls] == [("run", 3), ("run", 2)]
+
+
+def test_the_per_pair_limit_applies_packet_by_packet_within_a_run():
+    clock, server, proto, sock = relay_with_socket(limit=10_000)  # burst: 256 KiB
+    pkts = packets(300, 1000, 1000)
+    proto.segmentsReceived(b"".join(encode_relay(A, p) for p in pkts), 1008, C)
+    forwarded = [decode_relay(d)[1] for d in sock.datagrams_to(A)]
+    assert len(forwarded) == 256 * 1024 // 1000
+    assert forwarded == pkts[: len(forwarded)]  # the first ones, within the burst, in order
+    assert proto.dropped == 300 - len(forwarded)
+    assert server.relays.relayed_bytes == sum(map(len, forwarded))
+
+
+def test_when_the_kernel_refuses_segmentation_datagrams_go_one_by_one_from_then_on():
+    clock, server, proto, sock = relay_with_socket(refuse=True)
+    pkts = packets(8)
+    proto.segmentsReceived(b"".join(encode_relay(A, p) for p in pkts), 1408, C)
+    assert [kind for kind, _, _ in sock.calls] == ["one"] * 8
+    assert [decode_relay(d)[1] for d in sock.datagrams_to(A)] == pkts
+    proto.segmentsReceived(b"".join(encode_relay(A, p) for p in pkts), 1408, C)
+    assert [kind for kind, _, _ in sock.calls] == ["one"] * 16
+
+
+def test_a_run_of_control_datagrams_is_answered_one_by_one():
+    from dsss.wire.datagram import DPing, DPong
+
+    clock, server, proto, sock = relay_with_socket()
+    ping = encode_datagram(DPing("-"))
+    proto.segmentsReceived(ping * 3, len(ping), C)
+    assert proto.transport.written[1:] == [(encode_datagram(DPong(PeerAddress(*C))), C)] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_sockets_a_gso_run_is_relayed_whole():
+    """Over real loopback sockets: a client's segmented send of relayed packets reaches the
+    server's GRO port in one read and leaves it as one segmented send; the agent's socket
+    gets every packet, in order, from the server, with the client's address in front."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from dsss.endpoints import listen_udp
+    from dsss.udpgro import GroPort, send_run
+
+    if not GroPort.usable(reactor):
+        pytest.skip("UDP GRO needs Linux and a posix reactor")
+    server = DiscoveryServer(reactor, ServerConfig())
+    proto = DiscoveryDatagramProtocol(server)
+    port = listen_udp(reactor, "127.0.0.1", 0, proto)
+    s_addr = ("127.0.0.1", port.getHost().port)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    agent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind(("127.0.0.1", 0))
+        agent.bind(("127.0.0.1", 0))
+        agent.setblocking(False)
+        c_addr, a_addr = client.getsockname(), agent.getsockname()
+        server._remember_key(KEY, PeerAddress(*c_addr), PeerAddress(*a_addr))
+        client.sendto(encode_datagram(DRelay(KEY)), s_addr)
+        await deferLater(reactor, 0.2, lambda: None)
+        pkts = [os.urandom(1400) for _ in range(30)]
+        try:
+            send_run(client, [encode_relay(a_addr, p) for p in pkts], s_addr)
+        except OSError:
+            pytest.skip("this kernel does not do UDP segmentation offload")
+        got: list[bytes] = []
+        for _ in range(50):
+            await deferLater(reactor, 0.05, lambda: None)
+            while True:
+                try:
+                    data, frm = agent.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                assert frm == s_addr
+                got.append(data)
+            if len(got) >= len(pkts):
+                break
+        assert [decode_relay(d) for d in got] == [(c_addr, p) for p in pkts]
+        assert proto.runs_relayed >= 1
+    finally:
+        client.close()
+        agent.close()
+        await port.stopListening()
