@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import hmac
-import json
 import os
 import secrets
 import time
@@ -48,6 +47,8 @@ from zope.interface import implementer
 import dsss
 from dsss.client import catalog
 from dsss.crypto.manifest import Manifest, clean_name
+from dsss.httpjson import http_error, unexpected_error
+from dsss.httpjson import json_body as _json
 from dsss.errors import AccessDenied, BadRequest, DSSSError
 from dsss.fileutil import atomic_write
 from dsss.model import check_block_id
@@ -92,13 +93,6 @@ def load_or_make_token(path: Path) -> str:
     if len(token) < 32 or not token.isascii() or not token.isalnum():
         raise DSSSError(f"{path}: not a gateway token (32 or more letters and digits)")
     return token
-
-
-def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8") + b"\n"
 
 
 def _bearer(request: Request) -> str | None:
@@ -361,13 +355,11 @@ class Gateway:
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Any) -> bytes:
-        err = failure.value
-        return _json(request, {"error": err.name.lower()}, err.code or 500)
+        return http_error(request, failure)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:
-        log.failure("unexpected error in {uri}", failure, uri=request.uri)
-        return _json(request, {"error": "internal error"}, 500)
+        return unexpected_error(request, failure)
 
     @app.route("/info", methods=["GET"])
     def info(self, request: IRequest) -> bytes:

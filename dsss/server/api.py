@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
@@ -14,6 +13,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from twisted.web.resource import IResource
 
+from dsss.httpjson import http_error, unexpected_error
+from dsss.httpjson import json_body as _json
 from dsss.errors import BadRequest, DSSSError, RateLimited
 from dsss.metrics import endpoint_namer, render_metrics
 from dsss.model import PeerAddress, check_block_id
@@ -88,13 +89,6 @@ def _header(request: IRequest, name: bytes) -> str | None:
     if value is None:
         return None
     return value if isinstance(value, str) else value.decode("ascii", "replace")
-
-
-def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8") + b"\n"
 
 
 class BoundedRequest(Request):
@@ -175,13 +169,11 @@ class DiscoveryAPI:
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Any) -> bytes:
-        err = failure.value
-        return _json(request, {"error": err.name.lower()}, err.code or 500)
+        return http_error(request, failure)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:
-        log.failure("unexpected error in {uri}", failure, uri=request.uri)
-        return _json(request, {"error": "internal error"}, 500)
+        return unexpected_error(request, failure)
 
     @app.route("/api/who-has", methods=["GET"])
     async def who_has(self, request: IRequest) -> bytes:

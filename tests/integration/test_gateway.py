@@ -241,22 +241,28 @@ def test_files_stored_by_the_gateway_and_by_the_cli_are_the_same_files(gateway, 
     assert "filename*=UTF-8''from%20cli%20%C3%A9.bin" in headers["Content-Disposition"]
 
 
-def test_several_requests_at_once(gateway):
-    sizes = [0, 10 * KiB, 300 * KiB, 1 * MiB + 5, 2 * MiB + 3, 3 * MiB]  # more than MAX_TRANSFERS
-    datas = [os.urandom(n) for n in sizes]
+
+def in_threads(n: int, call: Any) -> dict[int, Any]:
+    """`call(i)` for i in range(n), all at once on threads: each one's result or exception."""
     results: dict[int, Any] = {}
 
-    def put(i: int) -> None:
+    def run(i: int) -> None:
         try:
-            results[i] = gateway.put(datas[i], f"parallel-{i}")
-        except BaseException as e:  # reported below
+            results[i] = call(i)
+        except BaseException as e:  # reported by the caller's assertions
             results[i] = e
 
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(len(sizes))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    return results
+
+def test_several_requests_at_once(gateway):
+    sizes = [0, 10 * KiB, 300 * KiB, 1 * MiB + 5, 2 * MiB + 3, 3 * MiB]  # more than MAX_TRANSFERS
+    datas = [os.urandom(n) for n in sizes]
+    results = in_threads(len(sizes), lambda i: gateway.put(datas[i], f"parallel-{i}"))
     addresses = []
     for i in range(len(sizes)):
         status, _, doc = results[i]
@@ -265,19 +271,7 @@ def test_several_requests_at_once(gateway):
         addresses.append(doc["address"])
     assert len(set(addresses)) == len(sizes)
 
-    back: dict[int, Any] = {}
-
-    def get(i: int) -> None:
-        try:
-            back[i] = gateway.get(addresses[i])
-        except BaseException as e:
-            back[i] = e
-
-    threads = [threading.Thread(target=get, args=(i,)) for i in range(len(sizes))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    back = in_threads(len(sizes), lambda i: gateway.get(addresses[i]))
     for i in range(len(sizes)):
         status, _, body = back[i]
         assert status == 200 and body == datas[i], i
