@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
@@ -49,6 +50,18 @@ def chain_order(targets: list[PeerAddress]) -> list[PeerAddress]:
         ordered.append(pick)
         rest.remove(pick)
     return ordered
+
+
+def chain_worth_trying(ordered: list[PeerAddress]) -> bool:
+    """Whether a chain in this order can be expected to work: not if some agent would have to
+    pass the part to another at its own public IP address (other than loopback, where agents
+    on one machine reach each other), which `chain_order` leaves only when it cannot be
+    avoided: agents behind one NAT seldom reach each other through it, and every such hop
+    costs the uploader a forward that fails after its handshake timeout."""
+    return not any(
+        a.host == b.host and not ipaddress.ip_address(a.host).is_loopback
+        for a, b in zip(ordered, ordered[1:])
+    )
 
 
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
@@ -275,8 +288,12 @@ class DiscoveryAPI:
         targets = self.server.where_to_upload(size, _exclude(request))[:copies]
         sources: PeerAddress | list[PeerAddress] = from_
         if chain == "1":
-            targets = chain_order(targets)
-            sources = [from_, *targets[:-1]]
+            ordered = chain_order(targets)
+            if chain_worth_trying(ordered):
+                targets = ordered
+                sources = [from_, *targets[:-1]]
+            else:
+                chain = None  # plain introductions: the client sends every copy itself
         answers = await self._introductions(sources, [(to, block, size) for to in targets])
         for to, answer in zip(targets, answers):
             answer.setdefault("address", str(to))

@@ -191,6 +191,39 @@ def test_upload_to_a_chain_introduces_each_agent_to_the_one_before_it(server: An
     assert isinstance(intro1, Introduction) and intro1.chained and intro1.address == second
 
 
+def test_no_chain_between_agents_behind_one_public_address(server: Any) -> None:
+    """Agents that can only follow each other at one public IP address (behind one NAT) are
+    not chained: every introduction is for the client, and the answer says no chain, so the
+    uploader does not wait for forwards that would fail."""
+    agents = [FakeAgent(server, 5400 + i, host="198.51.100.20") for i in range(2)]
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub))
+    d = defer.ensureDeferred(client.upload_to(HASH, 10, ME, copies=2, chain=True))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    asked = [a.sent() for a in agents]
+    for a in agents:
+        a.reply("0123456789abcdef0123456789abcdef")
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    (picked,) = outcomes([d])
+    assert asked == [[f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]] * 2
+    assert all(isinstance(intro, Introduction) and not intro.chained for _, intro in picked)
+
+
+def test_a_chain_is_worth_trying_unless_a_hop_stays_at_one_public_address() -> None:
+    from dsss.server.api import chain_worth_trying
+
+    a1, a2 = PeerAddress("198.51.100.11", 1), PeerAddress("198.51.100.11", 2)
+    b1 = PeerAddress("198.51.100.12", 1)
+    assert chain_worth_trying([a1, b1, a2]) and chain_worth_trying([a1]) and chain_worth_trying([])
+    assert not chain_worth_trying([a1, a2]) and not chain_worth_trying([b1, a1, a2])
+    lo = [PeerAddress("127.0.0.1", p) for p in (1, 2, 3)]  # one machine: agents reach each other
+    assert chain_worth_trying(lo)
+
+
 def test_chain_order_avoids_passing_a_part_between_agents_at_one_ip() -> None:
     from dsss.server.api import chain_order
 

@@ -23,7 +23,7 @@ HASH = "ef" * 32
 class FakeAgent:
     """A registered agent connection whose replies the test writes."""
 
-    def __init__(self, server, port, free=10_000):
+    def __init__(self, server, port, free=10_000, host="127.0.0.1"):
         self.proto = AgentConnectionFactory(server).buildProtocol(None)
         self.t = StringTransportWithDisconnection()
         self.t.protocol = self.proto
@@ -36,7 +36,7 @@ class FakeAgent:
         self.proto.dataReceived(wc.encode(wc.Register(**{**msg.__dict__, "signature": sig})) + b"\n")
         self.t.clear()
         self.rec = self.proto.record
-        self.address = PeerAddress("127.0.0.1", port)
+        self.address = PeerAddress(host, port)
         server.registry.heard_udp(self.rec.token, self.address, server.clock.seconds())
 
     def sent(self):
