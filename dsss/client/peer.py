@@ -101,6 +101,12 @@ class PeerNetwork:
         self.direct_timeout = direct_timeout
         self.use_relay = use_relay
         self._relay_waiters: dict[PeerAddress, list[defer.Deferred[None]]] = {}
+        # Public IP addresses behind which an agent could only be reached through the relay
+        # (its direct attempt failed, the relay worked): the other agents there are behind the
+        # same NAT, and are reached through the relay at once instead of after a direct
+        # attempt of `direct_timeout` each (a get's parts come from other agents than its
+        # manifest).
+        self.relay_only_hosts: set[str] = set()
         # Called with `paths` when the network is closed (the CLI's --verbose prints them).
         self.on_close: Callable[[dict[str, str]], None] | None = None
         # Bytes of parts and manifests this client sent in uploads that succeeded, and the copies
@@ -172,7 +178,13 @@ class PeerNetwork:
         server's relay if the direct path does not come up within `direct_timeout`."""
         addr = intro.address.as_tuple()
         key = bytes.fromhex(intro.agent_id)
-        if not self.endpoint.relayed(addr):
+        tried_direct = False
+        if not self.endpoint.relayed(addr) and self.use_relay and intro.address.host in self.relay_only_hosts:
+            log.info("reaching {agent} through the relay at once: another agent at its address needed it",
+                     agent=str(intro.address))
+            await self._open_relay(intro)
+        elif not self.endpoint.relayed(addr):
+            tried_direct = True
             # Open our NAT towards the agent; the agent punches towards us at the same time.
             self._send(encode_datagram(DPunch("client")), addr)
             try:
@@ -199,6 +211,8 @@ class PeerNetwork:
         except QuicError as e:
             raise PeerError(f"cannot reach agent {intro.address}, even through the relay: {e}") from None
         self.paths[str(intro.address)] = "relay"
+        if tried_direct:
+            self.relay_only_hosts.add(intro.address.host)
         return conn
 
     async def _open_relay(self, intro: Introduction, timeout: float = 5.0) -> None:

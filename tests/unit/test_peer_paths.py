@@ -1,0 +1,100 @@
+"""Which path the client takes to an agent: direct first, the relay after a failed direct
+attempt, and the relay at once for other agents behind an address that already needed it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from dsss.client.discovery import Introduction
+from dsss.client.peer import PeerError, PeerNetwork
+from dsss.model import PeerAddress
+from dsss.quic import QuicError
+
+X1, X2 = PeerAddress("198.51.100.40", 4001), PeerAddress("198.51.100.40", 4002)  # one symmetric NAT
+Y1 = PeerAddress("198.51.100.41", 4001)  # another NAT
+
+
+class FakeEndpoint:
+    """Connections succeed through the relay (for agents that are up), and directly only to
+    the agents in `direct_ok`."""
+
+    def __init__(self, direct_ok: set[PeerAddress], down: set[PeerAddress] = frozenset()) -> None:  # type: ignore[assignment]
+        self.direct_ok = {a.as_tuple() for a in direct_ok}
+        self.down = {a.as_tuple() for a in down}
+        self.relays: dict[tuple[str, int], Any] = {}
+        self.attempts: list[tuple[tuple[str, int], str]] = []
+
+    def relayed(self, addr: tuple[str, int]) -> bool:
+        return addr in self.relays
+
+    def relay_via(self, addr: tuple[str, int], server: Any) -> None:
+        self.relays[addr] = server
+
+    def connect(self, addr: tuple[str, int], expected_public_key: bytes, handshake_timeout: float = 10.0) -> Any:
+        via = "relay" if addr in self.relays else "direct"
+        self.attempts.append((addr, via))
+        if addr in self.down or (via == "direct" and addr not in self.direct_ok):
+            return defer.fail(QuicError("the handshake timed out"))
+        return defer.succeed(("connection", addr, via))
+
+
+def network(endpoint: FakeEndpoint, use_relay: bool = True) -> PeerNetwork:
+    peers = PeerNetwork(Clock(), ("198.51.100.1", 8471), use_relay=use_relay)
+    peers.endpoint = endpoint  # type: ignore[assignment]
+    peers._send = lambda data, addr: None  # type: ignore[method-assign]
+
+    async def open_relay(intro: Introduction, timeout: float = 5.0) -> None:
+        endpoint.relay_via(intro.address.as_tuple(), peers.server_udp)
+
+    peers._open_relay = open_relay  # type: ignore[method-assign]
+    return peers
+
+
+def connect(peers: PeerNetwork, agent: PeerAddress) -> Any:
+    d = defer.ensureDeferred(peers._connect(Introduction("cd" * 16, "ab" * 32, agent)))
+    out: list[Any] = []
+    d.addBoth(out.append)
+    (result,) = out
+    if isinstance(result, Exception):
+        raise result
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+def test_another_agent_behind_an_address_that_needed_the_relay_is_relayed_at_once() -> None:
+    endpoint = FakeEndpoint(direct_ok={Y1})
+    peers = network(endpoint)
+    assert connect(peers, X1)[2] == "relay"
+    assert connect(peers, X2)[2] == "relay"
+    assert connect(peers, Y1)[2] == "direct"
+    assert endpoint.attempts == [
+        (X1.as_tuple(), "direct"), (X1.as_tuple(), "relay"),  # one direct attempt behind X ...
+        (X2.as_tuple(), "relay"),  # ... and none for the next agent there
+        (Y1.as_tuple(), "direct"),  # another address: direct first, as always
+    ]
+    assert peers.relay_only_hosts == {X1.host}
+    assert peers.paths == {str(X1): "relay", str(X2): "relay", str(Y1): "direct"}
+
+
+def test_an_agent_that_is_down_does_not_mark_its_address() -> None:
+    endpoint = FakeEndpoint(direct_ok=set(), down={X1})
+    peers = network(endpoint)
+    with pytest.raises(PeerError, match="even through the relay"):
+        connect(peers, X1)
+    assert peers.relay_only_hosts == set()
+    assert connect(peers, X2)[2] == "relay"
+    assert (X2.as_tuple(), "direct") in endpoint.attempts  # X2 still got its direct attempt
+
+
+def test_without_the_relay_every_agent_gets_its_direct_attempt() -> None:
+    endpoint = FakeEndpoint(direct_ok={X2})
+    peers = network(endpoint, use_relay=False)
+    with pytest.raises(PeerError, match="cannot reach agent"):
+        connect(peers, X1)
+    assert connect(peers, X2)[2] == "direct"
+    assert peers.relay_only_hosts == set()
