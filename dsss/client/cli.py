@@ -332,8 +332,10 @@ async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, k
     info = await discovery.info()
     host = await _resolve(reactor, urlsplit(settings.server).hostname or "127.0.0.1")
     bind = "::" if ":" in host else "0.0.0.0"
+    from dsss.client.pathcache import paths_file
+
     peers = PeerNetwork(reactor, (host, info.udp_port), bind_host=bind,
-                        max_datagram_size=_datagram_size(args, host))
+                        max_datagram_size=_datagram_size(args, host), paths_file=paths_file(settings.key))
     if getattr(args, "verbose", False):
         def report(paths: dict[str, str]) -> None:
             _print_paths(paths)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 from nacl.exceptions import BadSignatureError
@@ -11,6 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsss.client.discovery import Introduction
+from dsss.client.pathcache import RELAY_MEMORY, load_relay_only, save_relay_only
 from dsss.errors import (
     AccessDenied,
     DSSSError,
@@ -82,6 +85,7 @@ class PeerNetwork:
         idle_timeout: float = 8.0,
         direct_timeout: float = 3.0,
         use_relay: bool = True,
+        paths_file: Path | None = None,
     ) -> None:
         self.reactor = reactor
         self.server_udp = server_udp
@@ -102,11 +106,14 @@ class PeerNetwork:
         self.use_relay = use_relay
         self._relay_waiters: dict[PeerAddress, list[defer.Deferred[None]]] = {}
         # Public IP addresses behind which an agent could only be reached through the relay
-        # (its direct attempt failed, the relay worked): the other agents there are behind the
-        # same NAT, and are reached through the relay at once instead of after a direct
-        # attempt of `direct_timeout` each (a get's parts come from other agents than its
-        # manifest).
-        self.relay_only_hosts: set[str] = set()
+        # (its direct attempt failed, the relay worked), with when that stops being believed
+        # (wall-clock time): the other agents there are behind the same NAT, and are reached
+        # through the relay at once instead of after a direct attempt of `direct_timeout` each
+        # (a get's parts come from other agents than its manifest). With `paths_file`, they are
+        # remembered between calls from the same public address (`dsss.client.pathcache`).
+        self.relay_only_hosts: dict[str, float] = {}
+        self.paths_file: Path | None = paths_file
+        self.wall_clock: Callable[[], float] = time.time
         # Called with `paths` when the network is closed (the CLI's --verbose prints them).
         self.on_close: Callable[[dict[str, str]], None] | None = None
         # Bytes of parts and manifests this client sent in uploads that succeeded, and the copies
@@ -120,12 +127,21 @@ class PeerNetwork:
         d: defer.Deferred[PeerAddress] = defer.Deferred()
         self._address_waiters.append(d)
         host, port = self.server_udp
-        return await self._ask_server(
+        address: PeerAddress = await self._ask_server(
             encode_datagram(DPing("-")),
             d,
             timeout,
             Unavailable(f"the discovery server's UDP port {host}:{port} does not answer"),
         )
+        self.load_remembered_paths(address.host)
+        return address
+
+    def load_remembered_paths(self, public_ip: str) -> None:
+        """Take in what earlier calls from `public_ip` learned about agents needing the relay."""
+        if self.paths_file is None:
+            return
+        for agent_host, until in load_relay_only(self.paths_file, public_ip, self.wall_clock()).items():
+            self.relay_only_hosts[agent_host] = max(until, self.relay_only_hosts.get(agent_host, 0.0))
 
     async def _ask_server(self, datagram: bytes, answer: defer.Deferred[Any], timeout: float,
                           error: Exception) -> Any:
@@ -179,7 +195,8 @@ class PeerNetwork:
         addr = intro.address.as_tuple()
         key = bytes.fromhex(intro.agent_id)
         tried_direct = False
-        if not self.endpoint.relayed(addr) and self.use_relay and intro.address.host in self.relay_only_hosts:
+        if (not self.endpoint.relayed(addr) and self.use_relay
+                and self.relay_only_hosts.get(intro.address.host, 0.0) > self.wall_clock()):
             log.info("reaching {agent} through the relay at once: another agent at its address needed it",
                      agent=str(intro.address))
             await self._open_relay(intro)
@@ -212,7 +229,7 @@ class PeerNetwork:
             raise PeerError(f"cannot reach agent {intro.address}, even through the relay: {e}") from None
         self.paths[str(intro.address)] = "relay"
         if tried_direct:
-            self.relay_only_hosts.add(intro.address.host)
+            self.relay_only_hosts[intro.address.host] = self.wall_clock() + RELAY_MEMORY
         return conn
 
     async def _open_relay(self, intro: Introduction, timeout: float = 5.0) -> None:
@@ -284,6 +301,8 @@ class PeerNetwork:
     async def close(self) -> None:
         if self.on_close is not None:
             self.on_close(dict(self.paths))
+        if self.paths_file is not None and self.public_address is not None and self.relay_only_hosts:
+            save_relay_only(self.paths_file, self.public_address.host, self.relay_only_hosts, self.wall_clock())
         try:
             # The client exits next: its CONNECTION_CLOSEs are sent, the closing period (which
             # would resend them if lost) is not waited for; see QuicEndpoint.close.

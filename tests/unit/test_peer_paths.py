@@ -3,12 +3,17 @@ attempt, and the relay at once for other agents behind an address that already n
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from dsss.client import pathcache
 from dsss.client.discovery import Introduction
 from dsss.client.peer import PeerError, PeerNetwork
 from dsss.model import PeerAddress
@@ -28,6 +33,9 @@ class FakeEndpoint:
         self.relays: dict[tuple[str, int], Any] = {}
         self.attempts: list[tuple[tuple[str, int], str]] = []
 
+    def close(self, grace: float = 0) -> Any:
+        return defer.succeed(None)
+
     def relayed(self, addr: tuple[str, int]) -> bool:
         return addr in self.relays
 
@@ -42,8 +50,10 @@ class FakeEndpoint:
         return defer.succeed(("connection", addr, via))
 
 
-def network(endpoint: FakeEndpoint, use_relay: bool = True) -> PeerNetwork:
-    peers = PeerNetwork(Clock(), ("198.51.100.1", 8471), use_relay=use_relay)
+def network(endpoint: FakeEndpoint, use_relay: bool = True, paths: Path | None = None,
+            now: float = 1_000_000.0) -> PeerNetwork:
+    peers = PeerNetwork(Clock(), ("198.51.100.1", 8471), use_relay=use_relay, paths_file=paths)
+    peers.wall_clock = lambda: now
     peers.endpoint = endpoint  # type: ignore[assignment]
     peers._send = lambda data, addr: None  # type: ignore[method-assign]
 
@@ -77,7 +87,7 @@ def test_another_agent_behind_an_address_that_needed_the_relay_is_relayed_at_onc
         (X2.as_tuple(), "relay"),  # ... and none for the next agent there
         (Y1.as_tuple(), "direct"),  # another address: direct first, as always
     ]
-    assert peers.relay_only_hosts == {X1.host}
+    assert set(peers.relay_only_hosts) == {X1.host}
     assert peers.paths == {str(X1): "relay", str(X2): "relay", str(Y1): "direct"}
 
 
@@ -86,7 +96,7 @@ def test_an_agent_that_is_down_does_not_mark_its_address() -> None:
     peers = network(endpoint)
     with pytest.raises(PeerError, match="even through the relay"):
         connect(peers, X1)
-    assert peers.relay_only_hosts == set()
+    assert peers.relay_only_hosts == {}
     assert connect(peers, X2)[2] == "relay"
     assert (X2.as_tuple(), "direct") in endpoint.attempts  # X2 still got its direct attempt
 
@@ -97,4 +107,72 @@ def test_without_the_relay_every_agent_gets_its_direct_attempt() -> None:
     with pytest.raises(PeerError, match="cannot reach agent"):
         connect(peers, X1)
     assert connect(peers, X2)[2] == "direct"
-    assert peers.relay_only_hosts == set()
+    assert peers.relay_only_hosts == {}
+
+
+ME = "203.0.113.7"  # the client's public address, as the server's PONG says
+
+
+def finish(peers: PeerNetwork, public_ip: str = ME) -> None:
+    peers.public_address = PeerAddress(public_ip, 5000)
+    d = defer.ensureDeferred(peers.close())
+    assert d.called
+
+
+def test_the_next_call_from_the_same_address_goes_through_the_relay_at_once(tmp_path: Path) -> None:
+    paths = tmp_path / "key.paths"
+    first = network(FakeEndpoint(direct_ok=set()), paths=paths)
+    connect(first, X1)
+    finish(first)
+    assert stat.S_IMODE(os.stat(paths).st_mode) == 0o600
+    doc = json.loads(paths.read_text())
+    assert doc == {"version": 1, "relay-only": {ME: {X1.host: 1_000_000.0 + pathcache.RELAY_MEMORY}}}
+
+    later = FakeEndpoint(direct_ok=set())
+    second = network(later, paths=paths, now=1_000_000.0 + 60)
+    second.load_remembered_paths(ME)
+    connect(second, X1)
+    assert later.attempts == [(X1.as_tuple(), "relay")]  # no direct attempt this time
+
+
+def test_remembered_paths_are_per_client_address_and_expire(tmp_path: Path) -> None:
+    paths = tmp_path / "key.paths"
+    first = network(FakeEndpoint(direct_ok=set()), paths=paths)
+    connect(first, X1)
+    finish(first)
+    moved = FakeEndpoint(direct_ok={X1})
+    elsewhere = network(moved, paths=paths)
+    elsewhere.load_remembered_paths("192.0.2.99")  # the client moved to another network
+    assert connect(elsewhere, X1)[2] == "direct"
+    stale = FakeEndpoint(direct_ok={X1})
+    an_hour_later = network(stale, paths=paths, now=1_000_000.0 + pathcache.RELAY_MEMORY + 1)
+    an_hour_later.load_remembered_paths(ME)
+    assert connect(an_hour_later, X1)[2] == "direct"
+    # Saving drops what expired (this client's entry from an hour ago).
+    an_hour_later.relay_only_hosts[X2.host] = 1_000_000.0 + 2 * pathcache.RELAY_MEMORY
+    finish(an_hour_later, "192.0.2.50")
+    assert json.loads(paths.read_text())["relay-only"] == {
+        "192.0.2.50": {X2.host: 1_000_000.0 + 2 * pathcache.RELAY_MEMORY}}
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"version": 2, "relay-only": {}}',
+                                     '{"version": 1, "relay-only": {"203.0.113.7": {"x": "soon"}}}'])
+def test_a_damaged_paths_file_is_ignored_and_replaced(tmp_path: Path, content: str) -> None:
+    paths = tmp_path / "key.paths"
+    paths.write_text(content)
+    endpoint = FakeEndpoint(direct_ok={X1})
+    peers = network(endpoint, paths=paths)
+    peers.load_remembered_paths(ME)
+    assert connect(peers, X1)[2] == "direct"
+    peers.relay_only_hosts[X2.host] = 2_000_000.0
+    finish(peers)
+    assert json.loads(paths.read_text())["relay-only"] == {ME: {X2.host: 2_000_000.0}}
+
+
+def test_the_paths_file_stays_bounded(tmp_path: Path) -> None:
+    paths = tmp_path / "key.paths"
+    hosts = {f"198.51.{i // 250}.{i % 250}": 1_000_000.0 + 10 + i for i in range(pathcache.MAX_ENTRIES + 40)}
+    pathcache.save_relay_only(paths, ME, hosts, 1_000_000.0)
+    kept = json.loads(paths.read_text())["relay-only"][ME]
+    assert len(kept) == pathcache.MAX_ENTRIES
+    assert min(kept.values()) == 1_000_000.0 + 10 + 40  # the soonest to expire went first
