@@ -167,10 +167,9 @@ def test_upload_to_places_and_introduces_or_says_it_cannot(server: Any, older: b
     assert http.paths == ["/api/upload-to"]
 
 
-def test_upload_to_a_chain_introduces_each_agent_to_the_one_before_it(server: Any) -> None:
-    """With chain=1 the first agent's introduction is for the client, the next one's for the
-    first agent (which passes the part on), and the client marks it as a chain hop."""
-    agents = [FakeAgent(server, 5400 + i) for i in range(2)]
+def upload_to_with_chain(server: Any, agents: list[FakeAgent]) -> tuple[dict[Any, list[str]], Any]:
+    """An upload-to with chain=1 for two copies, each agent answering its introduction: what
+    each agent was asked (by address) and what the client picked."""
     stub = StubTreq(DiscoveryAPI(server).resource())
     client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub))
     d = defer.ensureDeferred(client.upload_to(HASH, 10, ME, copies=2, chain=True))
@@ -184,6 +183,13 @@ def test_upload_to_a_chain_introduces_each_agent_to_the_one_before_it(server: An
         server.clock.advance(0)
         stub.flush()
     (picked,) = outcomes([d])
+    return asked, picked
+
+
+def test_upload_to_a_chain_introduces_each_agent_to_the_one_before_it(server: Any) -> None:
+    """With chain=1 the first agent's introduction is for the client, the next one's for the
+    first agent (which passes the part on), and the client marks it as a chain hop."""
+    asked, picked = upload_to_with_chain(server, [FakeAgent(server, 5400 + i) for i in range(2)])
     (first, intro0), (second, intro1) = picked
     assert asked[first] == [f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]
     assert asked[second] == [f"INTRODUCTION_REQUEST {first} 10 {HASH}"]
@@ -196,20 +202,8 @@ def test_no_chain_between_agents_behind_one_public_address(server: Any) -> None:
     not chained: every introduction is for the client, and the answer says no chain, so the
     uploader does not wait for forwards that would fail."""
     agents = [FakeAgent(server, 5400 + i, host="198.51.100.20") for i in range(2)]
-    stub = StubTreq(DiscoveryAPI(server).resource())
-    client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub))
-    d = defer.ensureDeferred(client.upload_to(HASH, 10, ME, copies=2, chain=True))
-    for _ in range(3):
-        server.clock.advance(0)
-        stub.flush()
-    asked = [a.sent() for a in agents]
-    for a in agents:
-        a.reply("0123456789abcdef0123456789abcdef")
-    for _ in range(3):
-        server.clock.advance(0)
-        stub.flush()
-    (picked,) = outcomes([d])
-    assert asked == [[f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]] * 2
+    asked, picked = upload_to_with_chain(server, agents)
+    assert list(asked.values()) == [[f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]] * 2
     assert all(isinstance(intro, Introduction) and not intro.chained for _, intro in picked)
 
 
