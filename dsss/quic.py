@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -101,9 +100,8 @@ from dsss.udpgro import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
     GSO_REFUSED,
-    SOL_UDP,
-    UDP_SEGMENT,
     GroPort,
+    send_run,
 )
 from dsss.wire.datagram import RELAY_PREFIX, decode_relay, encode_relay
 
@@ -1487,15 +1485,7 @@ class QuicEndpoint(DatagramProtocol):
                     if len(nxt) < size:
                         break  # a shorter datagram ends the run
                 try:
-                    if j - i == 1:
-                        sock.sendto(data, addr)
-                    else:
-                        sock.sendmsg(
-                            [b"".join(d for d, _ in unsent[i:j])],
-                            [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
-                            0,
-                            addr,
-                        )
+                    send_run(sock, [d for d, _ in unsent[i:j]], addr)
                 except BlockingIOError:
                     return False
                 except Exception as e:

@@ -391,7 +391,7 @@ class Gateway:
                 body.seek(0, os.SEEK_END)
                 size = body.tell()
                 body.seek(0)
-            async with self._transfer():
+            async with self.transfers:
                 address = await put_stream(self.session, body, name=name, size=size,
                                            owner=self.key.public_key, part_size=self.part_size)
         except BaseException:
@@ -429,7 +429,7 @@ class Gateway:
             request.setHeader(b"cache-control", b"no-store")
 
         try:
-            async with self._transfer():
+            async with self.transfers:
                 await get_to_stream(self.session, address, out, key=self.key, on_manifest=on_manifest,
                                     drain=out.drain)
         except BaseException as e:
@@ -452,19 +452,6 @@ class Gateway:
         self.served += 1
         return b""
 
-    def _transfer(self) -> "_Slot":
-        return _Slot(self.transfers)
-
-
-class _Slot:
-    def __init__(self, semaphore: defer.DeferredSemaphore) -> None:
-        self._semaphore = semaphore
-
-    async def __aenter__(self) -> None:
-        await self._semaphore.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._semaphore.release()
 
 
 _QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)

@@ -122,13 +122,12 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         run: list[bytes] = []
         forwarded = 0
         for segment in segments:
-            self.received += 1
             if segment[:hlen] != header_in:  # another peer (or not relayed): on its own
-                self.received -= 1
                 self._send_relayed_run(sock, run, dst_addr)
                 run = []
-                self.datagramReceived(segment, addr)
+                self.datagramReceived(segment, addr)  # counts it
                 continue
+            self.received += 1
             n = len(segment) - hlen
             if n <= 0 or not relays.forward(src, dst, n, now):
                 self.dropped += 1
