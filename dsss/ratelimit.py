@@ -9,7 +9,7 @@ it grow without bound.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable
+from typing import Hashable, Sequence
 
 
 class RateLimiter:
@@ -24,17 +24,25 @@ class RateLimiter:
 
     def allow(self, key: Hashable, now: float, cost: float = 1.0) -> bool:
         """Take `cost` tokens from `key`'s bucket if it has them."""
+        return self.admit(key, now, (cost,)) == 1
+
+    def admit(self, key: Hashable, now: float, costs: Sequence[float]) -> int:
+        """Requests arriving together at `now` (a run of packets), in order: take tokens for as
+        many leading ones as the bucket holds, refuse the rest (all after the first that does
+        not fit). Returns how many were allowed. One table update however long the run."""
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
-        ok = tokens >= cost
-        if ok:
+        allowed = 0
+        for cost in costs:
+            if tokens < cost:
+                break
             tokens -= cost
-        else:
-            self.refused += 1
+            allowed += 1
+        self.refused += len(costs) - allowed
         self._buckets[key] = (tokens, now)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
-        return ok
+        return allowed
 
     def __len__(self) -> int:
         return len(self._buckets)

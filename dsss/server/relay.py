@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 from dsss.model import PeerAddress
 from dsss.ratelimit import RateLimiter
@@ -47,6 +48,11 @@ class RelayTable:
 
     def forward(self, src: PeerAddress, dst: PeerAddress, size: int, now: float) -> bool:
         """Whether a packet of `size` bytes from src may go to dst (in either direction)."""
+        return self.forward_run(src, dst, (size,), now) == 1
+
+    def forward_run(self, src: PeerAddress, dst: PeerAddress, sizes: Sequence[int], now: float) -> int:
+        """How many of a run of packets from src to dst (arriving together, in order) may go:
+        the leading ones within the pair's limit; the rest are dropped (counted)."""
         key = (src, dst)
         pair = self._pairs.get(key)
         agent = dst
@@ -55,21 +61,24 @@ class RelayTable:
             pair = self._pairs.get(key)
             agent = src
         if pair is None:
-            return False
+            return 0
         if now - pair.last > self.idle:
             del self._pairs[key]
-            return False
-        if not self._limiter.allow(key, now, cost=size):
-            self.dropped_bytes += size
-            return False
+            return 0
+        allowed = self._limiter.admit(key, now, sizes)
+        if allowed < len(sizes):
+            self.dropped_bytes += sum(sizes[allowed:])
+        if not allowed:
+            return 0
+        moved = sum(sizes[:allowed])
         pair.last = now
-        pair.bytes += size
-        self.relayed_bytes += size
+        pair.bytes += moved
+        self.relayed_bytes += moved
         self._agent_last[agent] = now
         if len(self._agent_last) > self.max_pairs:
             cutoff = now - self.idle
             self._agent_last = {a: t for a, t in self._agent_last.items() if t >= cutoff}
-        return True
+        return allowed
 
     def recently_relayed(self, agent: PeerAddress, now: float) -> bool:
         last = self._agent_last.get(agent)

@@ -118,23 +118,31 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
                 self.datagramReceived(segment, addr)
             return
         now = self.server.clock.seconds()
-        relays = self.server.relays
-        run: list[bytes] = []
+        run: list[bytes] = []  # payloads of consecutive segments for dst
         forwarded = 0
+
+        def flush() -> None:
+            nonlocal forwarded
+            if not run:
+                return
+            allowed = self.server.relays.forward_run(src, dst, [len(p) for p in run], now)
+            self.dropped += len(run) - allowed
+            if allowed:
+                self._send_relayed_run(sock, [header_out + p for p in run[:allowed]], dst_addr)
+                forwarded += sum(len(p) for p in run[:allowed])
+            run.clear()
+
         for segment in segments:
             if segment[:hlen] != header_in:  # another peer (or not relayed): on its own
-                self._send_relayed_run(sock, run, dst_addr)
-                run = []
+                flush()
                 self.datagramReceived(segment, addr)  # counts it
                 continue
             self.received += 1
-            n = len(segment) - hlen
-            if n <= 0 or not relays.forward(src, dst, n, now):
+            if len(segment) <= hlen:
                 self.dropped += 1
                 continue
-            run.append(header_out + segment[hlen:])
-            forwarded += n
-        self._send_relayed_run(sock, run, dst_addr)
+            run.append(segment[hlen:])
+        flush()
         metrics = getattr(self.server, "metrics", None)
         if metrics is not None and forwarded:
             metrics.relayed_bytes(forwarded)

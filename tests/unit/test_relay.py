@@ -46,3 +46,16 @@ def test_table_is_bounded():
     for i in range(100):
         t.authorize(PeerAddress("10.0.0.1", 1000 + i), A, 0.0)
     assert len(t) == 10
+
+
+def test_a_run_goes_in_one_piece_up_to_the_limit_and_the_rest_is_counted_dropped():
+    t = RelayTable(limit=1_000_000)  # burst 256 KiB
+    assert t.forward_run(C, A, [1000] * 10, 0.0) == 0  # not authorized: nothing goes
+    t.authorize(C, A, 0.0)
+    assert t.forward_run(C, A, [1000] * 10, 0.0) == 10
+    assert t.forward_run(A, C, [], 0.0) == 0
+    allowed = t.forward_run(C, A, [1000] * 1000, 0.0)
+    assert allowed == 256 * 1024 // 1000 - 10
+    assert t.relayed_bytes == (allowed + 10) * 1000
+    assert t.dropped_bytes == (1000 - allowed) * 1000
+    assert t.recently_relayed(A, 0.0)
