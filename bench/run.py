@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    compile_bytecode,
     BENCH_DIR,
     MiB,
     REPO_ROOT,
@@ -614,6 +615,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (files, logs, stores)")
     args = ap.parse_args()
     names = args.only or ALL
+    compile_bytecode()
     bench = Bench(args)
     started = time.monotonic()
     log(f"work directory {bench.work}; results to {args.json}")

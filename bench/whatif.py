@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import file_digest, log, make_random_file, render_table, stat_cells, summary  # noqa: E402
+from common import compile_bytecode, file_digest, log, make_random_file, render_table, stat_cells, summary  # noqa: E402
 from dsss_bench import DsssNetwork  # noqa: E402
 
 from dsss.model import parse_size  # noqa: E402
@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    compile_bytecode()
     size = parse_size(args.size)
     variants = [parse_variant(v) for v in args.variants]
     work = Path(tempfile.mkdtemp(prefix="dsss-whatif-"))
