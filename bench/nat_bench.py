@@ -10,13 +10,18 @@ and agents' default off loopback), the discovery server on the wan (198.51.100.1
   transfer goes through the server's relay, at its default per-pair limit (`--relay-limit`,
   10 MiB/s per client/agent pair).
 
-The client runs with `-v`, and the path it reports for every agent is recorded, so a figure
-is never attributed to the wrong path. Needs root (namespaces, iptables).
+Each repeat stores and reads back the file twice, with the CLI (a new process per call) and
+through `dsss gateway` running on the client's host and driven by curl there (as Tahoe's web API
+is on loopback; the targets compare that pair), the order alternating between repeats. The
+client and the gateway run with `-v`, and the path they report for every agent is recorded, so
+a figure is never attributed to the wrong path. Needs root (namespaces, iptables).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,71 @@ from common import MiB, file_digest, log, proc_cpu, run_timed, summary
 
 from dsss.crypto.keys import generate_key_file
 from dsss.harness import AGENT_READY, child_env
-from dsss.netns import NatLab, NatNetwork, paths_used, unavailable_reason
+from dsss.netns import Host, NatLab, NatNetwork, paths_used, unavailable_reason
 
 
 def unavailable() -> str | None:
     return unavailable_reason()
+
+
+class _Gateway:
+    """`dsss gateway` on the client's lab host (loopback of its namespace), driven by curl there,
+    as Tahoe's web API is on loopback: the like-for-like figure for the targets. With `-v` it
+    reports the path to every agent it used when it stops."""
+
+    def __init__(self, lab: NatLab, net: NatNetwork, host: Host, base: Path) -> None:
+        self.lab, self.host = lab, host
+        self.log_path = base / "gateway.log"
+        cmd = net.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1", host=host, options=("-v",))
+        self.proc = subprocess.Popen(cmd, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=open(self.log_path, "ab"))
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode(errors="replace")
+        if "listening on " not in line:
+            self.stop()
+            raise RuntimeError(f"the gateway did not start: {line!r}; see {self.log_path}")
+        self.url = line.split("listening on ", 1)[1].split()[0].rstrip("/")
+        self.token = Path(line.split("(token in ", 1)[1].split(")")[0]).read_text().strip()
+
+    def curl(self, *args: str) -> dict[str, Any]:
+        """One curl call: run_timed's figures and the gateway's CPU."""
+        cpu = proc_cpu(self.proc.pid)
+        r = run_timed([*self.lab.exec_prefix(self.host), "curl", "-sS", "-f", "-H", "Expect:",
+                       "-H", f"Authorization: Bearer {self.token}", *args], env=child_env())
+        r["gateway_cpu_s"] = round(proc_cpu(self.proc.pid) - cpu, 3)
+        return r
+
+    def stop(self) -> dict[str, str]:
+        """Stop it; the paths it reported (agent address -> direct or relay)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return paths_used(self.log_path.read_bytes())
+
+
+def _op(how: str, net: NatNetwork, gw: _Gateway, host: Host, pids: dict[str, int], op: str,
+        arg: str, out: Path) -> dict[str, Any]:
+    """One put (arg: the file) or get (arg: the address, into `out`), through the CLI or the gateway."""
+    before = {k: proc_cpu(p) for k, p in pids.items()}
+    if how == "cli":
+        args = ("put", arg) if op == "put" else ("get", arg, "-o", str(out))
+        r = run_timed(net.client_command(*args, host=host, options=("-v",)), env=child_env())
+    else:
+        r = gw.curl("-T", arg, f"{gw.url}/files?name=nat.bin") if op == "put" else gw.curl("-o", str(out), f"{gw.url}/files/{arg}")
+    if r["rc"] != 0:
+        raise RuntimeError(f"{op} ({how}) across the NAT lab failed: {r['stderr'][-1500:]}")
+    done = {"seconds": r["seconds"], "maxrss_kb": r["maxrss_kb"], "cpu_s": r["cpu_s"],
+            "daemons_cpu_s": {k: round(proc_cpu(p) - before[k], 3) for k, p in pids.items()}}
+    if how == "cli":
+        done["paths"] = paths_used(r["stderr"])
+    else:
+        done["gateway_cpu_s"] = r["gateway_cpu_s"]
+    if op == "put":
+        done["address"] = r["stdout"].split()[0] if how == "cli" else json.loads(r["stdout"])["address"]
+    return done
 
 
 def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dict[str, Any]:
@@ -40,6 +105,7 @@ def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dic
     client_host = lab.add_router("cone", hosts=1).hosts[0]
     shutil.rmtree(base, ignore_errors=True)
     net = NatNetwork(lab, base, heartbeat=1.0, replicas=3)
+    gw: _Gateway | None = None
     try:
         net.start_server()
         agents = [net.start_agent(f"agent-{h.label}", wait=False, host=h) for h in agent_hosts]
@@ -48,48 +114,46 @@ def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dic
             a.agent_id, a.address = m.group(1), m.group(2)
         net.wait_live(len(agents))
         generate_key_file(net.key)
-        env = child_env()
+        gw = _Gateway(lab, net, client_host, base)
         digest = file_digest(src)
         size = src.stat().st_size
-        puts: list[dict[str, Any]] = []
-        gets: list[dict[str, Any]] = []
+        pids = {"server": net.server.pid, **{a.name: a.pid for a in agents}}  # type: ignore[union-attr]
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {h: {"put": [], "get": []} for h in ("cli", "gateway")}
         for i in range(repeat):
-            pids = {"server": net.server.pid, **{a.name: a.pid for a in agents}}  # type: ignore[union-attr]
-            before = {k: proc_cpu(p) for k, p in pids.items()}
-            r = run_timed(net.client_command("put", str(src), host=client_host, options=("-v",)), env=env)
-            if r["rc"] != 0:
-                raise RuntimeError(f"put across the NAT lab ({kind}) failed: {r['stderr'][-1500:]}")
-            address = r["stdout"].split()[0]
-            put_paths = paths_used(r["stderr"])
-            puts.append({"seconds": r["seconds"], "mbps": size / 1e6 / r["seconds"], "maxrss_kb": r["maxrss_kb"],
-                         "cpu_s": r["cpu_s"], "paths": put_paths,
-                         "daemons_cpu_s": {k: round(proc_cpu(p) - before[k], 3) for k, p in pids.items()}})
-            out = base / f"out-{i}.bin"
-            before = {k: proc_cpu(p) for k, p in pids.items()}
-            r = run_timed(net.client_command("get", address, "-o", str(out), host=client_host, options=("-v",)), env=env)
-            if r["rc"] != 0:
-                raise RuntimeError(f"get across the NAT lab ({kind}) failed: {r['stderr'][-1500:]}")
-            ok = file_digest(out) == digest
-            out.unlink()
-            if not ok:
-                raise RuntimeError(f"get across the NAT lab ({kind}) returned different bytes")
-            gets.append({"seconds": r["seconds"], "mbps": size / 1e6 / r["seconds"], "maxrss_kb": r["maxrss_kb"],
-                         "cpu_s": r["cpu_s"], "paths": paths_used(r["stderr"]),
-                         "daemons_cpu_s": {k: round(proc_cpu(p) - before[k], 3) for k, p in pids.items()}})
-            log(f"nat {kind}: put {puts[-1]['mbps']:.1f} MB/s {sorted(set(put_paths.values()))}, "
-                f"get {gets[-1]['mbps']:.1f} MB/s {sorted(set(gets[-1]['paths'].values()))}")
+            # Alternate which goes first, so a drift in the machine's load favours neither.
+            for how in ("cli", "gateway") if i % 2 == 0 else ("gateway", "cli"):
+                out = base / f"out-{how}-{i}.bin"
+                put = _op(how, net, gw, client_host, pids, "put", str(src), out)
+                get = _op(how, net, gw, client_host, pids, "get", put["address"], out)
+                ok = file_digest(out) == digest
+                out.unlink()
+                if not ok:
+                    raise RuntimeError(f"get across the NAT lab ({kind}, {how}) returned different bytes")
+                for op, r in (("put", put), ("get", get)):
+                    r["mbps"] = size / 1e6 / r["seconds"]
+                    runs[how][op].append(r)
+                seen = " ".join(str(sorted(set(r["paths"].values()))) for r in (put, get) if "paths" in r)
+                log(f"nat {kind} {how}: put {put['mbps']:.1f} MB/s, get {get['mbps']:.1f} MB/s {seen}")
+        gw_paths, gw = gw.stop(), None
         status = net.status()
         return {
             "kind": kind,
             "agents_behind": [r.kind for r in routers],
             "client_behind": "cone",
-            "put_mbps": summary(p["mbps"] for p in puts),
-            "get_mbps": summary(g["mbps"] for g in gets),
-            "paths_seen": sorted({v for op in puts + gets for v in op["paths"].values()}),
+            "put_mbps": summary(p["mbps"] for p in runs["cli"]["put"]),
+            "get_mbps": summary(g["mbps"] for g in runs["cli"]["get"]),
+            "gw_put_mbps": summary(p["mbps"] for p in runs["gateway"]["put"]),
+            "gw_get_mbps": summary(g["mbps"] for g in runs["gateway"]["get"]),
+            "paths_seen": sorted({v for ops in runs["cli"].values() for r in ops for v in r["paths"].values()}),
+            "gw_paths_seen": sorted(set(gw_paths.values())),
             "relayed_bytes": status["activity"].get("relayed-bytes"),
-            "runs": {"put": puts, "get": gets},
+            "relay_dropped_bytes": status["activity"].get("relay-dropped-bytes"),
+            "runs": runs["cli"],
+            "gw_runs": runs["gateway"],
         }
     finally:
+        if gw is not None:
+            gw.stop()
         net.stop()
 
 
