@@ -749,16 +749,13 @@ class QuicConnectionHandle:
         self._quic.receive_datagram(data, addr, now)
         self._changed()
 
-    def _receive_segments(self, buffer: bytes, segment_size: int, addr: Address, now: float) -> None:
-        """Several datagrams of this connection, back to back, each C{segment_size} bytes
-        (the last may be shorter), read at once: they go to qh3's native core in one
-        C{receive_many_datagrams} call, and their events are processed once.  (qh3's
-        C{receive_gro_buffer} takes the buffer as it is, but it measured no faster, and a
-        connection stalled once under it in CI; see docs/performance.md, step 13.)"""
-        self._quic.receive_many_datagrams(
-            [buffer[offset : offset + segment_size] for offset in range(0, len(buffer), segment_size)],
-            addr, now,
-        )
+    def _receive_many(self, datagrams: list[bytes], addr: Address, now: float) -> None:
+        """Several datagrams of this connection, read at once (a UDP GRO run, or a relayed
+        one unwrapped): they go to qh3's native core in one C{receive_many_datagrams} call,
+        and their events are processed once.  (qh3's C{receive_gro_buffer} takes a run's
+        buffer as it is, but it measured no faster, and a connection stalled once under it
+        in CI; see docs/performance.md, step 13.)"""
+        self._quic.receive_many_datagrams(datagrams, addr, now)
         self._changed()
 
     def _on_timer(self) -> None:
@@ -1236,9 +1233,10 @@ class QuicEndpoint(DatagramProtocol):
         Several datagrams from C{addr} in one read (UDP GRO): each is
         C{segment_size} bytes but the last, which may be shorter.  When they
         all are short-header QUIC packets for one known connection, qh3 takes
-        them in one call; anything else (control, relayed or handshake
-        datagrams, or packets for several connections) is handled one
-        datagram at a time.
+        them in one call, and so it does for a relay's run of such packets
+        from one peer already reached through it (unwrapped); anything else
+        (control or handshake datagrams, packets for several connections or
+        peers, a first relayed packet) is handled one datagram at a time.
         """
         try:
             size = len(buffer)
@@ -1247,14 +1245,12 @@ class QuicEndpoint(DatagramProtocol):
                 return
             peer = (addr[0], addr[1])
             first = buffer[0]
-            if not first & 0x80 and first != RELAY_PREFIX[0] and first != CONTROL_PREFIX[0]:
-                cid = buffer[1 : 1 + CONNECTION_ID_LENGTH]
-                handle = self._by_cid.get(cid)
-                if handle is not None and all(
-                    not buffer[i] & 0x80 and buffer[i + 1 : i + 1 + CONNECTION_ID_LENGTH] == cid
-                    for i in range(segment_size, size, segment_size)
-                ):
-                    handle._receive_segments(buffer, segment_size, peer, self._clock.seconds())
+            if first == RELAY_PREFIX[0]:
+                if peer in self._relay_servers and self._relayed_run(buffer, segment_size, peer):
+                    return
+            elif not first & 0x80 and first != CONTROL_PREFIX[0]:
+                datagrams = [buffer[i : i + segment_size] for i in range(0, size, segment_size)]
+                if self._one_connection(datagrams, peer):
                     return
         except Exception:
             log.failure("error handling datagrams from {addr!r}", addr=addr)
@@ -1262,6 +1258,39 @@ class QuicEndpoint(DatagramProtocol):
         view = memoryview(buffer)
         for i in range(0, size, segment_size):
             self.datagramReceived(bytes(view[i : i + segment_size]), addr)
+
+    def _one_connection(self, datagrams: list[bytes], peer: Address) -> bool:
+        """Give a run of datagrams to their connection in one call, if all of them are
+        short-header QUIC packets for one known connection; C{False} if not."""
+        cid = datagrams[0][1 : 1 + CONNECTION_ID_LENGTH]
+        handle = self._by_cid.get(cid)
+        if handle is None or not all(
+            d and not d[0] & 0x80 and d[0] != RELAY_PREFIX[0] and d[0] != CONTROL_PREFIX[0]
+            and d[1 : 1 + CONNECTION_ID_LENGTH] == cid
+            for d in datagrams
+        ):
+            return False
+        handle._receive_many(datagrams, peer, self._clock.seconds())
+        return True
+
+    def _relayed_run(self, buffer: bytes, segment_size: int, relay: Address) -> bool:
+        """A run from C{relay} whose datagrams all carry one relay header, of a peer already
+        reached through that relay, and wrap QUIC packets of one connection: unwrapped and
+        taken in one call. C{False} (nothing done) for anything else, which then goes
+        datagram by datagram (a first relayed packet, a mixed run, control inside)."""
+        try:
+            inner_peer, packet = decode_relay(buffer[:segment_size])
+        except RemoteProtocolError:
+            return False
+        if self._relay_peers.get(inner_peer) != relay or inner_peer in self._relay_servers:
+            return False
+        hlen = segment_size - len(packet)
+        header = buffer[:hlen]
+        size = len(buffer)
+        if any(buffer[i : i + hlen] != header for i in range(segment_size, size, segment_size)):
+            return False
+        datagrams = [buffer[i + hlen : i + segment_size] for i in range(0, size, segment_size)]
+        return self._one_connection(datagrams, inner_peer)
 
     def _receive_quic(self, data: bytes, addr: Address) -> None:
         now = self._clock.seconds()

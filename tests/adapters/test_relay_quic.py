@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import random
+import socket
+import struct
 
+import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from dsss.crypto.certs import make_certificate
@@ -12,7 +18,8 @@ from dsss.quic import QuicEndpoint
 from dsss.quic_testing import MemoryDatagramLink, run_until
 from dsss.server.service import DiscoveryServer, ServerConfig
 from dsss.server.udp import DiscoveryDatagramProtocol
-from dsss.wire.datagram import DRelay, DRelayed, encode_datagram, parse_datagram
+from dsss.udpgro import UDP_SEGMENT
+from dsss.wire.datagram import DRelay, DRelayed, decode_relay, encode_datagram, encode_relay, parse_datagram
 
 S = ("198.51.100.1", 8471)
 A = ("198.51.100.11", 40001)
@@ -20,10 +27,10 @@ C = ("198.51.100.13", 50001)
 KEY = "ab" * 16
 
 
-def setup(limit=10 * 1024 * 1024):
+def setup(limit=10 * 1024 * 1024, echo=False, **link_options):
     clock = Clock()
     clock.advance(100)
-    link = MemoryDatagramLink(clock)
+    link = MemoryDatagramLink(clock, **link_options)
     # Symmetric NATs: the client and the agent never reach each other directly.
     link.filter = lambda data, src, dst: {src, dst} != {A, C}
     server = DiscoveryServer(clock, ServerConfig(relay_limit=limit))
@@ -34,7 +41,10 @@ def setup(limit=10 * 1024 * 1024):
     def on_stream(stream):
         chunks = []
         stream.on_data = chunks.append
-        stream.on_end = lambda: (received.append(b"".join(chunks)), stream.write(block_hash(b"".join(chunks)).encode(), end=True))
+        def answer(data):  # the part's hash, or (echo) the data itself
+            return data if echo else block_hash(data).encode()
+
+        stream.on_end = lambda: (received.append(b"".join(chunks)), stream.write(answer(b"".join(chunks)), end=True))
 
     agent = QuicEndpoint(clock, on_control=lambda d, a: None, server_identity=make_certificate(seed), on_stream=on_stream)
     link.attach(agent, A)
@@ -92,8 +102,6 @@ def test_expired_key_does_not_open_the_relay():
 
 
 def test_spoofed_relay_packets_cannot_reroute_the_agent():
-    from dsss.wire.datagram import encode_relay
-
     clock, link, server, agent, client, controls, received, pub = setup()
     # A packet that seems to come from the server, claiming the server itself as the peer,
     # must not make the agent wrap its own keepalives for the relay.
@@ -110,17 +118,66 @@ def test_spoofed_relay_packets_cannot_reroute_the_agent():
     assert not agent.relayed(direct)
 
 
+@pytest.mark.parametrize("loss", [0.0, 0.02])
+def test_runs_from_the_relay_are_unwrapped_and_taken_whole(loss, monkeypatch):
+    """With the link handing over runs (UDP GRO), the relay's runs of one peer's packets reach
+    that peer's connection in one call: on the agent during an upload, and on the client for a
+    run of the agent's packets; the transfer arrives intact, also with loss."""
+    from dsss.quic import QuicConnectionHandle
+
+    clock, link, server, agent, client, controls, received, pub = setup(
+        echo=True, gro=True, loss=loss, rng=random.Random(7), record=True)
+    runs = []
+    original = QuicConnectionHandle._receive_many
+
+    def spy(self, datagrams, addr, now):
+        runs.append((addr, len(datagrams)))
+        original(self, datagrams, addr, now)
+
+    monkeypatch.setattr(QuicConnectionHandle, "_receive_many", spy)
+    server._remember_key(KEY, PeerAddress(*C), PeerAddress(*A))
+    client.send_control(encode_datagram(DRelay(KEY)), S)
+    run_until(clock, lambda: bool(controls), timeout=2)
+    client.relay_via(A, S)
+    data = os.urandom(400_000)
+    results = []
+    d = client.connect(A, expected_public_key=pub)
+    d.addCallback(lambda conn: conn.request(data, max_response=len(data)))
+    d.addBoth(results.append)
+    assert run_until(clock, lambda: bool(results), timeout=60)
+    assert results[0] == data
+    assert received == [data]
+    assert any(addr == C and n > 1 for addr, n in runs)  # the upload reached the agent in runs
+    # Three same-size packets the relay passed from the agent to the client, read as one run.
+    wrapped = [d for d, src, dst in link.stats.log if src == S and dst == C and d[:1] == encode_relay(A, b"")[:1]]
+    size = max(set(map(len, wrapped)), key=[len(w) for w in wrapped].count)
+    three = [w for w in wrapped if len(w) == size and not decode_relay(w)[1][0] & 0x80][:3]
+    assert len(three) == 3
+    runs.clear()
+    client.segmentsReceived(b"".join(three), size, S)
+    assert runs == [(A, 3)]
+
+
+def test_a_relayed_run_mixing_peers_goes_datagram_by_datagram():
+    """A run from the relay whose packets are not all from one peer already reached through it
+    is not unwrapped as a whole: each packet is taken on its own, as it would be alone."""
+    clock, link, server, agent, client, controls, received, pub = setup()
+    client.relay_via(A, S)
+    seen = []
+    client._receive_quic = lambda data, addr: seen.append((data, addr))  # type: ignore[method-assign]
+    other = ("198.51.100.12", 40002)  # not reached through the relay (yet)
+    packets = [b"\x40" + os.urandom(99) for _ in range(3)]
+    wrapped = [encode_relay(A, packets[0]), encode_relay(other, packets[1]), encode_relay(A, packets[2])]
+    client.segmentsReceived(b"".join(wrapped), len(wrapped[0]), S)
+    assert seen == [(packets[0], A), (packets[1], other), (packets[2], A)]
+    # From an address that is not a relay, a relayed run is not unwrapped at all.
+    seen.clear()
+    client.segmentsReceived(b"".join(wrapped), len(wrapped[0]), ("198.51.100.99", 1))
+    assert seen == []
+
+
 # --- relayed runs: read with UDP GRO, forwarded with UDP segmentation offload ----------------------
 
-import errno  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
-
-import pytest  # noqa: E402
-import pytest_twisted  # noqa: E402
-
-from dsss.udpgro import UDP_SEGMENT  # noqa: E402
-from dsss.wire.datagram import decode_relay, encode_relay  # noqa: E402
 
 
 class RecordingSocket:
