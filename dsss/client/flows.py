@@ -81,6 +81,9 @@ class Session:
     # gateway give the reactor's thread pool (PyNaCl and blake3 release the GIL), so that the
     # reactor thread keeps the QUIC connections busy meanwhile. None: on the calling thread.
     offload: Callable[..., defer.Deferred[Any]] | None = None
+    # Downloads in flight per agent: a part is fetched from the holder with the fewest, so that
+    # the parts in flight spread over the agents (and over the relay's per-pair limits).
+    fetching: dict[PeerAddress, int] = field(default_factory=dict)
 
     async def run(self, f: Callable[..., _T], *args: Any) -> _T:
         if self.offload is None:
@@ -245,11 +248,13 @@ async def fetch_block(session: Session, block: str, *, what: str = "part") -> by
     if not holders:
         raise NotFound(f"no agent has {what} {block}")
     session.rng.shuffle(holders)
+    holders.sort(key=lambda h: session.fetching.get(h, 0))  # the least busy first; ties shuffled
     me = session.peers.public_address
     assert me is not None
     errors = []
     corrupt = 0
     for holder in holders:
+        session.fetching[holder] = session.fetching.get(holder, 0) + 1
         try:
             intro = await session.discovery.introduce_me(holder, block, 0, me)
             return await session.peers.download(intro, block)
@@ -258,6 +263,10 @@ async def fetch_block(session: Session, block: str, *, what: str = "part") -> by
             errors.append(str(e))
         except DSSSError as e:
             errors.append(str(e))
+        finally:
+            left = session.fetching.pop(holder) - 1
+            if left:
+                session.fetching[holder] = left
     if corrupt == len(holders):
         raise IntegrityError(f"{what} {block} is corrupt on every replica")
     raise Unavailable(f"could not fetch {what} {block} from any of {len(holders)} agents: {errors[-1]}")

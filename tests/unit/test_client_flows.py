@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import random
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,6 +19,7 @@ from twisted.internet import defer
 from dsss.client.discovery import Introduction
 from dsss.client.flows import (
     INLINE_MAX,
+    fetch_block,
     files_in_flight,
     get_files,
     get_to_stream,
@@ -25,7 +28,7 @@ from dsss.client.flows import (
 )
 from dsss.crypto.manifest import open_manifest
 from dsss.errors import NotFound, Unavailable, WrongKey
-from dsss.model import block_hash
+from dsss.model import PeerAddress, block_hash
 from tests.unit.test_client_catalog_config import FakeNetwork, result_of
 
 OWNER = PrivateKey.generate()
@@ -407,3 +410,47 @@ def test_a_first_agent_that_fails_is_replaced_and_chaining_goes_on() -> None:
     assert net.chained_uploads == [[b, c, d]]
     assert net.chain_requests == [True, True] and net.calls[1] == (3, [a])
     assert session.chain is True and session.chain_breaks == 0
+
+
+class SlowAgents(FakeNetwork):
+    """Downloads that finish only when the test says so; who-has lists every live agent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[PeerAddress, defer.Deferred[None]]] = []
+
+    async def download(self, intro: Introduction, block: str) -> bytes:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append((intro.address, d))
+        await d
+        return await super().download(intro, block)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_parts_in_flight_are_fetched_from_the_least_busy_holders(seed: int) -> None:
+    net = SlowAgents()
+    holders = net.add_agents(3)
+    blocks = []
+    for _ in range(13):
+        data = os.urandom(100)
+        blocks.append(block_hash(data))
+        net.store(blocks[-1], data, holders)
+    session = net.session()
+    session.rng = random.Random(seed)  # the order among equally busy holders
+    fetches = [defer.ensureDeferred(fetch_block(session, b)) for b in blocks[:12]]
+    # Twelve parts in flight at once, each held by all three agents: four from each.
+    assert sorted(Counter(a for a, _ in net.waiting).values()) == [4, 4, 4]
+    assert session.fetching == {h: 4 for h in holders}
+    first = net.waiting[0][0]
+    for a, d in net.waiting[:12]:
+        if a == first:
+            d.callback(None)
+    # The next part goes to the agent that finished its four.
+    last = defer.ensureDeferred(fetch_block(session, blocks[12]))
+    assert net.waiting[12][0] == first
+    for _, d in net.waiting[:13]:
+        if not d.called:
+            d.callback(None)
+    assert [result_of(f) for f in fetches] == [blob_of(net, b) for b in blocks[:12]]
+    assert result_of(last) == blob_of(net, blocks[12])
+    assert session.fetching == {}  # nothing left counted once all are done
