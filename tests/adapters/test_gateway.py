@@ -24,6 +24,7 @@ import dsss
 from dsss.client import catalog
 from dsss.client.gateway import (
     BODY_BUFFER,
+    BODY_READ_SIZE,
     STREAM_BODY_FROM,
     BodyPipe,
     Gateway,
@@ -584,6 +585,18 @@ def test_the_body_streams_into_the_put_as_it_arrives(tmp_path: Path) -> None:
     doc = json.loads(raw)
     assert doc["parts"] == 8 and doc["size"] == len(data)
     assert rig.get(f"/files/{doc['address']}")[2] == data
+
+
+def test_a_streamed_body_is_read_from_its_socket_in_large_pieces(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    small, large = rig.conn(), rig.conn()
+    small.send(request_head("PUT", "/files?name=small", length=STREAM_BODY_FROM - 1))
+    large.send(request_head("PUT", "/files?name=large", length=STREAM_BODY_FROM))
+    assert getattr(small.transport, "bufferSize", None) is None  # Twisted's own read size
+    assert large.transport.bufferSize == BODY_READ_SIZE  # type: ignore[attr-defined]
+    for c, size in ((small, STREAM_BODY_FROM - 1), (large, STREAM_BODY_FROM)):
+        c.send(os.urandom(size))
+        assert c.response()[0] == 201
 
 
 def test_a_streamed_put_with_parts_larger_than_the_body_buffer(tmp_path: Path) -> None:
