@@ -32,6 +32,32 @@ def compile_bytecode() -> None:
         compileall.compile_dir(str(REPO_ROOT / d), quiet=1)
 
 
+def start_gateway(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Run `dsss gateway` (`cmd`, with `--listen` on port 0), its log appended to `log_path`;
+    once it listens, (the process, its URL, its token)."""
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(list(cmd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=log_file)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode(errors="replace")
+    if "listening on " not in line:
+        stop_process(proc)
+        raise RuntimeError(f"the gateway did not start: {line!r}; see {log_path}")
+    url = line.split("listening on ", 1)[1].split()[0].rstrip("/")
+    token = Path(line.split("(token in ", 1)[1].split(")")[0]).read_text().strip()
+    return proc, url, token
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; waits for it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 # --- statistics ---------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import proc_cpu, proc_status_kb, run_timed
+from common import proc_cpu, proc_status_kb, run_timed, start_gateway, stop_process
 
 from dsss.harness import LocalNetwork, child_env
 
@@ -57,28 +57,14 @@ class DsssNetwork:
         """Start `dsss gateway` (once) with the network's client options and `options`."""
         if self.gateway is not None:
             return
-        log_path = self.net.base / "gateway.log"
-        self.gateway = subprocess.Popen(
-            self.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1", *options), env=self.env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(log_path, "ab"))
-        assert self.gateway.stdout is not None
-        line = self.gateway.stdout.readline().decode(errors="replace")
-        if "listening on " not in line:
-            self.stop_gateway()
-            raise RuntimeError(f"the gateway did not start: {line!r}; see {log_path}")
-        self.gateway_url = line.split("listening on ", 1)[1].split()[0].rstrip("/")
-        self._token = Path(line.split("(token in ", 1)[1].split(")")[0]).read_text().strip()
+        self.gateway, self.gateway_url, self._token = start_gateway(
+            self.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1", *options), self.env,
+            self.net.base / "gateway.log")
 
     def stop_gateway(self) -> None:
         gw, self.gateway = self.gateway, None
-        if gw is None:
-            return
-        gw.terminate()
-        try:
-            gw.wait(15)
-        except subprocess.TimeoutExpired:
-            gw.kill()
-            gw.wait()
+        if gw is not None:
+            stop_process(gw)
 
     def _curl(self, *args: str) -> dict[str, Any]:
         """One curl call against the gateway: run_timed's figures, the gateway's CPU and peak RSS

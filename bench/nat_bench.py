@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from common import MiB, file_digest, log, proc_cpu, run_timed, summary
+from common import MiB, file_digest, log, proc_cpu, run_timed, start_gateway, stop_process, summary
 
 from dsss.crypto.keys import generate_key_file
 from dsss.harness import AGENT_READY, child_env
@@ -45,15 +44,7 @@ class _Gateway:
         self.lab, self.host = lab, host
         self.log_path = base / "gateway.log"
         cmd = net.client_command("gateway", "--listen", "tcp:0:interface=127.0.0.1", host=host, options=("-v",))
-        self.proc = subprocess.Popen(cmd, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=open(self.log_path, "ab"))
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode(errors="replace")
-        if "listening on " not in line:
-            self.stop()
-            raise RuntimeError(f"the gateway did not start: {line!r}; see {self.log_path}")
-        self.url = line.split("listening on ", 1)[1].split()[0].rstrip("/")
-        self.token = Path(line.split("(token in ", 1)[1].split(")")[0]).read_text().strip()
+        self.proc, self.url, self.token = start_gateway(cmd, child_env(), self.log_path)
 
     def curl(self, *args: str) -> dict[str, Any]:
         """One curl call: run_timed's figures and the gateway's CPU."""
@@ -65,12 +56,7 @@ class _Gateway:
 
     def stop(self) -> dict[str, str]:
         """Stop it; the paths it reported (agent address -> direct or relay)."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         return paths_used(self.log_path.read_bytes())
 
 

@@ -31,10 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    compile_bytecode,
     BENCH_DIR,
-    MiB,
     REPO_ROOT,
+    MiB,
+    compile_bytecode,
     file_digest,
     fmt,
     load_average,
