@@ -1264,11 +1264,9 @@ class QuicEndpoint(DatagramProtocol):
         short-header QUIC packets for one known connection; C{False} if not."""
         cid = datagrams[0][1 : 1 + CONNECTION_ID_LENGTH]
         handle = self._by_cid.get(cid)
-        if handle is None or not all(
-            d and not d[0] & 0x80 and d[0] != RELAY_PREFIX[0] and d[0] != CONTROL_PREFIX[0]
-            and d[1 : 1 + CONNECTION_ID_LENGTH] == cid
-            for d in datagrams
-        ):
+        # A short header has the form bit clear and the fixed bit set (0x40-0x7f: never DSSS's
+        # control or relay prefix), then the destination connection ID.
+        if handle is None or not all(d and 0x40 <= d[0] < 0x80 and d.startswith(cid, 1) for d in datagrams):
             return False
         handle._receive_many(datagrams, peer, self._clock.seconds())
         return True
