@@ -1285,7 +1285,7 @@ class QuicEndpoint(DatagramProtocol):
         hlen = segment_size - len(packet)
         header = buffer[:hlen]
         size = len(buffer)
-        if any(buffer[i : i + hlen] != header for i in range(segment_size, size, segment_size)):
+        if not all(buffer.startswith(header, i) for i in range(segment_size, size, segment_size)):
             return False
         datagrams = [buffer[i + hlen : i + segment_size] for i in range(0, size, segment_size)]
         return self._one_connection(datagrams, inner_peer)
