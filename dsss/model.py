@@ -12,6 +12,7 @@ from dsss.errors import BadRequest
 
 HASH_HEX_LEN = 64
 _HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+_BLOCK_ID_RE = re.compile(r"\As?[0-9a-f]{64}\Z")
 _HOSTPORT_RE = re.compile(r"\A(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})\Z")
 
 
@@ -28,15 +29,48 @@ def block_hasher() -> "blake3.blake3":
     return blake3.blake3()
 
 
+SHARE_PREFIX = "s"
+"""What starts a share ID: the address of one erasure-coded share of a part, `s` and BLAKE3 of
+the share's bytes. A share is stored on one agent only (the other shares are its redundancy), so
+nothing copies it to reach the replica count; a plain part ID is the 64 hex characters alone."""
+
+
+def share_id(data: bytes) -> str:
+    """The address of a share: SHARE_PREFIX followed by `block_hash` of its bytes."""
+    return SHARE_PREFIX + block_hash(data)
+
+
 def is_block_id(text: str) -> bool:
-    return bool(_HASH_RE.match(text))
+    """Whether text is a part ID: a plain one (64 lowercase hex characters) or a share ID."""
+    return isinstance(text, str) and bool(_BLOCK_ID_RE.match(text))
+
+
+def is_share_id(block: str) -> bool:
+    """Whether block is a share ID (SHARE_PREFIX and 64 lowercase hex characters)."""
+    return is_block_id(block) and block.startswith(SHARE_PREFIX)
 
 
 def check_block_id(text: str) -> str:
-    """Return text if it is 64 lowercase hex characters, else raise BadRequest."""
-    if not isinstance(text, str) or not _HASH_RE.match(text):
-        raise BadRequest(f"not a part hash (64 lowercase hex characters): {text[:80]!r}")
+    """Return text if it is a part ID (64 lowercase hex characters, or a share ID: `s` and 64
+    lowercase hex characters), else raise BadRequest."""
+    if not isinstance(text, str) or not _BLOCK_ID_RE.match(text):
+        raise BadRequest(
+            f"not a part hash (64 lowercase hex characters, or 's' and 64 for a share): {str(text)[:80]!r}"
+        )
     return text
+
+
+def content_hash(block: str) -> str:
+    """The BLAKE3 of the bytes a part ID names (its 64 hex characters, without a share's
+    prefix); BadRequest if block is not a part ID."""
+    check_block_id(block)
+    return block[len(SHARE_PREFIX):] if block.startswith(SHARE_PREFIX) else block
+
+
+def matches(block: str, data: bytes) -> bool:
+    """Whether data are the bytes the part ID names: BLAKE3 of data equals the ID's hash part,
+    for plain and share IDs alike. False for anything that is not a part ID."""
+    return is_block_id(block) and block_hash(data) == content_hash(block)
 
 
 @dataclass(frozen=True, order=True)

@@ -24,7 +24,7 @@ from dsss.errors import (
     Timeout,
     Unavailable,
 )
-from dsss.model import PeerAddress, block_hash
+from dsss.model import PeerAddress, matches
 from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import (
@@ -294,7 +294,7 @@ class PeerNetwork:
             raise self._refused(reply, intro)
         if reply.size is None or reply.size != len(body):
             raise PeerError(f"agent {intro.address} sent a truncated part")
-        if block_hash(body) != block:
+        if not matches(block, body):
             raise IntegrityError(f"agent {intro.address} sent bytes that do not match the part's hash")
         return body
 

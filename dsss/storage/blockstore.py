@@ -5,12 +5,17 @@ Layout under the storage directory:
 
     FORMAT                    the store's format and address hash: "dsss-store 2 blake3"
     blocks/ab/cd/abcd...      one file per part, named by BLAKE3 of its bytes (lowercase hex)
+    blocks/ab/cd/sabcd...     one file per share, named by its share ID ("s" and BLAKE3 of its
+                              bytes), fanned out by the hash like a part
     incoming/                 parts being written; never visible as blocks
     quarantine/               parts whose bytes no longer match their hash (bit rot), moved aside
 
 A write goes to incoming/, is hashed as it arrives, is checked for size and hash, fsynced and only
 then renamed into blocks/ (and the directory fsynced), so a part is either wholly there or absent.
-A hash that is not 64 lowercase hex characters is refused before any path is built.
+A hash that is not a part ID (64 lowercase hex characters, or a share ID: "s" and 64) is refused
+before any path is built. A share is checked against BLAKE3 of its bytes (the ID's hash part)
+exactly as a part is. A plain ID's path is the one it had before share IDs existed, so FORMAT
+did not change with them.
 
 A store made before FORMAT existed (DSSS 0.1.0) names its parts by BLAKE2b-256; the parts of such
 a store cannot be checked against BLAKE3 addresses, so it is refused as it is (StoreFormatError)
@@ -29,7 +34,7 @@ from typing import Iterator
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError, StorageFull
-from dsss.model import block_hash, block_hasher, check_block_id, is_block_id
+from dsss.model import block_hasher, check_block_id, content_hash, is_block_id, matches
 
 log = Logger()
 
@@ -159,8 +164,8 @@ class BlockStore:
         return sorted(self._sizes)
 
     def path_of(self, block: str) -> Path:
-        check_block_id(block)
-        return self._blocks / block[:2] / block[2:4] / block
+        h = content_hash(block)  # BadRequest unless a part ID: no path is built from anything else
+        return self._blocks / h[:2] / h[2:4] / block
 
     def _scan(self) -> Iterator[tuple[str, int]]:
         for first in self._blocks.iterdir():
@@ -171,7 +176,11 @@ class BlockStore:
                     continue
                 for f in second.iterdir():
                     name = f.name
-                    if is_block_id(name) and name[:2] == first.name and name[2:4] == second.name:
+                    if (
+                        is_block_id(name)
+                        and (h := content_hash(name))[:2] == first.name
+                        and h[2:4] == second.name
+                    ):
                         yield name, f.stat().st_size
                     else:
                         log.warn("ignoring stray file {path} in the store", path=str(f))
@@ -200,7 +209,7 @@ class BlockStore:
         except FileNotFoundError:
             self._forget(block)
             raise NotFound(f"no part {block}") from None
-        if block_hash(data) != block:
+        if not matches(block, data):
             self.quarantine(block)
             raise IntegrityError(f"part {block} is corrupt on disk; moved to quarantine")
         return data
@@ -259,7 +268,7 @@ class BlockStore:
 
 
 def block_hash_matches(data: bytes, block: str) -> bool:
-    return block_hash(data) == block
+    return matches(block, data)
 
 
 WRITE_BUFFER = 1024 * 1024
@@ -271,6 +280,7 @@ class BlockWriter:
     def __init__(self, store: BlockStore, block: str, size: int) -> None:
         self._store = store
         self.block = block
+        self._expected = content_hash(block)  # BLAKE3 of the bytes, for a part or a share ID
         self.size = size
         self.received = 0
         self._hash = block_hasher()
@@ -308,7 +318,7 @@ class BlockWriter:
         if self.received != self.size:
             self.abort()
             raise IntegrityError(f"truncated: got {self.received} of {self.size} bytes")
-        if self._hash.hexdigest() != self.block:
+        if self._hash.hexdigest() != self._expected:
             self.abort()
             raise IntegrityError("bytes do not match their hash")
         store = self._store

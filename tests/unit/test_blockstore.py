@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dsss.errors import BadRequest, IntegrityError, NotFound, RemoteProtocolError, StorageFull
-from dsss.model import block_hash
+from dsss.model import block_hash, share_id
 from dsss.storage import blockstore as bs_module
 from dsss.storage.blockstore import STORE_FORMAT, BlockStore, StoreFormatError, check_store_format
 
@@ -19,6 +19,7 @@ A = b"alpha part bytes"
 B = b"bravo " * 100
 C = b"charlie"
 HA, HB, HC = block_hash(A), block_hash(B), block_hash(C)
+SA, SB = share_id(A), share_id(B)  # the same bytes stored as erasure-coded shares
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -198,6 +199,14 @@ BAD_IDS = [
     HA[:63] + "\n",
     ".." + HA[2:],
     HA[:32] + "\x00" + HA[33:],
+    "S" + HA,
+    "t" + HA,
+    "ss" + HA,
+    "s" + HA[:63],
+    "s" + HA + "0",
+    "s" + HA.upper(),
+    "s/" + HA[:63],
+    "s../" + HA[:61],
 ]
 
 
@@ -633,3 +642,100 @@ def test_disk_full_at_fsync(store: BlockStore, root: Path, monkeypatch: pytest.M
     assert files_under(root) == [store.path_of(HA)]
     assert store.used == len(A)
     assert_clean(store)
+
+
+# --- shares -----------------------------------------------------------------------------------
+
+
+def test_share_round_trip_fanned_out_by_its_hash(store: BlockStore, root: Path) -> None:
+    assert store.put(SA, A) is True
+    expected = root / "blocks" / HA[:2] / HA[2:4] / SA
+    assert store.path_of(SA) == expected and expected.read_bytes() == A
+    assert store.get(SA) == A and store.size_of(SA) == len(A)
+    assert store.has(SA) and not store.has(HA)
+    assert store.put(SA, A) is False
+    assert_clean(store)
+
+
+def test_share_written_in_pieces(store: BlockStore) -> None:
+    w = store.begin_write(SB, len(B))
+    for i in range(0, len(B), 7):
+        w.write(B[i : i + 7])
+    assert w.commit() is True
+    assert store.get(SB) == B
+    assert_clean(store)
+
+
+def test_share_and_plain_part_of_the_same_bytes_are_two_entries(store: BlockStore, root: Path) -> None:
+    store.put(HA, A)
+    store.put(SA, A)
+    assert store.blocks() == sorted([HA, SA])
+    assert store.used == 2 * len(A)
+    assert files_under(root / "blocks") == sorted([root / "blocks" / HA[:2] / HA[2:4] / HA,
+                                                   root / "blocks" / HA[:2] / HA[2:4] / SA])
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["put", "writer"])
+def test_share_refused_unless_blake3_of_its_bytes_is_its_hash(
+    store: BlockStore, root: Path, pieces: bool
+) -> None:
+    for block, data in ((SA, B), (SA, A[:-1] + b"?"), ("s" + block_hash(b"s" + A), A)):
+        with pytest.raises(IntegrityError):
+            if pieces:
+                w = store.begin_write(block, len(data))
+                w.write(data)
+                w.commit()
+            else:
+                store.put(block, data)
+        assert not store.has(block)
+    assert files_under(root / "blocks") == []
+    assert_clean(store)
+
+
+def test_stored_share_refuses_other_bytes(store: BlockStore) -> None:
+    store.put(SA, A)
+    with pytest.raises(IntegrityError):
+        store.put(SA, B)
+    assert store.get(SA) == A
+
+
+def test_restart_lists_shares_and_plain_parts(root: Path) -> None:
+    s = BlockStore(root, capacity=10_000)
+    s.put(HA, A)
+    s.put(SB, B)
+    # A share in the fan-out of its ID's first characters ("s" and the hash) is a stray file.
+    wrong = root / "blocks" / SA[:2] / SA[2:4] / SA
+    wrong.parent.mkdir(parents=True)
+    wrong.write_bytes(A)
+    s2 = BlockStore(root, capacity=10_000)
+    assert s2.blocks() == sorted([HA, SB])
+    assert s2.used == len(A) + len(B)
+    assert s2.get(SB) == B and s2.get(HA) == A
+
+
+def test_rotten_share_is_quarantined_and_scrubbed(store: BlockStore, root: Path) -> None:
+    from dsss.agent.scrub import Scrubber
+
+    store.put(SA, A)
+    store.put(SB, B)
+    store.put(HC, C)
+    store.path_of(SB).write_bytes(b"rot" + B[3:])
+    found: list[str] = []
+    scrubber = Scrubber(store, found.append)
+    assert scrubber.step(len(A) + len(B) + len(C)) == len(A) + len(B) + len(C)  # one pass
+    assert found == [SB] and scrubber.checked == 2 and scrubber.corrupt == 1
+    assert store.blocks() == sorted([SA, HC])
+    (q,) = (root / "quarantine").iterdir()
+    assert q.name.startswith(SB + ".")
+    store.path_of(SA).write_bytes(B)
+    assert store.verify_all() == [SA]
+    assert store.blocks() == [HC]
+
+
+def test_plain_part_paths_and_format_unchanged(root: Path) -> None:
+    """Stores written before share IDs keep working: the same FORMAT line, and a plain part at
+    blocks/<id[:2]>/<id[2:4]>/<id> as before."""
+    store = BlockStore(root, capacity=10_000)
+    store.put(HA, A)
+    assert (root / "FORMAT").read_text() == "dsss-store 2 blake3\n" and STORE_FORMAT == "dsss-store 2 blake3"
+    assert files_under(root / "blocks") == [root / "blocks" / HA[:2] / HA[2:4] / HA]
