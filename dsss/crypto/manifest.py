@@ -14,6 +14,10 @@ A small file is carried inside its manifest ("inline", body version 2): its sing
 encrypted exactly as part 0 would be (same key, nonce and associated data, see parts.py) and that
 ciphertext is the body's `inline` value (base64), so the whole file is one blob on the network.
 Files stored with parts keep writing version 1, which readers of version 1 only still read.
+
+A file stored with erasure coding (body version 3) says so with `erasure: [k, n]`, and each of
+its parts lists the share IDs of its n shares instead of one block hash (see dsss/erasure.py);
+any k of them give the part's ciphertext back.
 """
 
 from __future__ import annotations
@@ -33,23 +37,31 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from dsss.crypto.parts import CIPHER, FILE_ID_BYTES, KEY_BYTES, TAG_BYTES
 from dsss.errors import IntegrityError, RemoteProtocolError, WrongKey
-from dsss.model import is_block_id
+from dsss.erasure import Coding, CodingError
+from dsss.model import is_block_id, is_share_id
 
 MAGIC = b"DSSSM\x01"
 SEALED_KEY_BYTES = KEY_BYTES + 48
 NONCE_BYTES = 24
 VERSION = 1
 VERSION_INLINE = 2  # the body carries the file's only part itself (`inline`)
-VERSIONS = (VERSION, VERSION_INLINE)
+VERSION_ERASURE = 3  # parts erasure-coded into shares (`erasure`, each part's share IDs)
+VERSIONS = (VERSION, VERSION_INLINE, VERSION_ERASURE)
 MAX_NAME = 1024
 _FILE_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True)
 class PartRef:
-    hash: str
+    hash: str  # the block holding the ciphertext; "" for an erasure-coded part
     size: int  # ciphertext bytes
     plain: int  # plaintext bytes
+    shares: tuple[str, ...] = ()  # an erasure-coded part's share IDs, share 0 first
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """The stored blocks this part is made of: its one block, or its shares."""
+        return self.shares if self.shares else (self.hash,)
 
 
 @dataclass(frozen=True)
@@ -64,15 +76,23 @@ class Manifest:
     # The ciphertext of the file's only part (encrypted as part 0), when it is carried in the
     # manifest instead of being stored as a block of its own; then `parts` is empty.
     inline: bytes | None = None
+    # How the parts are erasure-coded (each part's `shares`), or None: whole parts, replicated.
+    erasure: Coding | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def version(self) -> int:
+        if self.erasure is not None:
+            return VERSION_ERASURE
         return VERSION if self.inline is None else VERSION_INLINE
 
     def to_json(self) -> bytes:
         if self.inline is not None and self.parts:
             raise ValueError("an inline manifest has no stored parts")
+        if self.inline is not None and self.erasure is not None:
+            raise ValueError("an inline manifest has no shares")
+        if any(bool(p.shares) != (self.erasure is not None) for p in self.parts):
+            raise ValueError("the parts of an erasure-coded manifest have shares, and only they")
         body: dict[str, Any] = {
             "version": self.version,
             "name": self.name,
@@ -83,6 +103,9 @@ class Manifest:
             "created": self.created,
             "parts": [[p.hash, p.size, p.plain] for p in self.parts],
         }
+        if self.erasure is not None:
+            body["erasure"] = [self.erasure.k, self.erasure.n]
+            body["parts"] = [[p.size, p.plain, list(p.shares)] for p in self.parts]
         if self.inline is not None:
             body["inline"] = base64.b64encode(self.inline).decode("ascii")
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -126,22 +149,22 @@ class Manifest:
             raise RemoteProtocolError("manifest has a bad cipher, file id or part size")
         if not isinstance(raw_parts, list):
             raise RemoteProtocolError("manifest parts is not a list")
-        parts = []
-        total = 0
-        for i, p in enumerate(raw_parts):
-            if (
-                not isinstance(p, list)
-                or len(p) != 3
-                or not isinstance(p[0], str)
-                or not is_block_id(p[0])
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in p[1:])
-                or p[2] < 0
-                or p[2] > part_size
-                or p[1] != p[2] + TAG_BYTES
-            ):
-                raise RemoteProtocolError(f"manifest part {i} is malformed")
-            parts.append(PartRef(p[0], p[1], p[2]))
-            total += p[2]
+        erasure = None
+        if version == VERSION_ERASURE:
+            raw_coding = body.get("erasure")
+            try:
+                if (
+                    not isinstance(raw_coding, list)
+                    or len(raw_coding) != 2
+                    or not all(type(x) is int for x in raw_coding)
+                ):
+                    raise CodingError("erasure")
+                erasure = Coding(raw_coding[0], raw_coding[1])
+            except CodingError:
+                raise RemoteProtocolError("manifest has a bad erasure coding") from None
+            parts, total = _coded_parts(raw_parts, erasure, part_size)
+        else:
+            parts, total = _whole_parts(raw_parts, part_size)
         inline = None
         if version == VERSION_INLINE:
             raw_inline = body.get("inline")
@@ -155,7 +178,52 @@ class Manifest:
                 raise RemoteProtocolError("inline manifest data does not match the file size")
         elif total != size:
             raise RemoteProtocolError("manifest part sizes do not add up to the file size")
-        return cls(name, size, part_size, file_id, tuple(parts), created, cipher, inline)
+        return cls(name, size, part_size, file_id, tuple(parts), created, cipher, inline, erasure)
+
+
+def _whole_parts(raw_parts: list[Any], part_size: int) -> tuple[list[PartRef], int]:
+    """The parts of a version 1 manifest: [hash, ciphertext size, plaintext size] each."""
+    parts = []
+    total = 0
+    for i, p in enumerate(raw_parts):
+        if (
+            not isinstance(p, list)
+            or len(p) != 3
+            or not isinstance(p[0], str)
+            or not is_block_id(p[0])
+            or is_share_id(p[0])
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in p[1:])
+            or p[2] < 0
+            or p[2] > part_size
+            or p[1] != p[2] + TAG_BYTES
+        ):
+            raise RemoteProtocolError(f"manifest part {i} is malformed")
+        parts.append(PartRef(p[0], p[1], p[2]))
+        total += p[2]
+    return parts, total
+
+
+def _coded_parts(raw_parts: list[Any], erasure: Coding, part_size: int) -> tuple[list[PartRef], int]:
+    """The parts of a version 3 manifest: [ciphertext size, plaintext size, [n share IDs]]."""
+    parts = []
+    total = 0
+    for i, p in enumerate(raw_parts):
+        if (
+            not isinstance(p, list)
+            or len(p) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in p[:2])
+            or p[1] < 0
+            or p[1] > part_size
+            or p[0] != p[1] + TAG_BYTES
+            or not isinstance(p[2], list)
+            or len(p[2]) != erasure.n
+            or not all(isinstance(h, str) and is_share_id(h) for h in p[2])
+            or len(set(p[2])) != erasure.n
+        ):
+            raise RemoteProtocolError(f"manifest part {i} is malformed")
+        parts.append(PartRef("", p[0], p[1], tuple(p[2])))
+        total += p[1]
+    return parts, total
 
 
 def safe_name(name: str) -> bool:
