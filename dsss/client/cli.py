@@ -90,7 +90,7 @@ examples:
   {PROG} --server http://192.0.2.10:8470 check --all
 
 settings: command line > $DSSS_SERVER, $DSSS_KEY > config file ($DSSS_CONFIG or
-~/.config/dsss/config.toml: server, key, part-size, parallel) > defaults.
+~/.config/dsss/config.toml: server, key, part-size, parallel, erasure) > defaults.
 Run `{PROG} COMMAND --help` for a command's options and examples.
 """
 
@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("files", nargs="+", metavar="FILE")
     put.add_argument("--part-size", default=None, metavar="SIZE",
                      help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 1M)")
+    put.add_argument("--erasure", default=None, metavar="K/N",
+                     help="store each part as N shares on N agents, any K of which give it back "
+                          "(say 2/4: survives 2 lost agents like 3 replicas, in twice the file's size "
+                          "instead of three times); off: whole replicas (default: config or off)")
 
     get = _subparser(sub, "get")
     get.add_argument("addresses", nargs="+", metavar="ADDRESS")
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the token requests must carry (default: gateway.token beside the key; made if missing)")
     gw.add_argument("--part-size", default=None, metavar="SIZE",
                     help="plaintext bytes per part of a stored file (default: config or 4M)")
+    gw.add_argument("--erasure", default=None, metavar="K/N",
+                    help="store files' parts as N shares, any K of which give a part back, or off "
+                         "(default: config or off; see `put --help`)")
 
     _subparser(sub, "config")
     return p
@@ -354,7 +361,7 @@ async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, k
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=settings.parallel,
-                   chain=chain, offload=offload)
+                   chain=chain, offload=offload, erasure=settings.erasure)
 
 
 def _print_paths(paths: dict[str, str]) -> None:
@@ -445,6 +452,7 @@ async def cmd_config(reactor: Any, args: argparse.Namespace, settings: Settings)
         "key": str(settings.key),
         "part-size": settings.part_size,
         "parallel": settings.parallel,
+        "erasure": str(settings.erasure) if settings.erasure is not None else "off",
     }
     if args.json:
         dump_json({**values, "config-file": str(settings.config_file) if settings.config_file else None,
@@ -734,16 +742,20 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
                 "min": min(counts) if counts else None,
                 "max": max(counts) if counts else None,
                 "parts": counts,
+                **({"per": "share", "part-target": m.erasure.n, "needed": m.erasure.k}
+                   if m.erasure is not None else {}),
             },
-            "part-hashes": [p.hash for p in m.parts],
+            "part-hashes": [p.hash for p in m.parts] if m.erasure is None else [list(p.shares) for p in m.parts],
         })
         return 0
     if counts:
         lo, hi = min(counts), max(counts)
         parts = f"parts {lo}" if lo == hi else f"parts {lo} to {hi}"
-        short = sum(1 for c in counts if c < health.target)
+        short = sum(1 for c in counts if c < health.part_target())
         if short:
             parts += f" ({short} below target)"
+        if m.erasure is not None:
+            parts = f"{parts.replace('parts', 'shares per part', 1)} of {m.erasure.n}, any {m.erasure.k} of which give a part back"
     else:
         parts = "no parts"
     inline = " (the file is inside its manifest)" if m.inline is not None else ""
@@ -754,7 +766,8 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
         ["part size", f"{human_size(m.part_size)} ({m.part_size} bytes)"],
         ["parts", f"{len(m.parts)}{inline}"],
         ["created", f"{local_date(m.created)} (local time)"],
-        ["replicas", f"manifest {manifest_count}, {parts}; target {health.target}"],
+        ["replicas", f"manifest {manifest_count} (target {health.target}), {parts}" if m.erasure is not None
+         else f"manifest {manifest_count}, {parts}; target {health.target}"],
     ]
     for name, value in rows:
         print(f"{name + ':':<11}{value}")
@@ -797,6 +810,14 @@ def _targets(args: argparse.Namespace, settings: Settings) -> list[str]:
     return list(dict.fromkeys(map(_check_address, args.addresses)))
 
 
+def _wanted(health: FileHealth) -> str:
+    """What each block of the file should have: `3 replicas`, or with erasure coding `3
+    replicas (the manifest) or 1 (a share)`."""
+    if health.manifest.erasure is None:
+        return f"{health.target} replicas"
+    return f"{health.target} replicas (the manifest) or 1 (a share)"
+
+
 def _health_lines(health: FileHealth) -> list[str]:
     rows = []
     for b in health.blocks:
@@ -804,7 +825,7 @@ def _health_lines(health: FileHealth) -> list[str]:
         if b.verdicts is not None:
             bad = [f"{v} at {h}" for h, v in sorted(b.verdicts.items()) if v != "ok"]
             note = "; ".join(bad)
-        rows.append([b.role, f"{len(b.healthy)}/{health.target}", b.hash, note])
+        rows.append([b.role, f"{len(b.healthy)}/{b.target}", b.hash, note])
     return ["  " + line for line in table(["BLOCK", "REPLICAS", "HASH", ""], rows, right=[1])]
 
 
@@ -835,23 +856,25 @@ async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) 
     from dsss.client.maintenance import survey
 
     target = 0
+    coded = False
 
     async def work(session: Session, key: PrivateKey, address: str) -> dict[str, Any]:
-        nonlocal target
+        nonlocal target, coded
         health = await survey(session, address, key, verify=args.verify)
         target = health.target
+        coded = coded or health.manifest.erasure is not None
         if not args.json:
             print(f"{health.manifest.name}  {address}")
             for line in _health_lines(health):
                 print(line)
             lost = len(health.lost)
             print(f"  {len(health.blocks) - len(health.short)} of {len(health.blocks)} blocks have "
-                  f"{health.target} replicas; {len(health.short)} below"
+                  f"{_wanted(health)}; {len(health.short)} below"
                   + (f", {lost} with none (lost)" if lost else ""), flush=True)
         return {
             "address": address, "name": health.manifest.name, "ok": health.ok,
             "verified": health.verified, "short": len(health.short), "lost": len(health.lost),
-            "blocks": [b.to_dict(health.target) for b in health.blocks],
+            "blocks": [b.to_dict() for b in health.blocks],
         }
 
     docs, errors = await _each_file(reactor, args, settings, work)
@@ -865,7 +888,7 @@ async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) 
     if degraded:
         blocks = sum(d["short"] for d in degraded)
         _error_line(f"{blocks} block(s) in {len(degraded)} file(s) have fewer than {target} healthy "
-                    f"replicas; run `{PROG} repair`")
+                    f"replicas{' (a share: fewer than 1)' if coded else ''}; run `{PROG} repair`")
         return EXIT_DEGRADED
     return 0
 
@@ -888,10 +911,10 @@ async def cmd_repair(reactor: Any, args: argparse.Namespace, settings: Settings)
         if not args.json:
             if not results:
                 print(f"{health.manifest.name}  {address}: all {len(health.blocks)} blocks have "
-                      f"{health.target} replicas; nothing to do")
+                      f"{_wanted(health)}; nothing to do")
             else:
                 print(f"{health.manifest.name}  {address}: {len(results)} of {len(health.blocks)} "
-                      f"blocks were below {health.target} replicas; added {added} cop"
+                      f"blocks were below {_wanted(health)}; added {added} cop"
                       + ("y" if added == 1 else "ies"))
                 rows = [[r.block.role, f"{len(r.block.healthy)} -> {len(r.block.healthy) + len(r.added)}",
                          r.block.hash, r.error or ""] for r in results]
@@ -900,7 +923,7 @@ async def cmd_repair(reactor: Any, args: argparse.Namespace, settings: Settings)
             sys.stdout.flush()
         return {
             "address": address, "name": health.manifest.name, "ok": not failed,
-            "blocks": len(health.blocks), "repaired": [r.to_dict(health.target) for r in results],
+            "blocks": len(health.blocks), "repaired": [r.to_dict() for r in results],
             "added": added,
         }
 
@@ -990,6 +1013,7 @@ async def run(reactor: Any, argv: Sequence[str]) -> int:
         key=args.key,
         part_size=getattr(args, "part_size", None),
         parallel=args.parallel,
+        erasure=getattr(args, "erasure", None),
     )
     return await _HANDLERS[args.command](reactor, args, settings)
 

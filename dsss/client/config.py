@@ -8,6 +8,7 @@ names another one:
     key = "~/.config/dsss/work.key"     # ~ is expanded; a relative path is relative to this file
     part-size = "4M"                    # or a number of bytes
     parallel = 8
+    erasure = "2/4"                     # store parts as k-of-n shares ("off": whole replicas)
 
 Pure functions over values: nothing here reads the environment or the home directory except
 through the arguments it is given.
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from dsss.crypto.parts import TAG_BYTES
+from dsss.erasure import Coding, CodingError
 from dsss.errors import BadRequest, LocalUsageError
 from dsss.model import parse_size
 from dsss.wire.transfer import MAX_PART
@@ -33,7 +35,8 @@ DEFAULT_PARALLEL = 4
 MAX_PART_SIZE = MAX_PART - TAG_BYTES
 MAX_PARALLEL = 64
 MAX_CONFIG_BYTES = 64 * 1024
-KEYS = ("server", "key", "part-size", "parallel")
+KEYS = ("server", "key", "part-size", "parallel", "erasure")
+ERASURE_OFF = ("off", "none", "no")
 
 FROM_COMMAND_LINE = "command line"
 FROM_DEFAULT = "default"
@@ -91,6 +94,18 @@ def check_parallel(value: int) -> int:
     return value
 
 
+def check_erasure(value: Any) -> Coding | None:
+    """`K/N` (say "2/4"): erasure-code new files' parts; "off": store whole replicas."""
+    if not isinstance(value, str):
+        raise BadRequest('erasure must be a string such as "2/4", or "off"')
+    if value.strip().lower() in ERASURE_OFF:
+        return None
+    try:
+        return Coding.parse(value)
+    except CodingError as e:
+        raise BadRequest(str(e)) from None
+
+
 @dataclass(frozen=True)
 class FileConfig:
     """What a config file says; None for a setting it leaves out."""
@@ -100,6 +115,8 @@ class FileConfig:
     key: Path | None = None
     part_size: int | None = None
     parallel: int | None = None
+    erasure: Coding | None = None
+    erasure_set: bool = False  # the file names `erasure` (maybe "off")
 
 
 def parse_config(text: str, *, path: Path) -> FileConfig:
@@ -135,6 +152,7 @@ def config_from_dict(doc: Mapping[str, Any], *, path: Path) -> FileConfig:
         "key": ("key", lambda raw: _key_path(raw, path)),
         "part-size": ("part_size", _part_size),
         "parallel": ("parallel", check_parallel),
+        "erasure": ("erasure", check_erasure),
     }
     values: dict[str, Any] = {}
     for name, (attr, check) in checks.items():
@@ -143,7 +161,7 @@ def config_from_dict(doc: Mapping[str, Any], *, path: Path) -> FileConfig:
                 values[attr] = check(doc[name])
             except BadRequest as e:
                 raise ConfigError(f"{path}: {name}: {e}") from None
-    return FileConfig(path=path, **values)
+    return FileConfig(path=path, erasure_set="erasure" in values, **values)
 
 
 def load_config(path: Path, *, required: bool) -> FileConfig:
@@ -176,6 +194,7 @@ class Settings:
     parallel: int
     config_file: Path | None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    erasure: Coding | None = None  # new files' parts as k-of-n shares; None: whole replicas
 
 
 def resolve(
@@ -187,6 +206,7 @@ def resolve(
     env: Mapping[str, str],
     file: FileConfig,
     home: Path,
+    erasure: str | None = None,
 ) -> Settings:
     """Command line > environment ($DSSS_SERVER, $DSSS_KEY) > config file > built-in default."""
     sources: dict[str, str] = {}
@@ -228,7 +248,17 @@ def resolve(
     else:
         par_v, sources["parallel"] = DEFAULT_PARALLEL, FROM_DEFAULT
 
-    return Settings(server_v, key_v, part_v, par_v, file.path, sources)
+    if erasure is not None:
+        try:
+            erasure_v, sources["erasure"] = check_erasure(erasure), FROM_COMMAND_LINE
+        except BadRequest as e:
+            raise ConfigError(f"--erasure: {e}") from None
+    elif file.erasure_set:
+        erasure_v, sources["erasure"] = file.erasure, where
+    else:
+        erasure_v, sources["erasure"] = None, FROM_DEFAULT
+
+    return Settings(server_v, key_v, part_v, par_v, file.path, sources, erasure_v)
 
 
 def settings_from(
@@ -240,6 +270,7 @@ def settings_from(
     parallel: int | None,
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
+    erasure: str | None = None,
 ) -> Settings:
     """Find and read the config file, then resolve every setting."""
     env = os.environ if env is None else env
@@ -247,4 +278,4 @@ def settings_from(
     path, required = config_location(option=config_option, env=env, home=home)
     file = load_config(path, required=required)
     return resolve(server=server, key=key, part_size=part_size, parallel=parallel,
-                   env=env, file=file, home=home)
+                   env=env, file=file, home=home, erasure=erasure)

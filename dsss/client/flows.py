@@ -20,8 +20,11 @@ from dsss.client.discovery import DiscoveryClient, Introduction
 from dsss.client.peer import PeerNetwork
 from dsss.crypto.manifest import Manifest, PartRef, clean_name, open_manifest, seal_manifest
 from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part, encrypt_part
+from dsss.erasure import Coding
+from dsss.erasure import decode as decode_shares
+from dsss.erasure import encode as encode_shares
 from dsss.errors import DSSSError, IntegrityError, NotFound, Unavailable
-from dsss.model import PeerAddress, block_hash
+from dsss.model import PeerAddress, block_hash, share_id
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
 _T = TypeVar("_T")
@@ -38,9 +41,11 @@ grow with the part size (3 parts of the default 4 MiB; `--parallel` parts when t
 small)."""
 
 
-def put_window(parallel: int, part_size: int) -> int:
-    """How many parts of one file a put stores at once."""
-    return max(1, min(parallel, PUT_WINDOW_BYTES // max(1, part_size)))
+def put_window(parallel: int, part_size: int, coding: Coding | None = None) -> int:
+    """How many parts of one file a put stores at once. An erasure-coded part in flight holds
+    its n shares, n/k times its size (2/4: twice)."""
+    held = part_size if coding is None else part_size * coding.n // coding.k
+    return max(1, min(parallel, PUT_WINDOW_BYTES // max(1, held)))
 # A file of at most this many bytes (and at most one part) travels inside its manifest: one
 # block on the network instead of two. 16 KiB of plaintext is a manifest blob of about 22 KiB
 # (base64), which costs the same round trips as a 4 KiB one, while `info`, `check` and `share`
@@ -84,6 +89,9 @@ class Session:
     # Downloads in flight per agent: a part is fetched from the holder with the fewest, so that
     # the parts in flight spread over the agents (and over the relay's per-pair limits).
     fetching: dict[PeerAddress, int] = field(default_factory=dict)
+    # Store new files' parts erasure-coded (k-of-n shares, one agent each) instead of as
+    # `replicas` whole copies.
+    erasure: Coding | None = None
 
     async def run(self, f: Callable[..., _T], *args: Any) -> _T:
         if self.offload is None:
@@ -107,6 +115,11 @@ def seal_part(file_key: bytes, file_id: bytes, index: int, plaintext: bytes) -> 
     """A part's ciphertext and its address."""
     ciphertext = encrypt_part(file_key, file_id, index, plaintext)
     return ciphertext, block_hash(ciphertext)
+
+
+def code_part(ciphertext: bytes, coding: Coding) -> list[tuple[str, bytes]]:
+    """A part's shares, with their share IDs, in share order."""
+    return [(share_id(share), share) for share in encode_shares(ciphertext, coding)]
 
 
 # --- storing one block on several agents ---------------------------------------------------------
@@ -242,6 +255,111 @@ async def _upload_one(
     await session.peers.upload(intro, block, data)
 
 
+async def store_shares(
+    session: Session,
+    shares: list[tuple[str, bytes]],
+    *,
+    avoid: list[PeerAddress] | None = None,
+) -> dict[str, PeerAddress]:
+    """Store each share (share ID, bytes) once, each on an agent of its own, none of them in
+    `avoid` (say, the holders of a part's other shares, for a repair); returns where each went.
+
+    The agents are placed and introduced in one request where the server can; agents that fail
+    are left out and their shares placed again. ReplicationError if not every share is stored.
+    """
+    me = session.peers.public_address
+    assert me is not None
+    if not shares:
+        return {}
+    size = len(shares[0][1])
+    placed: dict[str, PeerAddress] = {}
+    failed: list[PeerAddress] = []
+    errors: list[str] = []
+    for _attempt in range(4):
+        todo = [(h, data) for h, data in shares if h not in placed]
+        if not todo:
+            break
+        exclude = list(avoid or []) + list(placed.values()) + failed
+        try:
+            upload_shares = getattr(session.discovery, "upload_shares", None)
+            picked = None if upload_shares is None else await upload_shares(
+                [h for h, _ in todo], size, me, exclude=exclude)
+            if picked is None:
+                targets = await session.discovery.where_to_upload(size, exclude=exclude, count=len(todo))
+                picked = [(t, None) for t in targets]
+        except Unavailable as e:
+            errors.append(str(e))
+            break
+        # A share per agent: never two on one, never one on an agent already used.
+        seen = set(exclude)
+        pairs = []
+        for (h, data), (target, intro) in zip(todo, picked):
+            if target in seen:
+                continue
+            seen.add(target)
+            pairs.append((h, data, target, intro))
+        if not pairs:
+            break
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(_upload_one(session, t, h, data, intro)) for h, data, t, intro in pairs],
+            consumeErrors=True,
+        )
+        for (h, _data, target, _intro), (ok, value) in zip(pairs, results):
+            if ok:
+                placed[h] = target
+            else:
+                assert isinstance(value, Failure)
+                failed.append(target)
+                errors.append(f"{target}: {value.getErrorMessage()}")
+                if not value.check(DSSSError):
+                    log.failure("unexpected upload failure", value)
+    if len(placed) < len(shares):
+        detail = "; ".join(errors[-3:]) or "not enough live agents"
+        raise ReplicationError(
+            f"stored {len(placed)} of a part's {len(shares)} shares, each needs an agent of its own ({detail})"
+        )
+    return placed
+
+
+async def fetch_shares(session: Session, ref: PartRef, coding: Coding, *, what: str = "part") -> bytes:
+    """An erasure-coded part's ciphertext from any k of its shares: the first k (no decoding
+    needed) unless some fail, then the others in turn."""
+    got: dict[int, bytes] = {}
+    candidates = list(range(coding.n))
+    errors: list[str] = []
+    corrupt = 0
+
+    async def one(number: int) -> bytes:
+        return await fetch_block(session, ref.shares[number], what=f"share {number} of {what}")
+
+    while len(got) < coding.k:
+        batch, candidates = candidates[: coding.k - len(got)], candidates[coding.k - len(got) :]
+        if not batch:
+            detail = errors[-1] if errors else "no share left to try"
+            if corrupt and corrupt + len(got) >= coding.n:
+                raise IntegrityError(f"{what} has only {len(got)} good shares of the {coding.k} it needs ({detail})")
+            raise Unavailable(f"{what}: fetched {len(got)} of the {coding.k} shares it needs ({detail})")
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(one(i)) for i in batch], consumeErrors=True
+        )
+        for number, (ok, value) in zip(batch, results):
+            if ok:
+                got[number] = value
+            else:
+                assert isinstance(value, Failure)
+                if value.check(defer.CancelledError):
+                    value.raiseException()
+                if value.check(IntegrityError):
+                    corrupt += 1
+                elif not value.check(DSSSError):
+                    value.raiseException()
+                errors.append(value.getErrorMessage())
+    try:
+        return await session.run(decode_shares, got, coding, ref.size)
+    except ValueError as e:
+        raise IntegrityError(f"{what} cannot be decoded from its shares: {e}") from None
+
+
 async def fetch_block(session: Session, block: str, *, what: str = "part") -> bytes:
     """Fetch a block from any holder, verifying its hash; tries every holder before failing."""
     holders = await session.discovery.who_has(block)
@@ -300,8 +418,9 @@ async def put_stream(
                                  part_size=part_size, file_key=file_key, file_id=file_id,
                                  progress=progress)
     count = _count_parts(size, part_size)
+    coding = session.erasure if count else None
     refs: list[PartRef | None] = [None] * count
-    slots = defer.DeferredSemaphore(put_window(session.parallel, part_size))
+    slots = defer.DeferredSemaphore(put_window(session.parallel, part_size, coding))
     running: list[defer.Deferred[None]] = []
     failure: list[BaseException] = []
 
@@ -310,8 +429,15 @@ async def put_stream(
             plain_size = len(plaintext)
             ciphertext, h = await session.run(seal_part, file_key, file_id, index, plaintext)
             del plaintext  # only the ciphertext stays in memory while it is stored
-            await store_block(session, h, ciphertext)
-            refs[index] = PartRef(h, len(ciphertext), plain_size)
+            if coding is None:
+                await store_block(session, h, ciphertext)
+                refs[index] = PartRef(h, len(ciphertext), plain_size)
+            else:
+                size = len(ciphertext)
+                shares = await session.run(code_part, ciphertext, coding)
+                del ciphertext  # the shares hold it
+                await store_shares(session, shares)
+                refs[index] = PartRef("", size, plain_size, tuple(h for h, _ in shares))
             progress.advance(plain_size)
         except BaseException as e:
             failure.append(e)
@@ -344,6 +470,7 @@ async def put_stream(
         file_id=file_id,
         parts=tuple(r for r in refs if r is not None),
         created=int(time.time()),
+        erasure=coding,
     )
     # Stored last: until this succeeds no address exists, so no half file is ever reachable.
     return await _store_manifest(session, manifest, file_key, owner)
@@ -472,7 +599,10 @@ async def _write_file(
 
     async def fetch(index: int) -> None:
         ref = parts[index]
-        ciphertext = await fetch_block(session, ref.hash)
+        if manifest.erasure is not None:
+            ciphertext = await fetch_shares(session, ref, manifest.erasure, what=f"part {index}")
+        else:
+            ciphertext = await fetch_block(session, ref.hash)
         if len(ciphertext) != ref.size:
             raise IntegrityError(f"part {index} has the wrong size")
         results[index] = await session.run(decrypt_part, file_key, manifest.file_id, index, ciphertext)

@@ -2,6 +2,10 @@
 """Looking after stored files: how many replicas each block has now (info, check), sharing a
 file with another key, and bringing blocks back to the replica count (repair).
 
+An erasure-coded file's parts are shares, each wanted on one agent: a missing share is rebuilt
+from k others (decoded and coded again, which gives back exactly the share its ID names) and
+stored on an agent that holds no other share of its part.
+
 Orchestration only, like `flows`: no parsing, no sockets, no printing.
 """
 
@@ -15,8 +19,17 @@ from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dsss.client.flows import ReplicationError, Session, fetch_block, fetch_manifest, store_block
-from dsss.crypto.manifest import Manifest, open_manifest, reseal_for
+from dsss.client.flows import (
+    ReplicationError,
+    Session,
+    code_part,
+    fetch_block,
+    fetch_manifest,
+    fetch_shares,
+    store_block,
+    store_shares,
+)
+from dsss.crypto.manifest import Manifest, PartRef, open_manifest, reseal_for
 from dsss.errors import DSSSError, IntegrityError, NotFound
 from dsss.model import PeerAddress, block_hash
 from dsss.wire.transfer import MAX_PART
@@ -39,10 +52,14 @@ class BlockHealth:
     # With verification: each holder's verdict (ok, corrupt, missing, unreachable).
     verdicts: dict[PeerAddress, str] | None = None
     error: str | None = None  # the last verification failure, for the report
+    target: int = 1  # healthy copies wanted: the replica count, or 1 for a share
+    share: int | None = None  # the share's number, for a share of an erasure-coded part
 
     @property
     def role(self) -> str:
-        return "manifest" if self.index is None else f"part {self.index}"
+        if self.index is None:
+            return "manifest"
+        return f"part {self.index}" if self.share is None else f"part {self.index} share {self.share}"
 
     @property
     def healthy(self) -> list[PeerAddress]:
@@ -57,15 +74,17 @@ class BlockHealth:
             return list(self.holders)
         return [h for h in self.holders if self.verdicts.get(h) not in (CORRUPT, MISSING)]
 
-    def to_dict(self, target: int) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "block": "manifest" if self.index is None else "part",
+            "block": "manifest" if self.index is None else "part" if self.share is None else "share",
             "index": self.index,
             "hash": self.hash,
             "replicas": len(self.healthy),
-            "target": target,
+            "target": self.target,
             "holders": [str(h) for h in self.holders],
         }
+        if self.share is not None:
+            doc["share"] = self.share
         if self.verdicts is not None:
             doc["verified"] = {str(h): v for h, v in self.verdicts.items()}
         return doc
@@ -75,24 +94,46 @@ class BlockHealth:
 class FileHealth:
     address: str
     manifest: Manifest
-    target: int
-    blocks: list[BlockHealth]  # the manifest first, then the parts in order
+    target: int  # the replica count (of the manifest, and of whole parts)
+    blocks: list[BlockHealth]  # the manifest first, then the parts (or their shares) in order
     verified: bool = False
 
     @property
     def short(self) -> list[BlockHealth]:
-        return [b for b in self.blocks if len(b.healthy) < self.target]
+        return [b for b in self.blocks if len(b.healthy) < b.target]
 
     @property
     def lost(self) -> list[BlockHealth]:
-        return [b for b in self.blocks if not b.healthy]
+        """Blocks nothing is left to restore from: no healthy copy, or for a share, fewer
+        healthy shares of its part than it takes to rebuild one."""
+        coding = self.manifest.erasure
+        counts = self.share_counts()
+        return [
+            b for b in self.blocks
+            if not b.healthy and (b.share is None or coding is None or counts[b.index or 0] < coding.k)
+        ]
 
     @property
     def ok(self) -> bool:
         return not self.short
 
     def part_counts(self) -> list[int]:
+        """Healthy replicas of each part, or for an erasure-coded file its healthy shares."""
+        if self.manifest.erasure is not None:
+            counts = self.share_counts()
+            return [counts.get(i, 0) for i in range(len(self.manifest.parts))]
         return [len(b.healthy) for b in self.blocks[1:]]
+
+    def share_counts(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for b in self.blocks:
+            if b.share is not None and b.index is not None:
+                counts[b.index] = counts.get(b.index, 0) + (1 if b.healthy else 0)
+        return counts
+
+    def part_target(self) -> int:
+        """What `part_counts` is measured against: replicas, or shares per part."""
+        return self.target if self.manifest.erasure is None else self.manifest.erasure.n
 
 
 async def bounded(limit: int, jobs: list[Callable[[], Coroutine[Any, Any, T]]]) -> list[T]:
@@ -136,9 +177,11 @@ async def _verify_holder(session: Session, block: str, holder: PeerAddress) -> t
     return OK, None
 
 
-async def _survey_block(session: Session, block: str, index: int | None, verify: bool) -> BlockHealth:
+async def _survey_block(
+    session: Session, block: str, index: int | None, target: int, share: int | None, *, verify: bool
+) -> BlockHealth:
     holders = sorted(await session.discovery.who_has(block))
-    health = BlockHealth(block, index, holders)
+    health = BlockHealth(block, index, holders, target=target, share=share)
     if verify:
         verdicts = await bounded(2, [partial(_verify_holder, session, block, h) for h in holders])
         health.verdicts = {h: v for h, (v, _) in zip(holders, verdicts)}
@@ -151,11 +194,16 @@ async def survey(session: Session, address: str, key: PrivateKey, *, verify: boo
     """Open the file's manifest, then ask who holds the manifest and each part (at most a few
     lookups at a time). With `verify`, every holder's copy is also downloaded and hash-checked."""
     manifest, _file_key = await fetch_manifest(session, address, key)
-    blocks: list[tuple[str, int | None]] = [(address, None)]
-    blocks += [(ref.hash, i) for i, ref in enumerate(manifest.parts)]
+    target = session.replicas
+    blocks: list[tuple[str, int | None, int, int | None]] = [(address, None, target, None)]
+    for i, ref in enumerate(manifest.parts):
+        if ref.shares:
+            blocks += [(h, i, 1, number) for number, h in enumerate(ref.shares)]
+        else:
+            blocks.append((ref.hash, i, target, None))
     limit = session.parallel if verify else _lookups(session)
-    healths = await bounded(limit, [partial(_survey_block, session, b, i, verify) for b, i in blocks])
-    return FileHealth(address, manifest, session.replicas, healths, verified=verify)
+    healths = await bounded(limit, [partial(_survey_block, session, *b, verify=verify) for b in blocks])
+    return FileHealth(address, manifest, target, healths, verified=verify)
 
 
 @dataclass
@@ -167,19 +215,22 @@ class Repaired:
     error: str | None = None
     lost: bool = False  # no healthy copy was left to copy from
 
-    def to_dict(self, target: int) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         before = len(self.block.healthy)
-        return {
-            "block": "manifest" if self.block.index is None else "part",
+        doc = {
+            "block": "manifest" if self.block.index is None else "part" if self.block.share is None else "share",
             "index": self.block.index,
             "hash": self.block.hash,
             "before": before,
             "after": before + len(self.added),
-            "target": target,
+            "target": self.block.target,
             "added": [str(a) for a in self.added],
             "error": self.error,
             "lost": self.lost,
         }
+        if self.block.share is not None:
+            doc["share"] = self.block.share
+        return doc
 
 
 async def _repair_block(session: Session, health: BlockHealth, target: int) -> Repaired:
@@ -200,11 +251,66 @@ async def _repair_block(session: Session, health: BlockHealth, target: int) -> R
     return result
 
 
+async def _rebuild_shares(
+    session: Session, health: FileHealth, ref: PartRef, missing: list[BlockHealth], part: list[BlockHealth]
+) -> list[Repaired]:
+    """Rebuild a part's missing shares from k healthy ones and store each on an agent that
+    holds none of the part's other shares."""
+    coding = health.manifest.erasure
+    assert coding is not None
+    results = [Repaired(b) for b in missing]
+    healthy = sum(1 for b in part if b.healthy)
+    if healthy < coding.k:
+        for r in results:
+            r.error = f"only {healthy} of the {coding.k} shares needed to rebuild it are left"
+            r.lost = True
+        return results
+    index = missing[0].index
+    try:
+        ciphertext = await fetch_shares(session, ref, coding, what=f"part {index}")
+        shares = await session.run(code_part, ciphertext, coding)
+        del ciphertext
+        wanted = {b.hash for b in missing}
+        rebuilt = [(h, data) for h, data in shares if h in wanted]
+        if len(rebuilt) != len(wanted):
+            raise IntegrityError(f"part {index} decodes to shares that its manifest does not name")
+        avoid = [a for b in part for a in b.holders]  # a part's shares each on an agent of its own
+        placed = await store_shares(session, rebuilt, avoid=avoid)
+        for r in results:
+            r.added = [placed[r.block.hash]]
+    except ReplicationError as e:
+        for r in results:
+            r.error = f"could not store it again: {e}"
+    except DSSSError as e:
+        for r in results:
+            r.error = f"could not rebuild it: {e}"
+    return results
+
+
 async def repair(session: Session, health: FileHealth) -> list[Repaired]:
     """Copy every block that has fewer healthy replicas than the target from a healthy holder to
-    new agents (never to one that holds it already), a few blocks at a time."""
-    short = health.short
-    return await bounded(session.parallel, [partial(_repair_block, session, b, health.target) for b in short])
+    new agents (never to one that holds it already), and rebuild every missing share of an
+    erasure-coded part from the others, a few blocks (or parts) at a time."""
+    jobs: list[Callable[[], Coroutine[Any, Any, list[Repaired]]]] = []
+    by_part: dict[int, list[BlockHealth]] = {}
+    for b in health.blocks:
+        if b.share is not None and b.index is not None:
+            by_part.setdefault(b.index, []).append(b)
+    missing_by_part: dict[int, list[BlockHealth]] = {}
+    for b in health.short:
+        if b.share is not None and b.index is not None:
+            missing_by_part.setdefault(b.index, []).append(b)
+        else:
+            jobs.append(partial(_one, _repair_block, session, b, b.target))
+    for index, missing in missing_by_part.items():
+        ref = health.manifest.parts[index]
+        jobs.append(partial(_rebuild_shares, session, health, ref, missing, by_part[index]))
+    done = await bounded(session.parallel, jobs)
+    return [r for group in done for r in group]
+
+
+async def _one(f: Callable[..., Coroutine[Any, Any, Repaired]], *args: Any) -> list[Repaired]:
+    return [await f(*args)]
 
 
 async def share(session: Session, address: str, key: PrivateKey, recipient: PublicKey) -> tuple[str, Manifest]:

@@ -35,7 +35,7 @@ from dsss.client.render import PutDisplay, human_size, table
 from dsss.crypto.manifest import Manifest, PartRef, open_manifest, seal_manifest
 from dsss.crypto.parts import encrypt_part
 from dsss.errors import BadRequest, IntegrityError, NotFound, Unavailable, WrongKey
-from dsss.model import PeerAddress, block_hash
+from dsss.model import PeerAddress, block_hash, matches
 
 A1 = "a" * 64
 A2 = "b" * 64
@@ -191,13 +191,36 @@ def test_precedence_command_line_then_environment_then_file_then_default(tmp_pat
     assert (s.server, s.key) == ("http://10.0.0.2:2", tmp_path / "env.key")
     assert (s.sources["server"], s.sources["key"], s.sources["parallel"]) == ("$DSSS_SERVER", "$DSSS_KEY", s.sources["part-size"])
 
-    s = resolve(server="http://10.0.0.3:3", key="cli.key", part_size="64K", parallel=16, env=env, file=file, home=home)
+    s = resolve(server="http://10.0.0.3:3", key="cli.key", part_size="64K", parallel=16, env=env, file=file,
+                home=home, erasure="3/5")
     assert (s.server, s.key, s.part_size, s.parallel) == ("http://10.0.0.3:3", Path("cli.key"), 65536, 16)
+    assert str(s.erasure) == "3/5"
     assert set(s.sources.values()) == {"command line"}
 
     # An empty environment variable counts as unset.
     s = resolve(server=None, key=None, part_size=None, parallel=None, env={"DSSS_SERVER": ""}, file=file, home=home)
     assert s.server == "http://10.0.0.1:1"
+
+
+def test_erasure_from_the_file_and_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    file = parse_config('erasure = "2/4"\n', path=path)
+    s = resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=file, home=tmp_path)
+    assert str(s.erasure) == "2/4" and s.sources["erasure"] == f"config file {path}"
+    s = resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=file, home=tmp_path,
+                erasure="off")
+    assert s.erasure is None and s.sources["erasure"] == "command line"
+    off = parse_config('erasure = "off"\n', path=path)
+    assert resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=off,
+                   home=tmp_path, erasure=None).erasure is None
+    s = resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=FileConfig(), home=tmp_path)
+    assert s.erasure is None and s.sources["erasure"] == "default"
+    for bad in ('erasure = "4/2"', "erasure = 2", 'erasure = "two"'):
+        with pytest.raises(ConfigError, match="erasure"):
+            parse_config(bad + "\n", path=path)
+    with pytest.raises(ConfigError, match="--erasure"):
+        resolve(server=None, key=None, part_size=None, parallel=None, env={}, file=FileConfig(),
+                home=tmp_path, erasure="1/1")
 
 
 def test_bad_values_from_the_command_line_and_environment(tmp_path: Path) -> None:
@@ -299,11 +322,12 @@ class FakeNetwork:
     async def who_has(self, block: str) -> list[PeerAddress]:
         return [a for a in sorted(self.live) if block in self.agents[a]]
 
-    async def where_to_upload(self, size: int, exclude: list[PeerAddress] | None = None) -> list[PeerAddress]:
+    async def where_to_upload(self, size: int, exclude: list[PeerAddress] | None = None,
+                              count: int | None = None) -> list[PeerAddress]:
         free = [a for a in sorted(self.live) if a not in (exclude or [])]
         if not free:
             raise Unavailable(f"server: no live agent has room for {size} bytes")
-        return free[: self.replicas]
+        return free[: count or self.replicas]
 
     async def introduce_me(self, to: PeerAddress, block: str, size: int, from_: PeerAddress) -> Introduction:
         return Introduction("k" * 32, "00" * 32, to)
@@ -312,7 +336,7 @@ class FakeNetwork:
     public_address = PeerAddress("127.0.0.1", 1)
 
     async def upload(self, intro: Introduction, block: str, data: bytes) -> None:
-        assert block_hash(data) == block
+        assert matches(block, data)
         self.agents[intro.address][block] = data
         self.uploads.append((intro.address, block))
 
@@ -320,7 +344,7 @@ class FakeNetwork:
         data = self.agents[intro.address].get(block)
         if data is None:
             raise NotFound("this agent does not store that part")
-        if block_hash(data) != block:
+        if not matches(block, data):
             del self.agents[intro.address][block]  # quarantined, as a real agent does
             raise IntegrityError(f"part {block} is corrupt on disk; moved to quarantine")
         return data

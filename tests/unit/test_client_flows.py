@@ -454,3 +454,187 @@ def test_parts_in_flight_are_fetched_from_the_least_busy_holders(seed: int) -> N
     assert [result_of(f) for f in fetches] == [blob_of(net, b) for b in blocks[:12]]
     assert result_of(last) == blob_of(net, blocks[12])
     assert session.fetching == {}  # nothing left counted once all are done
+
+
+# --- erasure coding ------------------------------------------------------------------------------
+
+
+def coded_session(net: FakeNetwork, coding: str = "2/4") -> Any:
+    from dsss.erasure import Coding
+
+    session = net.session()
+    session.erasure = Coding.parse(coding)
+    return session
+
+
+def put_coded(net: FakeNetwork, data: bytes, coding: str = "2/4", part: int = PART) -> str:
+    from dsss.client.flows import put_stream
+
+    return result_of(put_stream(coded_session(net, coding), io.BytesIO(data), name="f.bin", size=len(data),
+                                owner=OWNER.public_key, part_size=part))
+
+
+def test_an_erasure_coded_put_stores_each_share_once_on_an_agent_of_its_own() -> None:
+    net = FakeNetwork()
+    agents = net.add_agents(5)
+    data = os.urandom(3 * PART + 100)
+    address = put_coded(net, data)
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    assert manifest.erasure is not None and str(manifest.erasure) == "2/4" and len(manifest.parts) == 4
+    for ref in manifest.parts:
+        assert len(ref.shares) == 4 and all(h.startswith("s") for h in ref.shares)
+        holders = [[a for a in agents if h in net.agents[a]] for h in ref.shares]
+        assert all(len(h) == 1 for h in holders)  # one copy of each share
+        assert len({h[0] for h in holders}) == 4  # no two shares of a part on one agent
+    # The manifest itself is replicated like any whole block.
+    assert sum(address in net.agents[a] for a in agents) == 3
+    # Stored: twice the ciphertext, not three times.
+    stored = sum(len(v) for a in agents for k, v in net.agents[a].items() if k != address)
+    ciphertext = sum(ref.size for ref in manifest.parts)
+    assert ciphertext * 2 <= stored <= ciphertext * 2 + 4 * len(manifest.parts)
+    assert fetch(net, address) == data
+
+
+def test_an_erasure_coded_file_survives_losing_n_minus_k_agents_and_no_more() -> None:
+    net = FakeNetwork()
+    agents = net.add_agents(4)
+    data = os.urandom(2 * PART + 7)
+    address = put_coded(net, data)
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    # Lose two agents that hold the first part's two data shares: the parity shares decode it.
+    first = manifest.parts[0].shares
+    gone = [a for a in agents if first[0] in net.agents[a] or first[1] in net.agents[a]]
+    keep_manifest = [a for a in agents if a not in gone and address in net.agents[a]]
+    assert len(gone) == 2 and keep_manifest
+    for a in gone:
+        net.live.discard(a)
+    assert fetch(net, address) == data
+    # A third agent lost: a part cannot be rebuilt from one share.
+    third = next(a for a in agents if a not in gone and a != keep_manifest[0])
+    net.live.discard(third)
+    with pytest.raises(Unavailable, match="fetched 1 of the 2 shares"):
+        fetch(net, address)
+
+
+def test_a_corrupt_share_is_passed_over_for_another() -> None:
+    from dsss.errors import IntegrityError
+
+    net = FakeNetwork()
+    agents = net.add_agents(4)
+    data = os.urandom(PART + 1)
+    address = put_coded(net, data)
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    shares = manifest.parts[0].shares
+    holder = next(a for a in agents if shares[0] in net.agents[a])
+    net.agents[holder][shares[0]] = b"rotten" + net.agents[holder][shares[0]][6:]
+    assert fetch(net, address) == data
+    # Rot in three of the four shares of a part leaves one: the get says they are corrupt.
+    address = put_coded(net, data)
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    for h in manifest.parts[0].shares[:3]:
+        for a in agents:
+            if h in net.agents[a]:
+                net.agents[a][h] = b"x" * len(net.agents[a][h])
+    with pytest.raises(IntegrityError, match="only 1 good shares of the 2"):
+        fetch(net, address)
+
+
+def test_an_erasure_coded_put_needs_an_agent_per_share() -> None:
+    from dsss.client.flows import ReplicationError
+
+    net = FakeNetwork()
+    net.add_agents(3)
+    with pytest.raises(ReplicationError, match="3 of a part's 4 shares"):
+        put_coded(net, os.urandom(PART * 2))
+
+
+class SharePlacingNetwork(FakeNetwork):
+    """A server with multi-hash /api/upload-to; one agent refuses every introduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing: set[Any] = set()
+        self.calls: list[tuple[int, list[Any]]] = []
+
+    async def upload_shares(self, blocks: list[str], size: int, from_: Any,
+                            exclude: list[Any] | None = None) -> list[tuple[Any, Any]]:
+        self.calls.append((len(blocks), list(exclude or [])))
+        picked = (await self.where_to_upload(size, exclude, count=len(blocks)))
+        return [(a, Unavailable(f"server: agent at {a} refused") if a in self.refusing
+                 else Introduction("k" * 32, "00" * 32, a)) for a in picked]
+
+
+def test_store_shares_places_and_introduces_in_one_call_and_replaces_refusals() -> None:
+    from dsss.client.flows import code_part, store_shares
+    from dsss.erasure import Coding
+
+    net = SharePlacingNetwork()
+    a, b, c, d, e = net.add_agents(5)
+    net.refusing.add(b)
+    shares = code_part(os.urandom(1000), Coding(2, 4))
+    placed = result_of(store_shares(net.session(), shares))
+    assert sorted(placed.values()) == [a, c, d, e]
+    assert net.calls == [(4, []), (1, [a, c, d, b])]
+    assert all(h in net.agents[placed[h]] for h, _ in shares)
+
+
+def test_put_window_counts_the_shares_a_coded_part_holds() -> None:
+    from dsss.client.flows import PUT_WINDOW_BYTES, put_window
+    from dsss.erasure import Coding
+
+    MiB = 1024 * 1024
+    assert put_window(4, 4 * MiB, Coding(2, 4)) < put_window(4, 4 * MiB)
+    for part in (MiB, 4 * MiB):
+        assert put_window(8, part, Coding(2, 4)) * part * 2 <= max(PUT_WINDOW_BYTES, part * 2)
+
+
+def test_survey_counts_shares_and_repair_rebuilds_the_lost_ones_elsewhere() -> None:
+    from dsss.client.maintenance import repair, survey
+
+    net = FakeNetwork()
+    agents = net.add_agents(6)
+    data = os.urandom(2 * PART)
+    net.live = set(agents[:4])  # the file goes to the first four
+    address = put_coded(net, data)
+    net.live = set(agents)
+    session = coded_session(net)
+    health = result_of(survey(session, address, OWNER))
+    assert health.ok and health.part_counts() == [4, 4] and health.part_target() == 4
+    assert len(health.blocks) == 1 + 2 * 4 and {b.target for b in health.blocks[1:]} == {1}
+
+    lost = agents[0]
+    net.live.discard(lost)
+    before = {h for h in net.agents[lost] if h != address}
+    health = result_of(survey(session, address, OWNER))
+    assert not health.ok and health.part_counts() == [3, 3] and health.lost == []
+    missing = sorted(b.hash for b in health.short if b.share is not None)
+    assert missing == sorted(before)
+    net.uploads.clear()
+    results = result_of(repair(session, health))
+    assert all(r.error is None for r in results)
+    rebuilt = [(a, h) for a, h in net.uploads if h in before]
+    assert sorted(h for _, h in rebuilt) == missing  # the very shares the manifest names
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    for a, h in rebuilt:
+        assert a in (agents[4], agents[5])  # an agent holding no other share of that part
+        part = next(ref for ref in manifest.parts if h in ref.shares)
+        assert not any(other in net.agents[a] for other in part.shares if other != h)
+    assert result_of(survey(session, address, OWNER)).ok
+    assert fetch(net, address) == data
+
+
+def test_repair_says_a_part_with_fewer_than_k_shares_is_lost() -> None:
+    from dsss.client.maintenance import repair, survey
+
+    net = FakeNetwork()
+    agents = net.add_agents(4)
+    address = put_coded(net, os.urandom(PART + 1))
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    for h in manifest.parts[0].shares[:3]:
+        for a in agents:
+            net.agents[a].pop(h, None)
+    session = coded_session(net)
+    health = result_of(survey(session, address, OWNER))
+    assert len(health.lost) == 3 and health.part_counts() == [1, 4]
+    results = result_of(repair(session, health))
+    assert len(results) == 3 and all(r.lost and "only 1 of the 2 shares" in (r.error or "") for r in results)
