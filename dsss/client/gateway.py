@@ -18,7 +18,7 @@ cannot make the browser store or fetch files through it.
                              (Content-Length from the manifest); an error before the first byte
                              is a JSON error with the status below, one after it closes the
                              connection short of Content-Length
-    GET /info                {"version", "server", "replicas", "public-key"}
+    GET /info                {"version", "server", "replicas", "erasure", "public-key"}
 
 Errors: 400 bad address or parameter, 401 no or wrong token, 403 not your file (wrong key),
 404 unknown address, 422 corrupt data, 503 not enough agents, 504 timeout, 507 full agents.
@@ -374,6 +374,7 @@ class Gateway:
             "version": dsss.__version__,
             "server": self.server,
             "replicas": self.session.replicas,
+            "erasure": str(self.session.erasure) if self.session.erasure is not None else None,
             "public-key": bytes(self.key.public_key).hex(),
         })
 
