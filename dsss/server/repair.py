@@ -7,6 +7,9 @@ holder as the source and a live agent without a copy as the target, asks the tar
 introduction key for the source's address, and sends the source `REPLICATE`. The target's HAVE
 then restores the count. Bounded: a few copies at a time, each part retried no more often than
 `repair_after`.
+
+A share of an erasure-coded part (a share ID, `dsss.model.is_share_id`) is wanted on one agent
+only: its redundancy is the part's other shares, so it is never copied (`wanted_holders`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError
+from dsss.model import is_share_id
 from dsss.wire import control as wc
 
 if TYPE_CHECKING:
     from dsss.server.service import DiscoveryServer
 
 log = Logger()
+
+
+def wanted_holders(block: str, replicas: int) -> int:
+    """How many live agents should hold `block`: one for a share (the other shares of its part
+    are its redundancy), `replicas` for a plain part. A part with fewer (but some) is short."""
+    return 1 if is_share_id(block) else replicas
 
 
 class Repairer:
@@ -40,14 +50,18 @@ class Repairer:
         self.failed = 0
 
     def plan(self, now: float) -> list[str]:
-        """Note the parts below the replica count; return those due for a copy."""
+        """Note the parts below the replica count (`wanted_holders`: never a share); return
+        those due for a copy."""
         registry = self.server.registry
         replicas = self.server.replicas
         due = []
         short = {}
         for block, holders in registry.indexed():
+            wanted = wanted_holders(block, replicas)
+            if wanted < 2:
+                continue  # a share (or replicas 1): one live holder is all it wants
             live = sum(1 for i in holders if (r := registry.get(i)) is not None and registry.is_live(r, now))
-            if 0 < live < replicas:
+            if 0 < live < wanted:
                 since = self.short_since.get(block, now)
                 short[block] = since
                 if (
@@ -75,6 +89,8 @@ class Repairer:
         server = self.server
         registry = server.registry
         now = server.now()
+        if is_share_id(block):
+            return  # never copied: a share lives on one agent
         size = registry.size_of(block)
         if size is None:
             return  # the holders did not report its size: only `dsss.client repair` can help

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dsss.model import PeerAddress
 from dsss.server.registry import Registry
-from dsss.server.repair import Repairer
+from dsss.server.repair import Repairer, wanted_holders
 
 B1, B2 = "aa" * 32, "bb" * 32
 
@@ -78,3 +78,45 @@ def test_lost_parts_are_not_repairable_and_in_flight_is_bounded():
     server.registry.unregister(a.handle)  # no holder left: nothing to copy from
     r.in_flight.clear()
     assert r.plan(server.t) == []
+
+
+S1, S2 = "s" + "cc" * 32, "s" + "aa" * 32  # shares of erasure-coded parts (S2 of B1's bytes)
+
+
+def test_wanted_holders_is_one_for_a_share_and_the_replicas_for_a_plain_part():
+    assert wanted_holders(B1, 3) == 3 and wanted_holders(B1, 1) == 1
+    assert wanted_holders(S1, 3) == 1 and wanted_holders(S2, 5) == 1
+
+
+def test_a_share_with_one_live_holder_is_never_copied_but_a_plain_part_is():
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    server.registry.have(agents[0], [S1, S2, B1], [100] * 3)
+    server.registry.have(agents[1], [S2], [100])  # stored twice by mistake: still not short
+    r = Repairer(server, repair_after=10)
+    assert r.plan(server.t) == []
+    for _ in range(3):
+        advance(server, 11, agents)
+        assert r.plan(server.t) == [B1]
+        assert set(r.short_since) == {B1} and r.status()["short"] == 1
+    server.registry.unregister(agents[1].handle)  # S2 down to one holder, B1 unchanged
+    advance(server, 11, agents)
+    assert r.plan(server.t) == [B1] and set(r.short_since) == {B1}
+
+
+def test_repairing_a_share_does_nothing():
+    from twisted.internet import defer
+
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    server.registry.have(agents[0], [S1], [100])
+    asked = []
+
+    async def introduce(*args):
+        asked.append(args)
+        raise AssertionError("a share is never copied")
+
+    server.introduce = introduce
+    r = Repairer(server, repair_after=0)
+    d = defer.ensureDeferred(r._repair(S1))
+    assert d.called and asked == [] and r.started == 0 and r.failed == 0
