@@ -98,6 +98,16 @@ def mbps(size: int, seconds: float) -> float:
     return size / 1e6 / seconds
 
 
+def use_erasure(coding: str, work: Path) -> None:
+    """Make every DSSS client this process starts (they inherit the environment) store files
+    erasure-coded: a config file with `erasure`, named by $DSSS_CONFIG."""
+    from dsss.erasure import Coding
+
+    config = work / "dsss-client.toml"
+    config.write_text(f'erasure = "{Coding.parse(coding)}"\n')
+    os.environ["DSSS_CONFIG"] = str(config)
+
+
 def quartiles(timeline: list[tuple[float, int]]) -> list[int]:
     """VmRSS (kB) at 25, 50, 75 and 100% of a call's samples (0 when there are none)."""
     if not timeline:
@@ -618,10 +628,16 @@ def main() -> int:
     ap.add_argument("--no-tahoe", action="store_true", help="measure DSSS alone")
     ap.add_argument("--work", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (files, logs, stores)")
+    ap.add_argument("--erasure", default=None, metavar="K/N",
+                    help="DSSS stores files erasure-coded (every CLI call and gateway, loopback and NAT "
+                         "lab), say 2/4 as Tahoe's grid here; default: 3 replicas")
     args = ap.parse_args()
     names = args.only or ALL
     compile_bytecode()
     bench = Bench(args)
+    if args.erasure:
+        use_erasure(args.erasure, bench.work)
+        bench.results["meta"]["erasure"] = args.erasure
     started = time.monotonic()
     log(f"work directory {bench.work}; results to {args.json}")
     failures = 0

@@ -8,7 +8,8 @@ started at once; each repeat does a put and a get of the same random file with e
 turn (the order rotates), so a change in the machine's load hits them alike. Knobs:
 `datagram=N` (agents' --datagram-size and the client's), `parallel=N` (the client's --parallel),
 `part=SIZE` (put --part-size), `replicas=N` (the server's --replicas), `chain=0|1` (the client's
---no-chain or --chain; its default on loopback is no chain), `gateway=1` (put and get with curl
+--no-chain or --chain; its default on loopback is no chain), `erasure=K/N` (the client stores
+parts erasure-coded, say erasure=2/4), `gateway=1` (put and get with curl
 through `dsss gateway`, started once per variant, instead of one CLI process per call; the
 client CPU is then the gateway's plus curl's). Prints MB/s (median, min, max), the ratio to the first variant,
 and CPU per MB of the client and of the daemons; `--json PATH` keeps the raw figures.
@@ -34,17 +35,17 @@ from dsss.model import parse_size  # noqa: E402
 
 def parse_variant(text: str) -> dict[str, Any]:
     knobs: dict[str, Any] = {"name": text, "datagram": 65000, "parallel": None, "part": None, "replicas": 3,
-                             "chain": None, "gateway": 0}
+                             "chain": None, "gateway": 0, "erasure": None}
     for word in text.split():
         if word == "base":
             continue
         key, sep, value = word.partition("=")
-        if not sep or key not in ("datagram", "parallel", "part", "replicas", "chain", "gateway"):
+        if not sep or key not in ("datagram", "parallel", "part", "replicas", "chain", "gateway", "erasure"):
             raise SystemExit(f"unknown knob {word!r} (datagram=N, parallel=N, part=SIZE, replicas=N, chain=0|1, "
-                             f"gateway=0|1)")
-        if key != "part" and not value.isdigit():
+                             f"gateway=0|1, erasure=K/N)")
+        if key not in ("part", "erasure") and not value.isdigit():
             raise SystemExit(f"{key} takes a whole number: {word!r}")
-        knobs[key] = value if key == "part" else int(value)
+        knobs[key] = value if key in ("part", "erasure") else int(value)
     return knobs
 
 
@@ -69,6 +70,10 @@ def main() -> int:
                 options += ["--chain" if v["chain"] else "--no-chain"]
             net = DsssNetwork(work / f"v{i}", datagram_size=v["datagram"], replicas=v["replicas"],
                               client_options=options)
+            if v["erasure"]:
+                config = work / f"v{i}.toml"
+                config.write_text(f'erasure = "{v["erasure"]}"\n')
+                net.env["DSSS_CONFIG"] = str(config)
             net.start()
             nets.append(net)
             if v["gateway"]:
