@@ -44,7 +44,7 @@ from dsss.client.render import (
 from dsss.crypto.keys import generate_key_file, load_key_file, parse_public_key, public_key_hex
 from dsss.crypto.manifest import clean_name
 from dsss.errors import DSSSError, LocalUsageError
-from dsss.model import is_block_id
+from dsss.model import is_block_id, is_share_id
 
 if TYPE_CHECKING:
     from dsss.client.flows import Session
@@ -288,7 +288,7 @@ def _fail(message: str, code: int = 1, *, json_mode: bool = False, kind: str = "
 
 
 def _check_address(text: str) -> str:
-    if not is_block_id(text):
+    if not is_block_id(text) or is_share_id(text):
         raise CommandLineError(f"not a file address (64 lowercase hex characters): {text!r}")
     return text
 

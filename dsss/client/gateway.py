@@ -51,7 +51,7 @@ from dsss.httpjson import http_error, unexpected_error
 from dsss.httpjson import json_body as _json
 from dsss.errors import AccessDenied, BadRequest, DSSSError
 from dsss.fileutil import atomic_write
-from dsss.model import check_block_id
+from dsss.model import check_block_id, is_share_id
 
 if TYPE_CHECKING:
     from nacl.public import PrivateKey
@@ -422,7 +422,8 @@ class Gateway:
         from dsss.client.flows import get_to_stream
 
         self._check(request)
-        check_block_id(address)
+        if is_share_id(check_block_id(address)):
+            raise BadRequest("a file address is 64 lowercase hex characters, not a share ID")
         out = ResponseStream(request)
         started = False
 

@@ -96,8 +96,9 @@ def test_unknown_address_and_bad_input(shared_network, tmp_path):
     r = net.client("get", "c" * 64, "-o", str(tmp_path / "x"), check=False)
     assert r.returncode != 0 and "unknown address" in r.stderr.decode()
     assert not (tmp_path / "x").exists()
-    r = net.client("get", "not-an-address", "-o", str(tmp_path / "x"), check=False)
-    assert r.returncode == 2 and "not a file address" in r.stderr.decode()
+    for bad in ("not-an-address", "s" + "c" * 64):  # a share ID is no file address
+        r = net.client("get", bad, "-o", str(tmp_path / "x"), check=False)
+        assert r.returncode == 2 and "not a file address" in r.stderr.decode()
     r = net.client("put", str(tmp_path / "missing"), check=False)
     assert r.returncode == 2 and "not a readable file" in r.stderr.decode()
 

@@ -380,7 +380,7 @@ def test_the_module_gateway_keeps_its_token_beside_the_key(gateway, shared_netwo
 
 def test_errors_are_json_with_their_status_and_the_gateway_goes_on(gateway, shared_network, tmp_path):
     net = shared_network
-    for bad in ["A" * 64, "a" * 63, "a" * 65, "xyz"]:
+    for bad in ["A" * 64, "a" * 63, "a" * 65, "xyz", "s" + "a" * 64]:  # a share ID is no file address
         assert_json_error(*gateway.get(bad), 400)
     doc = assert_json_error(*gateway.get(os.urandom(32).hex()), 404)
     assert doc["code"] == "not-found"
