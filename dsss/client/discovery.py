@@ -34,6 +34,8 @@ MAX_RESPONSE = 1024 * 1024
 # Introductions asked for in the same reactor turn go out as one /api/introduce-many request
 # of at most this many (the server's bound).
 MAX_INTRODUCTIONS = 16
+# Agents one /api/where-to-upload asks for at most (the server's bound).
+MAX_COUNT = 64
 _BY_STATUS: dict[int, type[DSSSError]] = {
     400: BadRequest,
     401: AccessDenied,
@@ -215,11 +217,18 @@ class DiscoveryClient:
             await deferLater(self.reactor, 0.5, lambda: None)
 
     async def where_to_upload(
-        self, size: int, exclude: list[PeerAddress] | None = None
+        self, size: int, exclude: list[PeerAddress] | None = None, count: int | None = None
     ) -> list[PeerAddress]:
+        """Up to `count` distinct agents (default: the server's replica count, at most
+        MAX_COUNT) with room for `size` bytes, none in `exclude`. A server older than `count`
+        ignores it and proposes at most its replica count."""
         params = [("size", str(size))]
         if exclude:
             params.append(("exclude", ",".join(str(a) for a in exclude)))
+        if count is not None:
+            if not 1 <= count <= MAX_COUNT:
+                raise BadRequest(f"count must be from 1 to {MAX_COUNT}")
+            params.append(("count", str(count)))
         return self._addresses(await self._get("/api/where-to-upload", params))
 
     async def upload_to(

@@ -29,6 +29,8 @@ log = Logger()
 
 # Introductions in one /api/introduce-many request.
 MAX_INTRODUCTIONS = 16
+# Agents one /api/where-to-upload may ask for (`count`).
+MAX_COUNT = 64
 
 
 def chain_order(targets: list[PeerAddress]) -> list[PeerAddress]:
@@ -85,6 +87,15 @@ def _size(text: str | None, name: str = "size") -> int:
     if value > MAX_PART_SIZE:
         raise BadRequest(f"{name} larger than the largest part ({MAX_PART_SIZE} bytes)")
     return value
+
+
+def _count(text: str | None) -> int | None:
+    """`count`: how many agents to pick, 1 to MAX_COUNT; None if not given."""
+    if text is None:
+        return None
+    if not text.isdigit() or len(text) > 3 or not 1 <= int(text) <= MAX_COUNT:
+        raise BadRequest(f"count must be a whole number from 1 to {MAX_COUNT}")
+    return int(text)
 
 
 def _exclude(request: IRequest) -> list[PeerAddress]:
@@ -202,7 +213,8 @@ class DiscoveryAPI:
     def where_to_upload(self, request: IRequest) -> bytes:
         self._admit(request)
         size = _size(_arg(request, "size"))
-        addresses = self.server.where_to_upload(size, _exclude(request))
+        count = _count(_arg(request, "count", required=False))
+        addresses = self.server.where_to_upload(size, _exclude(request), count)
         return _json(
             request,
             {"addresses": [str(a) for a in addresses], "replicas": self.server.replicas},

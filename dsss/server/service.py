@@ -140,9 +140,13 @@ class DiscoveryServer:
 
         return d.addCallbacks(answered, failed)
 
-    def where_to_upload(self, size: int, exclude: list[PeerAddress]) -> list[PeerAddress]:
+    def where_to_upload(
+        self, size: int, exclude: list[PeerAddress], count: int | None = None
+    ) -> list[PeerAddress]:
+        """Up to `count` (default: the replica count) distinct live agents with room for `size`,
+        none in `exclude`; Unavailable if there is none."""
         self.stats["where-to-upload"] += 1
-        chosen = self.registry.place(size, self.replicas, self.now(), exclude)
+        chosen = self.registry.place(size, self.replicas if count is None else count, self.now(), exclude)
         if not chosen:
             raise Unavailable(f"no live agent has room for {size} bytes")
         return [r.address for r in chosen if r.address is not None]

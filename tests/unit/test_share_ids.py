@@ -3,13 +3,15 @@ apart from plain part IDs by everyone, checked against their bytes like plain on
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from dsss.client.discovery import Introduction
+from dsss.client.discovery import DiscoveryClient, Introduction
 from dsss.client.peer import PeerNetwork
 from dsss.errors import BadRequest, IntegrityError
 from dsss.model import (
@@ -23,8 +25,11 @@ from dsss.model import (
     matches,
     share_id,
 )
+from dsss.server.api import DiscoveryAPI
+from dsss.server.service import DiscoveryServer, ServerConfig
 from dsss.wire import control as wc
 from dsss.wire import transfer as wt
+from tests.adapters.test_server_api import FakeAgent, decoded, get
 
 DATA = b"one share of an encrypted part"
 H = block_hash(DATA)
@@ -128,3 +133,103 @@ def test_download_of_a_share_checks_blake3_of_its_bytes() -> None:
     for block, body in ((S, DATA + b"!"), ("s" + block_hash(b"s" + DATA), DATA)):
         err = download(block, body)
         assert isinstance(err, IntegrityError) and "do not match" in str(err)
+
+
+# --- the discovery server: where-to-upload count ------------------------------------------------
+
+
+@pytest.fixture
+def server() -> DiscoveryServer:
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    clock.advance(60)  # past the warm-up after a start, when answers are final
+    return server
+
+
+def api(server: Any) -> Any:
+    return StubTreq(DiscoveryAPI(server).resource())
+
+
+def agents(server: Any, n: int, first: int = 6000, free: int = 10_000) -> list[Any]:
+    return [FakeAgent(server, first + i, free=free) for i in range(n)]
+
+
+def answer(treq: Any, url: str) -> tuple[int, Any]:
+    return decoded(get(treq, url))
+
+
+SHARES = [share_id(bytes([i]) * 100) for i in range(6)]
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def test_where_to_upload_count_picks_that_many_distinct_agents(server: Any) -> None:
+    treq = api(server)
+    many = agents(server, 6)
+    agents(server, 1, first=6900, free=50)  # no room
+    code, doc = answer(treq, "/api/where-to-upload?size=100")
+    assert code == 200 and len(doc["addresses"]) == 2 and doc["replicas"] == 2  # the default
+    everyone = sorted(str(a.address) for a in many)
+    for count in (1, 4, 6, 64):
+        code, doc = answer(treq, f"/api/where-to-upload?size=100&count={count}")
+        assert code == 200 and len(doc["addresses"]) == min(count, 6)
+        assert len(set(doc["addresses"])) == len(doc["addresses"]) and set(doc["addresses"]) <= set(everyone)
+    code, doc = answer(treq, "/api/where-to-upload?size=100&count=64&exclude=127.0.0.1:6000,127.0.0.1:6001")
+    assert sorted(doc["addresses"]) == everyone[2:]
+
+
+@pytest.mark.parametrize("count", ["0", "65", "x", "-1", "1.0", "", "0064", "1&count=1", "%ff"])
+def test_where_to_upload_refuses_a_bad_count(server: Any, count: str) -> None:
+    agents(server, 2)
+    code, doc = answer(api(server), f"/api/where-to-upload?size=100&count={count}")
+    assert code == 400
+    if count not in ("1&count=1", "%ff"):
+        assert doc["error"] == "count must be a whole number from 1 to 64"
+
+
+# --- DiscoveryClient ---------------------------------------------------------------------------
+
+ME = PeerAddress("127.0.0.1", 9999)
+
+
+def client_of(server: Any, rewrite: Any = None) -> tuple[Any, Any, list[str]]:
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    urls: list[str] = []
+
+    class HTTP:
+        def get(self, url: str, **kw: Any) -> Any:
+            kw.pop("reactor", None)
+            kw.pop("timeout", None)
+            urls.append(url)
+            return stub.get(rewrite(url) if rewrite else url, **kw)
+
+    return DiscoveryClient("http://server", reactor=server.clock, http=HTTP()), stub, urls
+
+
+def run(server: Any, stub: Any, d: Any, replying: list[Any] = ()) -> Any:
+    """Let the requests reach the server and the agents, every agent in `replying` giving a
+    key for each introduction it is asked for, until the client's call is answered."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    for _ in range(5):
+        for _ in range(3):
+            server.clock.advance(0)
+            stub.flush()
+        if out:
+            break
+        for a in replying:
+            for _line in a.sent():
+                a.reply(KEY)
+    assert out, "not answered"
+    return out[0].value if hasattr(out[0], "value") else out[0]
+
+
+def test_client_where_to_upload_asks_for_count_agents(server: Any) -> None:
+    everyone = agents(server, 5)
+    client, stub, urls = client_of(server)
+    got = run(server, stub, defer.ensureDeferred(client.where_to_upload(10, exclude=[everyone[0].address], count=4)))
+    assert sorted(got) == sorted(a.address for a in everyone[1:])
+    assert urls[-1].endswith("&count=4")
+    got = run(server, stub, defer.ensureDeferred(client.where_to_upload(10)))
+    assert len(got) == 2 and "count" not in urls[-1]
+    assert isinstance(run(server, stub, defer.ensureDeferred(client.where_to_upload(10, count=65))), BadRequest)
