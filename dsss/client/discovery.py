@@ -34,7 +34,8 @@ MAX_RESPONSE = 1024 * 1024
 # Introductions asked for in the same reactor turn go out as one /api/introduce-many request
 # of at most this many (the server's bound).
 MAX_INTRODUCTIONS = 16
-# Agents one /api/where-to-upload asks for at most (the server's bound).
+# Agents one /api/where-to-upload asks for, and shares one /api/upload-to places (the server's
+# bound): more shares go in several requests.
 MAX_COUNT = 64
 _BY_STATUS: dict[int, type[DSSSError]] = {
     400: BadRequest,
@@ -120,6 +121,8 @@ class DiscoveryClient:
         self.batch = True
         # False once the server has shown it has no /api/upload-to (an older server).
         self.combined_upload = True
+        # False once the server has shown its /api/upload-to takes one hash only (an older one).
+        self.share_upload = True
 
     async def _get(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
         """GET with retries: a server that is down or restarting (connection refused, timeouts,
@@ -257,10 +260,62 @@ class DiscoveryClient:
             # is an error inside the answer).
             self.combined_upload = False
             return None
+        return self._upload_answers(doc, chained=chain and doc.get("chain") is True)
+
+    async def upload_shares(
+        self, blocks: list[str], size: int, from_: PeerAddress,
+        exclude: list[PeerAddress] | None = None,
+    ) -> list[tuple[PeerAddress, Introduction | DSSSError]] | None:
+        """Where to upload each of `blocks` (the shares of an erasure-coded part, all of `size`
+        bytes), each on an agent of its own, none in `exclude`, with an introduction to each:
+        for block i (in order), its agent and its introduction or the error it gave. Fewer
+        answers than blocks (for the first ones) when fewer agents have room. None if the
+        server has no /api/upload-to, or one that takes a single hash (then ask
+        where_to_upload with `count` and introduce_me instead).
+
+        More than MAX_COUNT blocks are asked for in several requests, each excluding the agents
+        the earlier ones picked."""
+        for b in blocks:
+            check_block_id(b)
+        if len(set(blocks)) != len(blocks):
+            raise BadRequest("a share is given more than once")
+        if not self.combined_upload or not self.share_upload:
+            return None
+        out: list[tuple[PeerAddress, Introduction | DSSSError]] = []
+        avoid = list(exclude or [])
+        for start in range(0, len(blocks), MAX_COUNT):
+            group = blocks[start : start + MAX_COUNT]
+            params = [("size", str(size)), *(("hash", b) for b in group), ("from", str(from_))]
+            if len(group) == 1:
+                params.append(("copies", "1"))  # one hash alone: one agent, as for any hash
+            if avoid:
+                params.append(("exclude", ",".join(str(a) for a in avoid)))
+            try:
+                doc = await self._get("/api/upload-to", params)
+            except NotFound:
+                # Only a server without /api/upload-to answers it with 404.
+                self.combined_upload = False
+                return None
+            except BadRequest as e:
+                if len(group) > 1 and "'hash' given more than once" in str(e):
+                    self.share_upload = False  # an older server: one hash per request
+                    return None
+                raise
+            answers = self._upload_answers(doc, chained=False)
+            if len(answers) > len(group):
+                raise RemoteProtocolError("bad /api/upload-to answer")
+            out += answers
+            if len(answers) < len(group):
+                break  # no more agents with room
+            avoid += [a for a, _ in answers]
+        return out
+
+    def _upload_answers(
+        self, doc: dict[str, Any], *, chained: bool
+    ) -> list[tuple[PeerAddress, Introduction | DSSSError]]:
         answers = doc.get("introductions")
         if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
             raise RemoteProtocolError("bad /api/upload-to answer")
-        chained = chain and doc.get("chain") is True
         out: list[tuple[PeerAddress, Introduction | DSSSError]] = []
         for i, answer in enumerate(answers):
             address = answer.get("address")

@@ -29,7 +29,8 @@ log = Logger()
 
 # Introductions in one /api/introduce-many request.
 MAX_INTRODUCTIONS = 16
-# Agents one /api/where-to-upload may ask for (`count`).
+# Agents one /api/where-to-upload may ask for (`count`), and hashes in one /api/upload-to (the
+# shares of an erasure-coded part, each for an agent of its own).
 MAX_COUNT = 64
 
 
@@ -96,6 +97,19 @@ def _count(text: str | None) -> int | None:
     if not text.isdigit() or len(text) > 3 or not 1 <= int(text) <= MAX_COUNT:
         raise BadRequest(f"count must be a whole number from 1 to {MAX_COUNT}")
     return int(text)
+
+
+def _hashes(request: IRequest) -> list[str]:
+    """`hash` (may repeat, at most MAX_COUNT times): distinct part IDs, in the order given."""
+    raw = request.args.get(b"hash", [])  # type: ignore[attr-defined]
+    if not raw:
+        raise BadRequest("missing parameter 'hash'")
+    if len(raw) > MAX_COUNT:
+        raise BadRequest(f"at most {MAX_COUNT} hashes per request")
+    hashes = [check_block_id(value.decode("utf-8", "replace")) for value in raw]
+    if len(set(hashes)) != len(hashes):
+        raise BadRequest("a hash is given more than once")
+    return hashes
 
 
 def _exclude(request: IRequest) -> list[PeerAddress]:
@@ -281,7 +295,11 @@ class DiscoveryAPI:
 
         With `chain=1` the agents picked form a replication chain: the first one's introduction
         is for the client (`from`), each next one's for the agent before it, so that the client
-        uploads once and each agent passes the part on (a chained UPLOAD)."""
+        uploads once and each agent passes the part on (a chained UPLOAD).
+
+        With several `hash`es (the shares of an erasure-coded part) the server picks as many
+        distinct agents and introduces hash i at agent i: one copy of each, never two on one
+        agent."""
         replicas = self.server.replicas
         raw_copies = _arg(request, "copies", required=False)
         copies = replicas
@@ -290,13 +308,26 @@ class DiscoveryAPI:
                 self._admit(request)
                 raise BadRequest(f"copies must be a whole number from 1 to {replicas}")
             copies = int(raw_copies)
-        self._admit(request, cost=1 + copies)
+        # Several hashes (the shares of an erasure-coded part): an agent and an introduction each.
+        given = len(request.args.get(b"hash", []))  # type: ignore[attr-defined]
+        if given > MAX_COUNT:
+            self._admit(request)
+            raise BadRequest(f"at most {MAX_COUNT} hashes per request")
+        if given > 1 and raw_copies is not None:
+            self._admit(request)
+            raise BadRequest("copies cannot be combined with more than one hash")
+        self._admit(request, cost=1 + (given if given > 1 else copies))
         size = _size(_arg(request, "size"))
-        block = check_block_id(_arg(request, "hash") or "")
+        hashes = _hashes(request)
         from_ = PeerAddress.parse(_arg(request, "from") or "")
         chain = _arg(request, "chain", required=False)
         if chain not in (None, "0", "1"):
             raise BadRequest("chain must be 0 or 1")
+        if len(hashes) > 1:
+            if chain == "1":
+                raise BadRequest("chain=1 cannot be combined with more than one hash")
+            return await self._upload_shares(request, hashes, size, from_)
+        block = hashes[0]
         targets = self.server.where_to_upload(size, _exclude(request))[:copies]
         sources: PeerAddress | list[PeerAddress] = from_
         if chain == "1":
@@ -312,6 +343,21 @@ class DiscoveryAPI:
         body: dict[str, Any] = {"introductions": answers, "replicas": replicas}
         if chain == "1":
             body["chain"] = True
+        if self.server.warming():
+            body["warming"] = True
+        return _json(request, body)
+
+    async def _upload_shares(
+        self, request: IRequest, hashes: list[str], size: int, from_: PeerAddress
+    ) -> bytes:
+        """upload-to with several hashes: len(hashes) distinct agents from one placement, hash i
+        introduced at agent i; fewer answers than hashes (the first ones) if fewer have room."""
+        targets = self.server.where_to_upload(size, _exclude(request), len(hashes))
+        items = [(to, block, size) for to, block in zip(targets, hashes)]
+        answers = await self._introductions(from_, items)
+        for (to, _, _), answer in zip(items, answers):
+            answer.setdefault("address", str(to))
+        body: dict[str, Any] = {"introductions": answers, "replicas": self.server.replicas}
         if self.server.warming():
             body["warming"] = True
         return _json(request, body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from treq.testing import StubTreq
@@ -135,7 +136,7 @@ def test_download_of_a_share_checks_blake3_of_its_bytes() -> None:
         assert isinstance(err, IntegrityError) and "do not match" in str(err)
 
 
-# --- the discovery server: where-to-upload count ------------------------------------------------
+# --- the discovery server: where-to-upload count, upload-to with several hashes ---------------
 
 
 @pytest.fixture
@@ -187,6 +188,106 @@ def test_where_to_upload_refuses_a_bad_count(server: Any, count: str) -> None:
         assert doc["error"] == "count must be a whole number from 1 to 64"
 
 
+def test_upload_to_with_several_hashes_introduces_each_at_an_agent_of_its_own(server: Any) -> None:
+    treq = api(server)
+    everyone = agents(server, 6)
+    hashes = SHARES[:4]
+    url = "/api/upload-to?size=77&from=127.0.0.1:9999" + "".join(f"&hash={h}" for h in hashes)
+    results = get(treq, url + "&exclude=127.0.0.1:6000,127.0.0.1:6003")
+    asked = {a.address: a.sent() for a in everyone}
+    # Four distinct agents, none excluded, each asked once, for one hash, bound to the caller.
+    assert asked[everyone[0].address] == [] and asked[everyone[3].address] == []
+    by_hash = {}
+    for address, lines in asked.items():
+        if lines:
+            (line,) = lines
+            head, h = line.rsplit(" ", 1)
+            assert head == "INTRODUCTION_REQUEST 127.0.0.1:9999 77"
+            by_hash[h] = address
+    assert sorted(by_hash) == sorted(hashes)
+    refusing = by_hash[hashes[2]]
+    for a in everyone:
+        if a.address in by_hash.values():
+            a.reply("ERROR full no room" if a.address == refusing else KEY)
+    server.clock.advance(0)
+    treq.flush()
+    code, doc = decoded(results)
+    assert code == 200 and doc["replicas"] == 2 and "chain" not in doc
+    # In hash order: answer i is for hash i, at the agent asked for it.
+    assert [a["address"] for a in doc["introductions"]] == [str(by_hash[h]) for h in hashes]
+    first, second, full, fourth = doc["introductions"]
+    assert first["introduction-key"] == KEY and first["agent"] == server.registry.by_address(by_hash[hashes[0]]).agent_id
+    assert full["status"] == 503 and "refused: full" in full["error"]
+    assert "introduction-key" in fourth
+
+
+def test_upload_to_answers_the_first_hashes_when_fewer_agents_have_room(server: Any) -> None:
+    treq = api(server)
+    everyone = agents(server, 3)
+    agents(server, 2, first=6900, free=10)
+    url = "/api/upload-to?size=77&from=127.0.0.1:9999" + "".join(f"&hash={h}" for h in SHARES[:5])
+    results = get(treq, url)
+    asked = sorted(line.rsplit(" ", 1)[1] for a in everyone for line in a.sent())
+    assert asked == sorted(SHARES[:3])
+    for a in everyone:
+        a.reply(KEY)
+    treq.flush()
+    code, doc = decoded(results)
+    assert code == 200 and len(doc["introductions"]) == 3
+    assert len({i["address"] for i in doc["introductions"]}) == 3
+    code, doc = answer(treq, url + "&exclude=" + ",".join(str(a.address) for a in everyone))
+    assert code == 503 and "no live agent has room for 77 bytes" in doc["error"]
+
+
+def test_upload_to_with_one_share_and_copies_1_picks_one_agent(server: Any) -> None:
+    treq = api(server)
+    everyone = agents(server, 4)
+    get(treq, f"/api/upload-to?size=77&from=127.0.0.1:9999&hash={SHARES[0]}&copies=1&chain=0")
+    assert sum(len(a.sent()) for a in everyone) == 1
+    get(treq, f"/api/upload-to?size=77&from=127.0.0.1:9999&hash={SHARES[0]}&hash={SHARES[1]}&chain=0")
+    assert sum(len(a.sent()) for a in everyone) == 2
+
+
+H0 = SHARES[0]
+BASE = "/api/upload-to?size=77&from=127.0.0.1:9999"
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        (f"&hash={H0}&hash={SHARES[1]}&copies=1", "copies cannot be combined with more than one hash"),
+        (f"&hash={H0}&hash={SHARES[1]}&copies=x", "copies must be a whole number from 1 to 2"),
+        (f"&hash={H0}&hash={SHARES[1]}&chain=1", "chain=1 cannot be combined with more than one hash"),
+        (f"&hash={H0}&hash={SHARES[1]}&hash={H0}", "a hash is given more than once"),
+        (f"&hash={H0}&hash={SHARES[1].upper()}", "not a part hash"),
+        (f"&hash={H0}&hash=t{SHARES[1][1:]}", "not a part hash"),
+        (f"&hash={H0}&hash=", "not a part hash"),
+        ("".join(f"&hash=s{i:064x}" for i in range(65)), "at most 64 hashes per request"),
+        (f"&hash={H0}&hash={SHARES[1]}&chain=2", "chain must be 0 or 1"),
+    ],
+)
+def test_upload_to_refuses_bad_hashes_without_asking_any_agent(server: Any, query: str, error: str) -> None:
+    everyone = agents(server, 4)
+    code, doc = answer(api(server), BASE + query)
+    assert code == 400 and error in doc["error"]
+    assert [a.sent() for a in everyone] == [[]] * 4
+
+
+def test_upload_to_with_64_hashes(server: Any) -> None:
+    everyone = agents(server, 70)
+    get(api(server), BASE + "".join(f"&hash=s{i:064x}" for i in range(64)))
+    asked = [line.rsplit(" ", 1)[1] for a in everyone for line in a.sent()]
+    assert sorted(asked) == [f"s{i:064x}" for i in range(64)]
+
+
+def test_upload_to_with_several_hashes_costs_one_and_one_per_hash(server: Any) -> None:
+    server.http_limiter.rate, server.http_limiter.burst = 0.0, 7.0
+    treq = api(server)
+    url = BASE + "".join(f"&hash={h}" for h in SHARES[:3])
+    assert answer(treq, url)[0] == 503  # no agent: 4 tokens spent (1 + 3 hashes)
+    assert answer(treq, url)[0] == 429  # 4 + 4 > 7, where 1 + copies (3) would have passed
+
+
 # --- DiscoveryClient ---------------------------------------------------------------------------
 
 ME = PeerAddress("127.0.0.1", 9999)
@@ -233,3 +334,86 @@ def test_client_where_to_upload_asks_for_count_agents(server: Any) -> None:
     got = run(server, stub, defer.ensureDeferred(client.where_to_upload(10)))
     assert len(got) == 2 and "count" not in urls[-1]
     assert isinstance(run(server, stub, defer.ensureDeferred(client.where_to_upload(10, count=65))), BadRequest)
+
+
+def test_client_upload_shares_places_each_share_on_an_agent_of_its_own(server: Any) -> None:
+    everyone = agents(server, 6)
+    client, stub, urls = client_of(server)
+    blocks = SHARES[:4]
+    d = defer.ensureDeferred(client.upload_shares(blocks, 10, ME, exclude=[everyone[5].address]))
+    got = run(server, stub, d, replying=everyone)
+    assert len(urls) == 1 and "/api/upload-to?" in urls[0]
+    assert len(got) == 4 and len({a for a, _ in got}) == 4 and everyone[5].address not in {a for a, _ in got}
+    for address, intro in got:
+        assert isinstance(intro, Introduction) and intro.address == address and not intro.chained
+        assert intro.agent_id == server.registry.by_address(address).agent_id
+    # One share alone: one agent (copies=1), not the replica count.
+    d = defer.ensureDeferred(client.upload_shares([SHARES[5]], 10, ME))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    assert sum(len(a.sent()) for a in everyone) == 1 and "copies=1" in urls[-1]
+
+
+def test_client_upload_shares_gives_each_introduction_for_its_share(server: Any) -> None:
+    everyone = agents(server, 4)
+    client, stub, urls = client_of(server)
+    d = defer.ensureDeferred(client.upload_shares(SHARES[:3], 10, ME))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    asked = {}
+    for a in everyone:
+        for line in a.sent():
+            asked[a.address] = line.rsplit(" ", 1)[1]
+            a.reply("ERROR full no room" if asked[a.address] == SHARES[1] else KEY)
+    got = run(server, stub, d)
+    assert [asked[address] for address, _ in got] == SHARES[:3]
+    assert isinstance(got[1][1], Exception) and "refused: full" in str(got[1][1])
+
+
+def test_client_upload_shares_splits_more_than_64_and_keeps_them_apart(server: Any) -> None:
+    everyone = agents(server, 80)
+    client, stub, urls = client_of(server)
+    blocks = [f"s{i:064x}" for i in range(70)]
+    got = run(server, stub, defer.ensureDeferred(client.upload_shares(blocks, 10, ME)), replying=everyone)
+    assert len(urls) == 2 and urls[0].count("hash=") == 64 and urls[1].count("hash=") == 6
+    assert len(got) == 70 and len({a for a, _ in got}) == 70
+    assert all(isinstance(i, Introduction) for _, i in got)
+    (excluded,) = parse_qs(urlsplit(urls[1]).query)["exclude"]  # the first request's agents
+    assert sorted(excluded.split(",")) == sorted(str(a) for a, _ in got[:64])
+
+
+def test_client_upload_shares_stops_when_agents_run_out(server: Any) -> None:
+    everyone = agents(server, 66)
+    client, stub, urls = client_of(server)
+    blocks = [f"s{i:064x}" for i in range(70)]
+    got = run(server, stub, defer.ensureDeferred(client.upload_shares(blocks, 10, ME)), replying=everyone)
+    assert len(urls) == 2 and len(got) == 66 and len({a for a, _ in got}) == 66
+
+
+def test_client_upload_shares_refuses_bad_or_repeated_ids(server: Any) -> None:
+    client, stub, urls = client_of(server)
+    for blocks in ([SHARES[0], SHARES[0]], [SHARES[0], SHARES[1].upper()]):
+        assert isinstance(run(server, stub, defer.ensureDeferred(client.upload_shares(blocks, 10, ME))), BadRequest)
+    assert urls == []
+
+
+@pytest.mark.parametrize("older", ["no-upload-to", "one-hash"])
+def test_client_upload_shares_is_none_from_an_older_server(server: Any, older: str) -> None:
+    everyone = agents(server, 4)
+
+    def rewrite(url: str) -> str:
+        if "/api/upload-to" not in url:
+            return url
+        if older == "no-upload-to":
+            return "http://server/api/no-such-endpoint"
+        # An upload-to that takes one hash answers as any endpoint given a parameter twice.
+        return f"http://server/api/introduce-me?to=127.0.0.1:1&hash={H0}&hash={H0}"
+
+    client, stub, urls = client_of(server, rewrite)
+    assert run(server, stub, defer.ensureDeferred(client.upload_shares(SHARES[:3], 10, ME))) is None
+    assert (client.combined_upload, client.share_upload) == (
+        (False, True) if older == "no-upload-to" else (True, False))
+    assert run(server, stub, defer.ensureDeferred(client.upload_shares(SHARES[:3], 10, ME))) is None
+    assert len(urls) == 1 and [a.sent() for a in everyone] == [[]] * 4
