@@ -579,13 +579,16 @@ def test_store_shares_places_and_introduces_in_one_call_and_replaces_refusals() 
 
 
 def test_put_window_counts_the_shares_a_coded_part_holds() -> None:
-    from dsss.client.flows import PUT_WINDOW_BYTES, put_window
+    from dsss.client.flows import PUT_WINDOW_SHARE_BYTES, put_window
     from dsss.erasure import Coding
 
     MiB = 1024 * 1024
-    assert put_window(4, 4 * MiB, Coding(2, 4)) < put_window(4, 4 * MiB)
-    for part in (MiB, 4 * MiB):
-        assert put_window(8, part, Coding(2, 4)) * part * 2 <= max(PUT_WINDOW_BYTES, part * 2)
+    assert put_window(4, 4 * MiB, Coding(2, 4)) == 2 < put_window(4, 4 * MiB)
+    assert put_window(4, 16 * MiB, Coding(2, 4)) == 1
+    for coding in (Coding(2, 4), Coding(3, 5), Coding(2, 16)):
+        for part in (4096, MiB, 4 * MiB, 16 * MiB - 16):
+            window = put_window(16, part, coding)
+            assert window == 1 or window * part * coding.n / coding.k <= PUT_WINDOW_SHARE_BYTES
 
 
 def test_survey_counts_shares_and_repair_rebuilds_the_lost_ones_elsewhere() -> None:

@@ -81,7 +81,8 @@ def test_decoded_data_depends_on_every_share_used() -> None:
 OWNER = PrivateKey.generate()
 
 
-def coded_manifest(nparts: int = 2, coding: Coding = Coding(2, 4)) -> Manifest:
+def coded_manifest(nparts: int = 2, coding: Coding | None = None) -> Manifest:
+    coding = coding or Coding(2, 4)
     parts = tuple(
         PartRef("", 100 + TAG_BYTES, 100, tuple(share_id(os.urandom(8)) for _ in range(coding.n)))
         for _ in range(nparts)
