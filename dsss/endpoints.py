@@ -14,14 +14,14 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol, Factory
 
 from dsss.errors import BadRequest
-from dsss.model import PeerAddress
+from dsss.model import PeerAddress, is_decimal
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     """`HOST:PORT` for UDP binds and targets; port 0 is allowed (any free port)."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not is_decimal(port) or int(port) > 65535:
         raise BadRequest(f"{what} must be HOST:PORT, got {text!r}")
     if int(port) != 0:
         PeerAddress(host, int(port))  # validates the host

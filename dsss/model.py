@@ -29,6 +29,12 @@ def block_hasher() -> "blake3.blake3":
     return blake3.blake3()
 
 
+def is_decimal(text: str) -> bool:
+    """Whether text is ASCII digits only: `str.isdigit` alone also takes "²" or "٣", which
+    `int` then refuses (or reads), so input checked with it could still raise."""
+    return text.isascii() and text.isdigit()
+
+
 SHARE_PREFIX = "s"
 """What starts a share ID: the address of one erasure-coded share of a part, `s` and BLAKE3 of
 the share's bytes. A share is stored on one agent only (the other shares are its redundancy), so

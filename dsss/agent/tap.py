@@ -12,7 +12,7 @@ from dsss.agent.service import AgentConfig, make_agent_service
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
-from dsss.model import parse_size
+from dsss.model import is_decimal, parse_size
 from dsss.storage.blockstore import StoreFormatError, check_store_format
 
 
@@ -64,7 +64,7 @@ class Options(usage.Options):
         except BadRequest as e:
             raise usage.UsageError(f"--scrub-rate: {e}") from None
         dsize = self["datagram-size"]
-        if not str(dsize).isdigit() or not 1200 <= int(dsize) <= 65000:
+        if not is_decimal(str(dsize)) or not 1200 <= int(dsize) <= 65000:
             raise usage.UsageError("--datagram-size must be an integer from 1200 to 65000")
         self.config = AgentConfig(
             storage=storage,

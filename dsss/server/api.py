@@ -18,7 +18,7 @@ from dsss.httpjson import http_error, unexpected_error
 from dsss.httpjson import json_body as _json
 from dsss.errors import BadRequest, DSSSError, RateLimited
 from dsss.metrics import endpoint_namer, render_metrics
-from dsss.model import PeerAddress, check_block_id
+from dsss.model import PeerAddress, check_block_id, is_decimal
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
@@ -82,7 +82,7 @@ def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
 
 
 def _size(text: str | None, name: str = "size") -> int:
-    if text is None or not text.isdigit() or len(text) > 15:
+    if text is None or not is_decimal(text) or len(text) > 15:
         raise BadRequest(f"{name} must be a non-negative integer")
     value = int(text)
     if value > MAX_PART_SIZE:
@@ -94,7 +94,7 @@ def _count(text: str | None) -> int | None:
     """`count`: how many agents to pick, 1 to MAX_COUNT; None if not given."""
     if text is None:
         return None
-    if not text.isdigit() or len(text) > 3 or not 1 <= int(text) <= MAX_COUNT:
+    if not is_decimal(text) or len(text) > 3 or not 1 <= int(text) <= MAX_COUNT:
         raise BadRequest(f"count must be a whole number from 1 to {MAX_COUNT}")
     return int(text)
 
@@ -304,7 +304,7 @@ class DiscoveryAPI:
         raw_copies = _arg(request, "copies", required=False)
         copies = replicas
         if raw_copies is not None:
-            if not raw_copies.isdigit() or len(raw_copies) > 3 or not 1 <= int(raw_copies) <= replicas:
+            if not is_decimal(raw_copies) or len(raw_copies) > 3 or not 1 <= int(raw_copies) <= replicas:
                 self._admit(request)
                 raise BadRequest(f"copies must be a whole number from 1 to {replicas}")
             copies = int(raw_copies)

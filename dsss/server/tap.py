@@ -10,7 +10,7 @@ from twisted.python import usage
 from dsss.clientauth import parse_client_list
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
-from dsss.model import parse_size
+from dsss.model import is_decimal, parse_size
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.server.service import ServerConfig, make_server_service
 
@@ -73,7 +73,7 @@ class Options(usage.Options):
         except BadRequest as e:
             raise usage.UsageError(str(e)) from None
         replicas = self["replicas"]
-        if not str(replicas).isdigit() or not 1 <= int(replicas) <= 32:
+        if not is_decimal(str(replicas)) or not 1 <= int(replicas) <= 32:
             raise usage.UsageError("--replicas must be an integer from 1 to 32")
         for name in ("http", "control"):
             _check_endpoint(self[name], f"--{name}")

@@ -72,7 +72,9 @@ def test_server_options_are_honoured():
     [
         ["--replicas", "0"],
         ["--replicas", "many"],
+        ["--replicas", "\u00b2"],  # a digit to str.isdigit, not to int
         ["--udp", "nohost"],
+        ["--udp", "127.0.0.1:\u00b9"],
         ["--udp", "127.0.0.1:99999"],
         ["--udp", "example.com:80"],
         ["--heartbeat", "-1"],
@@ -106,6 +108,8 @@ def test_agent_options(tmp_path):
         ["--server", "127.0.0.1:0"],
         ["--udp", "x:y"],
         ["--datagram-size", "100"],
+        ["--datagram-size", "\u00b2"],
+        ["--server", "127.0.0.1:\u0661\u0662"],  # Arabic-Indic digits: int() would read 12
     ],
 )
 def test_agent_bad_options(tmp_path, args):
