@@ -520,6 +520,7 @@ def test_info_with_the_token(tmp_path: Path) -> None:
         "version": dsss.__version__,
         "server": "http://server.test",
         "replicas": 3,
+        "erasure": None,
         "public-key": bytes(KEY.public_key).hex(),
     }
     c = rig.conn()  # the scheme's case does not matter

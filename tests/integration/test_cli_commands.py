@@ -284,14 +284,14 @@ def test_config_file_and_precedence(shared_network, tmp_path):
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
     conf = conf_dir / "config.toml"
-    conf.write_text(f'server = "{net.url}"\nkey = "my.key"\npart-size = "64K"\nparallel = 2\n')
+    conf.write_text(f'server = "{net.url}"\nkey = "my.key"\npart-size = "64K"\nparallel = 2\nerasure = "off"\n')
     env = {"DSSS_CONFIG": str(conf)}
 
     doc = json.loads(run_cli("--json", "config", home=home, env=env).stdout)
     assert doc == {
-        "server": net.url, "key": str(conf_dir / "my.key"), "part-size": PART, "parallel": 2,
+        "server": net.url, "key": str(conf_dir / "my.key"), "part-size": PART, "parallel": 2, "erasure": "off",
         "config-file": str(conf),
-        "sources": {k: f"config file {conf}" for k in ("server", "key", "part-size", "parallel")},
+        "sources": {k: f"config file {conf}" for k in ("server", "key", "part-size", "parallel", "erasure")},
     }
     run_cli("keygen", home=home, env=env)
     assert (conf_dir / "my.key").exists()  # a relative key path is beside the config file
