@@ -131,6 +131,15 @@ def code_part(ciphertext: bytes, coding: Coding) -> list[tuple[str, bytes]]:
     return [(share_id(share), share) for share in encode_shares(ciphertext, coding)]
 
 
+def seal_and_code_part(
+    file_key: bytes, file_id: bytes, index: int, plaintext: bytes, coding: Coding
+) -> tuple[int, list[tuple[str, bytes]]]:
+    """An erasure-coded part's ciphertext size and its shares (one call off the reactor thread;
+    the ciphertext itself is not kept)."""
+    ciphertext = encrypt_part(file_key, file_id, index, plaintext)
+    return len(ciphertext), code_part(ciphertext, coding)
+
+
 # --- storing one block on several agents ---------------------------------------------------------
 
 
@@ -436,15 +445,14 @@ async def put_stream(
     async def send(index: int, plaintext: bytes) -> None:
         try:
             plain_size = len(plaintext)
-            ciphertext, h = await session.run(seal_part, file_key, file_id, index, plaintext)
-            del plaintext  # only the ciphertext stays in memory while it is stored
             if coding is None:
+                ciphertext, h = await session.run(seal_part, file_key, file_id, index, plaintext)
+                del plaintext  # only the ciphertext stays in memory while it is stored
                 await store_block(session, h, ciphertext)
                 refs[index] = PartRef(h, len(ciphertext), plain_size)
             else:
-                size = len(ciphertext)
-                shares = await session.run(code_part, ciphertext, coding)
-                del ciphertext  # the shares hold it
+                size, shares = await session.run(seal_and_code_part, file_key, file_id, index, plaintext, coding)
+                del plaintext  # only the shares stay in memory while they are stored
                 await store_shares(session, shares)
                 refs[index] = PartRef("", size, plain_size, tuple(h for h, _ in shares))
             progress.advance(plain_size)
