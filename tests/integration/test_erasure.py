@@ -4,6 +4,7 @@ rebuilding the shares of an agent lost for good."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -111,3 +112,23 @@ def test_erasure_coded_put_needs_an_agent_per_share(shared_network, tmp_path: Pa
     big = alice.cli("--config", str(config), "put", "--part-size", "64K", str(src)).stdout.split()[0]
     assert alice.json("info", big)["replicas"]["needed"] == 3
     assert "erasure   = 3/4" in alice.cli("--config", str(config), "config").stdout
+
+
+def test_a_gateway_started_with_erasure_codes_what_it_stores(shared_network, tmp_path: Path):
+    from tests.integration.test_gateway import Gateway
+
+    gw = Gateway(shared_network, tmp_path, "--part-size", "256K", "--erasure", "2/4")
+    try:
+        status, _, body = gw.request("GET", "/info")
+        assert status == 200 and json.loads(body)["erasure"] == "2/4"
+        data = os.urandom(600 * 1024)
+        status, _, body = gw.request("PUT", "/files?name=g.bin", data)
+        assert status == 201, body
+        address = json.loads(body)["address"]
+        status, _, back = gw.request("GET", f"/files/{address}")
+        assert status == 200 and back == data
+    finally:
+        gw.stop()
+    # The CLI reads it as any erasure-coded file.
+    info = json.loads(shared_network.client("--json", "info", address).stdout)
+    assert info["replicas"]["needed"] == 2 and info["replicas"]["parts"] == [4, 4, 4]

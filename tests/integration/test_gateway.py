@@ -214,6 +214,7 @@ def test_info(gateway, shared_network):
         "version": dsss.__version__,
         "server": shared_network.url,
         "replicas": shared_network.replicas,
+        "erasure": None,
         "public-key": public_key_hex(load_key_file(shared_network.key)),
     }
 
