@@ -609,7 +609,10 @@ async def _write_file(
         return
     parts = manifest.parts
     results: dict[int, bytes] = {}
-    window = max(1, session.parallel)
+    # An erasure-coded part is k downloads: keep about `parallel` downloads in flight, as for
+    # whole parts (a 1 GiB get at 2/4 peaked at 127 MB RSS with 2 parts in flight, 141 with 4).
+    coding = manifest.erasure
+    window = max(1, session.parallel if coding is None else session.parallel // coding.k)
     next_write = 0
     in_flight: dict[int, defer.Deferred[None]] = {}
     errors: list[BaseException] = []

@@ -641,3 +641,24 @@ def test_repair_says_a_part_with_fewer_than_k_shares_is_lost() -> None:
     assert len(health.lost) == 3 and health.part_counts() == [1, 4]
     results = result_of(repair(session, health))
     assert len(results) == 3 and all(r.lost and "only 1 of the 2 shares" in (r.error or "") for r in results)
+
+
+def test_a_get_keeps_about_parallel_share_downloads_in_flight() -> None:
+    net = SlowAgents()
+    net.add_agents(4)
+    session = coded_session(net)
+    session.parallel = 4
+    data = os.urandom(6 * PART)
+    address = put_coded(net, data)
+    out = io.BytesIO()
+    d = defer.ensureDeferred(get_to_stream(session, address, out, key=OWNER))
+    most = 0
+    while not d.called:
+        pending = [w for _, w in net.waiting if not w.called]
+        most = max(most, len(pending))
+        assert pending, "stalled"
+        pending[0].callback(None)
+    result_of(d)
+    assert out.getvalue() == data
+    # 2 parts of 2 shares each (4 / k), not 4 parts: 8 downloads and their decoding at once.
+    assert most == 4
