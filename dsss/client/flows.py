@@ -213,21 +213,31 @@ async def store_block(
             [defer.ensureDeferred(_upload_one(session, t, block, data, intro)) for t, intro in picked],
             consumeErrors=True,
         )
-        for (target, _), (ok, value) in zip(picked, results):
-            if ok:
-                stored.append(target)
-            else:
-                assert isinstance(value, Failure)
-                failed.append(target)
-                errors.append(f"{target}: {value.getErrorMessage()}")
-                if not value.check(DSSSError):
-                    log.failure("unexpected upload failure", value)
+        stored += _uploaded([t for t, _ in picked], results, failed, errors)
     if len(stored) < wanted:
         detail = "; ".join(errors[-3:]) or "not enough live agents"
         raise ReplicationError(
             f"stored a part on {len(stored)} of {wanted} agents ({detail})"
         )
     return stored
+
+
+def _uploaded(
+    targets: list[PeerAddress], results: list[tuple[bool, Any]], failed: list[PeerAddress], errors: list[str]
+) -> list[PeerAddress]:
+    """The targets whose upload (DeferredList `results`, in the same order) succeeded; the
+    others are added to `failed`, with what went wrong to `errors`."""
+    done = []
+    for target, (ok, value) in zip(targets, results):
+        if ok:
+            done.append(target)
+            continue
+        assert isinstance(value, Failure)
+        failed.append(target)
+        errors.append(f"{target}: {value.getErrorMessage()}")
+        if not value.check(DSSSError):
+            log.failure("unexpected upload failure", value)
+    return done
 
 
 async def _upload_chain(
@@ -322,15 +332,8 @@ async def store_shares(
             [defer.ensureDeferred(_upload_one(session, t, h, data, intro)) for h, data, t, intro in pairs],
             consumeErrors=True,
         )
-        for (h, _data, target, _intro), (ok, value) in zip(pairs, results):
-            if ok:
-                placed[h] = target
-            else:
-                assert isinstance(value, Failure)
-                failed.append(target)
-                errors.append(f"{target}: {value.getErrorMessage()}")
-                if not value.check(DSSSError):
-                    log.failure("unexpected upload failure", value)
+        done = _uploaded([t for _, _, t, _ in pairs], results, failed, errors)
+        placed.update((h, t) for h, _, t, _ in pairs if t in done)
     if len(placed) < len(shares):
         detail = "; ".join(errors[-3:]) or "not enough live agents"
         raise ReplicationError(

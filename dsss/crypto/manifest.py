@@ -29,7 +29,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from nacl import bindings
 from nacl.exceptions import CryptoError
@@ -162,9 +162,9 @@ class Manifest:
                 erasure = Coding(raw_coding[0], raw_coding[1])
             except CodingError:
                 raise RemoteProtocolError("manifest has a bad erasure coding") from None
-            parts, total = _coded_parts(raw_parts, erasure, part_size)
+            parts, total = _parts(raw_parts, lambda p: _coded_part(p, erasure, part_size))
         else:
-            parts, total = _whole_parts(raw_parts, part_size)
+            parts, total = _parts(raw_parts, lambda p: _whole_part(p, part_size))
         inline = None
         if version == VERSION_INLINE:
             raw_inline = body.get("inline")
@@ -181,49 +181,45 @@ class Manifest:
         return cls(name, size, part_size, file_id, tuple(parts), created, cipher, inline, erasure)
 
 
-def _whole_parts(raw_parts: list[Any], part_size: int) -> tuple[list[PartRef], int]:
-    """The parts of a version 1 manifest: [hash, ciphertext size, plaintext size] each."""
+def _parts(raw_parts: list[Any], parse: Callable[[list[Any]], PartRef | None]) -> tuple[list[PartRef], int]:
+    """Every entry of `parts` parsed by `parse` (None: malformed), and their plaintext total."""
     parts = []
-    total = 0
     for i, p in enumerate(raw_parts):
-        if (
-            not isinstance(p, list)
-            or len(p) != 3
-            or not isinstance(p[0], str)
-            or not is_block_id(p[0])
-            or is_share_id(p[0])
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in p[1:])
-            or p[2] < 0
-            or p[2] > part_size
-            or p[1] != p[2] + TAG_BYTES
-        ):
+        ref = parse(p) if isinstance(p, list) and len(p) == 3 else None
+        if ref is None:
             raise RemoteProtocolError(f"manifest part {i} is malformed")
-        parts.append(PartRef(p[0], p[1], p[2]))
-        total += p[2]
-    return parts, total
+        parts.append(ref)
+    return parts, sum(ref.plain for ref in parts)
 
 
-def _coded_parts(raw_parts: list[Any], erasure: Coding, part_size: int) -> tuple[list[PartRef], int]:
-    """The parts of a version 3 manifest: [ciphertext size, plaintext size, [n share IDs]]."""
-    parts = []
-    total = 0
-    for i, p in enumerate(raw_parts):
-        if (
-            not isinstance(p, list)
-            or len(p) != 3
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in p[:2])
-            or p[1] < 0
-            or p[1] > part_size
-            or p[0] != p[1] + TAG_BYTES
-            or not isinstance(p[2], list)
-            or len(p[2]) != erasure.n
-            or not all(isinstance(h, str) and is_share_id(h) for h in p[2])
-            or len(set(p[2])) != erasure.n
-        ):
-            raise RemoteProtocolError(f"manifest part {i} is malformed")
-        parts.append(PartRef("", p[0], p[1], tuple(p[2])))
-        total += p[1]
-    return parts, total
+def _sizes_ok(size: Any, plain: Any, part_size: int) -> bool:
+    """Ciphertext and plaintext sizes of a part: integers, plain within the part size, and the
+    ciphertext larger by the AEAD tag."""
+    return (
+        all(isinstance(x, int) and not isinstance(x, bool) for x in (size, plain))
+        and 0 <= plain <= part_size
+        and size == plain + TAG_BYTES
+    )
+
+
+def _whole_part(p: list[Any], part_size: int) -> PartRef | None:
+    """A version 1 part: [hash, ciphertext size, plaintext size]."""
+    if not (isinstance(p[0], str) and is_block_id(p[0]) and not is_share_id(p[0])):
+        return None
+    return PartRef(p[0], p[1], p[2]) if _sizes_ok(p[1], p[2], part_size) else None
+
+
+def _coded_part(p: list[Any], erasure: Coding, part_size: int) -> PartRef | None:
+    """A version 3 part: [ciphertext size, plaintext size, [n distinct share IDs]]."""
+    shares = p[2]
+    if not (
+        isinstance(shares, list)
+        and len(shares) == erasure.n
+        and all(isinstance(h, str) and is_share_id(h) for h in shares)
+        and len(set(shares)) == erasure.n
+    ):
+        return None
+    return PartRef("", p[0], p[1], tuple(shares)) if _sizes_ok(p[0], p[1], part_size) else None
 
 
 def safe_name(name: str) -> bool:

@@ -20,13 +20,18 @@ from tests.adapters.test_server_api import HASH, FakeAgent
 ME = PeerAddress("127.0.0.1", 9999)
 
 
-@pytest.fixture
-def server() -> DiscoveryServer:
+def make_server() -> DiscoveryServer:
+    """A server on a clock, replicas 2, past the warm-up after a start (answers are final)."""
     clock = Clock()
     clock.advance(10)
     server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
-    clock.advance(60)  # past the warm-up after a start, when answers are final
+    clock.advance(60)
     return server
+
+
+@pytest.fixture
+def server() -> DiscoveryServer:
+    return make_server()
 
 
 class CountingHTTP:

@@ -3,7 +3,6 @@ apart from plain part IDs by everyone, checked against their bytes like plain on
 
 from __future__ import annotations
 
-import random
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,9 +26,10 @@ from dsss.model import (
     share_id,
 )
 from dsss.server.api import DiscoveryAPI
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.wire import control as wc
 from dsss.wire import transfer as wt
+from tests.adapters.test_discovery_batch import make_server
 from tests.adapters.test_server_api import FakeAgent, decoded, get
 
 DATA = b"one share of an encrypted part"
@@ -141,11 +141,7 @@ def test_download_of_a_share_checks_blake3_of_its_bytes() -> None:
 
 @pytest.fixture
 def server() -> DiscoveryServer:
-    clock = Clock()
-    clock.advance(10)
-    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
-    clock.advance(60)  # past the warm-up after a start, when answers are final
-    return server
+    return make_server()
 
 
 def api(server: Any) -> Any:
