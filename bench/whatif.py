@@ -45,6 +45,13 @@ def parse_variant(text: str) -> dict[str, Any]:
                              f"gateway=0|1, erasure=K/N)")
         if key not in ("part", "erasure") and not value.isdigit():
             raise SystemExit(f"{key} takes a whole number: {word!r}")
+        if key == "erasure":
+            from dsss.erasure import Coding, CodingError
+
+            try:
+                value = str(Coding.parse(value))
+            except CodingError as e:
+                raise SystemExit(f"{word!r}: {e}") from None
         knobs[key] = value if key in ("part", "erasure") else int(value)
     return knobs
 

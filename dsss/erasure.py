@@ -27,7 +27,7 @@ MAX_SHARES = 16
 """Most shares a part may be coded into (zfec allows 256; each share costs a placement, an
 introduction and an agent)."""
 
-_CODING_RE = re.compile(r"\A(\d{1,2})\s*(?:/|-of-|of)\s*(\d{1,2})\Z")
+_CODING_RE = re.compile(r"\A([0-9]{1,2})\s*(?:/|-of-|of)\s*([0-9]{1,2})\Z")  # ASCII digits only
 
 
 class CodingError(DSSSError):

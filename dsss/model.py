@@ -11,7 +11,6 @@ import blake3
 from dsss.errors import BadRequest
 
 HASH_HEX_LEN = 64
-_HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 _BLOCK_ID_RE = re.compile(r"\As?[0-9a-f]{64}\Z")
 _HOSTPORT_RE = re.compile(r"\A(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})\Z")
 

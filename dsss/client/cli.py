@@ -750,12 +750,13 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
         return 0
     if counts:
         lo, hi = min(counts), max(counts)
-        parts = f"parts {lo}" if lo == hi else f"parts {lo} to {hi}"
+        label = "parts" if m.erasure is None else "shares per part"
+        parts = f"{label} {lo}" if lo == hi else f"{label} {lo} to {hi}"
         short = sum(1 for c in counts if c < health.part_target())
         if short:
             parts += f" ({short} below target)"
         if m.erasure is not None:
-            parts = f"{parts.replace('parts', 'shares per part', 1)} of {m.erasure.n}, any {m.erasure.k} of which give a part back"
+            parts += f" of {m.erasure.n}, any {m.erasure.k} of which give a part back"
     else:
         parts = "no parts"
     inline = " (the file is inside its manifest)" if m.inline is not None else ""

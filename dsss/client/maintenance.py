@@ -62,6 +62,11 @@ class BlockHealth:
         return f"part {self.index}" if self.share is None else f"part {self.index} share {self.share}"
 
     @property
+    def kind(self) -> str:
+        """"manifest", "part" or "share", as the JSON reports say."""
+        return "manifest" if self.index is None else "part" if self.share is None else "share"
+
+    @property
     def healthy(self) -> list[PeerAddress]:
         if self.verdicts is None:
             return list(self.holders)
@@ -76,7 +81,7 @@ class BlockHealth:
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "block": "manifest" if self.index is None else "part" if self.share is None else "share",
+            "block": self.kind,
             "index": self.index,
             "hash": self.hash,
             "replicas": len(self.healthy),
@@ -218,7 +223,7 @@ class Repaired:
     def to_dict(self) -> dict[str, Any]:
         before = len(self.block.healthy)
         doc = {
-            "block": "manifest" if self.block.index is None else "part" if self.block.share is None else "share",
+            "block": self.block.kind,
             "index": self.block.index,
             "hash": self.block.hash,
             "before": before,

@@ -23,7 +23,8 @@ def test_coding_parses(text: str, k: int, n: int) -> None:
     assert (c.k, c.n, c.tolerates, str(c)) == (k, n, n - k, f"{k}/{n}")
 
 
-@pytest.mark.parametrize("text", ["", "2", "4/2", "2/2", "1/3", "0/4", "2/17", "a/b", "2/4/6", "-2/4"])
+@pytest.mark.parametrize("text", ["", "2", "4/2", "2/2", "1/3", "0/4", "2/17", "a/b", "2/4/6", "-2/4",
+                                  "\u0662/4", "2/\u00b2"])
 def test_bad_codings_are_refused_with_a_clear_error(text: str) -> None:
     with pytest.raises(CodingError, match="K/N|erasure"):
         Coding.parse(text)
