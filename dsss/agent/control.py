@@ -90,6 +90,7 @@ class ServerConnection(ControlLineProtocol):
         self._pinger.start(reply.heartbeat, now=False)
         self.agent.registered(self, reply)
         self.report_have(self.agent.store.blocks())
+        self.report_local()
 
     def _failed(self, f: Any) -> None:
         if f.check(DSSSError) is None:
@@ -136,6 +137,23 @@ class ServerConnection(ControlLineProtocol):
         for group in wc.chunked(blocks):
             self._notify(wc.Gone(group))
         self.report_space()
+
+    def report_local(self) -> None:
+        """Tell the server where we listen on our own network: agents behind the same NAT
+        then pass parts to us across the LAN. A server older than LOCAL refuses it; nothing
+        else changes then."""
+        host = getattr(self.transport.getHost(), "host", None) if self.transport else None
+        address = self.agent.local_address(host)
+        if address is None:
+            return
+        d = self.request(wc.Local(address), self.agent.config.request_timeout)
+
+        def answered(reply: wc.Reply) -> None:
+            if isinstance(reply, wc.Error):
+                log.info("the server does not take our local address ({reply}): no LAN chain hops",
+                         reply=reply)
+
+        d.addCallbacks(answered, lambda f: None)
 
     def report_space(self) -> None:
         if self.welcome is None:

@@ -83,6 +83,21 @@ class StorageAgent:
             self.quic.trust_relay(target)
         self.ping_server()
 
+    def local_address(self, control_host: str | None) -> PeerAddress | None:
+        """Where we listen on our own network: the UDP socket's address, or if it is bound to
+        every interface, its port at the address our control connection leaves from (the
+        interface towards the server). None if neither is known."""
+        if self.quic is None or getattr(self.quic, "transport", None) is None:
+            return None  # no socket (yet)
+        bound_host, port = self.quic.address[:2]
+        host = bound_host if bound_host not in ("", "0.0.0.0", "::") else control_host
+        if not host:
+            return None
+        try:
+            return PeerAddress(host.split("%", 1)[0], port)
+        except DSSSError:
+            return None
+
     def keepalive_interval(self) -> float:
         # The server's heartbeat, but never longer than 20 s: home NATs forget idle UDP
         # mappings after 30 s or more.

@@ -79,6 +79,10 @@ class AgentConnection(ControlLineProtocol):
         if isinstance(msg, wc.Space):
             registry.space(self.record, msg.capacity, msg.free)
             return wc.Ok()
+        if isinstance(msg, wc.Local):
+            # Used only for chain hops between agents at one public address (dsss.server.chains).
+            self.record.local = msg.address
+            return wc.Ok()
         raise RemoteProtocolError(f"{type(msg).__name__} is not sent by agents")
 
     def _register(self, msg: wc.Register) -> wc.Reply | None:

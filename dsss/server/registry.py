@@ -36,6 +36,8 @@ class AgentRecord:
     last_tcp: float
     last_udp: float | None = None
     address: PeerAddress | None = None
+    # The address it listens at on its own network (LOCAL), for agents behind the same NAT.
+    local: PeerAddress | None = None
     blocks: set[str] = field(default_factory=set)
 
     def summary(self, now: float, heartbeat: float) -> dict[str, Any]:
@@ -192,6 +194,16 @@ class Registry:
 
     def by_address(self, address: PeerAddress) -> AgentRecord | None:
         return self._by_address.get(address)
+
+    def local_addresses(self, addresses: Iterable[PeerAddress]) -> dict[PeerAddress, PeerAddress]:
+        """The local address each of these agents (by public address) reported, for those that
+        did (see dsss.server.chains)."""
+        found: dict[PeerAddress, PeerAddress] = {}
+        for address in addresses:
+            rec = self._by_address.get(address)
+            if rec is not None and rec.local is not None:
+                found[address] = rec.local
+        return found
 
     # --- location index -----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ introduction key (32 lowercase hex digits); every other line is a request. See d
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -82,6 +83,14 @@ class Space:
 
 
 @dataclass(frozen=True)
+class Local:
+    """Agent -> server: the UDP address the agent listens at on its own network (ICE's host
+    candidate). Agents behind one NAT reach each other there, across their LAN."""
+
+    address: PeerAddress
+
+
+@dataclass(frozen=True)
 class WhoHas:
     block: str
 
@@ -149,7 +158,7 @@ class Error:
     text: str
 
 
-Request = Union[Hi, Register, Have, Gone, Space, WhoHas, IntroductionRequest, Ping, Replicate]
+Request = Union[Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate]
 Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error]
 Message = Union[Request, Reply]
 REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error)
@@ -208,6 +217,20 @@ def _have(words: list[str]) -> Have:
 def _arity(words: list[str], n: int, usage: str) -> None:
     if len(words) != n:
         raise RemoteProtocolError(f"usage: {usage}")
+
+
+def _local_address(text: str) -> PeerAddress:
+    """A LOCAL address: a unicast IP another host can send to, with a port."""
+    try:
+        address = PeerAddress.parse(text)
+    except Exception:
+        raise RemoteProtocolError("LOCAL: bad address") from None
+    ip = ipaddress.ip_address(address.host)
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255") or (
+        ip.version == 6 and ip.is_link_local  # needs a scope (an interface), which has no meaning here
+    ):
+        raise RemoteProtocolError(f"LOCAL: not an address a neighbour can reach: {address}")
+    return address
 
 
 def parse_line(line: bytes) -> Message:
@@ -278,6 +301,9 @@ def parse_line(line: bytes) -> Message:
     if verb == "SPACE":
         _arity(args, 2, "SPACE <capacity> <free>")
         return Space(_int(args[0], "capacity"), _int(args[1], "free"))
+    if verb == "LOCAL":
+        _arity(args, 1, "LOCAL <address>")
+        return Local(_local_address(args[0]))
     if verb == "WHO_HAS":
         _arity(args, 1, "WHO_HAS <hash>")
         if not is_block_id(args[0]):
@@ -340,6 +366,8 @@ def encode(msg: Message) -> bytes:
         text = "GONE " + " ".join(check_block_id(b) for b in msg.blocks)
     elif isinstance(msg, Space):
         text = f"SPACE {msg.capacity} {msg.free}"
+    elif isinstance(msg, Local):
+        text = f"LOCAL {msg.address}"
     elif isinstance(msg, WhoHas):
         text = f"WHO_HAS {msg.block}"
     elif isinstance(msg, Replicate):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nacl.signing import VerifyKey
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
@@ -96,3 +97,46 @@ def test_refused_registration_closes(agent):
     lines(t)
     proto.dataReceived(b"ERROR denied not allowed\n")
     assert not t.connected
+
+
+class BoundQuic:
+    """What the agent asks of its QUIC endpoint for LOCAL: a socket and the address it is bound to."""
+
+    transport = object()
+
+    def __init__(self, host, port):
+        self.address = (host, port)
+
+    def trust_relay(self, address):
+        pass
+
+    def send_control(self, data, address):
+        pass
+
+
+@pytest.mark.parametrize("bound,expected", [
+    ("0.0.0.0", "10.4.0.2:8472"),  # every interface: the one towards the server
+    ("10.4.0.9", "10.4.0.9:8472"),  # one address: that one
+])
+def test_tells_the_server_where_it_listens_on_its_lan(agent, bound, expected):
+    agent.quic = BoundQuic(bound, 8472)
+    proto = ServerConnectionFactory(agent).buildProtocol(None)
+    t = StringTransportWithDisconnection(hostAddress=IPv4Address("TCP", "10.4.0.2", 51000))
+    t.protocol = proto
+    proto.makeConnection(t)
+    proto.dataReceived(f"Hi {SESSION}\n".encode())
+    lines(t)
+    proto.dataReceived(f"WELCOME {TOKEN} 1000 7000\n".encode())
+    assert lines(t) == [f"HAVE {block_hash(b'one')}:3", f"SPACE 10000 {agent.store.free}",
+                        f"LOCAL {expected}"]
+    # A server from before LOCAL refuses it: the agent carries on (no LAN hops, nothing else).
+    proto.dataReceived(b"OK\nOK\nERROR protocol unknown command: 'LOCAL'\n")
+    assert t.connected and agent.connection is proto
+    proto.dataReceived(b"PING\n")
+    assert lines(t) == ["PONG"]
+
+
+def test_no_local_address_without_a_socket(agent):
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\nWELCOME {TOKEN} 1000 7000\n".encode())
+    assert not any(line.startswith("LOCAL") for line in lines(t))

@@ -136,6 +136,26 @@ def test_registered_agent_reports_and_bad_lines(server):
     assert peer.lines() == ["OK"] and rec.blocks == set()
 
 
+def test_local_address_is_recorded_for_lan_hops(server):
+    """LOCAL: where the agent listens on its own network; a bad one is refused and changes
+    nothing, and only a registered agent may say it."""
+    unregistered = Peer(server)
+    unregistered.lines()
+    unregistered.feed(b"LOCAL 10.4.0.2:8472\n")
+    assert unregistered.lines()[0].startswith("ERROR not-registered") and unregistered.closed
+    peer = Peer(server)
+    key = register(peer)
+    peer.lines()
+    rec = server.registry.get(key.verify_key.encode().hex())
+    assert rec.local is None
+    peer.feed(b"LOCAL 10.4.0.2:8472\n")
+    assert peer.lines() == ["OK"] and str(rec.local) == "10.4.0.2:8472"
+    for bad in (b"LOCAL 0.0.0.0:8472", b"LOCAL 10.4.0.3", b"LOCAL 10.4.0.3:1 10.4.0.4:1"):
+        peer.feed(bad + b"\n")
+        assert peer.lines()[0].startswith("ERROR protocol") and not peer.closed
+    assert str(rec.local) == "10.4.0.2:8472"
+
+
 def test_who_has_is_asked_and_times_out(server):
     peer = Peer(server)
     key = register(peer)

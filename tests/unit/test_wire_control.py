@@ -22,6 +22,7 @@ from dsss.wire.control import (
     Hi,
     IntroductionRequest,
     IntroKey,
+    Local,
     Ok,
     Ping,
     Pong,
@@ -62,6 +63,8 @@ EXAMPLES = [
     (f"GONE {H2} {H1}".encode(), Gone((H2, H1))),
     (b"SPACE 1000 250", Space(1000, 250)),
     (f"WHO_HAS {H1}".encode(), WhoHas(H1)),
+    (b"LOCAL 10.4.0.2:40000", Local(PeerAddress("10.4.0.2", 40000))),
+    (b"LOCAL [fd00::7]:8472", Local(PeerAddress("fd00::7", 8472))),
     (
         f"INTRODUCTION_REQUEST 198.51.100.7:40000 1234 {H1}".encode(),
         IntroductionRequest(PeerAddress("198.51.100.7", 40000), 1234, H1),
@@ -105,7 +108,7 @@ def test_only_one_cr_is_stripped() -> None:
 def test_every_message_type_has_an_example() -> None:
     types = {type(m) for _, m in EXAMPLES}
     assert types == set(wc.REPLY_TYPES) | {
-        Hi, Register, Have, Gone, Space, WhoHas, IntroductionRequest, Ping,
+        Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping,
     }
 
 
@@ -323,6 +326,18 @@ MALFORMED = [
     f"INTRODUCTION_REQUEST [fe80::1%eth0]:80 6 {H1}".encode(),
     f"INTRODUCTION_REQUEST :80 6 {H1}".encode(),
     f"INTRODUCTION_REQUEST - 6 {H1}".encode(),
+    # LOCAL: one address a neighbour can send to
+    b"LOCAL",
+    b"LOCAL 10.4.0.2",
+    b"LOCAL 10.4.0.2:0",
+    b"LOCAL 10.4.0.2:1 10.4.0.3:1",
+    b"LOCAL host.lan:8472",
+    b"LOCAL 0.0.0.0:8472",
+    b"LOCAL [::]:8472",
+    b"LOCAL 224.0.0.1:8472",
+    b"LOCAL [ff02::1]:8472",
+    b"LOCAL 255.255.255.255:8472",
+    b"LOCAL [fe80::1]:8472",
     # oversize
     b"ERROR x " + b"a" * MAX_LINE,
     b"P" * (MAX_LINE + 1),
