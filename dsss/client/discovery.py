@@ -68,6 +68,8 @@ class Introduction:
     # Issued for the agent before this one in a replication chain, not for the client: only
     # good as a hop of a chained upload.
     chained: bool = False
+    # For a chain hop across a LAN: the local address the agent before passes the part to.
+    via: PeerAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,8 @@ class DiscoveryClient:
         if exclude:
             params.append(("exclude", ",".join(str(a) for a in exclude)))
         if chain:
-            params.append(("chain", "1"))
+            # lan=1: we pass each hop's `via` on (agents behind one NAT chain across their LAN).
+            params += [("chain", "1"), ("lan", "1")]
         try:
             doc = await self._get("/api/upload-to", params)
         except NotFound:
@@ -328,7 +331,8 @@ class DiscoveryClient:
             else:
                 intro = self._introduction(answer, "/api/upload-to")
                 if chained and i > 0:
-                    intro = Introduction(intro.key, intro.agent_id, intro.address, chained=True)
+                    intro = Introduction(intro.key, intro.agent_id, intro.address, chained=True,
+                                         via=self._via(answer))
                 out.append((PeerAddress.parse(address), intro))
         return out
 
@@ -411,6 +415,16 @@ class DiscoveryClient:
             {"to": str(to), "hash": block, "size": str(size), "from": str(from_)},
         )
         return self._introduction(doc, "/api/introduce-me")
+
+    @staticmethod
+    def _via(answer: dict[str, Any]) -> PeerAddress | None:
+        via = answer.get("via")
+        if via is None:
+            return None
+        try:
+            return PeerAddress.parse(via)
+        except DSSSError:
+            raise RemoteProtocolError("bad via address in /api/upload-to answer") from None
 
     @staticmethod
     def _introduction(doc: dict[str, Any], path: str) -> Introduction:

@@ -263,7 +263,7 @@ class PeerNetwork:
         """Upload `data` to the introduced agent; with a `chain` (introductions each issued for
         the agent before it), that agent passes it on down the chain as it arrives. Returns how
         many agents stored it: the first agent and the first n-1 of the chain."""
-        hops = tuple(wt.Hop(i.address, i.agent_id, i.key) for i in chain[: wt.MAX_CHAIN])
+        hops = tuple(wt.Hop(i.via or i.address, i.agent_id, i.key) for i in chain[: wt.MAX_CHAIN])
         header = wt.encode_request(wt.Upload(intro.key, block, len(data), bool(hops), hops))
         raw = await self._request(intro, [header, data], wt.MAX_HEADER)
         line, _, _ = raw.partition(b"\n")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
@@ -19,6 +18,7 @@ from dsss.httpjson import json_body as _json
 from dsss.errors import BadRequest, DSSSError, RateLimited
 from dsss.metrics import endpoint_namer, render_metrics
 from dsss.model import PeerAddress, check_block_id, is_decimal
+from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
@@ -32,39 +32,6 @@ MAX_INTRODUCTIONS = 16
 # Agents one /api/where-to-upload may ask for (`count`), and hashes in one /api/upload-to (the
 # shares of an erasure-coded part, each for an agent of its own).
 MAX_COUNT = 64
-
-
-def chain_order(targets: list[PeerAddress]) -> list[PeerAddress]:
-    """The agents of a replication chain in an order where, as far as possible, no agent passes
-    the part to one at the same public IP address: agents behind one NAT rarely reach each
-    other through it (few home routers hairpin), while agents behind different ones can punch.
-    Otherwise the order of the placement is kept."""
-    rest = list(targets)
-    ordered: list[PeerAddress] = []
-    while rest:
-        last = ordered[-1].host if ordered else None
-        # The next agent: the first at another address than the last one, preferring the IP
-        # address most of the remaining ones share (so that it does not end the chain twice).
-        counts: dict[str, int] = {}
-        for t in rest:
-            counts[t.host] = counts.get(t.host, 0) + 1
-        candidates = [t for t in rest if t.host != last] or rest
-        pick = max(candidates, key=lambda t: counts[t.host])
-        ordered.append(pick)
-        rest.remove(pick)
-    return ordered
-
-
-def chain_worth_trying(ordered: list[PeerAddress]) -> bool:
-    """Whether a chain in this order can be expected to work: not if some agent would have to
-    pass the part to another at its own public IP address (other than loopback, where agents
-    on one machine reach each other), which `chain_order` leaves only when it cannot be
-    avoided: agents behind one NAT seldom reach each other through it, and every such hop
-    costs the uploader a forward that fails after its handshake timeout."""
-    return not any(
-        a.host == b.host and not ipaddress.ip_address(a.host).is_loopback
-        for a, b in zip(ordered, ordered[1:])
-    )
 
 
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
@@ -295,7 +262,10 @@ class DiscoveryAPI:
 
         With `chain=1` the agents picked form a replication chain: the first one's introduction
         is for the client (`from`), each next one's for the agent before it, so that the client
-        uploads once and each agent passes the part on (a chained UPLOAD).
+        uploads once and each agent passes the part on (a chained UPLOAD). With `lan=1` as well,
+        a hop between two agents behind one NAT may go across their LAN: that introduction is
+        for the local address of the agent before, and the answer's `via` is the local address
+        to pass the part to.
 
         With several `hash`es (the shares of an erasure-coded part) the server picks as many
         distinct agents and introduces hash i at agent i: one copy of each, never two on one
@@ -327,19 +297,31 @@ class DiscoveryAPI:
             if chain == "1":
                 raise BadRequest("chain=1 cannot be combined with more than one hash")
             return await self._upload_shares(request, hashes, size, from_)
+        lan = _arg(request, "lan", required=False)
+        if lan not in (None, "0", "1"):
+            raise BadRequest("lan must be 0 or 1")
         block = hashes[0]
         targets = self.server.where_to_upload(size, _exclude(request))[:copies]
         sources: PeerAddress | list[PeerAddress] = from_
+        vias: list[PeerAddress | None] = [None] * len(targets)
         if chain == "1":
-            ordered = chain_order(targets)
-            if chain_worth_trying(ordered):
+            # With lan=1 the client passes each hop's `via` on, so agents behind one NAT that
+            # reported their local addresses may pass the part across their LAN.
+            local = self.server.registry.local_addresses(targets) if lan == "1" else {}
+            ordered = chain_order(targets, local)
+            if chain_worth_trying(ordered, local):
                 targets = ordered
-                sources = [from_, *targets[:-1]]
+                hops = hop_addresses(ordered, local)
+                sources = [from_, *(src for src, _ in hops)]
+                vias = [None, *(via for _, via in hops)]
             else:
                 chain = None  # plain introductions: the client sends every copy itself
         answers = await self._introductions(sources, [(to, block, size) for to in targets])
-        for to, answer in zip(targets, answers):
+        for to, via, answer in zip(targets, vias, answers):
             answer.setdefault("address", str(to))
+            if via is not None and "error" not in answer:
+                answer["via"] = str(via)
+                self.server.stats["lan-hops"] += 1
         body: dict[str, Any] = {"introductions": answers, "replicas": replicas}
         if chain == "1":
             body["chain"] = True

@@ -86,6 +86,7 @@ class DiscoveryServer:
             "where-to-upload": 0,
             "introductions": 0,
             "introduction-failures": 0,
+            "lan-hops": 0,  # chain hops introduced across a LAN (see dsss.server.chains)
         }
         self.metrics = ServerMetrics(self)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -212,8 +213,53 @@ def test_no_chain_between_agents_behind_one_public_address(server: Any) -> None:
     assert all(isinstance(intro, Introduction) and not intro.chained for _, intro in picked)
 
 
+def test_agents_behind_one_nat_that_gave_local_addresses_chain_across_their_lan(server: Any) -> None:
+    """Both agents at one public address said where they listen on their LAN (LOCAL): the
+    second is introduced to the first's local address, and the client is told to have the part
+    passed to the second's local address (`via`), while the agent is still named by its public
+    one."""
+    agents = [FakeAgent(server, 5400 + i, host="198.51.100.20") for i in range(2)]
+    local = {}
+    for i, a in enumerate(agents):
+        a.reply(f"LOCAL 10.20.0.{2 + i}:8472")
+        assert a.sent() == ["OK"]
+        local[a.address] = f"10.20.0.{2 + i}:8472"
+    asked, picked = upload_to_with_chain(server, agents)
+    (first, intro0), (second, intro1) = picked
+    assert asked[first] == [f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]
+    assert asked[second] == [f"INTRODUCTION_REQUEST {local[first]} 10 {HASH}"]
+    assert isinstance(intro0, Introduction) and not intro0.chained and intro0.via is None
+    assert isinstance(intro1, Introduction) and intro1.chained and intro1.address == second
+    assert str(intro1.via) == local[second]
+    assert server.stats["lan-hops"] == 1
+
+
+def test_without_lan_1_agents_behind_one_nat_are_not_chained(server: Any) -> None:
+    """A client that does not pass `via` on (from before LAN hops) gets no chain between
+    agents at one public address, local addresses or not."""
+    from tests.adapters.test_server_api import get
+
+    agents = [FakeAgent(server, 5400 + i, host="198.51.100.20") for i in range(2)]
+    for i, a in enumerate(agents):
+        a.reply(f"LOCAL 10.20.0.{2 + i}:8472")
+        a.sent()
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    results = get(stub, f"/api/upload-to?size=10&hash={HASH}&from={ME}&chain=1")
+    assert [a.sent() for a in agents] == [[f"INTRODUCTION_REQUEST {ME} 10 {HASH}"]] * 2
+    for a in agents:
+        a.reply("0123456789abcdef0123456789abcdef")
+    server.clock.advance(0)
+    stub.flush()
+    code, body = results[0]
+    doc = json.loads(body)
+    assert code == 200 and "chain" not in doc and not any("via" in i for i in doc["introductions"])
+    assert server.stats["lan-hops"] == 0
+    bad = get(stub, f"/api/upload-to?size=10&hash={HASH}&from={ME}&chain=1&lan=yes")
+    assert bad[0][0] == 400 and b"lan must be 0 or 1" in bad[0][1]
+
+
 def test_a_chain_is_worth_trying_unless_a_hop_stays_at_one_public_address() -> None:
-    from dsss.server.api import chain_worth_trying
+    from dsss.server.chains import chain_worth_trying
 
     a1, a2 = PeerAddress("198.51.100.11", 1), PeerAddress("198.51.100.11", 2)
     b1 = PeerAddress("198.51.100.12", 1)
@@ -224,7 +270,7 @@ def test_a_chain_is_worth_trying_unless_a_hop_stays_at_one_public_address() -> N
 
 
 def test_chain_order_avoids_passing_a_part_between_agents_at_one_ip() -> None:
-    from dsss.server.api import chain_order
+    from dsss.server.chains import chain_order
 
     a1, a2, a3 = (PeerAddress("198.51.100.11", p) for p in (1, 2, 3))
     b1, b2 = (PeerAddress("198.51.100.12", p) for p in (1, 2))
