@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from dsss.errors import DSSSError
 from dsss.model import is_share_id
+from dsss.server.chains import hop_addresses
 from dsss.wire import control as wc
 
 if TYPE_CHECKING:
@@ -106,10 +107,13 @@ class Repairer:
         target = targets[0]
         assert source.address is not None and target.address is not None
         self.started += 1
+        # Two agents behind one NAT that reported their local addresses copy across their LAN.
+        local = registry.local_addresses([source.address, target.address])
+        ((from_, via),) = hop_addresses([source.address, target.address], local)
         try:
-            intro = await server.introduce(target.address, source.address, size, block)
+            intro = await server.introduce(target.address, from_, size, block)
             reply = await source.handle.request(
-                wc.Replicate(block, target.address, target.agent_id, intro["introduction-key"]),
+                wc.Replicate(block, via or target.address, target.agent_id, intro["introduction-key"]),
                 server.config.query_timeout,
             )
         except DSSSError as e:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from dsss.model import PeerAddress
 from dsss.server.registry import Registry
 from dsss.server.repair import Repairer, wanted_holders
@@ -120,3 +122,57 @@ def test_repairing_a_share_does_nothing():
     r = Repairer(server, repair_after=0)
     d = defer.ensureDeferred(r._repair(S1))
     assert d.called and asked == [] and r.started == 0 and r.failed == 0
+
+
+class RecordingHandle:
+    """An agent's control connection that answers every request OK, keeping what it was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def request(self, msg, timeout):
+        from twisted.internet import defer
+
+        from dsss.wire import control as wc
+
+        self.sent.append(msg)
+        return defer.succeed(wc.Ok())
+
+
+@pytest.mark.parametrize("lan", [True, False], ids=["locals-reported", "no-locals"])
+def test_a_copy_between_agents_behind_one_nat_goes_across_their_lan(lan):
+    """Source and target at one public address: with their local addresses known, the target is
+    introduced to the source's local address and the source sends to the target's; otherwise
+    the public ones are used, as between any two agents."""
+    from twisted.internet import defer
+
+    server = FakeServer()
+    server.config = type("Config", (), {"query_timeout": 5.0})()
+    agents = []
+    for n in range(2):
+        rec, _ = server.registry.register(agent_id=f"{n:064x}", seq=1, capacity=10**6, free=10**6,
+                                          version="1", handle=RecordingHandle(), now=server.t)
+        server.registry.heard_udp(rec.token, PeerAddress("198.51.100.20", 4000 + n), server.t)
+        if lan:
+            rec.local = PeerAddress(f"10.20.0.{2 + n}", 8472)
+        agents.append(rec)
+    source, target = agents
+    server.registry.have(source, [B1], [100])
+    asked = []
+
+    async def introduce(to, client, size, block):
+        asked.append((to, client, size, block))
+        return {"introduction-key": "ab" * 16}
+
+    server.introduce = introduce
+    r = Repairer(server, repair_after=0)
+    d = defer.ensureDeferred(r._repair(B1))
+    assert d.called and r.started == 1 and r.failed == 0
+    (replicate,) = source.handle.sent
+    if lan:
+        assert asked == [(target.address, source.local, 100, B1)]
+        assert replicate.address == target.local
+    else:
+        assert asked == [(target.address, source.address, 100, B1)]
+        assert replicate.address == target.address
+    assert (replicate.block, replicate.agent_id, replicate.key) == (B1, target.agent_id, "ab" * 16)
