@@ -183,8 +183,9 @@ def test_chained_put_through_cone_nats_sends_each_part_once(
 ) -> None:
     """With `--chain` the client's uplink carries each part once: the first agent passes it to
     the next through their NATs (punched), and signed receipts prove the three copies. Two of
-    the agents share a NAT (they cannot reach each other through it), so the server orders each
-    chain to pass the part from one NAT to the other."""
+    the agents share a NAT: they cannot reach each other through it, but they told the server
+    their LAN addresses, so each chain passes the part across their LAN once and from one NAT
+    to the other once."""
     net = nat_net(heartbeat=1.0)
     hosts = [nat_lab.host("h1_1"), nat_lab.host("h1_2"), nat_lab.host("h2_1")]
     agents = start(net, hosts)
@@ -211,7 +212,36 @@ def test_chained_put_through_cone_nats_sends_each_part_once(
     blocks = doc["files"][0]["blocks"]
     assert len(blocks) == 6 and doc["ok"] is True
     assert all(set(b["holders"]) == expected for b in blocks), doc
-    assert net.status()["activity"]["relayed-bytes"] == 0
+    activity = net.status()["activity"]
+    assert activity["relayed-bytes"] == 0
+    assert activity["lan-hops"] == 6, activity  # one per part and the manifest
+
+
+def test_chained_put_to_agents_behind_one_symmetric_nat_crosses_the_relay_once(
+    nat_lab: NatLab, nat_net: Callable[..., NatNetwork], random_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Three agents behind one symmetric NAT: the client reaches the first of each chain only
+    through the server's relay, and that agent passes the part across the LAN to the other two
+    (their LAN addresses, from LOCAL). The relay carries one copy instead of three."""
+    hosts, client = [nat_lab.host(f"h4_{i}") for i in (1, 2, 3)], nat_lab.host("h3_1")
+    net = nat_net(heartbeat=1.0)
+    agents = start(net, hosts, "--relay-limit", "16M")
+    size = 6 * MiB + 3
+    src = random_file(size)
+    address, put_paths, put_s = put(net, src, client, chain=True)
+    report("chained put via the relay and a LAN", size, put_s)
+    assert set(put_paths.values()) == {"relay"}, put_paths
+    activity = net.status()["activity"]
+    # One copy of each part went through the relay (plus QUIC's overhead), not three.
+    assert size <= activity["relayed-bytes"] < 1.5 * size, activity
+    assert activity["lan-hops"] == 2 * 3, activity  # two hops for each of 2 parts and the manifest
+    doc = json.loads(net.client("--json", "check", address, host=client).stdout)
+    expected = {net.agent_status(a)["address"] for a in agents}
+    assert doc["ok"] is True and len(doc["files"][0]["blocks"]) == 3
+    assert all(set(b["holders"]) == expected for b in doc["files"][0]["blocks"]), doc
+    out = tmp_path / "out.bin"
+    get(net, address, out, client)
+    assert sha256(out) == sha256(src)
 
 
 @pytest.mark.parametrize("kind", ["cone", "symmetric"])
