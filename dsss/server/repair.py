@@ -4,8 +4,9 @@
 A part whose live holders are fewer than `--replicas` (an agent went away, or reported its copy
 corrupt) is noted; if it is still short `repair_after` seconds later, the server picks a live
 holder as the source and a live agent without a copy as the target, asks the target for an
-introduction key for the source's address, and sends the source `REPLICATE`. The target's HAVE
-then restores the count. Bounded: a few copies at a time, each part retried no more often than
+introduction key for the source's address, and sends the source `REPLICATE`. Two agents behind
+one NAT that reported their local addresses (`LOCAL`) are given those instead: the copy crosses
+their LAN (`dsss.server.chains.hop_addresses`). The target's HAVE then restores the count. Bounded: a few copies at a time, each part retried no more often than
 `repair_after`.
 
 A share of an erasure-coded part (a share ID, `dsss.model.is_share_id`) is wanted on one agent
