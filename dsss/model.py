@@ -115,6 +115,18 @@ class PeerAddress:
         return f"{self.host}:{self.port}"
 
 
+def check_local_address(address: PeerAddress) -> PeerAddress:
+    """Return `address` if a neighbour on the same LAN can send to it (a unicast IP: not
+    0.0.0.0 or ::, multicast, broadcast, or IPv6 link-local, which needs an interface), else
+    raise BadRequest. For the local addresses agents and clients report (`LOCAL`, `local=`)."""
+    ip = ipaddress.ip_address(address.host)
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255") or (
+        ip.version == 6 and ip.is_link_local
+    ):
+        raise BadRequest(f"not an address a neighbour can reach: {address}")
+    return address
+
+
 _SIZE_RE = re.compile(r"\A([0-9]+)([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 

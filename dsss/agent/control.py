@@ -53,7 +53,7 @@ class ServerConnection(ControlLineProtocol):
         if isinstance(msg, wc.WhoHas):
             return wc.Bit(self.agent.store.has(msg.block))
         if isinstance(msg, wc.IntroductionRequest):
-            key = self.agent.introduce(msg.address, msg.size, msg.block)
+            key = self.agent.introduce(msg.address, msg.size, msg.block, msg.local)
             return wc.IntroKey(key)
         if isinstance(msg, wc.Replicate):
             # Accepted at once (replies keep their order); the copy runs in the background and

@@ -2,7 +2,8 @@
 """Introduction keys: the agent's permission slips for uploads and downloads. Pure, clock-free.
 
 A key is random (128 bits), single-use, bound to the client's public IP address (not its port,
-which a symmetric NAT changes per destination), one part hash and a size, and expires after `ttl` seconds. A key issued for size 0 is a download key; any other size
+which a symmetric NAT changes per destination; and to the client's local one as well when the
+server saw the client behind our own NAT, on our LAN), one part hash and a size, and expires after `ttl` seconds. A key issued for size 0 is a download key; any other size
 makes an upload key for exactly that many bytes. Neither works for the other operation. Presenting a key consumes it, whatever the outcome, so a key
 that leaks after one attempt is worthless.
 """
@@ -28,6 +29,15 @@ class Introduction:
     block: str
     size: int
     expires: float
+    # The client's address on our LAN, if the server saw it behind our NAT: good as well.
+    local: PeerAddress | None = None
+
+    def issued_for(self, client: PeerAddress) -> bool:
+        """Whether packets from `client` may use this key: its IP address (not the port, which a
+        symmetric NAT changes per destination) is the client's public or local one."""
+        return client.host == self.client.host or (
+            self.local is not None and client.host == self.local.host
+        )
 
 
 class IntroductionTable:
@@ -45,11 +55,12 @@ class IntroductionTable:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def issue(self, client: PeerAddress, size: int, block: str, now: float) -> Introduction:
+    def issue(self, client: PeerAddress, size: int, block: str, now: float,
+              local: PeerAddress | None = None) -> Introduction:
         self.expire(now)
         while len(self._keys) >= self.max_outstanding:
             self._keys.popitem(last=False)
-        intro = Introduction(self._key_source(), client, block, size, now + self.ttl)
+        intro = Introduction(self._key_source(), client, block, size, now + self.ttl, local)
         self._keys[intro.key] = intro
         return intro
 
@@ -68,7 +79,7 @@ class IntroductionTable:
             raise AccessDenied("unknown or already used introduction key")
         if now > intro.expires:
             raise AccessDenied("introduction key expired")
-        if intro.client.host != client.host:
+        if not intro.issued_for(client):
             # The IP, not the port: behind a symmetric NAT the client's packets reach the agent
             # from another public port than the one the server observed.
             raise AccessDenied("introduction key was issued for another client address")

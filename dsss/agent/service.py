@@ -114,12 +114,17 @@ class StorageAgent:
             self.welcome = None
             log.info("control connection to the server lost")
 
-    def introduce(self, client: PeerAddress, size: int, block: str) -> str:
+    def introduce(self, client: PeerAddress, size: int, block: str,
+                  local: PeerAddress | None = None) -> str:
+        """A key for `client` (and, behind our NAT, for its `local` address on our LAN too),
+        punching towards each."""
         if not self.store.has(block) and size > self.store.free:
             self.maybe_report_space(force=True)
             raise StorageFull(f"no room for {size} bytes")
-        intro = self.introductions.issue(client, size, block, self.clock.seconds())
+        intro = self.introductions.issue(client, size, block, self.clock.seconds(), local)
         self.punch(client)
+        if local is not None:
+            self.punch(local)
         return intro.key
 
     def maybe_report_space(self, *, force: bool = False) -> None:

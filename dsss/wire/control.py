@@ -12,13 +12,12 @@ introduction key (32 lowercase hex digits); every other line is a request. See d
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Union
 
-from dsss.errors import RemoteProtocolError
-from dsss.model import PeerAddress, check_block_id, is_block_id
+from dsss.errors import BadRequest, RemoteProtocolError
+from dsss.model import PeerAddress, check_block_id, check_local_address, is_block_id
 
 MAX_LINE = 4096
 MAX_HASHES_PER_LINE = 48
@@ -100,6 +99,9 @@ class IntroductionRequest:
     address: PeerAddress  # the client's public UDP address
     size: int
     block: str
+    # The client's address on the agent's own LAN (behind the same NAT), if it has one there:
+    # the key is good from either address, and the agent punches towards both.
+    local: PeerAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -219,18 +221,12 @@ def _arity(words: list[str], n: int, usage: str) -> None:
         raise RemoteProtocolError(f"usage: {usage}")
 
 
-def _local_address(text: str) -> PeerAddress:
-    """A LOCAL address: a unicast IP another host can send to, with a port."""
+def _local_address(text: str, verb: str) -> PeerAddress:
+    """A local address (LOCAL, INTRODUCTION_REQUEST): a unicast IP a neighbour can send to."""
     try:
-        address = PeerAddress.parse(text)
-    except Exception:
-        raise RemoteProtocolError("LOCAL: bad address") from None
-    ip = ipaddress.ip_address(address.host)
-    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255") or (
-        ip.version == 6 and ip.is_link_local  # needs a scope (an interface), which has no meaning here
-    ):
-        raise RemoteProtocolError(f"LOCAL: not an address a neighbour can reach: {address}")
-    return address
+        return check_local_address(PeerAddress.parse(text))
+    except BadRequest as e:
+        raise RemoteProtocolError(f"{verb}: {e}") from None
 
 
 def parse_line(line: bytes) -> Message:
@@ -303,7 +299,7 @@ def parse_line(line: bytes) -> Message:
         return Space(_int(args[0], "capacity"), _int(args[1], "free"))
     if verb == "LOCAL":
         _arity(args, 1, "LOCAL <address>")
-        return Local(_local_address(args[0]))
+        return Local(_local_address(args[0], "LOCAL"))
     if verb == "WHO_HAS":
         _arity(args, 1, "WHO_HAS <hash>")
         if not is_block_id(args[0]):
@@ -321,14 +317,16 @@ def parse_line(line: bytes) -> Message:
             raise RemoteProtocolError("REPLICATE: bad agent id or key")
         return Replicate(args[0], address, args[2], args[3])
     if verb == "INTRODUCTION_REQUEST":
-        _arity(args, 3, "INTRODUCTION_REQUEST <address> <size> <hash>")
+        if len(args) not in (3, 4):
+            raise RemoteProtocolError("usage: INTRODUCTION_REQUEST <address> <size> <hash> [<local address>]")
         try:
             address = PeerAddress.parse(args[0])
         except Exception:
             raise RemoteProtocolError("INTRODUCTION_REQUEST: bad address") from None
         if not is_block_id(args[2]):
             raise RemoteProtocolError("INTRODUCTION_REQUEST: not a part hash")
-        return IntroductionRequest(address, _int(args[1], "size"), args[2])
+        local = _local_address(args[3], "INTRODUCTION_REQUEST") if len(args) == 4 else None
+        return IntroductionRequest(address, _int(args[1], "size"), args[2], local)
     raise RemoteProtocolError(f"unknown command: {verb[:40]!r}")
 
 
@@ -374,6 +372,8 @@ def encode(msg: Message) -> bytes:
         text = f"REPLICATE {msg.block} {msg.address} {msg.agent_id} {msg.key}"
     elif isinstance(msg, IntroductionRequest):
         text = f"INTRODUCTION_REQUEST {msg.address} {msg.size} {msg.block}"
+        if msg.local is not None:
+            text += f" {msg.local}"
     else:  # pragma: no cover - a bug on our side
         raise TypeError(f"not a control message: {msg!r}")
     return text.encode("ascii")

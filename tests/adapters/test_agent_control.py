@@ -110,8 +110,11 @@ class BoundQuic:
     def trust_relay(self, address):
         pass
 
+    sent = None
+
     def send_control(self, data, address):
-        pass
+        if self.sent is not None:
+            self.sent.append(address)
 
 
 @pytest.mark.parametrize("bound,expected", [
@@ -140,3 +143,19 @@ def test_no_local_address_without_a_socket(agent):
     proto, t = connect(agent)
     proto.dataReceived(f"Hi {SESSION}\nWELCOME {TOKEN} 1000 7000\n".encode())
     assert not any(line.startswith("LOCAL") for line in lines(t))
+
+
+def test_an_introduction_for_a_client_on_our_lan_punches_towards_both_its_addresses(agent):
+    agent.quic = BoundQuic("0.0.0.0", 8472)
+    agent.quic.sent = []
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\nWELCOME {TOKEN} 1000 7000\n".encode())
+    lines(t)
+    agent.quic.sent.clear()
+    missing = block_hash(b"two")
+    proto.dataReceived(f"INTRODUCTION_REQUEST 198.51.100.20:9999 100 {missing} 10.20.0.9:7000\n".encode())
+    (key,) = lines(t)
+    (intro,) = agent.introductions._keys.values()
+    assert intro.key == key and str(intro.client) == "198.51.100.20:9999" and str(intro.local) == "10.20.0.9:7000"
+    agent.clock.advance(2.0)
+    assert {("198.51.100.20", 9999), ("10.20.0.9", 7000)} <= set(agent.quic.sent)

@@ -180,3 +180,20 @@ def test_another_port_of_the_same_ip_is_accepted(table: IntroductionTable) -> No
     # server; the key is bound to the IP.
     intro = table.issue(CLIENT, 100, H, now=0.0)
     assert table.use(intro.key, client=SAME_HOST_OTHER_PORT, block=H, now=1.0, upload_size=100) == intro
+
+
+@pytest.mark.parametrize("source", [CLIENT, PeerAddress("10.1.0.3", 7000), PeerAddress("10.1.0.3", 7001)])
+def test_a_key_for_a_client_on_our_lan_is_good_from_either_address(
+    table: IntroductionTable, source: PeerAddress
+) -> None:
+    """The server saw the client behind our NAT: its key works from its public address (the
+    relay, a hairpinning router) and from its address on our LAN."""
+    intro = table.issue(CLIENT, 0, H, now=0.0, local=PeerAddress("10.1.0.3", 7000))
+    assert table.use(intro.key, client=source, block=H, now=1.0) == intro
+
+
+def test_a_key_for_a_client_on_our_lan_is_not_good_from_a_third_address(table: IntroductionTable) -> None:
+    intro = table.issue(CLIENT, 0, H, now=0.0, local=PeerAddress("10.1.0.3", 7000))
+    with pytest.raises(AccessDenied, match="another client address"):
+        table.use(intro.key, client=PeerAddress("10.1.0.4", 7000), block=H, now=1.0)
+    assert len(table) == 0  # consumed, as any key presented

@@ -73,6 +73,10 @@ EXAMPLES = [
         f"INTRODUCTION_REQUEST [2001:db8::1]:443 0 {H2}".encode(),
         IntroductionRequest(PeerAddress("2001:db8::1", 443), 0, H2),
     ),
+    (
+        f"INTRODUCTION_REQUEST 198.51.100.7:40000 1234 {H1} 10.1.0.3:5000".encode(),
+        IntroductionRequest(PeerAddress("198.51.100.7", 40000), 1234, H1, PeerAddress("10.1.0.3", 5000)),
+    ),
     (b"PING", Ping()),
     (f"WELCOME {TOKEN} 15000 4001".encode(), Welcome(TOKEN, 15.0, 4001)),
     (b"1", Bit(True)),
@@ -326,6 +330,9 @@ MALFORMED = [
     f"INTRODUCTION_REQUEST [fe80::1%eth0]:80 6 {H1}".encode(),
     f"INTRODUCTION_REQUEST :80 6 {H1}".encode(),
     f"INTRODUCTION_REQUEST - 6 {H1}".encode(),
+    f"INTRODUCTION_REQUEST 1.2.3.4:80 6 {H1} 10.1.0.3".encode(),
+    f"INTRODUCTION_REQUEST 1.2.3.4:80 6 {H1} 0.0.0.0:80".encode(),
+    f"INTRODUCTION_REQUEST 1.2.3.4:80 6 {H1} 10.1.0.3:80 10.1.0.4:80".encode(),
     # LOCAL: one address a neighbour can send to
     b"LOCAL",
     b"LOCAL 10.4.0.2",
