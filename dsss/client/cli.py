@@ -352,6 +352,7 @@ async def _session(reactor: Any, args: argparse.Namespace, settings: Settings, k
 
         peers.on_close = report
     await peers.start()
+    discovery.local_address = peers.local_address  # agents behind our NAT: across our LAN
     chain = getattr(args, "chain", None)
     if chain is None:
         chain = not ipaddress.ip_address(host).is_loopback

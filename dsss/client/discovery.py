@@ -68,7 +68,9 @@ class Introduction:
     # Issued for the agent before this one in a replication chain, not for the client: only
     # good as a hop of a chained upload.
     chained: bool = False
-    # For a chain hop across a LAN: the local address the agent before passes the part to.
+    # The agent's address on a LAN: for a chain hop, where the agent before passes the part
+    # to; for a client behind the agent's NAT, where the client reaches it (then its key is
+    # good from the client's local address too).
     via: PeerAddress | None = None
 
 
@@ -125,6 +127,16 @@ class DiscoveryClient:
         self.combined_upload = True
         # False once the server has shown its /api/upload-to takes one hash only (an older one).
         self.share_upload = True
+        # Our UDP address on our own network (`PeerNetwork.local_address`), sent as `local`
+        # beside `from`: agents behind our NAT are then reached across the LAN (`via`).
+        self.local_address: PeerAddress | None = None
+
+    def _source(self, from_: PeerAddress) -> list[tuple[str, str]]:
+        """The `from` parameter, and `local` when we know our local address."""
+        params = [("from", str(from_))]
+        if self.local_address is not None:
+            params.append(("local", str(self.local_address)))
+        return params
 
     async def _get(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
         """GET with retries: a server that is down or restarting (connection refused, timeouts,
@@ -250,7 +262,7 @@ class DiscoveryClient:
         say so (`Introduction.chained`); a server that does not chain gives plain ones."""
         if not self.combined_upload:
             return None
-        params = [("size", str(size)), ("hash", block), ("from", str(from_)), ("copies", str(copies))]
+        params = [("size", str(size)), ("hash", block), *self._source(from_), ("copies", str(copies))]
         if exclude:
             params.append(("exclude", ",".join(str(a) for a in exclude)))
         if chain:
@@ -288,7 +300,7 @@ class DiscoveryClient:
         avoid = list(exclude or [])
         for start in range(0, len(blocks), MAX_COUNT):
             group = blocks[start : start + MAX_COUNT]
-            params = [("size", str(size)), *(("hash", b) for b in group), ("from", str(from_))]
+            params = [("size", str(size)), *(("hash", b) for b in group), *self._source(from_)]
             if len(group) == 1:
                 params.append(("copies", "1"))  # one hash alone: one agent, as for any hash
             if avoid:
@@ -332,7 +344,7 @@ class DiscoveryClient:
                 intro = self._introduction(answer, "/api/upload-to")
                 if chained and i > 0:
                     intro = Introduction(intro.key, intro.agent_id, intro.address, chained=True,
-                                         via=self._via(answer))
+                                         via=intro.via)
                 out.append((PeerAddress.parse(address), intro))
         return out
 
@@ -371,7 +383,7 @@ class DiscoveryClient:
             for item in items:
                 await single(item)
             return
-        params = [("from", str(items[0][3]))]
+        params = self._source(items[0][3])
         params += [("i", f"{to},{block},{size}") for to, block, size, _, _ in items]
         try:
             doc = await self._get("/api/introduce-many", params)
@@ -412,7 +424,7 @@ class DiscoveryClient:
     ) -> Introduction:
         doc = await self._get(
             "/api/introduce-me",
-            {"to": str(to), "hash": block, "size": str(size), "from": str(from_)},
+            [("to", str(to)), ("hash", block), ("size", str(size)), *self._source(from_)],
         )
         return self._introduction(doc, "/api/introduce-me")
 
@@ -424,7 +436,7 @@ class DiscoveryClient:
         try:
             return PeerAddress.parse(via)
         except DSSSError:
-            raise RemoteProtocolError("bad via address in /api/upload-to answer") from None
+            raise RemoteProtocolError("bad via address in the server's answer") from None
 
     @staticmethod
     def _introduction(doc: dict[str, Any], path: str) -> Introduction:
@@ -435,4 +447,4 @@ class DiscoveryClient:
             bytes.fromhex(agent)
         except ValueError:
             raise RemoteProtocolError("bad agent id in introduction") from None
-        return Introduction(key, agent, PeerAddress.parse(address))
+        return Introduction(key, agent, PeerAddress.parse(address), via=DiscoveryClient._via(doc))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from dsss.errors import (
     Timeout,
     Unavailable,
 )
-from dsss.model import PeerAddress, matches
+from dsss.model import PeerAddress, check_local_address, matches
 from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import (
@@ -38,6 +39,11 @@ from dsss.wire.datagram import (
 )
 
 log = Logger()
+
+LAN_TIMEOUT = 1.0
+"""Seconds for the handshake with an agent across our LAN (its `via`): one there answers in
+milliseconds; one that does not (two homes behind one carrier NAT share a public address, not a
+LAN) costs this long before its public address is tried as usual."""
 
 _REFUSALS: dict[str, type[DSSSError]] = {
     "denied": AccessDenied,
@@ -99,6 +105,10 @@ class PeerNetwork:
             idle_timeout=idle_timeout,
         )
         self.public_address: PeerAddress | None = None
+        # Our socket's address on our own network (`start`), for agents behind our NAT.
+        self.local_address: PeerAddress | None = None
+        # LAN addresses (`via`) that did not answer: not tried again in this session.
+        self.lan_failed: set[PeerAddress] = set()
         self._address_waiters: list[defer.Deferred[PeerAddress]] = []
         # Which path reached each agent: "direct" (punched) or "relay" (through the server).
         self.paths: dict[str, str] = {}
@@ -124,6 +134,7 @@ class PeerNetwork:
     async def start(self, timeout: float = 5.0) -> PeerAddress:
         """Bind the socket and learn our public address from the server's PONG."""
         self.endpoint.listen(self.reactor, self.bind_host, 0)
+        self.local_address = self._find_local_address()
         d: defer.Deferred[PeerAddress] = defer.Deferred()
         self._address_waiters.append(d)
         host, port = self.server_udp
@@ -135,6 +146,24 @@ class PeerNetwork:
         )
         self.load_remembered_paths(address.host)
         return address
+
+    def _find_local_address(self) -> PeerAddress | None:
+        """Our socket's port at our address on our own network: the bound address, or if bound
+        to every interface, the one the route to the server leaves from (asked of the kernel
+        by connecting a UDP socket, which sends nothing). None if there is none to give."""
+        host, port = self.endpoint.address[:2]
+        if host in ("", "0.0.0.0", "::"):
+            family = socket.AF_INET6 if ":" in self.server_udp[0] else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.connect(self.server_udp)
+                    host = probe.getsockname()[0]
+            except OSError:
+                return None
+        try:
+            return check_local_address(PeerAddress(host.split("%", 1)[0], port))
+        except DSSSError:
+            return None
 
     def load_remembered_paths(self, public_ip: str) -> None:
         """Take in what earlier calls from `public_ip` learned about agents needing the relay."""
@@ -194,6 +223,24 @@ class PeerNetwork:
         server's relay if the direct path does not come up within `direct_timeout`."""
         addr = intro.address.as_tuple()
         key = bytes.fromhex(intro.agent_id)
+        via = intro.via
+        if via is not None and not intro.chained and via not in self.lan_failed:
+            # The agent is behind our NAT: across the LAN first (the key is good from our local
+            # address as well as from our public one).
+            self._send(encode_datagram(DPunch("client")), via.as_tuple())
+            try:
+                conn = await self.endpoint.connect(
+                    via.as_tuple(), expected_public_key=key, handshake_timeout=LAN_TIMEOUT
+                )
+            except PeerIdentityError as e:
+                raise PeerError(f"agent {intro.address} is not the agent introduced: {e}") from None
+            except QuicError:
+                log.info("agent {agent} does not answer on our LAN at {via}; trying its public address",
+                         agent=str(intro.address), via=str(via))
+                self.lan_failed.add(via)
+            else:
+                self.paths.setdefault(str(intro.address), "lan")
+                return conn
         tried_direct = False
         if (not self.endpoint.relayed(addr) and self.use_relay
                 and self.relay_only_hosts.get(intro.address.host, 0.0) > self.wall_clock()):

@@ -17,7 +17,7 @@ from dsss.httpjson import http_error, unexpected_error
 from dsss.httpjson import json_body as _json
 from dsss.errors import BadRequest, DSSSError, RateLimited
 from dsss.metrics import endpoint_namer, render_metrics
-from dsss.model import PeerAddress, check_block_id, is_decimal
+from dsss.model import PeerAddress, check_block_id, check_local_address, is_decimal
 from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
@@ -87,6 +87,13 @@ def _exclude(request: IRequest) -> list[PeerAddress]:
             if part:
                 exclude.append(PeerAddress.parse(part))
     return exclude
+
+
+def _local(request: IRequest) -> PeerAddress | None:
+    """`local` (optional): the client's UDP address on its own network, for agents behind the
+    same NAT (they meet across their LAN)."""
+    text = _arg(request, "local", required=False)
+    return None if text is None else check_local_address(PeerAddress.parse(text))
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
@@ -208,7 +215,7 @@ class DiscoveryAPI:
         block = check_block_id(_arg(request, "hash") or "")
         size = _size(_arg(request, "size"))
         from_ = PeerAddress.parse(_arg(request, "from") or "")
-        result = await self.server.introduce(to, from_, size, block)
+        result = await self.server.introduce(to, from_, size, block, _local(request))
         return _json(request, result)
 
     @app.route("/api/introduce-many", methods=["GET"])
@@ -226,21 +233,24 @@ class DiscoveryAPI:
             if len(fields) != 3:
                 raise BadRequest("each 'i' must be TO,HASH,SIZE")
             items.append((PeerAddress.parse(fields[0]), check_block_id(fields[1]), _size(fields[2])))
-        answers = await self._introductions(from_, items)
+        answers = await self._introductions(from_, items, _local(request))
         body: dict[str, Any] = {"introductions": answers}
         if self.server.warming():
             body["warming"] = True  # a 404 or 503 among them may change within seconds
         return _json(request, body)
 
     async def _introductions(
-        self, from_: PeerAddress | list[PeerAddress], items: list[tuple[PeerAddress, str, int]]
+        self, from_: PeerAddress | list[PeerAddress], items: list[tuple[PeerAddress, str, int]],
+        client_local: PeerAddress | None = None,
     ) -> list[dict[str, Any]]:
-        """Every item's introduction at once (item i for `from_[i]` if it is a list); each
-        answer is the introduction or its error."""
+        """Every item's introduction at once (item i for `from_[i]` if it is a list, whose
+        first is the client); each answer is the introduction or its error. `client_local`
+        is the client's local address (`local`), for the items introduced to the client."""
         sources = from_ if isinstance(from_, list) else [from_] * len(items)
+        locals_ = [client_local] + [client_local if not isinstance(from_, list) else None] * (len(items) - 1)
         results = await defer.DeferredList(
-            [defer.ensureDeferred(self.server.introduce(to, src, size, block))
-             for (to, block, size), src in zip(items, sources)],
+            [defer.ensureDeferred(self.server.introduce(to, src, size, block, local))
+             for (to, block, size), src, local in zip(items, sources, locals_)],
             consumeErrors=True,
         )
         answers: list[dict[str, Any]] = []
@@ -290,13 +300,14 @@ class DiscoveryAPI:
         size = _size(_arg(request, "size"))
         hashes = _hashes(request)
         from_ = PeerAddress.parse(_arg(request, "from") or "")
+        client_local = _local(request)
         chain = _arg(request, "chain", required=False)
         if chain not in (None, "0", "1"):
             raise BadRequest("chain must be 0 or 1")
         if len(hashes) > 1:
             if chain == "1":
                 raise BadRequest("chain=1 cannot be combined with more than one hash")
-            return await self._upload_shares(request, hashes, size, from_)
+            return await self._upload_shares(request, hashes, size, from_, client_local)
         lan = _arg(request, "lan", required=False)
         if lan not in (None, "0", "1"):
             raise BadRequest("lan must be 0 or 1")
@@ -308,7 +319,9 @@ class DiscoveryAPI:
             # With lan=1 the client passes each hop's `via` on, so agents behind one NAT that
             # reported their local addresses may pass the part across their LAN.
             local = self.server.registry.local_addresses(targets) if lan == "1" else {}
-            ordered = chain_order(targets, local)
+            if local and client_local is not None:
+                local[from_] = client_local  # the chain starts across the client's LAN if it can
+            ordered = chain_order(targets, local, start=from_)
             if chain_worth_trying(ordered, local):
                 targets = ordered
                 hops = hop_addresses(ordered, local)
@@ -316,7 +329,7 @@ class DiscoveryAPI:
                 vias = [None, *(via for _, via in hops)]
             else:
                 chain = None  # plain introductions: the client sends every copy itself
-        answers = await self._introductions(sources, [(to, block, size) for to in targets])
+        answers = await self._introductions(sources, [(to, block, size) for to in targets], client_local)
         for to, via, answer in zip(targets, vias, answers):
             answer.setdefault("address", str(to))
             if via is not None and "error" not in answer:
@@ -330,13 +343,14 @@ class DiscoveryAPI:
         return _json(request, body)
 
     async def _upload_shares(
-        self, request: IRequest, hashes: list[str], size: int, from_: PeerAddress
+        self, request: IRequest, hashes: list[str], size: int, from_: PeerAddress,
+        client_local: PeerAddress | None,
     ) -> bytes:
         """upload-to with several hashes: len(hashes) distinct agents from one placement, hash i
         introduced at agent i; fewer answers than hashes (the first ones) if fewer have room."""
         targets = self.server.where_to_upload(size, _exclude(request), len(hashes))
         items = [(to, block, size) for to, block in zip(targets, hashes)]
-        answers = await self._introductions(from_, items)
+        answers = await self._introductions(from_, items, client_local)
         for (to, _, _), answer in zip(items, answers):
             answer.setdefault("address", str(to))
         body: dict[str, Any] = {"introductions": answers, "replicas": self.server.replicas}

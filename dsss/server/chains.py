@@ -37,15 +37,17 @@ def hop_works(a: PeerAddress, b: PeerAddress, local: Locals) -> bool:
     return a.host != b.host or lan_hop(a, b, local) or ipaddress.ip_address(a.host).is_loopback
 
 
-def chain_order(targets: list[PeerAddress], local: Locals | None = None) -> list[PeerAddress]:
+def chain_order(targets: list[PeerAddress], local: Locals | None = None,
+                start: PeerAddress | None = None) -> list[PeerAddress]:
     """The agents of a replication chain in an order where every hop works as far as possible
     (`hop_works`), a hop across a LAN preferred to one through two NATs. Otherwise the order of
-    the placement is kept."""
+    the placement is kept. `start` is the uploader's public address (its local one in `local`,
+    if known): the chain begins across its LAN if it can, and otherwise not behind its NAT."""
     local = local or {}
     rest = list(targets)
     ordered: list[PeerAddress] = []
     while rest:
-        last = ordered[-1] if ordered else None
+        last = ordered[-1] if ordered else start
         # The next agent: across the LAN from the last if it can, else the first at another
         # address, preferring the IP address most of the remaining ones share (so that it does
         # not end the chain twice).

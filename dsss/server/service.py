@@ -20,6 +20,7 @@ from nacl.public import PrivateKey
 from dsss.clientauth import RequestVerifier
 from dsss.endpoints import EndpointService, UDPService
 from dsss.ratelimit import RateLimiter
+from dsss.server.chains import lan_hop
 from dsss.server.relay import RelayTable
 from dsss.server.repair import Repairer
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
@@ -87,6 +88,7 @@ class DiscoveryServer:
             "introductions": 0,
             "introduction-failures": 0,
             "lan-hops": 0,  # chain hops introduced across a LAN (see dsss.server.chains)
+            "lan-introductions": 0,  # clients introduced to an agent across their LAN
         }
         self.metrics = ServerMetrics(self)
 
@@ -153,13 +155,19 @@ class DiscoveryServer:
         return [r.address for r in chosen if r.address is not None]
 
     async def introduce(
-        self, to: PeerAddress, client: PeerAddress, size: int, block: str
+        self, to: PeerAddress, client: PeerAddress, size: int, block: str,
+        client_local: PeerAddress | None = None,
     ) -> dict[str, Any]:
-        """Ask the agent at `to` for an introduction key for `client`; counted in metrics."""
+        """Ask the agent at `to` for an introduction key for `client`; counted in metrics.
+
+        With `client_local` (the client's address on its own network) and an agent behind the
+        client's NAT that told us its local address, the key is good from the client's local
+        address too, and the answer's `via` is the agent's local address: they meet across
+        their LAN (a NAT seldom lets two hosts behind it reach each other through it)."""
         started = self.now()
         error: str | None = "error"
         try:
-            result = await self._introduce(to, client, size, block)
+            result = await self._introduce(to, client, size, block, client_local)
             error = None
             return result
         except DSSSError as e:
@@ -172,15 +180,21 @@ class DiscoveryServer:
             )
 
     async def _introduce(
-        self, to: PeerAddress, client: PeerAddress, size: int, block: str
+        self, to: PeerAddress, client: PeerAddress, size: int, block: str,
+        client_local: PeerAddress | None = None,
     ) -> dict[str, Any]:
         rec = self.registry.by_address(to)
         if rec is None or not self.registry.is_live(rec, self.now()):
             raise NotFound(f"no live agent at {to}")
         conn: AgentConnection = rec.handle
+        local = via = None
+        if (client_local is not None and client_local != client and rec.local is not None
+                and lan_hop(client, to, {client: client_local, to: rec.local})):
+            # Only an agent that sent LOCAL (and so knows this form) is asked with `local`.
+            local, via = client_local, rec.local
         try:
             reply = await conn.request(
-                wc.IntroductionRequest(client, size, block), self.config.query_timeout
+                wc.IntroductionRequest(client, size, block, local), self.config.query_timeout
             )
         except Timeout:
             self.stats["introduction-failures"] += 1
@@ -198,11 +212,15 @@ class DiscoveryServer:
         self.stats["introductions"] += 1
         if rec.address is not None:
             self._remember_key(reply.key, client, rec.address)
-        return {
+        answer = {
             "introduction-key": reply.key,
             "agent": rec.agent_id,
             "address": str(rec.address),
         }
+        if via is not None:
+            answer["via"] = str(via)
+            self.stats["lan-introductions"] += 1
+        return answer
 
     def _remember_key(self, key: str, client: PeerAddress, agent: PeerAddress) -> None:
         now = self.now()

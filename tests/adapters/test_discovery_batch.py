@@ -282,3 +282,97 @@ def test_chain_order_avoids_passing_a_part_between_agents_at_one_ip() -> None:
     assert all(x.host != y.host for x, y in zip(order, order[1:])), order
     # nothing to avoid: the placement's order is kept
     assert chain_order([a1, a2, a3]) == [a1, a2, a3]
+
+
+HOME = "198.51.100.20"  # one NAT: the client and some agents behind it
+ME_HOME = PeerAddress(HOME, 9999)
+ME_LOCAL = PeerAddress("10.20.0.9", 7000)
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def home_agents(server: Any) -> tuple[FakeAgent, FakeAgent, FakeAgent]:
+    """An agent behind the client's NAT that sent LOCAL, one there that did not, one elsewhere
+    that did."""
+    near = FakeAgent(server, 5400, host=HOME)
+    near.reply("LOCAL 10.20.0.2:8472")
+    old = FakeAgent(server, 5401, host=HOME)
+    far = FakeAgent(server, 5402, host="198.51.100.30")
+    far.reply("LOCAL 10.30.0.2:8472")
+    for a in (near, old, far):
+        a.sent()
+    return near, old, far
+
+
+@pytest.mark.parametrize("how", ["introduce-me", "introduce-many", "upload-to", "upload-shares"])
+def test_a_client_behind_an_agents_nat_meets_it_across_their_lan(server: Any, how: str) -> None:
+    """With the client's `local` address: the agent behind the client's NAT that told its own
+    local address gives a key good from both of the client's addresses (INTRODUCTION_REQUEST
+    with the local one), and the answer's `via` is where the client reaches it. Every other
+    agent is introduced as before."""
+    near, old, far = home_agents(server)
+    server.replicas = 3
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub, hide_batch=how == "introduce-me"))
+    client.local_address = ME_LOCAL
+    if how == "upload-to":
+        ds = [defer.ensureDeferred(client.upload_to(HASH, 10, ME_HOME, copies=3))]
+    elif how == "upload-shares":
+        shares = ["s" + c * 64 for c in "abc"]
+        ds = [defer.ensureDeferred(client.upload_shares(shares, 10, ME_HOME))]
+    else:
+        ds = [defer.ensureDeferred(client.introduce_me(a.address, HASH, 10, ME_HOME)) for a in (near, old, far)]
+    settle(server, stub, [near, old, far], {0: KEY, 1: KEY, 2: KEY})
+    if how.startswith("upload"):
+        (picked,) = outcomes(ds)
+        intros = dict(picked)
+    else:
+        intros = dict(zip((near.address, old.address, far.address), outcomes(ds)))
+    assert str(intros[near.address].via) == "10.20.0.2:8472"
+    assert intros[old.address].via is None and intros[far.address].via is None
+    assert server.stats["lan-introductions"] == 1
+
+
+def test_the_agents_are_asked_with_the_clients_local_address_only_across_a_lan(server: Any) -> None:
+    near, old, far = home_agents(server)
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub))
+    client.local_address = ME_LOCAL
+    for a in (near, old, far):
+        defer.ensureDeferred(client.introduce_me(a.address, HASH, 10, ME_HOME))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    assert near.sent() == [f"INTRODUCTION_REQUEST {ME_HOME} 10 {HASH} {ME_LOCAL}"]
+    assert old.sent() == [f"INTRODUCTION_REQUEST {ME_HOME} 10 {HASH}"]  # no LOCAL: an older agent
+    assert far.sent() == [f"INTRODUCTION_REQUEST {ME_HOME} 10 {HASH}"]  # another NAT
+
+
+def test_a_chain_starts_across_the_clients_lan(server: Any) -> None:
+    """The client and one agent behind one NAT, another agent elsewhere: the chain begins with
+    the agent across the client's LAN (its introduction has the client's local address too),
+    then crosses to the other NAT."""
+    near = FakeAgent(server, 5400, host=HOME)
+    far = FakeAgent(server, 5402, host="198.51.100.30")
+    near.reply("LOCAL 10.20.0.2:8472")
+    far.reply("LOCAL 10.30.0.2:8472")
+    for _ in range(5):  # whatever the placement's order
+        near.sent(), far.sent()
+        stub = StubTreq(DiscoveryAPI(server).resource())
+        client = DiscoveryClient("http://server", reactor=server.clock, http=CountingHTTP(stub))
+        client.local_address = ME_LOCAL
+        d = defer.ensureDeferred(client.upload_to(HASH, 10, ME_HOME, copies=2, chain=True))
+        settle(server, stub, [near, far], {0: KEY, 1: KEY})
+        (picked,) = outcomes([d])
+        assert [a for a, _ in picked] == [near.address, far.address]
+        head, hop = picked[0][1], picked[1][1]
+        assert str(head.via) == "10.20.0.2:8472" and not head.chained
+        assert hop.chained and hop.via is None  # from one NAT to the other: the public address
+
+
+def test_a_bad_local_address_is_refused(server: Any) -> None:
+    from tests.adapters.test_server_api import get
+
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    for bad in ("0.0.0.0:7000", "10.0.0.1", "[ff02::1]:7000", "x"):
+        code, body = get(stub, f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=0&from={ME}&local={bad}")[0]
+        assert code == 400, (bad, body)

@@ -176,3 +176,54 @@ def test_the_paths_file_stays_bounded(tmp_path: Path) -> None:
     kept = json.loads(paths.read_text())["relay-only"][ME]
     assert len(kept) == pathcache.MAX_ENTRIES
     assert min(kept.values()) == 1_000_000.0 + 10 + 40  # the soonest to expire went first
+
+
+def connect_intro(peers: PeerNetwork, intro: Introduction) -> Any:
+    out: list[Any] = []
+    defer.ensureDeferred(peers._connect(intro)).addBoth(out.append)
+    (result,) = out
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+LAN_X1 = PeerAddress("10.40.0.2", 8472)  # X1 on the client's own LAN (the client is behind X's NAT)
+
+
+def test_an_agent_behind_our_nat_is_reached_across_the_lan() -> None:
+    endpoint = FakeEndpoint(direct_ok={LAN_X1})
+    peers = network(endpoint)
+    conn = connect_intro(peers, Introduction("cd" * 16, "ab" * 32, X1, via=LAN_X1))
+    assert conn == ("connection", LAN_X1.as_tuple(), "direct")
+    assert endpoint.attempts == [(LAN_X1.as_tuple(), "direct")]
+    assert peers.paths == {str(X1): "lan"} and peers.relay_only_hosts == {}
+
+
+def test_a_lan_address_that_does_not_answer_falls_back_to_the_public_one_once() -> None:
+    """Behind a carrier's NAT two homes share a public address, not a LAN: the LAN attempt
+    fails, the public address is tried as always (here: directly, then through the relay),
+    and that LAN address is not tried again in the session."""
+    endpoint = FakeEndpoint(direct_ok=set())
+    peers = network(endpoint)
+    intro = Introduction("cd" * 16, "ab" * 32, X1, via=LAN_X1)
+    assert connect_intro(peers, intro) == ("connection", X1.as_tuple(), "relay")
+    assert endpoint.attempts == [(LAN_X1.as_tuple(), "direct"), (X1.as_tuple(), "direct"),
+                                 (X1.as_tuple(), "relay")]
+    assert peers.lan_failed == {LAN_X1} and peers.paths == {str(X1): "relay"}
+    endpoint.attempts.clear()
+    assert connect_intro(peers, intro) == ("connection", X1.as_tuple(), "relay")
+    assert endpoint.attempts == [(X1.as_tuple(), "relay")]
+
+
+def test_a_chain_hops_via_is_for_the_agent_before_it_not_for_us() -> None:
+    endpoint = FakeEndpoint(direct_ok={X1, LAN_X1})
+    peers = network(endpoint)
+    connect_intro(peers, Introduction("cd" * 16, "ab" * 32, X1, chained=True, via=LAN_X1))
+    assert endpoint.attempts == [(X1.as_tuple(), "direct")]
+
+
+@pytest.mark.parametrize("bound,expected", [("0.0.0.0", "127.0.0.1:5555"), ("127.0.0.7", "127.0.0.7:5555")])
+def test_our_local_address_is_the_bound_one_or_the_one_towards_the_server(bound: str, expected: str) -> None:
+    peers = PeerNetwork(Clock(), ("127.0.0.1", 8471))
+    peers.endpoint = type("Bound", (), {"address": (bound, 5555)})()  # type: ignore[assignment]
+    assert str(peers._find_local_address()) == expected
