@@ -554,11 +554,11 @@ class NatNetwork(LocalNetwork):
         return r
 
 
-PATH_LINE = re.compile(r"^dsss: path (\S+) (direct|relay)\s*$", re.M)
+PATH_LINE = re.compile(r"^dsss: path (\S+) (direct|relay|lan)\s*$", re.M)
 
 
 def paths_used(stderr: bytes | str) -> dict[str, str]:
-    """The client's `-v` report: {"HOST:PORT": "direct"|"relay"} (the last word for each)."""
+    """The client's `-v` report: {"HOST:PORT": "direct"|"relay"|"lan"} (the last word for each)."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
     return {m.group(1): m.group(2) for m in PATH_LINE.finditer(text)}
 

@@ -475,3 +475,32 @@ def test_client_behind_symmetric_nat_stores_on_public_agents(
     out = tmp_path / "out.bin"
     net.client("get", address, "-o", str(out), host=client, timeout=60)
     assert sha256(out) == sha256(src)
+
+
+def test_a_client_behind_an_agents_nat_reaches_it_across_their_lan(
+    nat_lab: NatLab, nat_net: Callable[..., NatNetwork], random_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The client and one agent behind one cone NAT (r1 does not hairpin), two agents behind
+    other routers: the client reaches its neighbour at the local address it reported, not
+    through the relay, in a put with every copy sent by the client, a get, and a chained put
+    (which starts across the LAN)."""
+    hosts = [nat_lab.host("h1_1"), nat_lab.host("h2_1"), nat_lab.host("p1")]
+    net = nat_net(heartbeat=1.0)
+    agents = start(net, hosts)
+    neighbour = net.agent_status(agents[0])["address"]
+    others = {net.agent_status(a)["address"] for a in agents[1:]}
+    client = nat_lab.host("h1_2")
+    src = random_file(3 * MiB + 11)
+    address, put_paths, _ = put(net, src, client)
+    assert put_paths == {neighbour: "lan", **{a: "direct" for a in others}}, put_paths
+    out = tmp_path / "out.bin"
+    get_paths, _ = get(net, address, out, client)
+    assert sha256(out) == sha256(src)
+    assert set(get_paths) <= {neighbour, *others} and all(
+        p == ("lan" if a == neighbour else "direct") for a, p in get_paths.items()), get_paths
+    chained, chain_paths, _ = put(net, random_file(2 * MiB + 5), client, chain=True)
+    assert chain_paths == {neighbour: "lan"}, chain_paths  # each part once, to the neighbour
+    activity = net.status()["activity"]
+    assert activity["relayed-bytes"] == 0 and activity["lan-introductions"] > 0, activity
+    doc = json.loads(net.client("--json", "check", chained, host=client).stdout)
+    assert doc["ok"] is True, doc
