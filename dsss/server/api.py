@@ -247,7 +247,10 @@ class DiscoveryAPI:
         first is the client); each answer is the introduction or its error. `client_local`
         is the client's local address (`local`), for the items introduced to the client."""
         sources = from_ if isinstance(from_, list) else [from_] * len(items)
-        locals_ = [client_local] + [client_local if not isinstance(from_, list) else None] * (len(items) - 1)
+        if isinstance(from_, list):  # a chain: only its first agent is introduced to the client
+            locals_ = [client_local] + [None] * (len(items) - 1)
+        else:
+            locals_ = [client_local] * len(items)
         results = await defer.DeferredList(
             [defer.ensureDeferred(self.server.introduce(to, src, size, block, local))
              for (to, block, size), src, local in zip(items, sources, locals_)],

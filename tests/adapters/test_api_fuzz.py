@@ -15,11 +15,11 @@ from twisted.internet.task import Clock
 from dsss.server.api import DiscoveryAPI
 from dsss.server.service import DiscoveryServer, ServerConfig
 
-PATHS = ["/api/who-has", "/api/where-to-upload", "/api/introduce-me", "/api/upload-to", "/api/info", "/api/status"]
-NAMES = ["q", "size", "to", "hash", "from", "exclude", "count", "copies", "chain", "x"]
+PATHS = ["/api/who-has", "/api/where-to-upload", "/api/introduce-me", "/api/introduce-many", "/api/upload-to", "/api/info", "/api/status"]
+NAMES = ["q", "size", "to", "hash", "i", "from", "local", "exclude", "count", "copies", "chain", "lan", "x"]
 VALUES = st.one_of(
     st.text(max_size=80),
-    st.sampled_from(["ab" * 32, "s" + "ab" * 32, "cd" * 32, "4", "65", "127.0.0.1:1", "[::1]:80", "0", "-1", "1e9", "999999999999999999", "%00"]),
+    st.sampled_from(["ab" * 32, "s" + "ab" * 32, "cd" * 32, "4", "65", "127.0.0.1:1", "[::1]:80", "10.0.0.2:7000", "0.0.0.0:1", "[ff02::1]:1", "127.0.0.1:1," + "ab" * 32 + ",4", "0", "-1", "1e9", "999999999999999999", "%00"]),
     st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
 )
 
