@@ -20,7 +20,7 @@ from dsss.agent.introductions import IntroductionTable
 from dsss.agent.scrub import BUSY_WINDOW, ScrubPacer, Scrubber
 from dsss.crypto.certs import make_certificate
 from dsss.errors import DSSSError, StorageFull
-from dsss.model import PeerAddress
+from dsss.model import PeerAddress, check_local_address
 from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
 from dsss.wire.datagram import DPing, DPong, DPunch, encode_datagram, parse_datagram
@@ -94,7 +94,7 @@ class StorageAgent:
         if not host:
             return None
         try:
-            return PeerAddress(host.split("%", 1)[0], port)
+            return check_local_address(PeerAddress(host.split("%", 1)[0], port))
         except DSSSError:
             return None
 
