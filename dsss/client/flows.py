@@ -64,7 +64,11 @@ INLINE_MAX = 16 * 1024
 
 CHAIN_BREAKS_TOLERATED = 2
 """Chained uploads that may stop short (an agent could not reach the next) before a session
-stops chaining and sends every copy itself."""
+stops chaining for CHAIN_PAUSE seconds and sends every copy itself."""
+CHAIN_PAUSE = 300.0
+"""Seconds a session sends every copy itself after its chains kept stopping short; then it
+chains again. A CLI call seldom lasts that long; a gateway runs for days, and a few forwards
+that failed (a handshake slowed by load, an agent restarting) must not stop its chains for good."""
 
 
 class ReplicationError(Unavailable):
@@ -90,7 +94,11 @@ class Session:
     # Replicate down a chain of agents (the client sends each part once, each agent passes it
     # on as it arrives) where the server offers it; else the client sends every copy itself.
     chain: bool = True
-    chain_breaks: int = 0  # chains that stopped short; after CHAIN_BREAKS_TOLERATED, no more
+    # Chains that stopped short; after CHAIN_BREAKS_TOLERATED, none until `chain_paused_until`
+    # (on `clock`, seconds).
+    chain_breaks: int = 0
+    chain_paused_until: float = float("-inf")
+    clock: Callable[[], float] = time.monotonic
     # Runs a part's encryption and hashing (put) or decryption (get) elsewhere: the CLI and the
     # gateway give the reactor's thread pool (PyNaCl and blake3 release the GIL), so that the
     # reactor thread keeps the QUIC connections busy meanwhile. None: on the calling thread.
@@ -101,6 +109,10 @@ class Session:
     # Store new files' parts erasure-coded (k-of-n shares, one agent each) instead of as
     # `replicas` whole copies.
     erasure: Coding | None = None
+
+    def chaining(self) -> bool:
+        """Whether to ask for a replication chain now: chosen, and not paused."""
+        return self.chain and self.clock() >= self.chain_paused_until
 
     async def run(self, f: Callable[..., _T], *args: Any) -> _T:
         if self.offload is None:
@@ -178,7 +190,7 @@ async def store_block(
         # Where to upload, with the introductions, in one request if the server can; else
         # where-to-upload, then one introduction per agent.
         upload_to = getattr(session.discovery, "upload_to", None)
-        chain = session.chain and need > 1 and not chain_broke
+        chain = session.chaining() and need > 1 and not chain_broke
         try:
             picked = None if upload_to is None else await upload_to(block, len(data), me,
                                                                    copies=min(need, session.replicas),
@@ -206,8 +218,10 @@ async def store_block(
                 if session.chain_breaks >= CHAIN_BREAKS_TOLERATED:
                     # These agents cannot reach each other (symmetric NATs, say): every further
                     # chain would cost a handshake timeout before the copies go from here anyway.
-                    log.info("agents could not pass parts on to each other; sending every copy from here")
-                    session.chain = False
+                    log.info("agents could not pass parts on to each other; sending every copy "
+                             "from here for {pause:.0f} s", pause=CHAIN_PAUSE)
+                    session.chain_breaks = 0
+                    session.chain_paused_until = session.clock() + CHAIN_PAUSE
             continue
         results = await defer.DeferredList(
             [defer.ensureDeferred(_upload_one(session, t, block, data, intro)) for t, intro in picked],

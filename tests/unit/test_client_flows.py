@@ -370,17 +370,34 @@ def test_a_broken_chain_is_finished_from_the_client_without_blaming_the_agent() 
     assert sorted(x for x in (a, b, c, d) if block in net.agents[x]) == sorted(stored)
 
 
-def test_a_session_stops_chaining_after_chains_keep_breaking() -> None:
-    from dsss.client.flows import CHAIN_BREAKS_TOLERATED, store_block
+def test_a_session_pauses_chaining_after_chains_keep_breaking_then_tries_again() -> None:
+    """Chains that keep stopping short: the session sends every copy itself for CHAIN_PAUSE
+    seconds, then chains again (a gateway runs for days; a few failed forwards must not stop
+    its chains for good)."""
+    from dsss.client.flows import CHAIN_BREAKS_TOLERATED, CHAIN_PAUSE, store_block
 
     net = ChainingNetwork()
     net.add_agents(4)
     net.breaks_after = 1
     session = net.session()
-    for i in range(CHAIN_BREAKS_TOLERATED + 2):
+    now = [1000.0]
+    session.clock = lambda: now[0]
+
+    def store(i: int) -> None:
         data = b"part %d" % i
         assert len(result_of(store_block(session, block_hash(data), data))) == 3
-    assert len(net.chained_uploads) == CHAIN_BREAKS_TOLERATED and session.chain is False
+
+    for i in range(CHAIN_BREAKS_TOLERATED + 2):
+        store(i)
+    assert len(net.chained_uploads) == CHAIN_BREAKS_TOLERATED and not session.chaining()
+    assert session.chain is True  # the user's choice stands; only paused
+    now[0] += CHAIN_PAUSE - 1
+    store(10)
+    assert len(net.chained_uploads) == CHAIN_BREAKS_TOLERATED
+    now[0] += 1
+    net.breaks_after = None
+    store(11)
+    assert len(net.chained_uploads) == CHAIN_BREAKS_TOLERATED + 1 and session.chaining()
 
 
 def test_session_without_chain_sends_every_copy() -> None:
