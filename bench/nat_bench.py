@@ -1,6 +1,6 @@
 """DSSS across the NAT lab (dsss/netns.py): put/get throughput over punched paths and the relay.
 
-Two networks in one `NatLab` (veths with MTU 1500; QUIC datagrams of 1452 bytes, the client's
+Three networks in one `NatLab` (veths with MTU 1500; QUIC datagrams of 1452 bytes, the client's
 and agents' default off loopback), the discovery server on the wan (198.51.100.1):
 
 - direct: four agents behind two cone NATs (two hosts behind each), the client behind a third
@@ -8,7 +8,10 @@ and agents' default off loopback), the discovery server on the wan (198.51.100.1
 - relay: four agents behind a symmetric NAT (`--random-fully`), the client behind a cone NAT;
   punching cannot work, so after the bounded direct attempt (3 s per agent, in parallel) every
   transfer goes through the server's relay, at its default per-pair limit (`--relay-limit`,
-  10 MiB/s per client/agent pair).
+  10 MiB/s per client/agent pair); the agents pass each part to each other across their LAN.
+- lan: four agents and the client behind one cone NAT (a home with its own agents; the router
+  does not hairpin): the client reaches every agent across the LAN (`via`). Not one of the
+  targets, which compare paths through NATs; it shows what a user's own agents give.
 
 Each repeat stores and reads back the file twice, with the CLI (a new process per call) and
 through `dsss gateway` running on the client's host and driven by curl there (as Tahoe's web API
@@ -83,12 +86,17 @@ def _op(how: str, net: NatNetwork, gw: _Gateway, host: Host, pids: dict[str, int
 
 
 def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dict[str, Any]:
-    if kind == "direct":
-        routers = [lab.add_router("cone", hosts=2), lab.add_router("cone", hosts=2)]
+    if kind == "lan":
+        # The client behind the agents' router (a home with its own agents): across the LAN.
+        routers = [lab.add_router("cone", hosts=5)]
+        agent_hosts, client_host = routers[0].hosts[:4], routers[0].hosts[4]
     else:
-        routers = [lab.add_router("symmetric", hosts=4)]
-    agent_hosts = [h for r in routers for h in r.hosts]
-    client_host = lab.add_router("cone", hosts=1).hosts[0]
+        if kind == "direct":
+            routers = [lab.add_router("cone", hosts=2), lab.add_router("cone", hosts=2)]
+        else:
+            routers = [lab.add_router("symmetric", hosts=4)]
+        agent_hosts = [h for r in routers for h in r.hosts]
+        client_host = lab.add_router("cone", hosts=1).hosts[0]
     shutil.rmtree(base, ignore_errors=True)
     net = NatNetwork(lab, base, heartbeat=1.0, replicas=3)
     gw: _Gateway | None = None
@@ -125,7 +133,7 @@ def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dic
         return {
             "kind": kind,
             "agents_behind": [r.kind for r in routers],
-            "client_behind": "cone",
+            "client_behind": "the agents' cone NAT" if kind == "lan" else "cone",
             "put_mbps": summary(p["mbps"] for p in runs["cli"]["put"]),
             "get_mbps": summary(g["mbps"] for g in runs["cli"]["get"]),
             "gw_put_mbps": summary(p["mbps"] for p in runs["gateway"]["put"]),
@@ -143,6 +151,11 @@ def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dic
         net.stop()
 
 
+CASES = ("direct", "relay", "lan")
+"""Agents behind two cone NATs (punched paths), behind one symmetric NAT (the relay), and
+behind the client's own cone NAT (across their LAN; not a target, a user's home)."""
+
+
 def measure(work: Path, size: int, repeat: int) -> dict[str, Any]:
     reason = unavailable()
     if reason:
@@ -152,7 +165,7 @@ def measure(work: Path, size: int, repeat: int) -> dict[str, Any]:
     src = make_random_file(work / "files" / f"nat-{size}.bin", size)
     result: dict[str, Any] = {"size": size, "mtu": 1500, "datagram_size": 1452, "repeat": repeat}
     with NatLab(mtu=1500) as lab:
-        for kind in ("direct", "relay"):
+        for kind in CASES:
             log(f"nat: {kind} paths, {size // MiB} MiB x {repeat}")
             try:
                 result[kind] = _run_case(lab, work / f"nat-{kind}", kind, src, repeat)

@@ -533,7 +533,7 @@ class Bench:
             self.emit(f"\n## nat: skipped: {res['skipped']}")
             return res
         rows = []
-        for kind in ("direct", "relay"):
+        for kind in nat_bench.CASES:
             r = res.get(kind, {})
             if "error" in r:
                 rows.append([kind, "ERROR", r["error"][:60], None, None, None, None, None])
