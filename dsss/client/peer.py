@@ -232,11 +232,11 @@ class PeerNetwork:
                 conn = await self.endpoint.connect(
                     via.as_tuple(), expected_public_key=key, handshake_timeout=LAN_TIMEOUT
                 )
-            except PeerIdentityError as e:
-                raise PeerError(f"agent {intro.address} is not the agent introduced: {e}") from None
-            except QuicError:
-                log.info("agent {agent} does not answer on our LAN at {via}; trying its public address",
-                         agent=str(intro.address), via=str(via))
+            except QuicError as e:
+                # Nobody there, or another agent (two homes behind one carrier NAT may each have
+                # a host at that address): the pin keeps every byte from it.
+                log.info("agent {agent} is not on our LAN at {via} ({e}); trying its public address",
+                         agent=str(intro.address), via=str(via), e=str(e))
                 self.lan_failed.add(via)
             else:
                 self.paths.setdefault(str(intro.address), "lan")

@@ -227,3 +227,22 @@ def test_our_local_address_is_the_bound_one_or_the_one_towards_the_server(bound:
     peers = PeerNetwork(Clock(), ("127.0.0.1", 8471))
     peers.endpoint = type("Bound", (), {"address": (bound, 5555)})()  # type: ignore[assignment]
     assert str(peers._find_local_address()) == expected
+
+
+def test_another_agent_at_the_lan_address_is_not_used_and_the_public_one_is() -> None:
+    """Two homes behind one carrier NAT may both have a host at that LAN address: one that is
+    not the agent introduced fails the pin, and the public address is tried as usual."""
+    from dsss.quic import PeerIdentityError
+
+    class Impostor(FakeEndpoint):
+        def connect(self, addr: tuple[str, int], expected_public_key: bytes, handshake_timeout: float = 10.0) -> Any:
+            if addr == LAN_X1.as_tuple():
+                self.attempts.append((addr, "direct"))
+                return defer.fail(PeerIdentityError("the certificate's key is not the one expected"))
+            return super().connect(addr, expected_public_key, handshake_timeout)
+
+    endpoint = Impostor(direct_ok={X1})
+    peers = network(endpoint)
+    conn = connect_intro(peers, Introduction("cd" * 16, "ab" * 32, X1, via=LAN_X1))
+    assert conn == ("connection", X1.as_tuple(), "direct")
+    assert peers.lan_failed == {LAN_X1} and peers.paths == {str(X1): "direct"}
