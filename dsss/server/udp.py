@@ -93,59 +93,63 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
 
     def segmentsReceived(self, data: bytes, size: int, addr: tuple[str, int]) -> None:
         """A run of datagrams of `size` bytes (the last may be shorter) from one sender, read at
-        once with UDP GRO. Relayed packets to one peer are forwarded as a run; anything else
-        (PINGs, packets for several peers, a malformed header) datagram by datagram."""
+        once with UDP GRO. Each stretch of relayed packets to one peer is forwarded as a run (a
+        sender's GSO batch may hold the packets of several of its connections through the
+        relay, one after the other); anything else (PINGs, a malformed header) datagram by
+        datagram."""
         segments = [data[i : i + size] for i in range(0, len(data), size)]
-        first = segments[0]
         sock = getattr(self.transport, "socket", None)
-        if first[:1] != RELAY_PREFIX or len(first) < 2 or sock is None or not self._gso:
-            for segment in segments:
-                self.datagramReceived(segment, addr)
-            return
+        src_addr = (addr[0], addr[1])
         try:
-            dst_addr, _ = decode_relay(first)
-            src = self._peer((addr[0], addr[1]))
-            dst = self._peer(dst_addr)
+            src = self._peer(src_addr) if data[:1] == RELAY_PREFIX and sock is not None and self._gso else None
         except DSSSError:
+            src = None
+        if src is None:
             for segment in segments:
                 self.datagramReceived(segment, addr)
             return
-        hlen = 4 + (4 if first[1] == 4 else 16)
-        header_in = first[:hlen]
-        header_out = encode_relay((addr[0], addr[1]), b"")
-        if len(header_out) != hlen:  # an IPv4 peer relayed to an IPv6 one: sizes change
-            for segment in segments:
-                self.datagramReceived(segment, addr)
-            return
+        header_out = encode_relay(src_addr, b"")
         now = self.server.clock.seconds()
-        run: list[bytes] = []  # payloads of consecutive segments for dst
         forwarded = 0
-
-        def flush() -> None:
-            nonlocal forwarded
-            if not run:
-                return
-            allowed = self.server.relays.forward_run(src, dst, [len(p) for p in run], now)
-            self.dropped += len(run) - allowed
-            if allowed:
-                self._send_relayed_run(sock, [header_out + p for p in run[:allowed]], dst_addr)
-                forwarded += sum(len(p) for p in run[:allowed])
-            run.clear()
-
-        for segment in segments:
-            if segment[:hlen] != header_in:  # another peer (or not relayed): on its own
-                flush()
-                self.datagramReceived(segment, addr)  # counts it
+        i, n = 0, len(segments)
+        while i < n:
+            first = segments[i]
+            target = self._run_target(first, len(header_out))
+            if target is None:  # not relayed, malformed, or the header changes size: on its own
+                self.datagramReceived(first, addr)  # counts it
+                i += 1
                 continue
-            self.received += 1
-            if len(segment) <= hlen:
-                self.dropped += 1
-                continue
-            run.append(segment[hlen:])
-        flush()
+            dst_addr, dst = target
+            hlen = len(header_out)
+            header_in = first[:hlen]
+            run: list[bytes] = []  # payloads of consecutive segments for dst
+            while i < n and segments[i][:hlen] == header_in:
+                self.received += 1
+                if len(segments[i]) <= hlen:
+                    self.dropped += 1
+                else:
+                    run.append(segments[i][hlen:])
+                i += 1
+            if run:
+                allowed = self.server.relays.forward_run(src, dst, [len(p) for p in run], now)
+                self.dropped += len(run) - allowed
+                if allowed:
+                    self._send_relayed_run(sock, [header_out + p for p in run[:allowed]], dst_addr)
+                    forwarded += sum(len(p) for p in run[:allowed])
         metrics = getattr(self.server, "metrics", None)
         if metrics is not None and forwarded:
             metrics.relayed_bytes(forwarded)
+
+    def _run_target(self, segment: bytes, hlen: int) -> tuple[tuple[str, int], PeerAddress] | None:
+        """Where a relayed segment goes (its address, and as a PeerAddress), if its relay header
+        is `hlen` bytes long (that of the sender's address, which replaces it); else None."""
+        if segment[:1] != RELAY_PREFIX or len(segment) < 2 or 4 + (4 if segment[1] == 4 else 16) != hlen:
+            return None
+        try:
+            dst_addr, _ = decode_relay(segment)
+            return dst_addr, self._peer(dst_addr)
+        except DSSSError:
+            return None
 
     def _send_relayed_run(self, sock: Any, run: list[bytes], dst_addr: tuple[str, int]) -> None:
         """Send datagrams of one size (the last may be shorter) to one address, in GSO runs."""

@@ -269,6 +269,24 @@ def test_a_run_mixing_peers_and_unauthorized_packets_keeps_order_and_drops_only_
     assert [(kind, len(ds)) for kind, _, ds in sock.calls] == [("run", 3), ("run", 2)]
 
 
+def test_a_run_holding_two_connections_packets_leaves_as_two_runs():
+    """A client's GSO batch through the relay may hold one connection's packets, then
+    another's (two agents, each through the relay): each stretch is forwarded as a run of its
+    own, none datagram by datagram (which cost the server 3.5x the CPU per byte)."""
+    clock, server, proto, sock = relay_with_socket()
+    b = ("198.51.100.12", 40002)
+    server._remember_key("cd" * 16, PeerAddress(*C), PeerAddress(*b))
+    proto.datagramReceived(encode_datagram(DRelay("cd" * 16)), C)
+    to_a, to_b = packets(5, 1000, 1000), packets(7, 1000, 600)
+    wrapped = [encode_relay(A, p) for p in to_a] + [encode_relay(b, p) for p in to_b]
+    proto.segmentsReceived(b"".join(wrapped), 1000 + 8, C)
+    assert [(kind, to, len(ds)) for kind, to, ds in sock.calls] == [("run", A, 5), ("run", b, 7)]
+    assert [decode_relay(d) for d in sock.datagrams_to(A)] == [(C, p) for p in to_a]
+    assert [decode_relay(d) for d in sock.datagrams_to(b)] == [(C, p) for p in to_b]
+    assert proto.runs_relayed == 2 and proto.dropped == 0
+    assert server.relays.relayed_bytes == sum(map(len, to_a + to_b))
+
+
 def test_the_per_pair_limit_applies_packet_by_packet_within_a_run():
     clock, server, proto, sock = relay_with_socket(limit=10_000)  # burst: 256 KiB
     pkts = packets(300, 1000, 1000)
