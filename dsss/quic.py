@@ -1272,23 +1272,37 @@ class QuicEndpoint(DatagramProtocol):
         return True
 
     def _relayed_run(self, buffer: bytes, segment_size: int, relay: Address) -> bool:
-        """A run from C{relay} whose datagrams all carry one relay header, of a peer already
-        reached through that relay, and wrap QUIC packets of one connection: unwrapped and
-        taken in one call. C{False} (nothing done) for anything else, which then goes
-        datagram by datagram (a first relayed packet, a mixed run, control inside)."""
+        """A run from C{relay}: each stretch of datagrams with one relay header (the relay's
+        run for one peer; GRO may join the runs of several) that wraps QUIC packets of one
+        connection of a peer already reached through that relay is unwrapped and taken in one
+        call; any other stretch (a first relayed packet, control inside) datagram by
+        datagram, in order. C{False} (nothing done) if the first header does not decode."""
+        size = len(buffer)
         try:
-            inner_peer, packet = decode_relay(buffer[:segment_size])
+            decode_relay(buffer[:segment_size])
         except RemoteProtocolError:
             return False
-        if self._relay_peers.get(inner_peer) != relay or inner_peer in self._relay_servers:
-            return False
-        hlen = segment_size - len(packet)
-        header = buffer[:hlen]
-        size = len(buffer)
-        if not all(buffer.startswith(header, i) for i in range(segment_size, size, segment_size)):
-            return False
-        datagrams = [buffer[i + hlen : i + segment_size] for i in range(0, size, segment_size)]
-        return self._one_connection(datagrams, inner_peer)
+        i = 0
+        while i < size:
+            first = buffer[i : i + segment_size]
+            try:
+                inner_peer, packet = decode_relay(first)
+            except RemoteProtocolError:
+                self.datagramReceived(first, relay)
+                i += segment_size
+                continue
+            hlen = len(first) - len(packet)
+            header = first[:hlen]
+            j = i + segment_size
+            while j < size and buffer.startswith(header, j):
+                j += segment_size
+            known = self._relay_peers.get(inner_peer) == relay and inner_peer not in self._relay_servers
+            datagrams = [buffer[k + hlen : k + segment_size] for k in range(i, j, segment_size)]
+            if not (known and self._one_connection(datagrams, inner_peer)):
+                for k in range(i, j, segment_size):
+                    self.datagramReceived(buffer[k : k + segment_size], relay)
+            i = j
+        return True
 
     def _receive_quic(self, data: bytes, addr: Address) -> None:
         now = self._clock.seconds()

@@ -176,6 +176,22 @@ def test_a_relayed_run_mixing_peers_goes_datagram_by_datagram():
     assert seen == []
 
 
+def test_a_run_from_the_relay_joining_two_peers_runs_is_taken_as_two_runs():
+    """GRO may join the relay's runs from two agents into one read: each peer's stretch still
+    reaches its connection in one call, in order."""
+    clock, link, server, agent, client, controls, received, pub = setup()
+    b = ("198.51.100.12", 40002)
+    client.relay_via(A, S)
+    client.relay_via(b, S)
+    taken = []
+    client._one_connection = lambda datagrams, peer: taken.append((peer, datagrams)) or True  # type: ignore[method-assign]
+    to_a = [b"\x40" + os.urandom(99) for _ in range(3)]
+    to_b = [b"\x40" + os.urandom(99) for _ in range(2)]
+    wrapped = [encode_relay(A, p) for p in to_a] + [encode_relay(b, p) for p in to_b]
+    client.segmentsReceived(b"".join(wrapped), len(wrapped[0]), S)
+    assert taken == [(A, to_a), (b, to_b)]
+
+
 # --- relayed runs: read with UDP GRO, forwarded with UDP segmentation offload ----------------------
 
 
