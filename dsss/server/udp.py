@@ -100,10 +100,12 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         segments = [data[i : i + size] for i in range(0, len(data), size)]
         sock = getattr(self.transport, "socket", None)
         src_addr = (addr[0], addr[1])
-        try:
-            src = self._peer(src_addr) if data[:1] == RELAY_PREFIX and sock is not None and self._gso else None
-        except DSSSError:
-            src = None
+        src = None
+        if data[:1] == RELAY_PREFIX and sock is not None and self._gso:
+            try:
+                src = self._peer(src_addr)
+            except DSSSError:
+                pass
         if src is None:
             for segment in segments:
                 self.datagramReceived(segment, addr)
@@ -143,10 +145,10 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
     def _run_target(self, segment: bytes, hlen: int) -> tuple[tuple[str, int], PeerAddress] | None:
         """Where a relayed segment goes (its address, and as a PeerAddress), if its relay header
         is `hlen` bytes long (that of the sender's address, which replaces it); else None."""
-        if segment[:1] != RELAY_PREFIX or len(segment) < 2 or 4 + (4 if segment[1] == 4 else 16) != hlen:
-            return None
         try:
-            dst_addr, _ = decode_relay(segment)
+            dst_addr, payload = decode_relay(segment)
+            if len(segment) - len(payload) != hlen:
+                return None
             return dst_addr, self._peer(dst_addr)
         except DSSSError:
             return None
