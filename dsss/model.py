@@ -127,6 +127,19 @@ def check_local_address(address: PeerAddress) -> PeerAddress:
     return address
 
 
+UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::")
+"""What a socket bound to every interface reports as its host."""
+
+
+def lan_address(host: str, port: int) -> PeerAddress | None:
+    """`host`:`port` (an interface's address, its scope dropped) if a neighbour can reach it
+    (`check_local_address`), else None: what an agent (`LOCAL`) or a client (`local=`) reports."""
+    try:
+        return check_local_address(PeerAddress(host.split("%", 1)[0], port))
+    except BadRequest:
+        return None
+
+
 _SIZE_RE = re.compile(r"\A([0-9]+)([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 

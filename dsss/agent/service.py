@@ -20,7 +20,7 @@ from dsss.agent.introductions import IntroductionTable
 from dsss.agent.scrub import BUSY_WINDOW, ScrubPacer, Scrubber
 from dsss.crypto.certs import make_certificate
 from dsss.errors import DSSSError, StorageFull
-from dsss.model import PeerAddress, check_local_address
+from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, lan_address
 from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
 from dsss.wire.datagram import DPing, DPong, DPunch, encode_datagram, parse_datagram
@@ -90,13 +90,8 @@ class StorageAgent:
         if self.quic is None or getattr(self.quic, "transport", None) is None:
             return None  # no socket (yet)
         bound_host, port = self.quic.address[:2]
-        host = bound_host if bound_host not in ("", "0.0.0.0", "::") else control_host
-        if not host:
-            return None
-        try:
-            return check_local_address(PeerAddress(host.split("%", 1)[0], port))
-        except DSSSError:
-            return None
+        host = bound_host if bound_host not in UNSPECIFIED_HOSTS else control_host
+        return lan_address(host, port) if host else None
 
     def keepalive_interval(self) -> float:
         # The server's heartbeat, but never longer than 20 s: home NATs forget idle UDP

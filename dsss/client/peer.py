@@ -25,7 +25,7 @@ from dsss.errors import (
     Timeout,
     Unavailable,
 )
-from dsss.model import PeerAddress, check_local_address, matches
+from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, lan_address, matches
 from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import (
@@ -152,7 +152,7 @@ class PeerNetwork:
         to every interface, the one the route to the server leaves from (asked of the kernel
         by connecting a UDP socket, which sends nothing). None if there is none to give."""
         host, port = self.endpoint.address[:2]
-        if host in ("", "0.0.0.0", "::"):
+        if host in UNSPECIFIED_HOSTS:
             family = socket.AF_INET6 if ":" in self.server_udp[0] else socket.AF_INET
             try:
                 with socket.socket(family, socket.SOCK_DGRAM) as probe:
@@ -160,10 +160,7 @@ class PeerNetwork:
                     host = probe.getsockname()[0]
             except OSError:
                 return None
-        try:
-            return check_local_address(PeerAddress(host.split("%", 1)[0], port))
-        except DSSSError:
-            return None
+        return lan_address(host, port)
 
     def load_remembered_paths(self, public_ip: str) -> None:
         """Take in what earlier calls from `public_ip` learned about agents needing the relay."""
