@@ -171,9 +171,10 @@ def load_average() -> list[float]:
 # --- files --------------------------------------------------------------------------------------
 
 
-def make_random_file(path: Path, size: int) -> Path:
-    """A file of `size` random bytes (kept if it already has that size)."""
-    if path.exists() and path.stat().st_size == size:
+def make_random_file(path: Path, size: int, *, fresh: bool = False) -> Path:
+    """A file of `size` random bytes (kept if it already has that size, unless `fresh`: then new
+    bytes every time, as every put to Tahoe needs, which would not send again what it holds)."""
+    if not fresh and path.exists() and path.stat().st_size == size:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -183,6 +184,9 @@ def make_random_file(path: Path, size: int) -> Path:
             n = min(left, 4 * MiB)
             f.write(os.urandom(n))
             left -= n
+        if size >= MiB:
+            f.flush()
+            os.fsync(f.fileno())  # not written back while a put reads it
     tmp.rename(path)
     return path
 

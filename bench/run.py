@@ -182,13 +182,20 @@ class Bench:
                 self.results["meta"]["tahoe"] = f"UNAVAILABLE: {grid.unavailable}"
         return self._tahoe
 
-    def tahoe_op(self, op: str, **kw: Any) -> dict[str, Any] | None:
+    def tahoe_op(self, op: str, *, stores: int = 0, **kw: Any) -> dict[str, Any] | None:
+        """One operation on the Tahoe grid; a put that should store `stores` bytes of file must
+        have grown the storage nodes' shares by at least that (2-of-4 stores twice the file):
+        a put of bytes Tahoe already holds sends nothing (convergent encryption), and would
+        be no measure of an upload."""
         grid = self.tahoe()
         if grid is None:
             return None
         r = grid.call(op, **kw)
         if not r.get("ok"):
             raise RuntimeError(f"Tahoe {op} failed: {r.get('error')}")
+        if r.get("stored_bytes", 0) < stores:
+            raise RuntimeError(f"Tahoe {op} of {stores} bytes stored only {r.get('stored_bytes')} new bytes: "
+                               "it already held that content")
         return r
 
     def close(self) -> None:
@@ -252,41 +259,49 @@ class Bench:
         return res
 
     def _throughput_one(self, size: int) -> dict[str, Any]:
-        """One size: each repeat stores and reads back the same file with DSSS and Tahoe."""
+        """One size: each repeat stores and reads back a file with DSSS and Tahoe. Every put is
+        of new random bytes (Tahoe would not upload again a file it holds; DSSS seals every
+        file under a new key either way)."""
         d = self.dsss()
-        src = make_random_file(self.work / "files" / f"rand-{size}.bin", size)
-        digest = file_digest(src)
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
             s: {"put": [], "get": []} for s in ("dsss", "dsss_gw", "tahoe_web", "tahoe_cli")}
         d.start_gateway()
+        src = self.work / "files" / f"rand-{size}.bin"
         dst = self.work / "out.bin"
 
-        def check(what: str) -> None:
+        def fresh() -> str:
+            make_random_file(src, size, fresh=True)
+            return file_digest(src)
+
+        def check(what: str, digest: str) -> None:
             ok = file_digest(dst) == digest
             dst.unlink()
             if not ok:
                 raise RuntimeError(f"{what}: the bytes read back differ from those stored")
 
         def do_dsss() -> None:
+            digest = fresh()
             p = d.put(src)
             runs["dsss"]["put"].append(p)
             g = d.get(p["address"], dst)
-            check("dsss get")
+            check("dsss get", digest)
             runs["dsss"]["get"].append(g)
+            digest = fresh()
             p = d.put_web(src)
             runs["dsss_gw"]["put"].append(p)
             g = d.get_web(p["address"], dst)
-            check("dsss gateway get")
+            check("dsss gateway get", digest)
             runs["dsss_gw"]["get"].append(g)
 
         def do_tahoe() -> None:
             for kind, put_op, get_op in (("tahoe_web", "put_web", "get_web"), ("tahoe_cli", "put_cli", "get_cli")):
-                p = self.tahoe_op(put_op, file=str(src))
+                digest = fresh()
+                p = self.tahoe_op(put_op, stores=size, file=str(src))
                 if p is None:
                     return
                 runs[kind]["put"].append(p)
                 g = self.tahoe_op(get_op, cap=p["cap"], out=str(dst))
-                check(f"tahoe {get_op}")
+                check(f"tahoe {get_op}", digest)
                 runs[kind]["get"].append(g)  # type: ignore[arg-type]
 
         for i in range(self.cfg["repeat"]):
@@ -318,6 +333,7 @@ class Bench:
                     entry[f"{sys_}_{op}_nodes_cpu_s"] = summary(r.get("nodes_cpu_s") for r in rs)
                     entry[f"{sys_}_{op}_client_node_peak_rss_kb"] = summary(
                         r.get("client_node_peak_rss_kb") for r in rs)
+                    entry[f"{sys_}_{op}_stored_bytes"] = summary(r.get("stored_bytes") for r in rs)
         # ratio_*: the DSSS CLI against Tahoe; gw_ratio_*: the DSSS gateway (curl) against Tahoe.
         for mine, prefix in (("dsss", "ratio"), ("dsss_gw", "gw_ratio")):
             for base in ("tahoe_web", "tahoe_cli"):
@@ -365,9 +381,17 @@ class Bench:
         d = self.dsss()
         n, size = self.cfg["small_files"], self.cfg["small_size"]
         sdir = self.work / "small" / "small"
-        files = [make_random_file(sdir / f"f{i:04d}", size) for i in range(n)]
-        digests = {f.name: file_digest(f) for f in files}
+        files = [sdir / f"f{i:04d}" for i in range(n)]
+        digests: dict[str, str] = {}
         res: dict[str, Any] = {"files": n, "size": size, "runs": []}
+
+        def fresh() -> None:
+            """New bytes in every file, before every put (Tahoe would not upload again what it
+            holds)."""
+            for f in files:
+                make_random_file(f, size, fresh=True)
+            digests.clear()
+            digests.update({f.name: file_digest(f) for f in files})
 
         def verify(outdir: Path, what: str) -> None:
             found = {p.name: file_digest(p) for p in outdir.rglob("f*") if p.is_file()}
@@ -377,6 +401,7 @@ class Bench:
 
         for i in range(self.cfg["small_repeat"]):
             run: dict[str, Any] = {}
+            fresh()
             limited = d.rate_limited_responses()
             asked = d.api_requests()
             p = d.put_many(files)
@@ -410,6 +435,7 @@ class Bench:
                                       "calls": calls}
             # The gateway, driven like Tahoe's web API: one curl, one request per file.
             d.start_gateway()
+            fresh()
             pg = d.put_many_web(files)
             run["dsss_gw_put"] = {"seconds": pg["seconds"], "files_per_s": n / pg["seconds"],
                                   "gateway_cpu_s": pg["gateway_cpu_s"], "daemons_cpu_s": pg["daemons_cpu_s"]}
@@ -418,7 +444,8 @@ class Bench:
             run["dsss_gw_get"] = {"seconds": gg["seconds"], "files_per_s": n / gg["seconds"],
                                   "gateway_cpu_s": gg["gateway_cpu_s"], "daemons_cpu_s": gg["daemons_cpu_s"]}
             if self.tahoe() is not None:
-                pw = self.tahoe_op("put_many_web", files=[str(f) for f in files])
+                fresh()
+                pw = self.tahoe_op("put_many_web", stores=n * size, files=[str(f) for f in files])
                 assert pw is not None
                 gw = self.tahoe_op("get_many_web", caps=pw["caps"], outdir=str(outdir))
                 assert gw is not None
@@ -426,7 +453,8 @@ class Bench:
                 run["tahoe_web_put"] = {"seconds": pw["seconds"], "files_per_s": n / pw["seconds"]}
                 run["tahoe_web_get"] = {"seconds": gw["seconds"], "files_per_s": n / gw["seconds"]}
                 name = f"small-{i}"
-                pc = self.tahoe_op("put_many_cli", dir=str(sdir), name=name)
+                fresh()
+                pc = self.tahoe_op("put_many_cli", stores=n * size, dir=str(sdir), name=name)
                 gc = self.tahoe_op("get_many_cli", name=name, outdir=str(outdir))
                 assert pc is not None and gc is not None
                 verify(outdir, "tahoe cli get")

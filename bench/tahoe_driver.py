@@ -24,7 +24,12 @@ Requests (`op` and its arguments) -> reply fields (always `ok`, and `error` when
   get_many_cli name outdir       -> seconds, ...            (tahoe cp -r bench:NAME OUTDIR)
   stop                           -> (stops the nodes; the driver exits)
 Timed replies also carry `tool_maxrss_kb` (peak RSS of the curl/tahoe process), `tool_cpu_s`,
-`nodes_cpu_s` (CPU the five nodes used meanwhile) and `client_node_peak_rss_kb`.
+`nodes_cpu_s` (CPU the five nodes used meanwhile), `client_node_peak_rss_kb` and `stored_bytes`
+(what the four storage nodes' share files grew by).
+
+Tahoe encrypts convergently: a file it already holds is not sent again. Uploading the same bytes
+twice measures only the client node reading and hashing them (about 3x faster than a real upload
+here), so the bench gives every put new bytes and checks `stored_bytes`.
 """
 
 from __future__ import annotations
@@ -193,13 +198,23 @@ class Grid:
 
     # --- measurements ---------------------------------------------------------------------------
 
+    def stored_bytes(self) -> int:
+        """Bytes in the storage nodes' share files."""
+        total = 0
+        for i in range(1, len(STORAGE_PORTS) + 1):
+            for root, _, files in os.walk(self.base / f"storage{i}" / "storage" / "shares"):
+                total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
+        return total
+
     def _timed(self, cmd: list[str], **kw: Any) -> dict[str, Any]:
         pids = [p.pid for p in self.procs.values()]
         client_pid = self.procs["client"].pid
         reset_peak_rss(client_pid)
+        stored = self.stored_bytes()
         before = sum(proc_cpu(pid) for pid in pids)
         r = run_timed(cmd, **kw)
         r["nodes_cpu_s"] = sum(proc_cpu(pid) for pid in pids) - before
+        r["stored_bytes"] = self.stored_bytes() - stored
         r["client_node_peak_rss_kb"] = proc_status_kb(client_pid, "VmHWM")
         if r["rc"] != 0:
             raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({r['rc']}): {r['stderr']}")
