@@ -67,7 +67,7 @@ class Scrubber:
                 continue
             used += self.store.size_of(block)
             try:
-                self.store.get(block)
+                self.store.get(block, keep_cached=False)
             except IntegrityError:
                 self.corrupt += 1
                 self.on_corrupt(block)

@@ -100,6 +100,16 @@ def _write_format(root: Path) -> None:
     _fsync_dir(root)
 
 
+def _drop_cached(fd: int) -> None:
+    """Let the kernel drop a file's pages from the page cache (they are on disk): an agent keeps
+    other people's parts, which it seldom reads again soon, and should not fill its host's cache
+    with them (HDFS's drop-behind). A no-op where posix_fadvise is missing."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -195,17 +205,21 @@ class BlockStore:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def get(self, block: str) -> bytes:
+    def get(self, block: str, *, keep_cached: bool = True) -> bytes:
         """The part's bytes, verified against its hash.
 
         A part whose bytes no longer match is moved to quarantine/, forgotten, and IntegrityError
-        is raised: corrupt bytes are never returned.
+        is raised: corrupt bytes are never returned. With C{keep_cached=False} (the scrub, which
+        reads every part in turn) its pages are dropped from the page cache after the read.
         """
         path = self.path_of(block)
         if block not in self._sizes:
             raise NotFound(f"no part {block}")
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
+                if not keep_cached:
+                    _drop_cached(f.fileno())
         except FileNotFoundError:
             self._forget(block)
             raise NotFound(f"no part {block}") from None
@@ -234,7 +248,7 @@ class BlockStore:
         bad = []
         for block in self.blocks():
             try:
-                self.get(block)
+                self.get(block, keep_cached=False)
             except IntegrityError:
                 bad.append(block)
             except NotFound:
@@ -325,6 +339,7 @@ class BlockWriter:
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
+            _drop_cached(self._f.fileno())  # written through: its pages need not stay in memory
             self._f.close()
         except OSError as e:
             self.abort()

@@ -739,3 +739,77 @@ def test_plain_part_paths_and_format_unchanged(root: Path) -> None:
     store.put(HA, A)
     assert (root / "FORMAT").read_text() == "dsss-store 2 blake3\n" and STORE_FORMAT == "dsss-store 2 blake3"
     assert files_under(root / "blocks") == [root / "blocks" / HA[:2] / HA[2:4] / HA]
+
+
+# --- the page cache -----------------------------------------------------------------------------
+
+
+def _resident_pages(path: Path) -> int:
+    """Pages of `path` in the page cache (mincore(2) on a mapping, which reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def drops_cache(tmp_path: Path) -> None:
+    """Skip where this filesystem keeps a file's pages after POSIX_FADV_DONTNEED (tmpfs), or
+    where mincore or posix_fadvise is missing."""
+    if not hasattr(os, "posix_fadvise") or not os.uname().sysname == "Linux":
+        pytest.skip("needs Linux posix_fadvise and mincore")
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    with open(probe, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _resident_pages(probe) > 16:
+        pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+    probe.unlink()
+
+
+def test_stored_parts_leave_the_page_cache(root: Path, drops_cache: None) -> None:
+    """An agent keeps other people's parts: once a part is on disk its pages are let go, so a
+    busy agent does not fill its host's memory with them. A read for a download keeps its pages;
+    the scrub's read (every part in turn) does not."""
+    store = BlockStore(root, capacity=100 << 20)
+    data = os.urandom(4 << 20)
+    block = block_hash(data)
+    assert store.put(block, data)
+    path = store.path_of(block)
+    assert _resident_pages(path) <= 16  # of 1024
+    assert store.get(block) == data
+    assert _resident_pages(path) >= 1000
+    assert store.get(block, keep_cached=False) == data
+    assert _resident_pages(path) <= 16
+
+
+def test_the_scrub_leaves_the_page_cache_as_it_was(root: Path, drops_cache: None) -> None:
+    from dsss.agent.scrub import Scrubber
+
+    store = BlockStore(root, capacity=100 << 20)
+    parts = [os.urandom(1 << 20) for _ in range(3)]
+    for data in parts:
+        store.put(block_hash(data), data)
+    found: list[str] = []
+    assert Scrubber(store, found.append).step(3 << 20) == 3 << 20  # each part read once
+    assert found == []
+    assert all(_resident_pages(store.path_of(block_hash(d))) <= 4 for d in parts)
