@@ -8,7 +8,8 @@ and agents' default off loopback), the discovery server on the wan (198.51.100.1
 - relay: four agents behind a symmetric NAT (`--random-fully`), the client behind a cone NAT;
   punching cannot work, so after the bounded direct attempt (3 s per agent, in parallel) every
   transfer goes through the server's relay, at its default per-pair limit (`--relay-limit`,
-  10 MiB/s per client/agent pair); the agents pass each part to each other across their LAN.
+  10 MiB/s per client/agent pair, or the bench's `--relay-limit`); the agents pass each part to
+  each other across their LAN.
 - lan: four agents and the client behind one cone NAT (a home with its own agents; the router
   does not hairpin): the client reaches every agent across the LAN (`via`). Not one of the
   targets, which compare paths through NATs; it shows what a user's own agents give.
@@ -85,7 +86,8 @@ def _op(how: str, net: NatNetwork, gw: _Gateway, host: Host, pids: dict[str, int
     return done
 
 
-def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dict[str, Any]:
+def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int,
+              relay_limit: str | None = None) -> dict[str, Any]:
     if kind == "lan":
         # The client behind the agents' router (a home with its own agents): across the LAN.
         routers = [lab.add_router("cone", hosts=5)]
@@ -101,7 +103,7 @@ def _run_case(lab: NatLab, base: Path, kind: str, src: Path, repeat: int) -> dic
     net = NatNetwork(lab, base, heartbeat=1.0, replicas=3)
     gw: _Gateway | None = None
     try:
-        net.start_server()
+        net.start_server(*([f"--relay-limit={relay_limit}"] if relay_limit else []))
         agents = [net.start_agent(f"agent-{h.label}", wait=False, host=h) for h in agent_hosts]
         for a in agents:
             m = a.wait_for(AGENT_READY)
@@ -156,19 +158,21 @@ CASES = ("direct", "relay", "lan")
 behind the client's own cone NAT (across their LAN; not a target, a user's home)."""
 
 
-def measure(work: Path, size: int, repeat: int) -> dict[str, Any]:
+def measure(work: Path, size: int, repeat: int, relay_limit: str | None = None) -> dict[str, Any]:
+    """Every case of CASES; `relay_limit`: the server's `--relay-limit` (default: its own, 10M)."""
     reason = unavailable()
     if reason:
         return {"skipped": reason}
     from common import make_random_file
 
     src = make_random_file(work / "files" / f"nat-{size}.bin", size)
-    result: dict[str, Any] = {"size": size, "mtu": 1500, "datagram_size": 1452, "repeat": repeat}
+    result: dict[str, Any] = {"size": size, "mtu": 1500, "datagram_size": 1452, "repeat": repeat,
+                              "relay_limit": relay_limit or "10M (the server's default)"}
     with NatLab(mtu=1500) as lab:
         for kind in CASES:
             log(f"nat: {kind} paths, {size // MiB} MiB x {repeat}")
             try:
-                result[kind] = _run_case(lab, work / f"nat-{kind}", kind, src, repeat)
+                result[kind] = _run_case(lab, work / f"nat-{kind}", kind, src, repeat, relay_limit)
             except Exception as e:  # one failing case still leaves the other's figures
                 log(f"nat {kind} failed: {e}")
                 result[kind] = {"error": str(e)}
