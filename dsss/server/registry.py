@@ -224,6 +224,10 @@ class Registry:
         """(part, ids of the agents that reported it), for every indexed part."""
         return self._index.items()
 
+    def holders(self, block: str) -> set[str]:
+        """Ids of the agents that reported `block` (empty if none)."""
+        return set(self._index.get(block, ()))
+
     def gone(self, rec: AgentRecord, blocks: Iterable[str]) -> None:
         for block in blocks:
             rec.blocks.discard(block)

@@ -96,7 +96,7 @@ class Repairer:
         size = registry.size_of(block)
         if size is None:
             return  # the holders did not report its size: only `dsss.client repair` can help
-        holders = [registry.get(i) for i in dict(registry.indexed()).get(block, set())]
+        holders = [registry.get(i) for i in registry.holders(block)]
         live = [r for r in holders if r is not None and registry.is_live(r, now) and r.address]
         if not live:
             return

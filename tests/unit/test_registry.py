@@ -320,6 +320,20 @@ def test_have_and_candidates(registry: Registry) -> None:
     assert registry.counts() == {"agents": 2, "indexed-parts": 2}
 
 
+def test_holders_of_one_part_live_or_not(registry: Registry) -> None:
+    """The repairer's look-up of one part's holders (without walking the whole index): every
+    agent that reported it, live or not, as a copy of the index's set."""
+    a = live_agent(registry, 1)
+    b, _ = register(registry, 2)  # never pinged over UDP
+    registry.have(a, [H1, H2])
+    registry.have(b, [H1])
+    assert registry.holders(H1) == {a.agent_id, b.agent_id}
+    assert registry.holders(H2) == {a.agent_id}
+    assert registry.holders(H3) == set()
+    registry.holders(H1).clear()
+    assert registry.holders(H1) == {a.agent_id, b.agent_id}
+
+
 def test_candidates_are_only_live_agents(registry: Registry) -> None:
     a = live_agent(registry, 1)
     b, _ = register(registry, 2)  # never pinged over UDP
