@@ -63,6 +63,14 @@ def size_arg(text: str) -> int:
     return size
 
 
+def relay_limit_arg(text: str) -> str:
+    """argparse type for --relay-limit: checked as the server checks it (a size, at least 1K),
+    kept as written for the server's command line."""
+    if size_arg(text) < 1024:
+        raise argparse.ArgumentTypeError("the relay limit must be at least 1K (bytes per second)")
+    return text
+
+
 ALL = ["startup", "throughput", "small", "rss", "discovery", "nat"]
 EXTRA = ["profile"]
 
@@ -663,7 +671,7 @@ def main() -> int:
     ap.add_argument("--erasure", default=None, metavar="K/N",
                     help="DSSS stores files erasure-coded (every CLI call and gateway, loopback and NAT "
                          "lab), say 2/4 as Tahoe's grid here; default: 3 replicas")
-    ap.add_argument("--relay-limit", default=None, metavar="SIZE",
+    ap.add_argument("--relay-limit", default=None, metavar="SIZE", type=relay_limit_arg,
                     help="the NAT lab server's --relay-limit (bytes per second per client/agent pair); "
                          "default: the server's own, 10M")
     args = ap.parse_args()

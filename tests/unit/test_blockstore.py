@@ -774,7 +774,7 @@ def _resident_pages(path: Path) -> int:
 def drops_cache(tmp_path: Path) -> None:
     """Skip where this filesystem keeps a file's pages after POSIX_FADV_DONTNEED (tmpfs), or
     where mincore or posix_fadvise is missing."""
-    if not hasattr(os, "posix_fadvise") or not os.uname().sysname == "Linux":
+    if not hasattr(os, "posix_fadvise") or os.uname().sysname != "Linux":
         pytest.skip("needs Linux posix_fadvise and mincore")
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(1 << 20))
