@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, Sized
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,14 +27,51 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 import dsss
+from dsss.agent.identity import AgentIdentity
 from dsss.endpoints import EndpointService
-
-if TYPE_CHECKING:
-    from dsss.agent.service import StorageAgent
-    from dsss.agent.transfer import TransferHandler
-    from dsss.server.service import DiscoveryServer
+from dsss.server.registry import Registry
+from dsss.storage.blockstore import BlockStore
 
 log = Logger()
+
+
+class ServerState(Protocol):
+    """What the server's gauges read (dsss.server.service.DiscoveryServer)."""
+
+    @property
+    def registry(self) -> Registry: ...
+
+    def now(self) -> float: ...
+
+
+class AgentState(Protocol):
+    """What the agent's gauges read (dsss.agent.service.StorageAgent)."""
+
+    @property
+    def identity(self) -> AgentIdentity: ...
+    @property
+    def introductions(self) -> Sized: ...
+    @property
+    def store(self) -> BlockStore: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def welcome(self) -> object | None: ...
+
+
+class TransferCounts(Protocol):
+    """The agent's transfer counters (dsss.agent.transfer.TransferHandler)."""
+
+    @property
+    def uploads(self) -> int: ...
+    @property
+    def downloads(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def forwards(self) -> int: ...
+    @property
+    def forward_failures(self) -> int: ...
 
 RECENT_EVENTS = 50
 PART_PREFIX = 16
@@ -99,7 +136,7 @@ class ActivityEvent:
 class ServerMetrics:
     """Counters, the recent-events list and the Prometheus registry of one DiscoveryServer."""
 
-    def __init__(self, server: "DiscoveryServer", recent: int = RECENT_EVENTS) -> None:
+    def __init__(self, server: ServerState, recent: int = RECENT_EVENTS) -> None:
         self.server = server
         self.counts = {"puts": 0, "gets": 0, "who-has": 0, "failures": 0, "relayed-bytes": 0}
         self.recent: deque[ActivityEvent] = deque(maxlen=recent)
@@ -216,7 +253,7 @@ class _CountingResource(Resource):
 class _ServerStateCollector(Collector):
     """Gauges read from the registry at scrape time."""
 
-    def __init__(self, server: "DiscoveryServer") -> None:
+    def __init__(self, server: ServerState) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
@@ -249,7 +286,7 @@ class _ServerStateCollector(Collector):
 class AgentMetrics:
     """The Prometheus registry of one storage agent, read from its state at scrape time."""
 
-    def __init__(self, agent: "StorageAgent", transfers: "TransferHandler") -> None:
+    def __init__(self, agent: AgentState, transfers: TransferCounts) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_AgentStateCollector(agent, transfers))
 
@@ -295,7 +332,7 @@ class MetricsEndpointService(EndpointService):
 
 
 class _AgentStateCollector(Collector):
-    def __init__(self, agent: "StorageAgent", transfers: "TransferHandler") -> None:
+    def __init__(self, agent: AgentState, transfers: TransferCounts) -> None:
         self.agent = agent
         self.transfers = transfers
 

@@ -3,27 +3,54 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dsss.agent.identity import AgentIdentity
 from dsss.errors import DSSSError, RemoteProtocolError
 from dsss.lineproto import ControlLineProtocol
+from dsss.model import PeerAddress
+from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
 
-if TYPE_CHECKING:
-    from dsss.agent.service import StorageAgent
-
 log = Logger()
+
+
+class _Timeouts(Protocol):
+    @property
+    def request_timeout(self) -> float: ...
+
+
+class ControlledAgent(Protocol):
+    """What the control connection uses of the agent it serves (dsss.agent.service.StorageAgent)."""
+
+    @property
+    def clock(self) -> Any: ...
+    @property
+    def config(self) -> _Timeouts: ...
+    @property
+    def identity(self) -> AgentIdentity: ...
+    @property
+    def store(self) -> BlockStore: ...
+    @property
+    def version(self) -> str: ...
+
+    def registered(self, conn: ServerConnection, welcome: wc.Welcome) -> None: ...
+    def disconnected(self, conn: ServerConnection) -> None: ...
+    def local_address(self, control_host: str | None) -> PeerAddress | None: ...
+    def introduce(self, client: PeerAddress, size: int, block: str,
+                  local: PeerAddress | None = None) -> str: ...
+    def replicate(self, msg: wc.Replicate) -> None: ...
 
 
 class ServerConnection(ControlLineProtocol):
     """The control connection to the discovery server, seen from the agent."""
 
-    def __init__(self, agent: "StorageAgent") -> None:
+    def __init__(self, agent: ControlledAgent) -> None:
         super().__init__(agent.clock)
         self.agent = agent
         self.session: str | None = None
@@ -163,7 +190,7 @@ class ServerConnection(ControlLineProtocol):
 
 
 class ServerConnectionFactory(Factory):
-    def __init__(self, agent: "StorageAgent") -> None:
+    def __init__(self, agent: ControlledAgent) -> None:
         self.agent = agent
 
     def buildProtocol(self, addr: Any) -> ServerConnection:

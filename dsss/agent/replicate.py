@@ -8,25 +8,35 @@ QUIC exactly as a client would (punch first, pin the target's key), from the sam
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError, IntegrityError
 from dsss.quic import QuicError
+from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import DPunch, encode_datagram
 
-if TYPE_CHECKING:
-    from dsss.agent.service import StorageAgent
+
+
+class ReplicatingAgent(Protocol):
+    """What a copy to another agent uses of this agent (dsss.agent.service.StorageAgent)."""
+
+    @property
+    def store(self) -> BlockStore: ...
+    @property
+    def quic(self) -> Any: ...
+
+    def lost(self, block: str) -> None: ...
 
 log = Logger()
 
 TIMEOUT = 60.0
 
 
-async def replicate(agent: "StorageAgent", msg: wc.Replicate) -> bool:
+async def replicate(agent: ReplicatingAgent, msg: wc.Replicate) -> bool:
     """Copy one part to the target; True if the target stored it."""
     try:
         data = agent.store.get(msg.block)

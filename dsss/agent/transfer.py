@@ -15,22 +15,42 @@ copies itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dsss.agent.identity import AgentIdentity
+from dsss.agent.introductions import IntroductionTable
 from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.model import PeerAddress
-from dsss.storage.blockstore import BlockWriter
+from dsss.storage.blockstore import BlockStore, BlockWriter
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import DPunch, encode_datagram
 
 if TYPE_CHECKING:
-    from dsss.agent.service import StorageAgent
     from dsss.quic import QuicStream
 
 log = Logger()
+
+
+class TransferAgent(Protocol):
+    """What serving transfers uses of the agent (dsss.agent.service.StorageAgent)."""
+
+    @property
+    def clock(self) -> Any: ...
+    @property
+    def quic(self) -> Any: ...
+    @property
+    def identity(self) -> AgentIdentity: ...
+    @property
+    def introductions(self) -> IntroductionTable: ...
+    @property
+    def store(self) -> BlockStore: ...
+
+    def refused(self, err: Exception) -> None: ...
+    def stored(self, block: str) -> Any: ...
+    def lost(self, block: str) -> None: ...
 
 
 FORWARD_TIMEOUT = 45.0
@@ -360,7 +380,7 @@ class TransferHandler:
     # Bytes of download replies queued at once, over all streams.
     MAX_SERVING = 256 * 1024 * 1024
 
-    def __init__(self, agent: "StorageAgent") -> None:
+    def __init__(self, agent: TransferAgent) -> None:
         self.agent = agent
         self.serving = 0
         self.max_serving = self.MAX_SERVING

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from klein import Klein
 from twisted.internet import defer
@@ -16,14 +16,41 @@ from twisted.web.resource import IResource
 from dsss.httpjson import http_error, unexpected_error
 from dsss.httpjson import json_body as _json
 from dsss.errors import BadRequest, DSSSError, RateLimited
-from dsss.metrics import endpoint_namer, render_metrics
+from dsss.clientauth import RequestVerifier
+from dsss.metrics import ServerMetrics, endpoint_namer, render_metrics
 from dsss.model import PeerAddress, check_block_id, check_local_address, is_decimal
+from dsss.ratelimit import RateLimiter
 from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
+from dsss.server.registry import Registry
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
-if TYPE_CHECKING:
-    from dsss.server.service import DiscoveryServer
+
+class ApiServer(Protocol):
+    """What the HTTP API uses of the server (dsss.server.service.DiscoveryServer)."""
+
+    @property
+    def http_limiter(self) -> RateLimiter: ...
+    @property
+    def verifier(self) -> RequestVerifier | None: ...
+    @property
+    def metrics(self) -> ServerMetrics: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def replicas(self) -> int: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+
+    def now(self) -> float: ...
+    def warming(self) -> bool: ...
+    def info(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]: ...
+    async def who_has(self, block: str) -> list[PeerAddress]: ...
+    def where_to_upload(self, size: int, exclude: list[PeerAddress],
+                        count: int | None = None) -> list[PeerAddress]: ...
+    async def introduce(self, to: PeerAddress, client: PeerAddress, size: int, block: str,
+                        client_local: PeerAddress | None = None) -> dict[str, Any]: ...
 
 log = Logger()
 
@@ -148,7 +175,7 @@ class BoundedRequest(Request):
 class DiscoveryAPI:
     app = Klein()
 
-    def __init__(self, server: "DiscoveryServer") -> None:
+    def __init__(self, server: ApiServer) -> None:
         self.server = server
 
     def _admit(self, request: IRequest, cost: int = 1) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
@@ -13,13 +13,27 @@ from twisted.logger import Logger
 
 from dsss.errors import AccessDenied, RemoteProtocolError
 from dsss.lineproto import ControlLineProtocol
-from dsss.server.registry import AgentRecord, ReplayError
+from dsss.server.registry import AgentRecord, Registry, ReplayError
 from dsss.wire import control as wc
 
-if TYPE_CHECKING:
-    from dsss.server.service import DiscoveryServer
-
 log = Logger()
+
+
+class ControlServer(Protocol):
+    """What agents' control connections use of the server (dsss.server.service.DiscoveryServer)."""
+
+    @property
+    def clock(self) -> Any: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def connections(self) -> set[AgentConnection]: ...
+    @property
+    def heartbeat(self) -> float: ...
+    @property
+    def udp_port(self) -> int: ...
+
+    def agent_allowed(self, agent_id: str) -> bool: ...
 
 MAX_PARTS_PER_AGENT = 4_000_000
 
@@ -27,7 +41,7 @@ MAX_PARTS_PER_AGENT = 4_000_000
 class AgentConnection(ControlLineProtocol):
     """One agent's control connection, seen from the server."""
 
-    def __init__(self, server: "DiscoveryServer") -> None:
+    def __init__(self, server: ControlServer) -> None:
         super().__init__(server.clock)
         self.server = server
         self.session = secrets.token_hex(16)
@@ -131,7 +145,7 @@ class AgentConnectionFactory(Factory):
     MAX_UNREGISTERED_PER_IP = 32
     MAX_CONNECTIONS = 20000
 
-    def __init__(self, server: "DiscoveryServer") -> None:
+    def __init__(self, server: ControlServer) -> None:
         self.server = server
 
     def buildProtocol(self, addr: object) -> AgentConnection | None:

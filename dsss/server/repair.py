@@ -16,20 +16,39 @@ only: its redundancy is the part's other shares, so it is never copied (`wanted_
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError
-from dsss.model import is_share_id
+from dsss.model import PeerAddress, is_share_id
 from dsss.server.chains import hop_addresses
+from dsss.server.registry import Registry
 from dsss.wire import control as wc
 
-if TYPE_CHECKING:
-    from dsss.server.service import DiscoveryServer
-
 log = Logger()
+
+
+class _QueryTimeout(Protocol):
+    @property
+    def query_timeout(self) -> float: ...
+
+
+class RepairingServer(Protocol):
+    """What re-replication uses of the server (dsss.server.service.DiscoveryServer)."""
+
+    @property
+    def config(self) -> _QueryTimeout: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def replicas(self) -> int: ...
+
+    def now(self) -> float: ...
+    def warming(self) -> bool: ...
+    async def introduce(self, to: PeerAddress, client: PeerAddress, size: int, block: str,
+                        client_local: PeerAddress | None = None) -> dict[str, Any]: ...
 
 
 def wanted_holders(block: str, replicas: int) -> int:
@@ -39,7 +58,7 @@ def wanted_holders(block: str, replicas: int) -> int:
 
 
 class Repairer:
-    def __init__(self, server: "DiscoveryServer", repair_after: float, max_in_flight: int = 8,
+    def __init__(self, server: RepairingServer, repair_after: float, max_in_flight: int = 8,
                  rng: random.Random | None = None) -> None:
         self.server = server
         self.repair_after = repair_after

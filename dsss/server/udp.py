@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from dsss.errors import DSSSError
 from dsss.model import PeerAddress
 from dsss.ratelimit import RateLimiter
+from dsss.server.registry import Registry
+from dsss.server.relay import RelayTable
 from dsss.udpgro import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, GSO_REFUSED, send_run
 from dsss.wire.datagram import (
     RELAY_PREFIX,
@@ -38,14 +40,24 @@ from dsss.wire.datagram import (
     parse_datagram,
 )
 
-if TYPE_CHECKING:
-    from dsss.server.service import DiscoveryServer
-
 log = Logger()
 
 
+class RelayingServer(Protocol):
+    """What the UDP socket uses of the server (dsss.server.service.DiscoveryServer)."""
+
+    @property
+    def clock(self) -> Any: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def relays(self) -> RelayTable: ...
+
+    def authorize_relay(self, key: str, client: PeerAddress) -> PeerAddress | None: ...
+
+
 class DiscoveryDatagramProtocol(DatagramProtocol):
-    def __init__(self, server: "DiscoveryServer") -> None:
+    def __init__(self, server: RelayingServer) -> None:
         self.server = server
         self.received = 0
         self.dropped = 0
