@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.cfg setup.py
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m dsss.demo
+	$(PY) -m tools.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """The discovery tier at scale: who-has and where-to-upload latency and server RSS with N agents.
 
-A real `twistd dsss-server` (started by dsss.harness, `--http-rate 100000` so the benchmark's
+A real `twistd dsss-server` (started by tools.harness, `--http-rate 100000` so the benchmark's
 own queries are not rate-limited, heartbeat 5 s) and, in one other process (`python
 bench/discovery_scale.py sim ...`), N simulated agents that speak the real control protocol:
 each has its own Ed25519 key, its own TCP control connection (the real `ControlLineProtocol`
@@ -206,7 +206,7 @@ class Scale:
     def __init__(self, agents: int, base: Path, *, parts_per_agent: int = 100) -> None:
         import shutil
 
-        from dsss.harness import LocalNetwork
+        from tools.harness import LocalNetwork
 
         shutil.rmtree(base, ignore_errors=True)  # the harness reads ports from old logs otherwise
         self.agents = agents
@@ -221,7 +221,7 @@ class Scale:
 
     def start(self) -> None:
         from common import log, proc_status_kb
-        from dsss.harness import child_env
+        from tools.harness import child_env
 
         net = self.net
         net.start_server("--http-rate", "100000")

@@ -1,4 +1,4 @@
-"""The DSSS side: a real network on loopback (dsss.harness.LocalNetwork) and the real CLI.
+"""The DSSS side: a real network on loopback (tools.harness.LocalNetwork) and the real CLI.
 
 A server and four agents run as `twistd` processes (replicas 3, heartbeat 1 s, 65000-byte QUIC
 datagrams on loopback); every operation is one `python -m dsss.client ...` process, timed from
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from common import proc_cpu, proc_status_kb, run_timed, start_gateway, stop_process
 
-from dsss.harness import LocalNetwork, child_env
+from tools.harness import LocalNetwork, child_env
 
 
 class DsssNetwork:

@@ -1,4 +1,4 @@
-"""DSSS across the NAT lab (dsss/netns.py): put/get throughput over punched paths and the relay.
+"""DSSS across the NAT lab (tools/netns.py): put/get throughput over punched paths and the relay.
 
 Three networks in one `NatLab` (veths with MTU 1500; QUIC datagrams of 1452 bytes, the client's
 and agents' default off loopback), the discovery server on the wan (198.51.100.1):
@@ -31,8 +31,8 @@ from typing import Any
 from common import MiB, file_digest, log, proc_cpu, run_timed, start_gateway, stop_process, summary
 
 from dsss.crypto.keys import generate_key_file
-from dsss.harness import AGENT_READY, child_env
-from dsss.netns import Host, NatLab, NatNetwork, paths_used, unavailable_reason
+from tools.harness import AGENT_READY, child_env
+from tools.netns import Host, NatLab, NatNetwork, paths_used, unavailable_reason
 
 
 def unavailable() -> str | None:

@@ -233,7 +233,7 @@ class Bench:
 
     def m_startup(self) -> dict[str, Any]:
         """Per-call overhead of each CLI: an interpreter start, imports, argument parsing."""
-        from dsss.harness import child_env
+        from tools.harness import child_env
 
         env = child_env()
         n = max(3, self.cfg["repeat"])

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from dsss.harness import LocalNetwork
+from tools.harness import LocalNetwork
 
 
 @pytest.fixture

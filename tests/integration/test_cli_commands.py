@@ -14,7 +14,7 @@ import pytest
 
 from dsss.client.cli import build_parser
 from dsss.crypto.keys import generate_key_file, public_key_hex
-from dsss.harness import LocalNetwork, child_env
+from tools.harness import LocalNetwork, child_env
 from dsss.model import block_hash, is_block_id
 from tests.conftest import run_with_terminal_stderr, start_network
 

@@ -175,7 +175,7 @@ def test_get_survives_a_killed_agent_and_corrupt_replicas(make_network, tmp_path
 def test_progress_bar_on_a_terminal_and_silence_on_a_pipe(shared_network, tmp_path):
     import sys
 
-    from dsss.harness import child_env
+    from tools.harness import child_env
 
     net = shared_network
     src = tmp_path / "p.bin"

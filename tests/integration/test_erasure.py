@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dsss.harness import LocalNetwork
+from tools.harness import LocalNetwork
 from dsss.model import block_hash
 from tests.integration.test_cli_commands import EXIT_DEGRADED, User
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsss.crypto.manifest import MAGIC
-from dsss.harness import child_env
+from tools.harness import child_env
 from dsss.model import block_hash
 from dsss.storage.blockstore import BlockStore
 from tests.conftest import start_network

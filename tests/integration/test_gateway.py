@@ -23,7 +23,7 @@ import pytest
 import dsss
 from dsss.client import catalog
 from dsss.crypto.keys import generate_key_file, load_key_file, public_key_hex
-from dsss.harness import LocalNetwork, child_env
+from tools.harness import LocalNetwork, child_env
 from dsss.model import is_block_id
 
 pytestmark = [pytest.mark.integration]

@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dsss
-from dsss.harness import LocalNetwork
+from tools.harness import LocalNetwork
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("operators")]
 

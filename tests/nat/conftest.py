@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from dsss.netns import NatLab, NatNetwork, unavailable_reason
+from tools.netns import NatLab, NatNetwork, unavailable_reason
 
 
 def pytest_configure(config: pytest.Config) -> None:

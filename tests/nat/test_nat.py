@@ -20,8 +20,8 @@ from typing import Any, Callable
 import pytest
 
 from dsss.crypto.keys import generate_key_file
-from dsss.harness import AGENT_READY, AgentProc, child_env
-from dsss.netns import SERVER_IP, Host, NatLab, NatNetwork, Router, paths_used, probe_punch
+from tools.harness import AGENT_READY, AgentProc, child_env
+from tools.netns import SERVER_IP, Host, NatLab, NatNetwork, Router, paths_used, probe_punch
 from tests.nat.conftest import lab_namespaces
 
 pytestmark = [pytest.mark.nat, pytest.mark.integration, pytest.mark.xdist_group("nat")]

@@ -25,7 +25,7 @@
   random public port for each destination: punching cannot work). `udp_timeout=S` lowers the
   router's conntrack UDP timeouts, so an idle mapping is forgotten after S seconds.
 - Namespace names are `dsss<pid>x<n>-<role>`; `close()` deletes exactly those, is idempotent, and
-  also runs at interpreter exit. `python -m dsss.netns cleanup` removes those left by a run
+  also runs at interpreter exit. `python -m tools.netns cleanup` removes those left by a run
   that was killed (their pid is no longer running).
 
 Processes run in a namespace through `ip netns exec NS ...` (`NatLab.exec_prefix`); code in this
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from dsss.harness import AGENT_READY, AgentProc, LocalNetwork, child_env
+from tools.harness import AGENT_READY, AgentProc, LocalNetwork, child_env
 
 T = TypeVar("T")
 
@@ -573,7 +573,7 @@ def main(argv: Sequence[str]) -> int:
         reason = unavailable_reason()
         print(reason or "ok")
         return 1 if reason else 0
-    print("usage: python -m dsss.netns check|cleanup", file=sys.stderr)
+    print("usage: python -m tools.netns check|cleanup", file=sys.stderr)
     return 2
 
 

@@ -1,4 +1,4 @@
-"""Run a whole DSSS network on loopback as real `twistd` processes (for the demo and tests).
+"""Run a whole DSSS network on loopback as real `twistd` processes (for tests, benchmarks and the demo).
 
 Every process listens on port 0 and the harness reads the actual ports from its readiness line,
 so several networks can run side by side. Only processes started here are ever signalled, by pid.

@@ -1,4 +1,4 @@
-"""`python -m dsss.demo`: a whole DSSS network on loopback, a put and a get, then a clean stop.
+"""The demo (`make demo`, `python -m tools.demo`): a network on loopback, a put and a get, a clean stop.
 
 Starts a discovery server and three storage agents as real `twistd` processes, creates a key,
 stores a sample file, fetches it back, checks it byte for byte, and stops everything.
@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dsss.harness import LocalNetwork
+from tools.harness import LocalNetwork
 
 
 def say(text: str) -> None:
@@ -22,7 +22,7 @@ def say(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsss.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
     p.add_argument("--size", default=20 * 1024 * 1024 + 12345, type=int, help="sample file size in bytes")
     p.add_argument("--agents", default=3, type=int)
     p.add_argument("--keep", action="store_true", help="keep the working directory")
