@@ -87,7 +87,7 @@ class StorageAgent:
         """Where we listen on our own network: the UDP socket's address, or if it is bound to
         every interface, its port at the address our control connection leaves from (the
         interface towards the server). None if neither is known."""
-        if self.quic is None or getattr(self.quic, "transport", None) is None:
+        if self.quic is None or self.quic.transport is None:
             return None  # no socket (yet)
         bound_host, port = self.quic.address[:2]
         host = bound_host if bound_host not in UNSPECIFIED_HOSTS else control_host

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Protocol, TypeVar
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
@@ -121,15 +122,23 @@ class Session:
         return result
 
 
-async def read_some(stream: Any, n: int) -> bytes:
-    """`stream.read(n)`, or `await stream.aread(n)` for a stream that is still arriving (the
-    gateway's PUT body)."""
-    aread = getattr(stream, "aread", None)
-    if aread is not None:
-        data: bytes = await aread(n)
+# Agents to upload to, each with its introduction (Introduction), the error it gave
+# (DSSSError), or None (not asked yet).
+Picked = list[tuple[PeerAddress, Any]]
+
+
+class ArrivingBody(Protocol):
+    """A body that is still arriving (the gateway's PUT body, dsss.client.gateway.BodyPipe)."""
+
+    async def aread(self, n: int) -> bytes: ...
+
+
+async def read_some(stream: BinaryIO | ArrivingBody, n: int) -> bytes:
+    """`stream.read(n)` from a file, or `await stream.aread(n)` from a body still arriving."""
+    if isinstance(stream, io.IOBase):
+        data: bytes = stream.read(n)
         return data
-    data = stream.read(n)
-    return data
+    return await stream.aread(n)  # type: ignore[union-attr]  # the files given are io.IOBase
 
 
 def seal_part(file_key: bytes, file_id: bytes, index: int, plaintext: bytes) -> tuple[bytes, str]:
@@ -189,12 +198,10 @@ async def store_block(
         avoid = held + stored + failed
         # Where to upload, with the introductions, in one request if the server can; else
         # where-to-upload, then one introduction per agent.
-        upload_to = getattr(session.discovery, "upload_to", None)
         chain = session.chaining() and need > 1 and not chain_broke
         try:
-            picked = None if upload_to is None else await upload_to(block, len(data), me,
-                                                                   copies=min(need, session.replicas),
-                                                                   exclude=avoid, chain=chain)
+            picked: Picked | None = await session.discovery.upload_to(
+                block, len(data), me, copies=min(need, session.replicas), exclude=avoid, chain=chain)
             if picked is None:
                 targets = await session.discovery.where_to_upload(len(data), exclude=avoid)
                 picked = [(t, None) for t in targets]
@@ -323,8 +330,7 @@ async def store_shares(
             break
         exclude = list(avoid or []) + list(placed.values()) + failed
         try:
-            upload_shares = getattr(session.discovery, "upload_shares", None)
-            picked = None if upload_shares is None else await upload_shares(
+            picked: Picked | None = await session.discovery.upload_shares(
                 [h for h, _ in todo], size, me, exclude=exclude)
             if picked is None:
                 targets = await session.discovery.where_to_upload(size, exclude=exclude, count=len(todo))

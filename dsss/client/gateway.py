@@ -39,6 +39,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
@@ -220,14 +221,16 @@ class GatewayRequest(Request):
 
     token: str = ""  # set on a subclass by `gateway_site`
     body_pipe: BodyPipe | None = None
+    # (command, path, version), given by GatewayChannel as soon as the request line is parsed;
+    # None under another channel (then no body is streamed).
+    request_line: tuple[bytes, bytes, bytes] | None = None
 
     def gotLength(self, length: int | None) -> None:
-        if self.authorized() and length is not None and length >= STREAM_BODY_FROM:
-            channel = self.channel
-            command = getattr(channel, "_command", None)
-            path = getattr(channel, "_path", None)
-            version = getattr(channel, "_version", None)
-            if command == b"PUT" and isinstance(path, bytes) and path.split(b"?", 1)[0] == b"/files":
+        line = self.request_line
+        if self.authorized() and length is not None and length >= STREAM_BODY_FROM and line is not None:
+            command, path, version = line
+            if command == b"PUT" and path.split(b"?", 1)[0] == b"/files":
+                channel = self.channel
                 self.body_pipe = BodyPipe(length, channel.transport)
                 self.content = self.body_pipe
                 channel.transport.bufferSize = BODY_READ_SIZE  # FileDescriptor.bufferSize: read size
@@ -238,9 +241,10 @@ class GatewayRequest(Request):
             # Twisted would answer `Expect: 100-continue` after this; the refusal is final.
             self.requestHeaders.removeHeader(b"expect")
             peer = self.getClientAddress()
+            command, path, _ = self.request_line or (b"?", b"?", b"")
             log.info("refused {command} {path} from {peer}: no or wrong token",
-                     command=getattr(self.channel, "_command", b"?").decode("ascii", "replace"),
-                     path=getattr(self.channel, "_path", b"?")[:200].decode("ascii", "replace"),
+                     command=command.decode("ascii", "replace"),
+                     path=path[:200].decode("ascii", "replace"),
                      peer=getattr(peer, "host", "?"))
             transport = self.channel.transport if self.channel is not None else None
             if transport is not None:
@@ -348,8 +352,7 @@ class Gateway:
     def _check(self, request: IRequest) -> None:
         # GatewayRequest has refused requests without the token already; this covers a site
         # built with another request factory.
-        authorized = getattr(request, "authorized", None)
-        if authorized is None or not authorized():
+        if not (isinstance(request, GatewayRequest) and request.authorized()):
             raise TokenRequired("this gateway needs its token: Authorization: Bearer TOKEN")
 
     @app.handle_errors(DSSSError)
@@ -486,11 +489,27 @@ def gateway_log_observer(out: Any) -> Any:
     return FilteringLogObserver(textFileLogObserver(out), [levels, not_chatter])
 
 
+class GatewayChannel(HTTPChannel):
+    """An HTTPChannel that gives each GatewayRequest its request line as soon as it is parsed
+    (Twisted passes it to the request only once the whole body is in), so that the request can
+    decide at its headers whether to stream the body."""
+
+    def lineReceived(self, line: bytes) -> None:
+        latest = self.requests[-1] if self.requests else None
+        super().lineReceived(line)
+        if self.requests and self.requests[-1] is not latest:  # `line` began a new request
+            request = self.requests[-1]
+            parts = line.split(b" ")
+            if isinstance(request, GatewayRequest) and len(parts) == 3:
+                request.request_line = (parts[0], parts[1], parts[2])
+
+
 def gateway_site(gateway: Gateway, token: str) -> Any:
     """The twisted.web Site serving `gateway`, refusing requests without `token` early."""
     from twisted.web.server import Site
 
     site = Site(gateway.app.resource())
+    site.protocol = GatewayChannel
     site.requestFactory = type("TokenRequest", (GatewayRequest,), {"token": token})
     site.displayTracebacks = False
     return site

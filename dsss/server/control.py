@@ -48,6 +48,7 @@ class AgentConnection(ControlLineProtocol):
         self.record: AgentRecord | None = None
         self.peer = "?"
         self.peer_host: str | None = None
+        self.opened_at = server.clock.seconds()  # again once connected
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()

@@ -296,7 +296,7 @@ class DiscoveryServer:
         for conn in list(self.connections):
             if conn.record is not None:
                 conn.request(wc.Ping(), 3 * self.heartbeat).addErrback(lambda f: None)
-            elif now - getattr(conn, "opened_at", now) > 3 * self.heartbeat:
+            elif now - conn.opened_at > 3 * self.heartbeat:
                 conn.close()
 
 

@@ -21,6 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from dsss.errors import DSSSError
+from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
 from dsss.ratelimit import RateLimiter
 from dsss.server.registry import Registry
@@ -52,6 +53,8 @@ class RelayingServer(Protocol):
     def registry(self) -> Registry: ...
     @property
     def relays(self) -> RelayTable: ...
+    @property
+    def metrics(self) -> ServerMetrics: ...
 
     def authorize_relay(self, key: str, client: PeerAddress) -> PeerAddress | None: ...
 
@@ -150,9 +153,8 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
                 if allowed:
                     self._send_relayed_run(sock, [header_out + p for p in run[:allowed]], dst_addr)
                     forwarded += sum(len(p) for p in run[:allowed])
-        metrics = getattr(self.server, "metrics", None)
-        if metrics is not None and forwarded:
-            metrics.relayed_bytes(forwarded)
+        if forwarded:
+            self.server.metrics.relayed_bytes(forwarded)
 
     def _run_target(self, segment: bytes, hlen: int) -> tuple[tuple[str, int], PeerAddress] | None:
         """Where a relayed segment goes (its address, and as a PeerAddress), if its relay header
@@ -216,9 +218,7 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         if not packet or not self.server.relays.forward(src, dst, len(packet), now):
             self.dropped += 1
             return
-        metrics = getattr(self.server, "metrics", None)
-        if metrics is not None:
-            metrics.relayed_bytes(len(packet))
+        self.server.metrics.relayed_bytes(len(packet))
         out = encode_relay(src_addr, packet)
         sock = getattr(self.transport, "socket", None)
         if sock is None:

@@ -561,7 +561,7 @@ def test_a_streamed_put_finishes_its_request_cleanly(tmp_path: Path, logged_fail
     c = rig.conn()
     body = os.urandom(STREAM_BODY_FROM + 5)
     c.send(request_head("PUT", "/files?name=s", length=len(body)))
-    request = c.channel._channel.requests[-1]
+    request = c.channel.requests[-1]
     finished: list[Any] = []
     request.notifyFinish().addBoth(finished.append)
     assert c.send(body) == len(body)
@@ -793,8 +793,8 @@ def test_get_waits_while_the_client_reads_slowly(tmp_path: Path) -> None:
     status, headers, body, _ = parse_response(transport.value())
     assert body == data
     assert rig.gateway.served == 1
-    assert transport.producer is c.channel._channel  # the response's producer is unregistered again
-    assert c.channel._channel._requestProducer is None
+    assert transport.producer is c.channel  # the response's producer is unregistered again
+    assert c.channel._requestProducer is None
 
 
 def test_a_client_gone_during_a_get_stops_it(tmp_path: Path, logged_failures: list[Any]) -> None:

@@ -332,6 +332,17 @@ class FakeNetwork:
     async def introduce_me(self, to: PeerAddress, block: str, size: int, from_: PeerAddress) -> Introduction:
         return Introduction("k" * 32, "00" * 32, to)
 
+    # As DiscoveryClient's against a server without /api/upload-to: the client falls back to
+    # where_to_upload and one introduce_me per agent (PlacingNetwork and SharePlacingNetwork in
+    # test_client_flows answer them).
+    async def upload_to(self, block: str, size: int, from_: PeerAddress, *, copies: int,
+                        exclude: list[PeerAddress] | None = None, chain: bool = False) -> None:
+        return None
+
+    async def upload_shares(self, blocks: list[str], size: int, from_: PeerAddress,
+                            exclude: list[PeerAddress] | None = None) -> None:
+        return None
+
     # PeerNetwork
     public_address = PeerAddress("127.0.0.1", 1)
 
