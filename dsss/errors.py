@@ -1,4 +1,4 @@
-"""The DSSS error tree.
+"""The DSSS error tree: every failure, with its control reply, HTTP status and exit code.
 
 Each class maps once to a control-channel reply, an HTTP status and a CLI exit code, so that every
 layer reports the same failure the same way.

@@ -1,5 +1,6 @@
-"""JSON answers for the Klein apps (the server's API, the client's gateway): the body, and the
-answers to routing errors and to bugs, so that every answer of both is JSON."""
+"""JSON answers for the Klein apps (the server's API, the client's gateway).
+
+The body, and the answers to routing errors and to bugs, so that every answer of both is JSON."""
 
 from __future__ import annotations
 

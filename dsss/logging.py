@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.integration.test_operators -*-
-"""Log output for the daemons: twisted.logger events, as text (twistd's default) or as one JSON
-object per line.
+"""Log output for the daemons: twisted.logger events as text or as one JSON object per line.
+
+Text is twistd's default.
 
 `twistd` owns logging: it opens the log observer before the application runs, from its own
 options (`--logfile`, `--syslog`, `--logger`). JSON is chosen in one of two ways, both checked

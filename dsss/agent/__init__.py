@@ -1,0 +1,1 @@
+"""The storage agent: keeps parts for others and serves them over QUIC."""

@@ -1,1 +1,1 @@
-"""The DSSS client: `python -m dsss.client put/get`."""
+"""The DSSS client: the CLI (`python -m dsss.client`), the gateway, and the flows they share."""

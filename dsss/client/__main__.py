@@ -1,4 +1,4 @@
-"""`python -m dsss.client ...`
+"""The entry point of `python -m dsss.client` and the `dsss` script: start and leave fast.
 
 Start-up and exit are part of every command's time (a put of 256 MiB takes a few seconds), so
 this entry point spends as little as it can on either: the garbage collector is off while the

@@ -113,8 +113,8 @@ BODY_BUFFER = 8 * 1024 * 1024
 read of BODY_READ_SIZE)."""
 BODY_READ_SIZE = 1024 * 1024
 """A streamed body is read from its socket in pieces of this size, not Twisted's 64 KiB: a
-sixteenth of the reads and of the calls through twisted.web (the gateway's CPU per MB of a 256
-MiB put 10.7 -> 9.7 ms; docs/performance.md, step 29)."""
+sixteenth of the reads and of the calls through twisted.web (measured: the gateway's CPU per MB
+of a 256 MiB put 10.7 -> 9.7 ms)."""
 
 
 class BodyPipe:

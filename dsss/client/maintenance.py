@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.integration.test_cli_commands -*-
-"""Looking after stored files: how many replicas each block has now (info, check), sharing a
-file with another key, and bringing blocks back to the replica count (repair).
+"""Looking after stored files: counting replicas (info, check), sharing, and repair.
+
+How many replicas each block has now (info, check), sharing a file with another key, and
+bringing blocks back to the replica count (repair).
 
 An erasure-coded file's parts are shares, each wanted on one agent: a missing share is rebuilt
 from k others (decoded and coded again, which gives back exactly the share its ID names) and

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.unit.test_peer_paths -*-
-"""What the client remembers between calls about the paths to agents: the public IP addresses
-behind which agents could only be reached through the server's relay (a symmetric NAT), as seen
-from the client's own public address. The next call, from the same public address, asks for the
+"""What the client remembers between calls about the paths to agents (the relay-only ones).
+
+The public IP addresses behind which agents could only be reached through the server's relay
+(a symmetric NAT), as seen from the client's own public address. The next call, from the same public address, asks for the
 relay at once for agents there instead of spending a direct attempt (3 s) first.
 
 `<key file>.paths`, mode 0600, one JSON object:

@@ -1,0 +1,1 @@
+"""Keys, part encryption, manifests and certificates: pure functions over PyNaCl."""

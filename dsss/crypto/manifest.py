@@ -8,7 +8,7 @@ Stored form ("blob"), all lengths fixed:
     nonce      24 bytes  random
     body       rest      XChaCha20-Poly1305(JSON manifest, ad = magic || sealed key)
 
-The file's address is BLAKE2b-256 of the blob. The JSON body is described in docs/protocol.md.
+The file's address is the BLAKE3 hash (32 bytes) of the blob. The JSON body is described in docs/protocol.md.
 
 A small file is carried inside its manifest ("inline", body version 2): its single part is
 encrypted exactly as part 0 would be (same key, nonce and associated data, see parts.py) and that

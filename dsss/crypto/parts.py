@@ -4,8 +4,8 @@
 Each file has a fresh random 32-byte key and a random 16-byte file id. Part i is sealed with
 nonce = file_id || i (8 bytes, big-endian) and associated data = b"dsss-part-v1" || file_id || i,
 so a part cannot be moved to another position or another file without failing its tag. The nonce
-is never reused because the key is never reused. A part's address is BLAKE2b-256 of its
-ciphertext.
+is never reused because the key is never reused. A part's address is the BLAKE3 hash (32 bytes)
+of its ciphertext (dsss.model.block_hash).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The discovery server: knows the agents, answers where parts are, introduces peers."""

@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.adapters.test_server_udp -*-
-"""The server's UDP socket.
+# -*- test-case-name: tests.adapters.test_relay_quic -*-
+"""The server's UDP socket: PING answers with the observed address, and the relay.
 
 - Answers PINGs with the address it observed (how agents and clients behind NAT learn their
   public address, and how the server learns where peers reach an agent).

@@ -1,0 +1,1 @@
+"""Where agents keep parts on disk."""

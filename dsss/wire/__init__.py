@@ -1,0 +1,1 @@
+"""Sans-I/O message formats: the control channel, datagrams and transfers (no Twisted)."""
