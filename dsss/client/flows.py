@@ -59,7 +59,7 @@ def put_window(parallel: int, part_size: int, coding: Coding | None = None) -> i
 # A file of at most this many bytes (and at most one part) travels inside its manifest: one
 # block on the network instead of two. 16 KiB of plaintext is a manifest blob of about 22 KiB
 # (base64), which costs the same round trips as a 4 KiB one, while `info`, `check` and `share`
-# (which read the manifest) stay cheap. See docs/performance.md.
+# (which read the manifest) stay cheap. See bench/history/performance-log.md.
 INLINE_MAX = 16 * 1024
 
 
