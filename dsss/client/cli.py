@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     put = _subparser(sub, "put")
     put.add_argument("files", nargs="+", metavar="FILE")
     put.add_argument("--part-size", default=None, metavar="SIZE",
-                     help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 1M)")
+                     help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 4M)")
     put.add_argument("--erasure", default=None, metavar="K/N",
                      help="store each part as N shares on N agents, any K of which give it back "
                           "(say 2/4: survives 2 lost agents like 3 replicas, in twice the file's size "
