@@ -19,6 +19,7 @@ from dsss.errors import BadRequest, DSSSError, RateLimited
 from dsss.metrics import endpoint_namer, render_metrics
 from dsss.model import PeerAddress, check_block_id, check_local_address, is_decimal
 from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
+from dsss.server.connlimit import headers_complete
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
@@ -112,6 +113,8 @@ class BoundedRequest(Request):
     _body_seen = 0
 
     def gotLength(self, length: int | None) -> None:
+        # Called once the request's headers are in: the connection's header deadline stops.
+        headers_complete(self.channel.transport if self.channel is not None else None, self.notifyFinish())
         if length is not None and length > self.MAX_BODY:
             self._refuse()
             return

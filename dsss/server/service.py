@@ -26,8 +26,10 @@ from dsss.server.repair import Repairer
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
 from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
+from dsss.budget import ConnectionBudget
 from dsss.server.api import BoundedRequest, DiscoveryAPI
-from dsss.server.control import AgentConnection, AgentConnectionFactory
+from dsss.server.connlimit import BudgetedFactory
+from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentConnectionFactory
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
@@ -55,6 +57,14 @@ class ServerConfig:
     # Seconds a part may stay below the replica count before the server copies it again
     # (0: never; `dsss.client repair` still works).
     repair_after: float = 600.0
+    # Connection budgets (dsss.budget): HTTP connections in all and per source IP, the seconds
+    # a connection has to complete a request's headers, control connections in all, and
+    # registered agents per source IP. `tap` sizes the totals from the descriptor limit.
+    http_connections: int = 4096
+    http_connections_per_ip: int = 128
+    http_header_timeout: float = 10.0
+    agent_connections: int = 16384
+    agents_per_ip: int = 256
 
 
 class DiscoveryServer:
@@ -68,6 +78,13 @@ class DiscoveryServer:
         self.udp_port = config.udp_port
         self.registry = Registry(config.heartbeat, rng=rng)
         self.connections: set[AgentConnection] = set()
+        # Separate budgets for the two TCP ports, so that a flood of one cannot take the other's
+        # descriptors: HTTP connections; control connections in all, not yet registered per
+        # source, and registered agents per source.
+        self.http_budget = ConnectionBudget(config.http_connections, config.http_connections_per_ip)
+        self.control_budget = ConnectionBudget(config.agent_connections, config.agent_connections)
+        self.pending_budget = ConnectionBudget(config.agent_connections, MAX_UNREGISTERED_PER_IP)
+        self.agent_budget = ConnectionBudget(config.agent_connections, config.agents_per_ip)
         self.started_at = clock.seconds()
         # The server's own Curve25519 key, against which listed clients sign their requests.
         self.box_key = PrivateKey.generate()
@@ -311,7 +328,8 @@ class ServerService(MultiService):
         self.api = DiscoveryAPI(self.server)
         site = Site(self.api.resource())
         site.requestFactory = BoundedRequest
-        self.http = EndpointService(reactor, config.http, site)
+        self.http_factory = BudgetedFactory(site, self.server.http_budget, reactor, config.http_header_timeout)
+        self.http = EndpointService(reactor, config.http, self.http_factory)
         self.http.setServiceParent(self)
         self.control = EndpointService(reactor, config.control, AgentConnectionFactory(self.server))
         self.control.setServiceParent(self)
