@@ -7,12 +7,17 @@ for at most a few seconds and closed by the test at the end.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import pytest
+import pytest_twisted
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThread
 
 from dsss.harness import LocalNetwork
 
@@ -146,8 +151,6 @@ def _twistd() -> list[str]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs of its own (root only), unmounted after the test."""
-    import os
-
     if os.geteuid() != 0:
         pytest.skip("mounting a small file system needs root")
     mnt = tmp_path / "small"
@@ -212,3 +215,91 @@ def test_an_agent_with_a_full_disk_rejoins_and_serves_what_it_holds(make_network
     log = full.log()
     assert "Unhandled" not in log and "Traceback" not in log, log[-3000:]
     assert "registering anyway" in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_uploads_cannot_take_the_agents_space(make_network, tmp_path: Path) -> None:
+    """An attacker at 127.0.0.9 sends UPLOAD headers for 16 MiB parts and a byte each (keys from
+    the open introduce-me API): it holds at most --reserve-per-source on each agent, an honest
+    put from 127.0.0.1 meanwhile succeeds, and the stalled uploads are dropped, their space freed."""
+    from twisted.internet import reactor
+
+    from dsss.client.discovery import DiscoveryClient
+    from dsss.client.peer import PeerNetwork
+    from dsss.model import PeerAddress, block_hash
+    from dsss.wire import transfer as wt
+
+    net = make_network("stall")
+    net.start_server()
+    for _ in range(3):
+        net.start_agent(None, "--capacity=64M", "--reserve-per-source=32M")
+    net.wait_live(3)
+    net.client("keygen")
+    free_before = {a["address"]: a["free"] for a in net.status()["agents"]}
+
+    discovery = DiscoveryClient(net.url, reactor=reactor)
+    peers = PeerNetwork(reactor, ("127.0.0.1", net.udp_port), bind_host="127.0.0.9")
+    await peers.start()
+    size = 16 * 1024 * 1024
+    streams: list[tuple[object, list[bytes]]] = []
+
+    def trickle() -> None:  # a byte every 4 s on each upload still open, as in the reported attack
+        for stream, replies in streams:
+            if not replies:
+                stream.write(b"x").addErrback(lambda f: None)
+
+    trickling = LoopingCall(trickle)
+    trickling.clock = reactor
+    try:
+        for agent in net.agents:
+            target = PeerAddress.parse(agent.address)
+            for i in range(3):  # the third is over the source's 32M
+                block = block_hash(b"stall %s %d" % (agent.name.encode(), i))
+                intro = await discovery.introduce_me(target, block, size, peers.public_address)
+                conn = await peers._connect(intro)
+                stream = conn.open_stream()
+                replies: list[bytes] = []
+                stream.on_data = replies.append
+                stream.write(wt.encode_request(wt.Upload(intro.key, block, size)) + b"x")
+                streams.append((stream, replies))
+        trickling.start(4, now=False)
+        # Each agent holds 32M reserved for the attacker, no more, and says so to the third.
+        assert await until(lambda: answered(streams, b"ERROR busy") == 3, timeout=10)
+        # The honest 20 MiB put fits beside (the CLI runs in a thread: the reactor goes on
+        # serving the attacker's connections meanwhile).
+        honest = tmp_path / "honest.bin"
+        honest.write_bytes(os.urandom(20 * 1024 * 1024))
+        put = await deferToThread(net.client, "put", str(honest))
+        back = tmp_path / "back.bin"
+        await deferToThread(net.client, "get", put.stdout.split()[0].decode(), "-o", str(back))
+        assert back.read_bytes() == honest.read_bytes()
+        # They are dropped after the grace period and one window of too little progress...
+        assert await until(lambda: answered(streams, b"ERROR timeout") == 6, timeout=45)
+        # ...and the agents' free space is back to what the honest put left.
+        stored = len(honest.read_bytes()) + 1024 * 1024  # the file's parts and its manifest
+
+        def space_back() -> bool:
+            free = {a["address"]: a["free"] for a in net.status()["agents"]}
+            return all(free[k] >= free_before[k] - stored for k in free_before)
+
+        assert await until(space_back, timeout=10)
+    finally:
+        if trickling.running:
+            trickling.stop()
+        await peers.close()
+
+
+def answered(streams: list[tuple[object, list[bytes]]], prefix: bytes) -> int:
+    return sum(1 for _, replies in streams if b"".join(replies).startswith(prefix))
+
+
+async def until(condition, timeout: float) -> bool:
+    """Let the reactor run until `condition()` holds (checked every 0.1 s) or `timeout` passes."""
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await deferLater(reactor, 0.1)
+    return True
