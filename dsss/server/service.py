@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from dsss.model import PeerAddress
 from dsss.budget import ConnectionBudget
 from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.connlimit import BudgetedFactory
+from dsss.server.status_page import STATUS_AGENTS, STATUS_RATE
 from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentConnectionFactory
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
@@ -94,6 +96,8 @@ class DiscoveryServer:
             else None
         )
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
+        # `/`, `/api/status` and `/metrics`: limited apart from the API, per IP address.
+        self.observe_limiter = RateLimiter(rate=STATUS_RATE, burst=4 * STATUS_RATE)
         self.relays = RelayTable(config.relay_limit)
         self.repairer = Repairer(self, config.repair_after) if config.repair_after > 0 else None
         # Introduction keys this server handed out: (client, agent address, expiry). A key
@@ -269,16 +273,21 @@ class DiscoveryServer:
             "clients-restricted": self.verifier is not None,
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self, after: str = "", limit: int = STATUS_AGENTS) -> dict[str, Any]:
+        """The status document: totals over every agent (a pass over the agents, no more), and
+        one page of at most `limit` agents in id order, those after `after` (`next` continues)."""
         now = self.now()
+        records = self.registry.all()
+        live = [r for r in records if self.registry.is_live(r, now)]
+        page = heapq.nsmallest(limit + 1, (r for r in records if r.agent_id > after), key=lambda r: r.agent_id)
+        more = len(page) > limit
         agents = []
-        for rec in sorted(self.registry.all(), key=lambda r: r.agent_id):
+        for rec in page[:limit]:
             summary = rec.summary(now, self.heartbeat)
             summary["live"] = self.registry.is_live(rec, now)
             relayed = rec.address is not None and self.relays.recently_relayed(rec.address, now)
             summary["reached"] = "relayed" if relayed else "direct"
             agents.append(summary)
-        live = [a for a in agents if a["live"]]
         return {
             "server": {
                 "version": dsss.__version__,
@@ -287,13 +296,14 @@ class DiscoveryServer:
                 "heartbeat": self.heartbeat,
             },
             "agents": agents,
+            "next": agents[-1]["id"] if more else None,
             "totals": {
-                "agents": len(agents),
+                "agents": len(records),
                 "live": len(live),
-                "capacity": sum(a["capacity"] for a in live),
-                "free": sum(a["free"] for a in live),
-                "used": sum(a["used"] for a in live),
-                "parts": sum(a["parts"] for a in live),
+                "capacity": sum(r.capacity for r in live),
+                "free": sum(r.free for r in live),
+                "used": sum(max(0, r.capacity - r.free) for r in live),
+                "parts": sum(len(r.blocks) for r in live),
                 "parts-indexed": self.registry.counts()["indexed-parts"],
             },
             "activity": {**self.stats, **self.metrics.activity(),
