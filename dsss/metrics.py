@@ -359,6 +359,9 @@ class _AgentStateCollector(Collector):
                       transfers.refused)
         yield counter("dsss_agent_forwards", "Chained uploads passed on to the next agent.",
                       transfers.forwards)
+        yield counter("dsss_agent_uploads_expired",
+                      "Uploads dropped for falling behind the minimum rate or their deadline (space freed).",
+                      transfers.expired)
         yield counter("dsss_agent_forward_failures",
                       "Chained uploads this agent could not pass on (the uploader made that copy).",
                       transfers.forward_failures)

@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 from nacl.signing import SigningKey
+from twisted.logger import Logger
 
 from dsss.errors import LocalUsageError
 from dsss.fileutil import atomic_write
+
+log = Logger()
 
 IDENTITY_FILE = "identity.key"
 SEQ_FILE = "registration.seq"
@@ -27,6 +30,7 @@ class AgentIdentity:
         self.seed = bytes(signing_key)
         self.agent_id = signing_key.verify_key.encode().hex()
         self._seq_path = seq_path
+        self._last_seq = 0
 
     @classmethod
     def load_or_create(cls, storage: str | os.PathLike[str]) -> "AgentIdentity":
@@ -48,13 +52,27 @@ class AgentIdentity:
         return cls(SigningKey(seed), root / SEQ_FILE)
 
     def next_seq(self) -> int:
-        """A registration sequence number larger than every one used before by this agent."""
+        """A registration sequence number larger than every one used before by this agent.
+
+        The number is the time in microseconds, or one more than the last one used if that is
+        larger (a clock that went back). The last one is kept in memory and in SEQ_FILE; if
+        the file cannot be written (a full or read-only disk), registration goes on with the
+        number anyway: an agent whose disk is full must stay a member that serves what it
+        holds, and the clock alone keeps its numbers increasing across restarts.
+        """
         try:
-            last = int(self._seq_path.read_text().strip() or "0")
-        except (FileNotFoundError, ValueError):
-            last = 0
-        seq = max(last + 1, time.time_ns() // 1000)
-        atomic_write(self._seq_path, f"{seq}\n".encode())
+            on_disk = int(self._seq_path.read_text().strip() or "0")
+        except (OSError, ValueError):
+            on_disk = 0
+        seq = max(on_disk + 1, self._last_seq + 1, time.time_ns() // 1000)
+        self._last_seq = seq
+        try:
+            atomic_write(self._seq_path, f"{seq}\n".encode())
+        except OSError as e:
+            log.warn(
+                "cannot record registration number {seq} in {path} ({error}); registering anyway",
+                seq=seq, path=str(self._seq_path), error=e.strerror or str(e),
+            )
         return seq
 
     def sign(self, data: bytes) -> str:

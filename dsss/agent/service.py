@@ -17,6 +17,7 @@ import dsss
 from dsss.agent.control import ServerConnection, ServerConnectionFactory
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
+from dsss.agent.reservations import UploadPolicy
 from dsss.agent.scrub import BUSY_WINDOW, ScrubPacer, Scrubber
 from dsss.crypto.certs import make_certificate
 from dsss.errors import DSSSError, StorageFull
@@ -48,6 +49,8 @@ class AgentConfig:
     metrics: str | None = None  # endpoint string for Prometheus /metrics
     # Bytes per second re-read by the background scrub (0: no scrubbing).
     scrub_rate: int = 8 * 1024 * 1024
+    # What an upload in progress must keep to (dsss.agent.reservations).
+    upload_policy: UploadPolicy = UploadPolicy()
 
 
 class StorageAgent:
@@ -215,7 +218,7 @@ class AgentService(MultiService):
 
         self.reactor = reactor
         self.agent = StorageAgent(reactor, config)
-        self.transfers = TransferHandler(self.agent)
+        self.transfers = TransferHandler(self.agent, config.upload_policy)
         identity = make_certificate(self.agent.identity.seed)
         self.quic = QuicEndpoint(
             reactor,
@@ -251,6 +254,7 @@ class AgentService(MultiService):
         agent.maybe_ping()
         agent.introductions.expire(self.reactor.seconds())
         agent.maybe_report_space()
+        self.transfers.expire(self.reactor.seconds())
         busy = self.reactor.seconds() - self.transfers.last_active < BUSY_WINDOW
         if self._scrub_pacer.may_read(TICK, busy):
             self._scrub_pacer.spent(agent.scrubber.step(1))

@@ -8,12 +8,14 @@ from typing import Any
 
 from twisted.python import usage
 
+from dsss.agent.reservations import UploadPolicy
 from dsss.agent.service import AgentConfig, make_agent_service
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.model import is_decimal, parse_size
 from dsss.storage.blockstore import StoreFormatError, check_store_format
+from dsss.wire.transfer import MAX_PART
 
 
 class Options(usage.Options):
@@ -27,6 +29,9 @@ class Options(usage.Options):
         ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-65000; more than 1452 only on loopback)."],
         ["scrub-rate", None, "8M", "Bytes per second re-read to detect bit rot (0 to disable; 1/8 of it during transfers)."],
         ["metrics", None, None, "Endpoint for Prometheus /metrics, e.g. tcp:9100:interface=127.0.0.1."],
+        ["upload-min-rate", None, "32K",
+         "Bytes per second an upload must keep up (over 10 s, after 10 s of grace), or it is dropped."],
+        ["reserve-per-source", None, "256M", "Bytes that uploads from one IP address may hold reserved at once."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -63,6 +68,15 @@ class Options(usage.Options):
             scrub_rate = parse_size(self["scrub-rate"])
         except BadRequest as e:
             raise usage.UsageError(f"--scrub-rate: {e}") from None
+        try:
+            min_rate = parse_size(self["upload-min-rate"])
+            per_source = parse_size(self["reserve-per-source"])
+        except BadRequest as e:
+            raise usage.UsageError(f"--upload-min-rate/--reserve-per-source: {e}") from None
+        if min_rate < 1 or per_source < MAX_PART:
+            raise usage.UsageError(
+                f"--upload-min-rate must be at least 1 and --reserve-per-source at least {MAX_PART} (one part)"
+            )
         dsize = self["datagram-size"]
         if not is_decimal(str(dsize)) or not 1200 <= int(dsize) <= 65000:
             raise usage.UsageError("--datagram-size must be an integer from 1200 to 65000")
@@ -76,6 +90,7 @@ class Options(usage.Options):
             max_datagram_size=int(dsize),
             scrub_rate=scrub_rate,
             metrics=self["metrics"],
+            upload_policy=UploadPolicy(min_rate=float(min_rate), per_source=per_source),
         )
 
 

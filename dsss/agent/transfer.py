@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
+from dsss.agent.reservations import SourceReservations, UploadPolicy, UploadWatch
 from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.model import PeerAddress
 from dsss.storage.blockstore import BlockStore, BlockWriter
@@ -183,6 +184,10 @@ class _StreamRequest:
         self.forward: _Forward | None = None
         self.upload: wt.Upload | None = None
         self.discard = False  # the body is not needed (the part is stored here already)
+        # While the body arrives: its progress against the upload policy, and the space it
+        # holds reserved against its source.
+        self.watch: UploadWatch | None = None
+        self.reserved_by: str | None = None
         self.finished = False
         handler.touch()
         stream.on_data = self.data
@@ -216,6 +221,7 @@ class _StreamRequest:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+        self.release()
         if self.forward is not None:
             self.forward.fail("the upload was aborted")
             self.forward = None
@@ -261,7 +267,20 @@ class _StreamRequest:
                 else:
                     self.reply(wt.Done())
                 return
-            self.writer = self.agent.store.begin_write(req.block, req.size)
+            source = self.client().host
+            if not self.handler.reservations.admit(source, req.size):
+                raise Busy(
+                    f"uploads from {source} already hold "
+                    f"{self.handler.reservations.held(source)} bytes reserved here; try again"
+                )
+            self.reserved_by = source
+            try:
+                self.writer = self.agent.store.begin_write(req.block, req.size)
+            except BaseException:
+                self.release()
+                raise
+            self.watch = UploadWatch(self.handler.policy, req.size, now)
+            self.handler.receiving.add(self)
             if req.chain:
                 self.forward = _Forward(self.handler, req)
                 self.handler.forwards += 1
@@ -282,6 +301,7 @@ class _StreamRequest:
                 writer_chained = self.upload is not None and self.upload.chained
                 if forward is not None:
                     forward.end()  # the next agent verifies and stores while we do
+                self.release()
                 try:
                     writer.commit()
                 except DSSSError:
@@ -367,6 +387,24 @@ class _StreamRequest:
         own = self.agent.identity.sign(wt.receipt_message(self.upload.block, self.upload.key))
         self.reply(wt.Stored((own, *receipts)))
 
+    def release(self) -> None:
+        """The body is complete or abandoned: free the source's reservation and stop watching."""
+        self.handler.receiving.discard(self)
+        self.watch = None
+        if self.reserved_by is not None and self.upload is not None:
+            self.handler.reservations.release(self.reserved_by, self.upload.size)
+            self.reserved_by = None
+
+    def expire(self, now: float) -> bool:
+        """Drop the upload if it fell behind the policy; True if it was dropped."""
+        if self.watch is None or self.writer is None:
+            return False
+        why = self.watch.check(self.writer.received, now)
+        if why is None:
+            return False
+        self.refuse(UploadTimeout(f"upload dropped: {why}"))
+        return True
+
     def error(self, err: Any) -> None:
         self.abort()
         self.finished = True
@@ -376,11 +414,17 @@ class Busy(DSSSError):
     code = "busy"
 
 
+class UploadTimeout(DSSSError):
+    """An upload fell behind the minimum rate or its deadline; its space was freed."""
+
+    code = "timeout"
+
+
 class TransferHandler:
     # Bytes of download replies queued at once, over all streams.
     MAX_SERVING = 256 * 1024 * 1024
 
-    def __init__(self, agent: TransferAgent) -> None:
+    def __init__(self, agent: TransferAgent, policy: UploadPolicy = UploadPolicy()) -> None:
         self.agent = agent
         self.serving = 0
         self.max_serving = self.MAX_SERVING
@@ -389,8 +433,22 @@ class TransferHandler:
         self.refused = 0
         self.forwards = 0  # chained uploads passed on to the next agent
         self.forward_failures = 0
+        self.policy = policy
+        self.reservations = SourceReservations(self.policy.per_source)
+        self.receiving: set[_StreamRequest] = set()  # uploads whose body is arriving
+        self.expired = 0  # uploads dropped for falling behind the policy
+        self._next_expiry = float("-inf")
         # When a transfer last started or ended (the background scrub slows down after it).
         self.last_active = float("-inf")
+
+    def expire(self, now: float) -> None:
+        """Drop the uploads that fell behind (checked at most once a second)."""
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
+        for req in list(self.receiving):
+            if req.expire(now):
+                self.expired += 1
 
     def touch(self) -> None:
         self.last_active = self.agent.clock.seconds()

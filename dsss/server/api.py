@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from klein import Klein
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from werkzeug.exceptions import HTTPException
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -21,8 +23,9 @@ from dsss.metrics import ServerMetrics, endpoint_namer, render_metrics
 from dsss.model import PeerAddress, check_block_id, check_local_address, is_decimal
 from dsss.ratelimit import RateLimiter
 from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
+from dsss.server.connlimit import headers_complete
 from dsss.server.registry import Registry
-from dsss.server.status_page import CONTENT_SECURITY_POLICY, render_page
+from dsss.server.status_page import CONTENT_SECURITY_POLICY, STATUS_AGENTS, STATUS_MAX_AGENTS, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
 
 
@@ -31,6 +34,8 @@ class ApiServer(Protocol):
 
     @property
     def http_limiter(self) -> RateLimiter: ...
+    @property
+    def observe_limiter(self) -> RateLimiter: ...
     @property
     def verifier(self) -> RequestVerifier | None: ...
     @property
@@ -45,7 +50,7 @@ class ApiServer(Protocol):
     def now(self) -> float: ...
     def warming(self) -> bool: ...
     def info(self) -> dict[str, Any]: ...
-    def status(self) -> dict[str, Any]: ...
+    def status(self, after: str = "", limit: int = ...) -> dict[str, Any]: ...
     async def who_has(self, block: str) -> list[PeerAddress]: ...
     def where_to_upload(self, size: int, exclude: list[PeerAddress],
                         count: int | None = None) -> list[PeerAddress]: ...
@@ -59,6 +64,9 @@ MAX_INTRODUCTIONS = 16
 # Agents one /api/where-to-upload may ask for (`count`), and hashes in one /api/upload-to (the
 # shares of an erasure-coded part, each for an agent of its own).
 MAX_COUNT = 64
+
+
+_AGENT_ID = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
@@ -139,6 +147,8 @@ class BoundedRequest(Request):
     _body_seen = 0
 
     def gotLength(self, length: int | None) -> None:
+        # Called once the request's headers are in: the connection's header deadline stops.
+        headers_complete(self.channel.transport if self.channel is not None else None, self.notifyFinish())
         if length is not None and length > self.MAX_BODY:
             self._refuse()
             return
@@ -392,12 +402,30 @@ class DiscoveryAPI:
     def info(self, request: IRequest) -> bytes:
         return _json(request, self.server.info())
 
+    def _admit_observer(self, request: IRequest) -> None:
+        """`/`, `/api/status` and `/metrics` have a rate limit of their own per IP address."""
+        peer = request.getClientAddress()
+        host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else "local"
+        if not self.server.observe_limiter.allow(host, self.server.now()):
+            raise RateLimited("too many status requests from your address; slow down")
+
     @app.route("/api/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
-        return _json(request, self.server.status())
+        self._admit_observer(request)
+        after = _arg(request, "after", required=False) or ""
+        if after and not _AGENT_ID.match(after):
+            raise BadRequest("after must be an agent id (64 lowercase hex digits)")
+        limit_text = _arg(request, "limit", required=False)
+        limit = STATUS_AGENTS
+        if limit_text is not None:
+            if not is_decimal(limit_text) or not 1 <= int(limit_text) <= STATUS_MAX_AGENTS:
+                raise BadRequest(f"limit must be a number from 1 to {STATUS_MAX_AGENTS}")
+            limit = int(limit_text)
+        return _json(request, self.server.status(after, limit))
 
     @app.route("/", methods=["GET"])
     def status_page(self, request: IRequest) -> bytes:
+        self._admit_observer(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY.encode("ascii"))
@@ -406,4 +434,5 @@ class DiscoveryAPI:
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
+        self._admit_observer(request)
         return render_metrics(self.server.metrics.registry, request)

@@ -11,8 +11,10 @@ from nacl.signing import VerifyKey
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from dsss.budget import ConnectionBudget
 from dsss.errors import AccessDenied, RemoteProtocolError
 from dsss.lineproto import ControlLineProtocol
+from dsss.server.connlimit import REFUSAL_LOG_INTERVAL, source_of
 from dsss.server.registry import AgentRecord, Registry, ReplayError
 from dsss.wire import control as wc
 
@@ -32,6 +34,12 @@ class ControlServer(Protocol):
     def heartbeat(self) -> float: ...
     @property
     def udp_port(self) -> int: ...
+    @property
+    def control_budget(self) -> ConnectionBudget: ...
+    @property
+    def pending_budget(self) -> ConnectionBudget: ...
+    @property
+    def agent_budget(self) -> ConnectionBudget: ...
 
     def agent_allowed(self, agent_id: str) -> bool: ...
 
@@ -47,8 +55,11 @@ class AgentConnection(ControlLineProtocol):
         self.session = secrets.token_hex(16)
         self.record: AgentRecord | None = None
         self.peer = "?"
+        # The source IP this connection is counted against in the server's control budgets
+        # (set by the factory), and whether it now counts as a registered agent there.
         self.peer_host: str | None = None
         self.opened_at = server.clock.seconds()  # again once connected
+        self.counted_as_agent = False
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -60,6 +71,13 @@ class AgentConnection(ControlLineProtocol):
     def connectionLost(self, reason: object = None) -> None:
         super().connectionLost(reason)  # type: ignore[arg-type]
         self.server.connections.discard(self)
+        if self.peer_host is not None:
+            self.server.control_budget.release(self.peer_host)
+            if self.counted_as_agent:
+                self.server.agent_budget.release(self.peer_host)
+            else:
+                self.server.pending_budget.release(self.peer_host)
+            self.peer_host = None
         rec = self.server.registry.unregister(self)
         if rec is not None:
             log.info("agent {agent} disconnected", agent=rec.agent_id[:16])
@@ -111,6 +129,17 @@ class AgentConnection(ControlLineProtocol):
         if not self.server.agent_allowed(msg.agent_id):
             self.bad_input("this agent is not allowed to join", fatal=True, code="denied")
             return None
+        if self.peer_host is not None and not self.counted_as_agent:
+            if not self.server.agent_budget.admit(self.peer_host):
+                self.bad_input(
+                    f"too many agents registered from {self.peer_host} "
+                    f"(at most {self.server.agent_budget.per_source})",
+                    fatal=True,
+                    code="denied",
+                )
+                return None
+            self.server.pending_budget.release(self.peer_host)
+            self.counted_as_agent = True
         try:
             rec, old = self.server.registry.register(
                 agent_id=msg.agent_id,
@@ -140,23 +169,37 @@ class AgentConnection(ControlLineProtocol):
         return wc.Welcome(rec.token, self.server.heartbeat, self.server.udp_port)
 
 
+MAX_UNREGISTERED_PER_IP = 32
+"""Control connections from one IP address that have not registered yet."""
+
+
 class AgentConnectionFactory(Factory):
-    # Connections that have not registered yet, per source IP, and all connections: beyond
-    # these, new connections are refused at once, so a flood cannot crowd out real agents.
-    MAX_UNREGISTERED_PER_IP = 32
-    MAX_CONNECTIONS = 20000
+    """Builds AgentConnections within the server's control budgets: all control connections,
+    those not registered yet per source IP (a flood cannot crowd out real agents), and
+    registered agents per source IP (checked at registration). Beyond them a new connection is
+    closed at once."""
 
     def __init__(self, server: ControlServer) -> None:
         self.server = server
+        self._last_refusal_log = float("-inf")
 
     def buildProtocol(self, addr: object) -> AgentConnection | None:
-        conns = self.server.connections
-        host = getattr(addr, "host", None)
-        pending = sum(1 for c in conns if c.record is None and c.peer_host == host)
-        if len(conns) >= self.MAX_CONNECTIONS or pending >= self.MAX_UNREGISTERED_PER_IP:
-            log.warn("refusing a control connection from {host}: too many", host=host)
+        host = source_of(addr)
+        server = self.server
+        if not server.control_budget.admit(host):
+            self._refused(host)
+            return None
+        if not server.pending_budget.admit(host):
+            server.control_budget.release(host)
+            self._refused(host)
             return None
         p = AgentConnection(self.server)
         p.peer_host = host
         p.factory = self
         return p
+
+    def _refused(self, host: str) -> None:
+        now = self.server.clock.seconds()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            log.warn("refusing control connections from {host}: too many", host=host)
+            self._last_refusal_log = now

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,8 +27,11 @@ from dsss.server.repair import Repairer
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
 from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
+from dsss.budget import ConnectionBudget
 from dsss.server.api import BoundedRequest, DiscoveryAPI
-from dsss.server.control import AgentConnection, AgentConnectionFactory
+from dsss.server.connlimit import BudgetedFactory
+from dsss.server.status_page import STATUS_AGENTS, STATUS_RATE
+from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentConnectionFactory
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
@@ -55,6 +59,14 @@ class ServerConfig:
     # Seconds a part may stay below the replica count before the server copies it again
     # (0: never; `dsss.client repair` still works).
     repair_after: float = 600.0
+    # Connection budgets (dsss.budget): HTTP connections in all and per source IP, the seconds
+    # a connection has to complete a request's headers, control connections in all, and
+    # registered agents per source IP. `tap` sizes the totals from the descriptor limit.
+    http_connections: int = 4096
+    http_connections_per_ip: int = 128
+    http_header_timeout: float = 10.0
+    agent_connections: int = 16384
+    agents_per_ip: int = 256
 
 
 class DiscoveryServer:
@@ -68,6 +80,13 @@ class DiscoveryServer:
         self.udp_port = config.udp_port
         self.registry = Registry(config.heartbeat, rng=rng)
         self.connections: set[AgentConnection] = set()
+        # Separate budgets for the two TCP ports, so that a flood of one cannot take the other's
+        # descriptors: HTTP connections; control connections in all, not yet registered per
+        # source, and registered agents per source.
+        self.http_budget = ConnectionBudget(config.http_connections, config.http_connections_per_ip)
+        self.control_budget = ConnectionBudget(config.agent_connections, config.agent_connections)
+        self.pending_budget = ConnectionBudget(config.agent_connections, MAX_UNREGISTERED_PER_IP)
+        self.agent_budget = ConnectionBudget(config.agent_connections, config.agents_per_ip)
         self.started_at = clock.seconds()
         # The server's own Curve25519 key, against which listed clients sign their requests.
         self.box_key = PrivateKey.generate()
@@ -77,6 +96,8 @@ class DiscoveryServer:
             else None
         )
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
+        # `/`, `/api/status` and `/metrics`: limited apart from the API, per IP address.
+        self.observe_limiter = RateLimiter(rate=STATUS_RATE, burst=4 * STATUS_RATE)
         self.relays = RelayTable(config.relay_limit)
         self.repairer = Repairer(self, config.repair_after) if config.repair_after > 0 else None
         # Introduction keys this server handed out: (client, agent address, expiry). A key
@@ -252,16 +273,21 @@ class DiscoveryServer:
             "clients-restricted": self.verifier is not None,
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self, after: str = "", limit: int = STATUS_AGENTS) -> dict[str, Any]:
+        """The status document: totals over every agent (a pass over the agents, no more), and
+        one page of at most `limit` agents in id order, those after `after` (`next` continues)."""
         now = self.now()
+        records = self.registry.all()
+        live = [r for r in records if self.registry.is_live(r, now)]
+        page = heapq.nsmallest(limit + 1, (r for r in records if r.agent_id > after), key=lambda r: r.agent_id)
+        more = len(page) > limit
         agents = []
-        for rec in sorted(self.registry.all(), key=lambda r: r.agent_id):
+        for rec in page[:limit]:
             summary = rec.summary(now, self.heartbeat)
             summary["live"] = self.registry.is_live(rec, now)
             relayed = rec.address is not None and self.relays.recently_relayed(rec.address, now)
             summary["reached"] = "relayed" if relayed else "direct"
             agents.append(summary)
-        live = [a for a in agents if a["live"]]
         return {
             "server": {
                 "version": dsss.__version__,
@@ -270,13 +296,14 @@ class DiscoveryServer:
                 "heartbeat": self.heartbeat,
             },
             "agents": agents,
+            "next": agents[-1]["id"] if more else None,
             "totals": {
-                "agents": len(agents),
+                "agents": len(records),
                 "live": len(live),
-                "capacity": sum(a["capacity"] for a in live),
-                "free": sum(a["free"] for a in live),
-                "used": sum(a["used"] for a in live),
-                "parts": sum(a["parts"] for a in live),
+                "capacity": sum(r.capacity for r in live),
+                "free": sum(r.free for r in live),
+                "used": sum(max(0, r.capacity - r.free) for r in live),
+                "parts": sum(len(r.blocks) for r in live),
                 "parts-indexed": self.registry.counts()["indexed-parts"],
             },
             "activity": {**self.stats, **self.metrics.activity(),
@@ -311,7 +338,8 @@ class ServerService(MultiService):
         self.api = DiscoveryAPI(self.server)
         site = Site(self.api.resource())
         site.requestFactory = BoundedRequest
-        self.http = EndpointService(reactor, config.http, site)
+        self.http_factory = BudgetedFactory(site, self.server.http_budget, reactor, config.http_header_timeout)
+        self.http = EndpointService(reactor, config.http, self.http_factory)
         self.http.setServiceParent(self)
         self.control = EndpointService(reactor, config.control, AgentConnectionFactory(self.server))
         self.control.setServiceParent(self)

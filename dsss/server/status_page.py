@@ -20,6 +20,14 @@ from decimal import ROUND_HALF_UP, Decimal
 from html import escape
 from typing import Any
 
+STATUS_AGENTS = 200
+"""Agents listed on one page of the status document (the totals cover every agent)."""
+STATUS_MAX_AGENTS = 1000
+"""The most a caller may ask for on one page (`/api/status?limit=`)."""
+STATUS_RATE = 5.0
+"""Requests per second one IP address may make to `/`, `/api/status` and `/metrics`."""
+
+
 REFRESH_SECONDS = 2
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -135,6 +143,10 @@ SCRIPT = """
           num(g["last-heartbeat"], g["last-heartbeat"].toFixed(1) + " s ago"),
           el("td", {}, g.version));
       }), "No agent has registered yet."));
+    if (s.next !== null && s.next !== undefined) {
+      out.push(el("p", {id: "agents-more"}, "The first " + s.agents.length + " of " + t.agents +
+        " agents; the rest through api/status?after=" + s.next));
+    }
     out.push(el("h2", {}, "Recent activity"));
     out.push(table("recent", ["Time", "Operation", "Part", "Agent", "Result"],
       a.recent.map(function (e) {
@@ -303,10 +315,20 @@ def render_sections(status: dict[str, Any]) -> str:
         _table("agents", ["Agent", "Public address", "Reached", "State", "Capacity", "Used", "Free",
                           "Parts", "Last heartbeat", "Version"],
                [_agent_row(g) for g in status["agents"]], "No agent has registered yet."),
+        _more_agents(status),
         _el("h2", None, "Recent activity"),
         _table("recent", ["Time", "Operation", "Part", "Agent", "Result"],
                [_event_row(e) for e in a["recent"]], "Nothing yet."),
     ])
+
+
+def _more_agents(status: dict[str, Any]) -> str:
+    """Beyond one page of agents the page lists the first and says where the rest are."""
+    if status.get("next") is None:
+        return ""
+    return _el("p", {"id": "agents-more"}, _text(
+               f"The first {len(status['agents'])} of {status['totals']['agents']} agents; "
+               f"the rest through api/status?after={status['next']}"))
 
 
 def render_page(status: dict[str, Any]) -> bytes:

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
+from dsss.budget import BudgetPlan, DescriptorLimitError, plan_budgets
 from dsss.clientauth import parse_client_list
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.model import is_decimal, parse_size
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.server.service import ServerConfig, make_server_service
+
+log = Logger()
 
 
 def _positive_float(text: str, what: str, minimum: float = 0.01) -> float:
@@ -63,6 +68,13 @@ class Options(usage.Options):
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
         ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
         ["repair-after", None, "600", "Seconds a part may lack replicas before the server copies it again (0: never)."],
+        ["http-connections", None, None,
+         "HTTP connections open at once, in all (default: 4096, less if the descriptor limit is lower)."],
+        ["http-connections-per-ip", None, "128", "HTTP connections open at once from one IP address."],
+        ["http-header-timeout", None, "10", "Seconds a connection has to send a request's headers."],
+        ["agent-connections", None, None,
+         "Agents' control connections open at once, in all (default: 16384, less if the descriptor limit is lower)."],
+        ["agents-per-ip", None, "256", "Agents registered at once from one IP address."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -109,6 +121,13 @@ class Options(usage.Options):
             raise usage.UsageError(f"--relay-limit: {e}") from None
         if relay_limit < 1024:
             raise usage.UsageError("--relay-limit must be at least 1K (bytes per second)")
+        http_total = _count(self["http-connections"], "--http-connections")
+        control_total = _count(self["agent-connections"], "--agent-connections")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            self.plan = plan_budgets(soft, hard, http_total, control_total)
+        except DescriptorLimitError as e:
+            raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
             http=self["http"],
             control=self["control"],
@@ -122,10 +141,40 @@ class Options(usage.Options):
             http_rate=http_rate,
             relay_limit=relay_limit,
             repair_after=_repair_after(self["repair-after"]),
+            http_connections=self.plan.http_total,
+            http_connections_per_ip=_count(self["http-connections-per-ip"], "--http-connections-per-ip") or 1,
+            http_header_timeout=_positive_float(self["http-header-timeout"], "--http-header-timeout", minimum=0.1),
+            agent_connections=self.plan.control_total,
+            agents_per_ip=_count(self["agents-per-ip"], "--agents-per-ip") or 1,
         )
+
+
+def _count(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    if not is_decimal(str(text)) or not 1 <= int(text) <= 10_000_000:
+        raise usage.UsageError(f"{what} must be a whole number from 1 to 10000000, got {text!r}")
+    return int(text)
+
+
+def apply_descriptor_limit(plan: BudgetPlan) -> None:
+    """Raise this process's soft descriptor limit to what the connection budgets need (never
+    above the hard limit, which `plan_budgets` already checked), and say what was planned."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < plan.limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (plan.limit, hard))
+        soft = plan.limit
+    log.info(
+        "connection budgets: {http} HTTP, {control} control connections ({needed} descriptors of {soft})",
+        http=plan.http_total,
+        control=plan.control_total,
+        needed=plan.needed,
+        soft=soft,
+    )
 
 
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
+    apply_descriptor_limit(options.plan)
     return make_server_service(reactor, options.config)

@@ -244,3 +244,71 @@ def test_a_server_that_does_not_acknowledge_holds_an_upload_back_two_seconds_at_
     assert run_until(rig.clock, lambda: bool(results), timeout=HAVE_WAIT + 5)
     assert rig.clock.seconds() - started >= HAVE_WAIT - 0.01
     assert wt.parse_reply(results[0].partition(b"\n")[0]) == wt.Done()
+
+
+class StalledUpload:
+    """An UPLOAD header and a few bytes on a stream that is never ended (an attacker's upload)."""
+
+    def __init__(self, rig, key, block, size, addr=CLIENT, first=b"x"):
+        self.reply = b""
+        self.ended = False
+        ep = rig.client(addr)
+        d = ep.connect(AGENT, expected_public_key=bytes.fromhex(rig.agent.identity.agent_id))
+        conns = []
+        d.addCallback(conns.append)
+        assert run_until(rig.clock, lambda: bool(conns), timeout=10)
+        self.stream = conns[0].open_stream()
+        self.stream.on_data = self._data
+        self.stream.on_end = self._end
+        self.stream.on_error = lambda e: self._end()
+        self.stream.write(wt.encode_request(wt.Upload(key, block, size)) + first)
+
+    def _data(self, chunk):
+        self.reply += chunk
+
+    def _end(self):
+        self.ended = True
+
+
+def advance_with_expiry(rig, seconds, step=1.0):
+    """Let `seconds` pass as the agent's tick would: transfers' expiry checked every step."""
+    end = rig.clock.seconds() + seconds
+    while rig.clock.seconds() < end:
+        run_until(rig.clock, lambda: False, timeout=step)
+        rig.handler.expire(rig.clock.seconds())
+
+
+def test_a_stalled_upload_is_dropped_and_frees_its_space(rig):
+    size = 16 * 1024 * 1024
+    block = block_hash(b"never sent")
+    free_before = rig.agent.store.free
+    up = StalledUpload(rig, rig.key(block, size), block, size)
+    run_until(rig.clock, lambda: rig.agent.store.reserved == size, timeout=5)
+    assert rig.agent.store.free == free_before - size  # reserved while it may still progress
+    policy = rig.handler.policy
+    advance_with_expiry(rig, policy.grace + policy.window + 2)
+    assert run_until(rig.clock, lambda: up.ended, timeout=5)
+    assert up.reply.startswith(b"ERROR timeout upload dropped: too slow")
+    assert rig.agent.store.reserved == 0 and rig.agent.store.free == free_before
+    assert not any((rig.agent.store.root / "incoming").iterdir())  # partial file deleted
+    assert rig.handler.expired == 1 and rig.handler.reservations.held(CLIENT[0]) == 0
+
+
+def test_one_source_cannot_reserve_more_than_its_share(tmp_path):
+    rig = Rig(tmp_path)
+    share = rig.handler.policy.per_source
+    size = 16 * 1024 * 1024
+    held = []
+    for i in range(share // size):
+        block = block_hash(b"%d" % i)
+        held.append(StalledUpload(rig, rig.key(block, size), block, size))
+    run_until(rig.clock, lambda: rig.handler.reservations.held(CLIENT[0]) == share, timeout=10)
+    block = block_hash(b"one too many")
+    over = StalledUpload(rig, rig.key(block, size), block, size)
+    assert run_until(rig.clock, lambda: over.ended, timeout=10)
+    assert over.reply.startswith(b"ERROR busy uploads from 127.0.0.3 already hold")
+    # Another source is not affected, and its honest upload is stored.
+    data = os.urandom(100_000)
+    honest = block_hash(data)
+    assert upload(rig, rig.key(honest, len(data), client=OTHER), honest, data, addr=OTHER) == wt.Done()
+    assert all(not h.ended for h in held)
