@@ -424,7 +424,7 @@ class TransferHandler:
     # Bytes of download replies queued at once, over all streams.
     MAX_SERVING = 256 * 1024 * 1024
 
-    def __init__(self, agent: TransferAgent, policy: UploadPolicy = UploadPolicy()) -> None:
+    def __init__(self, agent: TransferAgent, policy: UploadPolicy | None = None) -> None:
         self.agent = agent
         self.serving = 0
         self.max_serving = self.MAX_SERVING
@@ -433,7 +433,7 @@ class TransferHandler:
         self.refused = 0
         self.forwards = 0  # chained uploads passed on to the next agent
         self.forward_failures = 0
-        self.policy = policy
+        self.policy = policy if policy is not None else UploadPolicy()
         self.reservations = SourceReservations(self.policy.per_source)
         self.receiving: set[_StreamRequest] = set()  # uploads whose body is arriving
         self.expired = 0  # uploads dropped for falling behind the policy
