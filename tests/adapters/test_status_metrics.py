@@ -323,3 +323,30 @@ def test_log_format_json_tells_twistd_to_use_the_json_logger(tmp_path, monkeypat
     assert parent["logger"] is None  # text stays twistd's own observer
     with pytest.raises(usage.UsageError):
         parse_under_twistd(server_tap, ["--log-format", "json"], syslog=True)
+
+
+def test_status_lists_one_page_of_agents_and_totals_them_all(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    agents = [FakeAgent(server, 5000 + i, free=1000) for i in range(250)]
+    ids = sorted(a.rec.agent_id for a in agents)
+    code, _h, body = fetch(treq, "/api/status")[0]
+    doc = json.loads(body)
+    assert code == 200 and doc["totals"]["agents"] == 250 and doc["totals"]["free"] == 250 * 1000
+    assert [g["id"] for g in doc["agents"]] == ids[:200] and doc["next"] == ids[199]
+    doc = json.loads(fetch(treq, f"/api/status?after={doc['next']}")[0][2])
+    assert [g["id"] for g in doc["agents"]] == ids[200:] and doc["next"] is None
+    doc = json.loads(fetch(treq, "/api/status?limit=1000")[0][2])
+    assert len(doc["agents"]) == 250 and doc["next"] is None
+    for bad in ("limit=0", "limit=1001", "limit=x", "after=zz"):
+        assert fetch(treq, f"/api/status?{bad}")[0][0] == 400
+    page = fetch(treq, "/")[0][2].decode()
+    assert f"The first 200 of 250 agents; the rest through api/status?after={ids[199]}" in page
+
+
+def test_status_and_metrics_have_their_own_rate_limit(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    codes = [fetch(treq, path)[0][0] for path in ["/api/status", "/", "/metrics"] * 7]
+    assert codes[:20] == [200] * 20 and codes[20] == 429
+    assert fetch(treq, f"/api/who-has?q={HASH}")[0][0] == 200  # the API's bucket is apart
+    server.clock.advance(1)
+    assert fetch(treq, "/metrics")[0][0] == 200
