@@ -19,6 +19,7 @@ The package, one job per module:
     with the discovery server's relay;
   - L{dsss.quic._engine}: every use of qh3's private names, checked by
     C{check_engine} (a qh3 upgrade breaks this module only);
+  - L{dsss.quic.relay}: which peers are reached through a relay (sans-I/O);
   - L{dsss.quic.errors}; L{dsss.quic.testing}, an in-memory datagram network
     for tests.
 

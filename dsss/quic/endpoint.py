@@ -45,8 +45,9 @@ from dsss.quic._engine import Connection, native_identity, parse_header
 from dsss.quic.batching import GroPort, SegmentedSender, send_one_by_one
 from dsss.quic.connection import DEFAULT_HANDSHAKE_TIMEOUT, QuicConnectionHandle
 from dsss.quic.errors import ConnectionFailed, QuicError
+from dsss.quic.relay import RelayRoutes
 from dsss.quic.stream import QuicStream
-from dsss.wire.datagram import RELAY_PREFIX, decode_relay, encode_relay
+from dsss.wire.datagram import RELAY_PREFIX, decode_relay
 
 __all__ = [
     "ALPN",
@@ -85,9 +86,6 @@ CLOSE_GRACE = 3.0
 """Longest L{QuicEndpoint.close} waits for connections to finish closing."""
 BLOCKED_RETRY = 0.001
 """Delay before retrying a send that found the socket buffer full."""
-
-MAX_RELAY_PEERS = 4096
-"""Most peers remembered as reached through a relay."""
 
 DEFAULT_MAX_CONNECTIONS = 1024
 
@@ -145,10 +143,8 @@ class QuicEndpoint(DatagramProtocol):
         self._port: IListeningPort | None = None
         self._closing = False
         self._supported_versions = QuicConfiguration().supported_versions
-        # Relaying (TURN-like, through the discovery server): peers reached through a relay,
-        # and the relays whose wrapped packets we accept.
-        self._relay_peers: dict[Address, Address] = {}
-        self._relay_servers: set[Address] = set()
+        # Relaying (TURN-like, through the discovery server).
+        self._relays = RelayRoutes()
         # UDP segmentation offload (Linux): on until the kernel refuses it.
         self._sender = SegmentedSender()
 
@@ -306,27 +302,17 @@ class QuicEndpoint(DatagramProtocol):
     def trust_relay(self, relay: Address) -> None:
         """Accept packets that `relay` forwards (wrapped with RELAY_PREFIX) from other peers;
         our answers to those peers then go back through it."""
-        self._relay_servers.add((relay[0], relay[1]))
+        self._relays.trust(relay)
 
     def relay_via(self, peer: Address, relay: Address) -> None:
         """Reach `peer` through `relay` from now on (the relay must have authorized it)."""
-        relay = (relay[0], relay[1])
-        self._relay_servers.add(relay)
-        self._relay_peers[(peer[0], peer[1])] = relay
-        while len(self._relay_peers) > MAX_RELAY_PEERS:
-            del self._relay_peers[next(iter(self._relay_peers))]
-
-    def _direct_connection(self, peer: Address) -> bool:
-        return any(h.peer == peer for h in self._all) and peer not in self._relay_peers
+        self._relays.via(peer, relay)
 
     def relayed(self, peer: Address) -> bool:
-        return (peer[0], peer[1]) in self._relay_peers
+        return self._relays.relayed(peer)
 
-    def _route(self, data: bytes, addr: Address) -> tuple[bytes, Address]:
-        relay = self._relay_peers.get(addr)
-        if relay is None or addr in self._relay_servers:
-            return data, addr
-        return encode_relay(addr, data), relay
+    def _direct_connection(self, peer: Address) -> bool:
+        return any(h.peer == peer for h in self._all) and not self._relays.relayed(peer)
 
     # incoming datagrams
 
@@ -337,21 +323,10 @@ class QuicEndpoint(DatagramProtocol):
                 return
             peer = (addr[0], addr[1])
             if datagram[0] == RELAY_PREFIX[0]:
-                if peer not in self._relay_servers:
+                unwrapped = self._relays.unwrap(datagram, peer, self._direct_connection)
+                if unwrapped is None:
                     return
-                try:
-                    inner_peer, datagram = decode_relay(datagram)
-                except RemoteProtocolError:
-                    return
-                if not datagram or inner_peer in self._relay_servers:
-                    return  # nothing, or a relay posing as a relayed peer
-                if self._relay_peers.get(inner_peer) != peer:
-                    if self._direct_connection(inner_peer):
-                        # A peer we talk to directly is never re-routed by a relayed packet
-                        # (which anyone able to spoof the relay's address could forge).
-                        return
-                    self.relay_via(inner_peer, peer)
-                peer = inner_peer
+                datagram, peer = unwrapped
             if datagram[0] == CONTROL_PREFIX[0]:
                 self._on_control(datagram, peer)
                 return
@@ -379,7 +354,7 @@ class QuicEndpoint(DatagramProtocol):
             peer = (addr[0], addr[1])
             first = buffer[0]
             if first == RELAY_PREFIX[0]:
-                if peer in self._relay_servers and self._relayed_run(buffer, segment_size, peer):
+                if peer in self._relays.relays and self._relayed_run(buffer, segment_size, peer):
                     return
             elif not first & 0x80 and first != CONTROL_PREFIX[0]:
                 datagrams = [buffer[i : i + segment_size] for i in range(0, size, segment_size)]
@@ -429,7 +404,7 @@ class QuicEndpoint(DatagramProtocol):
             j = i + segment_size
             while j < size and buffer.startswith(header, j):
                 j += segment_size
-            known = self._relay_peers.get(inner_peer) == relay and inner_peer not in self._relay_servers
+            known = self._relays.known(inner_peer, relay)
             datagrams = [buffer[k + hlen : k + segment_size] for k in range(i, j, segment_size)]
             if not (known and self._one_connection(datagrams, inner_peer)):
                 for k in range(i, j, segment_size):
@@ -598,11 +573,11 @@ class QuicEndpoint(DatagramProtocol):
     def _send_unsent(self) -> bool:
         """Write queued datagrams; False if the socket buffer filled up."""
         unsent = self._unsent
-        if self._relay_peers:
+        if self._relays.peers:
             # Wrap what goes through a relay first (a no-op for what is already wrapped, which
             # is addressed to the relay): a connection's datagrams to the relay are then runs of
             # one size too.
-            route = self._route
+            route = self._relays.route
             unsent[:] = [route(data, addr) for data, addr in unsent]
         transport = self._transport()
         # The socket itself when there is one: Port.write re-validates the address of every
@@ -622,7 +597,7 @@ class QuicEndpoint(DatagramProtocol):
             self._schedule_flush(BLOCKED_RETRY)
             return
         try:
-            routed, to = self._route(data, addr) if self._relay_peers else (data, addr)
+            routed, to = self._relays.route(data, addr) if self._relays.peers else (data, addr)
             self._transport().write(routed, to)
         except BlockingIOError:
             self._unsent.append((data, addr))
