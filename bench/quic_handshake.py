@@ -5,8 +5,9 @@ settings) and a DSSS client, each connecting afresh N times.
 
 The agent side is a DSSS `QuicEndpoint` with an Ed25519 identity, in this process on the same
 reactor (so a handshake's time includes both sides' CPU). Each handshake uses a new client socket
-and ends with a close; one handshake per client first warms up and is not counted. Prints the median and the slowest handshake in milliseconds, and the probe
-timeouts (retransmitted flights) counted on the client side, which should be 0.
+and ends with a close; one handshake per client first warms up and is not counted. Prints the
+median and the slowest handshake in milliseconds, and the probe timeouts (retransmitted flights)
+counted on the client side, which should be 0.
 """
 
 from __future__ import annotations
