@@ -301,8 +301,7 @@ class QuicConnectionHandle:
         """Several datagrams of this connection, read at once (a UDP GRO run, or a relayed
         one unwrapped): they go to qh3's native core in one C{receive_many_datagrams} call,
         and their events are processed once.  (qh3's C{receive_gro_buffer} takes a run's
-        buffer as it is, but it measured no faster, and a connection stalled once under it
-        in CI; see docs/performance.md, step 13.)"""
+        buffer as it is, but it measured no faster, and a connection once stalled under it.)"""
         self._quic.receive_many_datagrams(datagrams, addr, now)
         self._changed()
 

@@ -82,3 +82,15 @@ def test_a_zero_padded_initial_allows_the_whole_first_flight() -> None:
         events.append(type(event).__name__)
     assert "HandshakeCompleted" in events
     assert server.probe_timeouts() == 0
+
+
+def test_the_pin_in_setup_cfg_is_the_range_checked() -> None:
+    import configparser
+    import re
+    from pathlib import Path
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[2] / "setup.cfg")
+    (pin,) = [line for line in setup["options"]["install_requires"].splitlines() if line.strip().startswith("qh3")]
+    low, high = _engine.SUPPORTED_QH3
+    assert re.fullmatch(rf"\s*qh3 >= {low[0]}\.{low[1]}, < {high[0]}\.{high[1]}\s*", pin), pin
