@@ -113,7 +113,7 @@ def listen_udp(
 ) -> IListeningPort:
     """Listen on UDP with large socket buffers; with UDP GRO where the reactor and kernel allow
     it if `protocol` takes runs of datagrams (`segmentsReceived`)."""
-    from dsss.udpgro import GroPort
+    from dsss.quic.batching import GroPort
 
     if hasattr(protocol, "segmentsReceived") and GroPort.usable(reactor):
         p = GroPort(port, protocol, interface=host, maxPacketSize=max_packet, reactor=reactor)

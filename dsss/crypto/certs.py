@@ -5,7 +5,7 @@ Self-signed X.509 certificates carrying a DSSS agent's Ed25519 identity.
 QUIC needs TLS 1.3 and TLS needs a certificate.  DSSS does not use a PKI: the
 certificate only carries the agent's Ed25519 public key, and the TLS
 CertificateVerify message proves that the peer holds the matching private key.
-Clients pin the raw public key (see L{dsss.quic.QuicEndpoint.connect}).
+Clients pin the raw public key (see L{dsss.quic.endpoint.QuicEndpoint.connect}).
 
 The key is derived from the same 32-byte seed that PyNaCl's
 C{nacl.signing.SigningKey(seed)} uses (the RFC 8032 private key), so

@@ -7,7 +7,7 @@
   NAT): a client asks with `RELAY <introduction key>` (a key this server handed it for that agent),
   then sends QUIC packets wrapped as relayed datagrams; the server forwards them, re-wrapped with
   the sender's address, over the NAT mappings both ends keep open towards it. It sees only QUIC
-  packets, encrypted end to end. On Linux the socket reads with UDP GRO (`dsss.udpgro.GroPort`):
+  packets, encrypted end to end. On Linux the socket reads with UDP GRO (`dsss.quic.batching.GroPort`):
   a run of relayed packets from one sender to one peer (QUIC sends them in GSO runs) arrives in
   one read and leaves in one `sendmsg` with UDP segmentation offload, headers swapped, instead
   of one read, one Python call and one `sendto` per packet.
@@ -23,10 +23,10 @@ from twisted.logger import Logger
 from dsss.errors import DSSSError
 from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
+from dsss.quic.batching import SegmentedSender
 from dsss.ratelimit import RateLimiter
 from dsss.server.registry import Registry
 from dsss.server.relay import RelayTable
-from dsss.udpgro import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, GSO_REFUSED, send_run
 from dsss.wire.datagram import (
     RELAY_PREFIX,
     DPing,
@@ -69,8 +69,8 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         # Relayed packets are limited by the relay's own per-pair byte rate instead.
         self.limiter = RateLimiter(rate=20, burst=40)
         self._peers: dict[tuple[str, int], PeerAddress] = {}
-        self._gso = True  # relayed runs leave in one sendmsg until the kernel refuses
-        self.runs_relayed = 0  # runs forwarded whole (for tests and curiosity)
+        # Relayed runs leave in one sendmsg until the kernel refuses.
+        self._sender = SegmentedSender(enabled=True)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -116,7 +116,7 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         sock = getattr(self.transport, "socket", None)
         src_addr = (addr[0], addr[1])
         src = None
-        if data[:1] == RELAY_PREFIX and sock is not None and self._gso:
+        if data[:1] == RELAY_PREFIX and sock is not None and self._sender.enabled:
             try:
                 src = self._peer(src_addr)
             except DSSSError:
@@ -167,28 +167,17 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         except DSSSError:
             return None
 
+    @property
+    def runs_relayed(self) -> int:
+        """Runs forwarded whole, in one sendmsg (for tests and curiosity)."""
+        return self._sender.runs
+
     def _send_relayed_run(self, sock: Any, run: list[bytes], dst_addr: tuple[str, int]) -> None:
-        """Send datagrams of one size (the last may be shorter) to one address, in GSO runs."""
-        i = 0
-        while i < len(run):
-            j, total = i, 0
-            while j < len(run) and j - i < GSO_MAX_SEGMENTS and total + len(run[j]) <= GSO_MAX_BYTES:
-                total += len(run[j])
-                j += 1
-            j = max(j, i + 1)
-            try:
-                send_run(sock, run[i:j], dst_addr)
-                if j - i > 1:
-                    self.runs_relayed += 1
-            except OSError as e:
-                if j - i > 1 and e.errno in GSO_REFUSED:
-                    log.info("UDP segmentation offload refused ({e}); relaying one datagram at a time", e=e)
-                    self._gso = False
-                    for datagram in run[i:]:
-                        self._sendto(sock, datagram, dst_addr)
-                    return
-                log.debug("relayed datagrams to {addr} not sent: {e}", addr=dst_addr, e=e)
-            i = j
+        """Send datagrams of one size (the last may be shorter) to one address, in GSO runs;
+        what finds the socket buffer full is dropped (QUIC recovers)."""
+        sent = self._sender.send(sock, [(datagram, dst_addr) for datagram in run])
+        if sent < len(run):
+            log.debug("{n} relayed datagrams to {addr} not sent: socket buffer full", n=len(run) - sent, addr=dst_addr)
 
     def _sendto(self, sock: Any, datagram: bytes, addr: tuple[str, int]) -> None:
         try:

@@ -16,7 +16,7 @@ from dsss.client.peer import _receipted
 from dsss.crypto.certs import make_certificate
 from dsss.model import PeerAddress, block_hash
 from dsss.quic import QuicEndpoint
-from dsss.quic_testing import MemoryDatagramLink, run_until
+from dsss.quic.testing import MemoryDatagramLink, run_until
 from dsss.wire import transfer as wt
 
 CLIENT = ("127.0.0.3", 5000)

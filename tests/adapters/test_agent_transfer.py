@@ -13,7 +13,7 @@ from dsss.agent.transfer import TransferHandler
 from dsss.crypto.certs import make_certificate
 from dsss.model import PeerAddress, block_hash
 from dsss.quic import QuicEndpoint
-from dsss.quic_testing import MemoryDatagramLink, run_until
+from dsss.quic.testing import MemoryDatagramLink, run_until
 from dsss.wire import transfer as wt
 
 AGENT = ("127.0.0.2", 4000)

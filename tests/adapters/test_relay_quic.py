@@ -15,10 +15,10 @@ from twisted.internet.task import Clock
 from dsss.crypto.certs import make_certificate
 from dsss.model import PeerAddress, block_hash
 from dsss.quic import QuicEndpoint
-from dsss.quic_testing import MemoryDatagramLink, run_until
+from dsss.quic.testing import MemoryDatagramLink, run_until
 from dsss.server.service import DiscoveryServer, ServerConfig
 from dsss.server.udp import DiscoveryDatagramProtocol
-from dsss.udpgro import UDP_SEGMENT
+from dsss.quic.batching import UDP_SEGMENT
 from dsss.wire.datagram import DRelay, DRelayed, decode_relay, encode_datagram, encode_relay, parse_datagram
 
 S = ("198.51.100.1", 8471)
@@ -342,7 +342,7 @@ async def test_real_sockets_a_gso_run_is_relayed_whole():
     from twisted.internet.task import deferLater
 
     from dsss.endpoints import listen_udp
-    from dsss.udpgro import GroPort, send_run
+    from dsss.quic.batching import GroPort, send_run
 
     if not GroPort.usable(reactor):
         pytest.skip("UDP GRO needs Linux and a posix reactor")

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-Tests for L{dsss.quic}, L{dsss.quic_testing} and L{dsss.crypto.certs}.
+Tests for L{dsss.quic}, L{dsss.quic.testing} and L{dsss.crypto.certs}.
 
 Most tests join two L{QuicEndpoint}s with an in-memory datagram link driven by
 a L{Clock}; one moves 4 MiB over real UDP sockets on 127.0.0.1.
@@ -43,7 +43,7 @@ from dsss.quic import (
     ResponseTooLarge,
     StreamReset,
 )
-from dsss.quic_testing import MemoryDatagramLink, run_until
+from dsss.quic.testing import MemoryDatagramLink, run_until
 
 SERVER_SEED = bytes(range(32))
 OTHER_SEED = bytes(range(1, 33))
@@ -711,10 +711,10 @@ async def test_real_sockets_4mib_stream(kernel: str) -> None:
         assert handler.sha.digest() == hashlib.sha256(payload).digest()
         assert len(handler.chunks) > 1
         if kernel == "segments":
-            assert client._gso and proxy.segmented > 0
+            assert client._sender.enabled and proxy.segmented > 0
             assert runs and max(runs) > 1  # GSO runs arrived whole (UDP_GRO)
         else:
-            assert not client._gso and proxy.segmented == 0
+            assert not client._sender.enabled and proxy.segmented == 0
     finally:
         await client.close()
         await server.close()
