@@ -51,6 +51,7 @@ from qh3.quic.packet import (
     QuicErrorCode,
     QuicHeader,
     QuicPacketType,
+    encode_quic_retry,
     pull_quic_header,
     pull_quic_transport_parameters,
     push_quic_transport_parameters,
@@ -64,6 +65,7 @@ __all__ = [
     "EngineMismatch",
     "check_engine",
     "native_identity",
+    "encode_retry",
     "parse_header",
 ]
 
@@ -295,6 +297,19 @@ def native_identity(
 def parse_header(data: bytes, cid_length: int) -> QuicHeader:
     """The header of the first packet in C{data}; raises ValueError if it does not parse."""
     return pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
+
+
+def encode_retry(version: int | None, source_cid: bytes, destination_cid: bytes,
+                 original_destination_cid: bytes, token: bytes) -> bytes:
+    """A Retry packet (RFC 9000 17.2.5) carrying C{token}, with its integrity tag."""
+    assert version is not None
+    return encode_quic_retry(
+        version=version,
+        source_cid=source_cid,
+        destination_cid=destination_cid,
+        original_destination_cid=original_destination_cid,
+        retry_token=token,
+    )
 
 
 def _version_tuple(version: str) -> tuple[int, int]:

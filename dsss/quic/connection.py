@@ -50,6 +50,7 @@ class QuicEndpoint(Protocol):
     def _remove_cid(self, conn: "QuicConnectionHandle", cid: bytes) -> None: ...
     def _forget_peer(self, conn: "QuicConnectionHandle") -> None: ...
     def _forget(self, conn: "QuicConnectionHandle") -> None: ...
+    def _handshake_done(self, conn: "QuicConnectionHandle") -> None: ...
 
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "REQUEST_CHUNK", "QuicConnectionHandle"]
 
@@ -439,6 +440,7 @@ class QuicConnectionHandle:
                 )
                 return
         self._established = True
+        self._endpoint._handshake_done(self)
         if self._handshake_timeout is not None and self._handshake_timeout.active():
             self._handshake_timeout.cancel()
         self._handshake_timeout = None

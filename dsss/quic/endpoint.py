@@ -16,10 +16,16 @@ for the whole endpoint) from every connection that did something since the
 last turn, and leave through L{dsss.quic.batching}.  Everything runs on the
 injected clock, so tests drive it with L{twisted.internet.task.Clock} (see
 L{dsss.quic.testing}).
+
+New server-side handshakes pass address validation (L{dsss.quic.retry}) first.
+The module is a little over 600 lines because the demultiplexer, the table and
+the turn's sends share the connection table and are read together; the
+connection, stream, relay, batching and retry logic live in their own modules.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -41,11 +47,12 @@ from twisted.logger import Logger
 
 from dsss.endpoints import enlarge_socket_buffers
 from dsss.errors import RemoteProtocolError
-from dsss.quic._engine import Connection, native_identity, parse_header
+from dsss.quic._engine import Connection, encode_retry, native_identity, parse_header
 from dsss.quic.batching import GroPort, SegmentedSender, send_one_by_one
 from dsss.quic.connection import DEFAULT_HANDSHAKE_TIMEOUT, QuicConnectionHandle
 from dsss.quic.errors import ConnectionFailed, QuicError
 from dsss.quic.relay import RelayRoutes
+from dsss.quic.retry import RETRY_CID_LENGTH, AdmissionPolicy, HalfOpen, RetryTokens
 from dsss.quic.stream import QuicStream
 from dsss.wire.datagram import RELAY_PREFIX, decode_relay
 
@@ -105,6 +112,8 @@ class QuicEndpoint(DatagramProtocol):
         the default on real networks, raise it only on loopback.
     @param idle_timeout: seconds of silence after which a connection ends.
     @param max_connections: most server-side connections kept at once.
+    @param admission: when new handshakes must first answer a Retry (address
+        validation), and how many one address may hold half-open.
     """
 
     def __init__(
@@ -117,6 +126,7 @@ class QuicEndpoint(DatagramProtocol):
         max_datagram_size: int = 1452,
         idle_timeout: float = 30.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         if not SMALLEST_MAX_DATAGRAM_SIZE <= max_datagram_size <= MAX_DATAGRAM_SIZE_LIMIT:
             raise ValueError(
@@ -133,6 +143,11 @@ class QuicEndpoint(DatagramProtocol):
         self._max_datagram_size = max_datagram_size
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
+        # Server-side handshakes not completed yet, and the Retry tokens that validate addresses.
+        self._half_open = HalfOpen(admission or AdmissionPolicy())
+        self._half_open_handles: set[QuicConnectionHandle] = set()
+        self._retry_tokens = RetryTokens()
+        self.retries_sent = 0
         self._by_cid: dict[bytes, QuicConnectionHandle] = {}
         self._clients: dict[tuple[Address, bytes | None], QuicConnectionHandle] = {}
         self._servers: dict[Address, QuicConnectionHandle] = {}
@@ -450,12 +465,31 @@ class QuicEndpoint(DatagramProtocol):
         if sum(1 for h in self._all if not h.is_client) >= self._max_connections:
             log.warn("QUIC connection limit reached, dropping {addr!r}", addr=addr)
             return
-        self._accept(data, addr, header.destination_cid, now)
+        host = addr[0]
+        if self._half_open.full(host):
+            return  # this address already holds all the handshakes it may
+        original_cid, retry_cid = header.destination_cid, None
+        checked = self._retry_tokens.check(addr, header.token, now) if header.token else None
+        if checked is not None:
+            original_cid, retry_cid = checked
+        elif self._half_open.must_validate(host):
+            self._send_retry(header, addr, now)
+            return
+        self._accept(data, addr, header.destination_cid, original_cid, retry_cid, now)
 
-    def _accept(self, data: bytes, addr: Address, original_cid: bytes, now: float) -> None:
+    def _send_retry(self, header: Any, addr: Address, now: float) -> None:
+        """Ask the peer to prove its address: it must echo the token from this address."""
+        retry_cid = os.urandom(RETRY_CID_LENGTH)
+        token = self._retry_tokens.make(addr, header.destination_cid, retry_cid, now)
+        self._write(encode_retry(header.version, retry_cid, header.source_cid, header.destination_cid, token), addr)
+        self.retries_sent += 1
+
+    def _accept(self, data: bytes, addr: Address, routing_cid: bytes, original_cid: bytes,
+                retry_cid: bytes | None, now: float) -> None:
         quic = Connection(
             configuration=self._configuration(is_client=False),
             original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
         )
         quic.receive_datagram(data, addr, now)
         if not quic.authenticated():
@@ -471,7 +505,9 @@ class QuicEndpoint(DatagramProtocol):
                 previous.close()
         self._servers[addr] = handle
         self._all.add(handle)
-        self._add_cid(handle, original_cid)
+        self._half_open_handles.add(handle)
+        self._half_open.opened(addr[0])
+        self._add_cid(handle, routing_cid)
         self._add_cid(handle, quic.host_cid)
         handle._handshake_timeout = self._clock.callLater(
             DEFAULT_HANDSHAKE_TIMEOUT,
@@ -520,7 +556,14 @@ class QuicEndpoint(DatagramProtocol):
         if self._servers.get(handle.peer) is handle:
             del self._servers[handle.peer]
 
+    def _handshake_done(self, handle: QuicConnectionHandle) -> None:
+        """A server-side handshake completed or ended: it no longer counts as half-open."""
+        if handle in self._half_open_handles:
+            self._half_open_handles.discard(handle)
+            self._half_open.closed(handle.peer[0])
+
     def _forget(self, handle: QuicConnectionHandle) -> None:
+        self._handshake_done(handle)
         self._forget_peer(handle)
         for cid in list(handle._cids):
             self._remove_cid(handle, cid)

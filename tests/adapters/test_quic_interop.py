@@ -25,6 +25,7 @@ from dsss.agent.transfer import TransferHandler
 from dsss.crypto.certs import make_certificate, public_key_of
 from dsss.model import PeerAddress, block_hash
 from dsss.quic import QuicEndpoint
+from dsss.quic.retry import AdmissionPolicy
 from dsss.quic.testing import MemoryDatagramLink, run_until
 from dsss.wire import transfer as wt
 from tests.aioquic_peer import AioquicPeer
@@ -175,4 +176,35 @@ def test_dsss_client_uploads_and_downloads_a_part_from_an_aioquic_server(complai
     endpoint.close().addBoth(closed.append)
     assert run_until(clock, lambda: bool(closed) and server.terminated is not None, timeout=10)
     assert server.terminated is not None and server.terminated.error_code == 0
+    assert complaints == []
+
+
+def test_aioquic_client_passes_address_validation(tmp_path, complaints) -> None:
+    """An agent under a handshake flood answers Initials with Retry: a standard client follows
+    it, completes the handshake without a probe timeout, and is served."""
+    clock = Clock()
+    clock.advance(1000)
+    link = MemoryDatagramLink(clock)
+    agent = StorageAgent(clock, AgentConfig(storage=str(tmp_path / "agent")))
+    agent.quic = QuicEndpoint(
+        clock,
+        on_control=agent.on_control,
+        server_identity=make_certificate(agent.identity.seed),
+        on_stream=TransferHandler(agent).on_stream,
+        admission=AdmissionPolicy(threshold=0),  # as if the threshold were passed
+    )
+    link.attach(agent.quic, AGENT)
+    client = AioquicPeer(clock)
+    link.attach(client, CLIENT)
+    handshake = client.connect(AGENT)
+    assert run_until(clock, lambda: handshake.called, timeout=10)
+    assert client.handshake_done and client.probe_timeouts == 0
+    assert agent.quic.retries_sent >= 1
+    data = os.urandom(20_000)
+    block = block_hash(data)
+    key = agent.introductions.issue(PeerAddress(*CLIENT), len(data), block, clock.seconds()).key
+    replies: list[bytes] = []
+    client.request(f"UPLOAD {key} {block} {len(data)}\n".encode() + data).addCallback(replies.append)
+    assert run_until(clock, lambda: bool(replies), timeout=30)
+    assert replies.pop() == b"Ok\n" and agent.store.has(block)
     assert complaints == []
