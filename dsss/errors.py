@@ -95,3 +95,9 @@ class RateLimited(DSSSError):
     http_status = 429
     exit_code = 4
     code = "rate-limited"
+
+
+class OldAddress(IntegrityError):
+    """Bytes that match their address under an older DSSS's scheme (plain BLAKE3), not this one's."""
+
+    code = "old-address"

@@ -25,7 +25,7 @@ from dsss.errors import (
     Timeout,
     Unavailable,
 )
-from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, lan_address, matches
+from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, check_matches, lan_address
 from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import (
@@ -338,8 +338,7 @@ class PeerNetwork:
             raise self._refused(reply, intro)
         if reply.size is None or reply.size != len(body):
             raise PeerError(f"agent {intro.address} sent a truncated part")
-        if not matches(block, body):
-            raise IntegrityError(f"agent {intro.address} sent bytes that do not match the part's hash")
+        check_matches(block, body, f"agent {intro.address}")
         return body
 
     async def close(self) -> None:
