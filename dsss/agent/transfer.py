@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.adapters.test_agent_transfer -*-
-"""UPLOAD and DOWNLOAD on QUIC streams, as the agent serves them.
+"""UPLOAD, DOWNLOAD and AUDIT on QUIC streams, as the agent serves them.
 
 Every stream carries one request (dsss.wire.transfer). An upload is written to the store's
 incoming/ area chunk by chunk while it arrives and becomes visible only after its size and hash are
-verified; a stream that is reset or a connection that is lost leaves nothing behind.
+verified; a stream that is reset or a connection that is lost leaves nothing behind. An AUDIT
+is answered with a storage proof (`StorageAgent.audit`): one leaf and its sibling hashes.
 
 A chained upload is also passed on, chunk by chunk as it arrives, to the next agent of its chain
 (`_Forward`), over QUIC from this agent's own socket as a client would send it. The reply waits
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
+from dsss.errors import Busy, DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.model import PeerAddress
 from dsss.storage.blockstore import BlockWriter
 from dsss.wire import transfer as wt
@@ -160,6 +161,7 @@ class _StreamRequest:
         self.header = wt.HeaderSplitter()
         self.writer: BlockWriter | None = None
         self.download: wt.Download | None = None
+        self.audit: wt.Audit | None = None
         self.forward: _Forward | None = None
         self.upload: wt.Upload | None = None
         self.discard = False  # the body is not needed (the part is stored here already)
@@ -218,7 +220,7 @@ class _StreamRequest:
                     if self.forward is not None:
                         self.forward.feed(chunk)
             elif chunk:
-                raise RemoteProtocolError("DOWNLOAD takes no body")
+                raise RemoteProtocolError("DOWNLOAD and AUDIT take no body")
         except DSSSError as e:
             self.refuse(e)
 
@@ -245,6 +247,9 @@ class _StreamRequest:
             if req.chain:
                 self.forward = _Forward(self.handler, req)
                 self.handler.forwards += 1
+        elif isinstance(req, wt.Audit):
+            self.agent.introductions.use(req.key, client=self.client(), block=req.block, now=now)
+            self.audit = req
         else:
             self.agent.introductions.use(req.key, client=self.client(), block=req.block, now=now)
             self.download = req
@@ -279,8 +284,26 @@ class _StreamRequest:
                     indexed.addCallback(lambda _: self.reply(wt.Done()))
             elif self.download is not None:
                 self.serve(self.download.block)
+            elif self.audit is not None:
+                self.prove(self.audit)
         except DSSSError as e:
             self.refuse(e)
+
+    def prove(self, req: wt.Audit) -> None:
+        self.handler.audits += 1
+
+        def proven(result: tuple[int, bytes]) -> None:
+            size, proof = result
+            self.reply(wt.ProofReply(size, len(proof)), proof)
+
+        def failed(f: Any) -> None:
+            if f.check(DSSSError):
+                self.refuse(f.value)
+            else:
+                log.failure("answering an audit failed", f)
+                self.refuse(DSSSError("internal error"))
+
+        self.agent.audit(req.block, req.nonce).addCallbacks(proven, failed)
 
     def serve(self, block: str) -> None:
         handler = self.handler
@@ -352,10 +375,6 @@ class _StreamRequest:
         self.finished = True
 
 
-class Busy(DSSSError):
-    code = "busy"
-
-
 class TransferHandler:
     # Bytes of download replies queued at once, over all streams.
     MAX_SERVING = 256 * 1024 * 1024
@@ -369,6 +388,7 @@ class TransferHandler:
         self.refused = 0
         self.forwards = 0  # chained uploads passed on to the next agent
         self.forward_failures = 0
+        self.audits = 0  # AUDIT streams answered (with a proof or a refusal)
         # When a transfer last started or ended (the background scrub slows down after it).
         self.last_active = float("-inf")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from nacl.signing import VerifyKey
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dsss import proofs
 from dsss.client.discovery import Introduction
 from dsss.client.pathcache import RELAY_MEMORY, load_relay_only, save_relay_only
 from dsss.errors import (
@@ -130,6 +132,7 @@ class PeerNetwork:
         # they made (more than one each when agents passed them on down a chain).
         self.uploaded = 0
         self.copies_made = 0
+        self.audits_passed = 0  # audits whose proofs held (`audit`)
 
     async def start(self, timeout: float = 5.0) -> PeerAddress:
         """Bind the socket and learn our public address from the server's PONG."""
@@ -317,6 +320,8 @@ class PeerNetwork:
             raise PeerError(f"agent {intro.address} answered badly: {e}") from None
         if isinstance(reply, wt.Refused):
             raise self._refused(reply, intro)
+        if isinstance(reply, wt.ProofReply):
+            raise PeerError(f"agent {intro.address} answered an upload with a proof")
         self.uploaded += len(data)
         count = 1
         if isinstance(reply, wt.Stored):
@@ -336,10 +341,38 @@ class PeerNetwork:
             raise PeerError(f"agent {intro.address} answered badly: {e}") from None
         if isinstance(reply, wt.Refused):
             raise self._refused(reply, intro)
-        if reply.size is None or reply.size != len(body):
-            raise PeerError(f"agent {intro.address} sent a truncated part")
+        if not isinstance(reply, wt.Done) or reply.size is None or reply.size != len(body):
+            raise PeerError(f"agent {intro.address} sent a truncated part, or no part")
         check_matches(block, body, f"agent {intro.address}")
         return body
+
+    async def audit(self, intro: Introduction, block: str, nonce: bytes | None = None) -> int:
+        """Challenge the introduced agent (an introduction for a download of `block`) to prove
+        that it holds `block`, without downloading it: it answers with one leaf of the part and
+        the leaf's sibling hashes, checked here against the address (dsss/proofs.py). Returns
+        the part's size, proven by the address. Raises ProofError if the proof does not hold,
+        NotFound (and the other refusals) if the agent refuses, PeerError if it cannot be
+        reached or answers out of the protocol."""
+        nonce = os.urandom(proofs.NONCE_SIZE) if nonce is None else nonce
+        header = wt.encode_request(wt.Audit(intro.key, block, nonce))
+        raw = await self._request(intro, header, wt.MAX_HEADER + 1 + wt.MAX_PROOF)
+        line, nl, body = raw.partition(b"\n")
+        if not nl:
+            raise PeerError(f"agent {intro.address} sent no reply header")
+        try:
+            reply = wt.parse_reply(line)
+        except RemoteProtocolError as e:
+            raise PeerError(f"agent {intro.address} answered badly: {e}") from None
+        if isinstance(reply, wt.Refused):
+            raise self._refused(reply, intro)
+        if not isinstance(reply, wt.ProofReply) or reply.length != len(body):
+            raise PeerError(f"agent {intro.address} answered an audit without a whole proof")
+        try:
+            proofs.verify(block, reply.size, nonce, body)
+        except proofs.ProofError as e:
+            raise proofs.ProofError(f"agent {intro.address} failed the audit of {block[:16]}: {e}") from None
+        self.audits_passed += 1
+        return reply.size
 
     async def close(self) -> None:
         if self.on_close is not None:

@@ -288,60 +288,63 @@ class BlockStore:
 
     # --- proving -------------------------------------------------------------------------------
 
-    def proof(self, block: str, nonce: bytes) -> tuple[int, bytes]:
+    def read_proof(self, block: str, nonce: bytes) -> tuple[int, bytes]:
         """The part's size and a proof that the store holds it, for the challenge `nonce`
-        (dsss/proofs.py): reads one leaf of the part and its sibling hashes from the outboard.
+        (dsss/proofs.py), read from one leaf of the part and its sibling hashes in the outboard
+        and checked before it is returned.
 
-        The proof is checked before it is returned: a part or outboard found corrupt is moved to
-        quarantine, forgotten, and IntegrityError raised (the caller reports the part gone).
-        NotFound if the part is not stored. Blocking file I/O: call it off the reactor thread.
+        Reads only and changes nothing, so it may run on another thread than the one that
+        writes. NotFound if the part is not stored; ProofError if the part or its outboard is
+        damaged or missing (`proof` then sorts out which, and repairs or quarantines).
         """
-        path = self.path_of(block)
         size = self.size_of(block)
         index = proofs.challenge_index(size, nonce)
         start, end = proofs.leaf_range(size, index)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self.path_of(block), os.O_RDONLY)
         except FileNotFoundError:
-            self._forget(block)
-            raise NotFound(f"no part {block}") from None
+            raise proofs.ProofError(f"part {block} is missing on disk") from None
         try:
             leaf = os.pread(fd, end - start, start)
             _drop_cached(fd)
         finally:
             os.close(fd)
         try:
-            return size, self._checked_proof(block, size, index, nonce, leaf)
+            fd = os.open(self.outboard_path_of(block), os.O_RDONLY)
+        except FileNotFoundError:
+            raise proofs.ProofError(f"part {block} has no outboard") from None
+        try:
+            if os.fstat(fd).st_size != proofs.outboard_length(size):
+                raise proofs.ProofError(f"part {block} has a damaged outboard")
+            siblings = [
+                os.pread(fd, proofs.HASH_SIZE, p * proofs.HASH_SIZE) for p in proofs.sibling_nodes(size, index)
+            ]
+        finally:
+            os.close(fd)
+        proof = proofs.prove(size, index, leaf, siblings)
+        proofs.verify(content_hash(block), size, nonce, proof)
+        return size, proof
+
+    def proof(self, block: str, nonce: bytes) -> tuple[int, bytes]:
+        """`read_proof`, and if the part or its outboard turns out damaged: a part missing on
+        disk is forgotten (NotFound); a corrupt part is moved to quarantine, forgotten, and
+        IntegrityError raised (the caller reports it gone); a sound part whose outboard is
+        damaged gets it rebuilt and is proven from it. Blocking file I/O (the whole part, in
+        the rare repair): call it where that is acceptable.
+        """
+        try:
+            return self.read_proof(block, nonce)
         except proofs.ProofError:
             pass
-        # The part or its outboard is damaged. The part is checked whole (quarantined if it is
-        # the part); a sound part gets its outboard rebuilt and is proven from it.
-        self._rebuild_outboard(block)
+        if not self.path_of(block).exists():
+            self._forget(block)
+            raise NotFound(f"no part {block}")
+        self._rebuild_outboard(block)  # checks the part whole: IntegrityError if it is corrupt
         try:
-            return size, self._checked_proof(block, size, index, nonce, leaf)
+            return self.read_proof(block, nonce)
         except proofs.ProofError:
             self.quarantine(block)
             raise IntegrityError(f"part {block} is corrupt on disk; moved to quarantine") from None
-
-    def _checked_proof(self, block: str, size: int, index: int, nonce: bytes, leaf: bytes) -> bytes:
-        proof = proofs.prove(size, index, leaf, self._siblings(block, size, index))
-        proofs.verify(content_hash(block), size, nonce, proof)
-        return proof
-
-    def _siblings(self, block: str, size: int, index: int) -> list[bytes]:
-        positions = proofs.sibling_nodes(size, index)
-        outboard = self.outboard_path_of(block)
-        try:
-            fd = os.open(outboard, os.O_RDONLY)
-        except FileNotFoundError:
-            self._rebuild_outboard(block)
-            fd = os.open(outboard, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size != proofs.outboard_length(size):
-                return []  # a damaged outboard: the proof fails its check
-            return [os.pread(fd, proofs.HASH_SIZE, p * proofs.HASH_SIZE) for p in positions]
-        finally:
-            os.close(fd)
 
     def _rebuild_outboard(self, block: str) -> None:
         """Write the outboard of a stored part that has none, from its (checked) bytes."""
