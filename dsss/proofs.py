@@ -174,25 +174,26 @@ class TreeHasher:
             self.update(data)
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        mv = data if isinstance(data, memoryview) else memoryview(data)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
-        n = len(mv)
+        if isinstance(data, memoryview) and (data.ndim != 1 or data.itemsize != 1):
+            data = data.cast("B")
+        n = len(data)
         if not n:
             return
         self._levels = None
         self.size += n
+        fill = self._fill
+        if fill + n < LEAF_SIZE:  # the common case for small pieces: gather them
+            self._buf[fill : fill + n] = data
+            self._fill = fill + n
+            return
+        mv = data if isinstance(data, memoryview) else memoryview(data)
         pos = 0
-        if self._fill:
-            take = min(LEAF_SIZE - self._fill, n)
-            self._buf[self._fill : self._fill + take] = mv[:take]
-            self._fill += take
-            pos = take
-            if self._fill < LEAF_SIZE:
-                return
-            self._leaves.append(_leaf_hash(self._buf))
-            self._fill = 0
         leaves = self._leaves
+        if fill:
+            pos = LEAF_SIZE - fill
+            self._buf[fill:] = mv[:pos]
+            leaves.append(_leaf_hash(self._buf))
+            self._fill = 0
         while n - pos >= LEAF_SIZE:
             leaves.append(_leaf_hash(mv[pos : pos + LEAF_SIZE]))
             pos += LEAF_SIZE
