@@ -132,10 +132,10 @@ def sibling_nodes(size: int, index: int) -> list[int]:
 # --- hashing -----------------------------------------------------------------------------------
 
 
-def _leaf_hash(leaf: bytes | memoryview) -> bytes:
-    h = blake3.blake3(_LEAF_PREFIX)
-    h.update(leaf)
-    return h.digest()
+def _leaf_hash(leaf: bytes | bytearray | memoryview) -> bytes:
+    # One call over the prefixed leaf (a 16 KiB copy) is far faster than feeding the prefix and
+    # the leaf to one hasher in two calls: BLAKE3 then hashes the leaf's chunks in parallel.
+    return blake3.blake3(_LEAF_PREFIX + leaf).digest()
 
 
 def _parent_hash(left: bytes, right: bytes) -> bytes:
@@ -160,8 +160,8 @@ def _levels(leaves: list[bytes]) -> list[list[bytes]]:
 class TreeHasher:
     """The address of bytes given in pieces (`update`), and the outboard a store keeps.
 
-    Whole leaves are hashed straight from the caller's buffer (a memoryview slice, no copy); only
-    a leaf split across two `update` calls is gathered in a LEAF_SIZE buffer.
+    Whole leaves are hashed from slices of the caller's buffer (memoryviews); pieces smaller than
+    a leaf are gathered in a LEAF_SIZE buffer first.
     """
 
     def __init__(self, data: bytes | memoryview = b"") -> None:
