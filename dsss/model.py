@@ -6,8 +6,10 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+import blake3
+
 from dsss import proofs
-from dsss.errors import BadRequest
+from dsss.errors import BadRequest, IntegrityError, OldAddress
 
 HASH_HEX_LEN = 64
 _BLOCK_ID_RE = re.compile(r"\As?[0-9a-f]{64}\Z")
@@ -83,16 +85,12 @@ def matches(block: str, data: bytes) -> bool:
 def matches_old_scheme(block: str, data: bytes) -> bool:
     """Whether data are the bytes the part ID names under the address scheme of DSSS before
     tree addresses (plain BLAKE3 of the bytes): to tell such parts apart from corrupt ones."""
-    import blake3
-
     return is_block_id(block) and blake3.blake3(data).hexdigest() == content_hash(block)
 
 
 def check_matches(block: str, data: bytes, source: str) -> None:
     """Raise IntegrityError unless data are the bytes the part ID names; OldAddress (naming
     what to do) if they are under the older scheme's address."""
-    from dsss.errors import IntegrityError, OldAddress
-
     if matches(block, data):
         return
     if matches_old_scheme(block, data):
