@@ -95,3 +95,17 @@ class RateLimited(DSSSError):
     http_status = 429
     exit_code = 4
     code = "rate-limited"
+
+
+class OldAddress(IntegrityError):
+    """Bytes that match their address under an older DSSS's scheme (plain BLAKE3), not this one's."""
+
+    code = "old-address"
+
+
+class Busy(DSSSError):
+    """A peer has as many requests of this kind in progress as it takes; try again later."""
+
+    http_status = 503
+    exit_code = 4
+    code = "busy"

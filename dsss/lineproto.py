@@ -2,7 +2,8 @@
 """The Twisted adapter shared by both ends of the control channel.
 
 A LineReceiver that parses lines with dsss.wire.control, answers the peer's requests through
-`handle_request` (implemented by the server and agent subclasses) and matches the peer's replies
+`handle_request` (implemented by the server and agent subclasses; a reply may come later, as a
+Deferred, and replies still go out in the order the requests came) and matches the peer's replies
 to our own requests in FIFO order. Parsing and message rules live in the sans-I/O core; this class
 only moves lines and arms timers.
 """
@@ -14,12 +15,15 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from dsss.errors import DSSSError, RemoteProtocolError, Timeout
 from dsss.ratelimit import RateLimiter
 from dsss.wire import control as wc
+
+log = Logger()
 
 
 class ControlConnectionLost(DSSSError):
@@ -34,9 +38,21 @@ class _Pending:
         self.timer = timer
 
 
+class _ReplySlot:
+    """The reply to one request, in request order; `reply` is None until it is known."""
+
+    __slots__ = ("reply", "ready")
+
+    def __init__(self, reply: wc.Reply | None = None, ready: bool = False) -> None:
+        self.reply = reply
+        self.ready = ready
+
+
 class ControlLineProtocol(LineReceiver):
     delimiter = b"\n"
-    MAX_LENGTH = wc.MAX_LINE + 1  # the line plus an optional CR
+    # The longest line plus an optional CR: a PROOF reply may be MAX_PROOF_LINE bytes; the parser
+    # holds every other line to MAX_LINE.
+    MAX_LENGTH = wc.MAX_PROOF_LINE + 1
     # A peer that keeps sending bad lines is cut off after this many.
     MAX_ERRORS = 10
 
@@ -49,6 +65,7 @@ class ControlLineProtocol(LineReceiver):
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._pending: deque[_Pending] = deque()
+        self._replies: deque[_ReplySlot] = deque()  # replies to the peer's requests, in order
         self._errors = 0
         self.closed = False
         self._limiter = RateLimiter(self.LINE_RATE, self.LINE_BURST, max_keys=1)
@@ -93,6 +110,20 @@ class ControlLineProtocol(LineReceiver):
 
     # --- receiving -----------------------------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # LineReceiver holds lines to MAX_LENGTH, the PROOF limit; an unfinished line that is
+        # not a PROOF is cut off as soon as it passes MAX_LINE, as it was before PROOF existed.
+        pending: bytes = self._buffer  # type: ignore[has-type]
+        if (
+            len(pending) > wc.MAX_LINE + 1
+            and not self.closed
+            and self.delimiter not in pending
+            and not pending.startswith(b"PROOF ")
+        ):
+            self._buffer = b""
+            self.lineLengthExceeded(pending)
+
     def lineReceived(self, line: bytes) -> None:
         if self.closed:
             return
@@ -101,6 +132,9 @@ class ControlLineProtocol(LineReceiver):
             return
         try:
             msg = wc.parse_line(line)
+        except wc.LineTooLong as e:
+            self.bad_input(str(e), fatal=True, code="too-long")
+            return
         except RemoteProtocolError as e:
             if wc.looks_like_reply(line):
                 # A malformed reply: its request cannot be answered, and an ERROR back would be
@@ -128,11 +162,33 @@ class ControlLineProtocol(LineReceiver):
             return
         except DSSSError as e:
             reply = wc.Error(e.code, str(e))
-        if reply is not None:
-            self.send(reply)
+        if isinstance(reply, defer.Deferred):
+            slot = _ReplySlot()
+            self._replies.append(slot)
+            reply.addErrback(self._reply_failed).addCallback(self._reply_ready, slot)
+        elif reply is not None:
+            if self._replies:  # earlier replies are still coming: this one waits its turn
+                self._replies.append(_ReplySlot(reply, True))
+            else:
+                self.send(reply)
+
+    @staticmethod
+    def _reply_failed(f: Failure) -> wc.Reply:
+        if f.check(DSSSError):
+            err: DSSSError = f.value  # type: ignore[assignment]
+            return wc.Error(err.code, str(err))
+        log.failure("answering a request failed", f)
+        return wc.Error("error", "internal error")
+
+    def _reply_ready(self, reply: wc.Reply | None, slot: _ReplySlot) -> None:
+        slot.reply, slot.ready = reply, True
+        while self._replies and self._replies[0].ready:
+            done = self._replies.popleft()
+            if done.reply is not None:
+                self.send(done.reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.bad_input(f"line longer than {wc.MAX_LINE} bytes", fatal=True, code="too-long")
+        self.bad_input(f"line longer than {wc.MAX_PROOF_LINE} bytes", fatal=True, code="too-long")
 
     def bad_input(self, why: str, *, fatal: bool, code: str = "protocol") -> None:
         self._errors += 1
@@ -158,7 +214,9 @@ class ControlLineProtocol(LineReceiver):
 
     # --- for subclasses ------------------------------------------------------------------------
 
-    def handle_request(self, msg: wc.Request) -> wc.Reply | None:
+    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply] | None":
+        """The reply to `msg` (None: not answered), or a Deferred of it: replies are sent in
+        the order the requests came, whenever each is known."""
         raise NotImplementedError
 
     def heard(self) -> None:

@@ -365,6 +365,11 @@ class _AgentStateCollector(Collector):
         yield counter("dsss_agent_forward_failures",
                       "Chained uploads this agent could not pass on (the uploader made that copy).",
                       transfers.forward_failures)
+        yield counter("dsss_agent_audits_proven", "Audits (control channel and QUIC) answered with a proof.",
+                      agent.audits_proven)
+        yield counter("dsss_agent_audits_corrupt",
+                      "Audits that found this agent's copy corrupt (quarantined, reported gone).",
+                      agent.audits_corrupt)
         info = GaugeMetricFamily("dsss_agent_info", "This agent's id and version.",
                                  labels=["agent", "version"])
         info.add_metric([agent.identity.agent_id, agent.version], 1)

@@ -8,24 +8,28 @@ from dataclasses import dataclass
 
 import blake3
 
-from dsss.errors import BadRequest
+from dsss import proofs
+from dsss.errors import BadRequest, IntegrityError, OldAddress
 
 HASH_HEX_LEN = 64
 _BLOCK_ID_RE = re.compile(r"\As?[0-9a-f]{64}\Z")
 _HOSTPORT_RE = re.compile(r"\A(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})\Z")
 
 
-HASH_NAME = "BLAKE3"
+HASH_NAME = "BLAKE3 tree"
 
 
-def block_hash(data: bytes) -> str:
-    """The address of stored bytes: BLAKE3 of the bytes (32-byte output), lowercase hex."""
-    return blake3.blake3(data).hexdigest()
+def block_hash(data: bytes | memoryview) -> str:
+    """The address of stored bytes: the BLAKE3 tree of the bytes, bound to their size
+    (`dsss.proofs.address`: 16 KiB leaves), lowercase hex. Any holder can be challenged to
+    prove it keeps the bytes against this address alone."""
+    return proofs.address(data)
 
 
-def block_hasher() -> "blake3.blake3":
-    """An incremental hasher whose `hexdigest()` is `block_hash` of the bytes given to `update`."""
-    return blake3.blake3()
+def block_hasher() -> proofs.TreeHasher:
+    """An incremental hasher whose `hexdigest()` is `block_hash` of the bytes given to `update`
+    (and whose `outboard()` is what a store keeps to prove them)."""
+    return proofs.TreeHasher()
 
 
 def is_decimal(text: str) -> bool:
@@ -35,8 +39,8 @@ def is_decimal(text: str) -> bool:
 
 
 SHARE_PREFIX = "s"
-"""What starts a share ID: the address of one erasure-coded share of a part, `s` and BLAKE3 of
-the share's bytes. A share is stored on one agent only (the other shares are its redundancy), so
+"""What starts a share ID: the address of one erasure-coded share of a part, `s` and the address
+(`block_hash`) of the share's bytes. A share is stored on one agent only (the other shares are its redundancy), so
 nothing copies it to reach the replica count; a plain part ID is the 64 hex characters alone."""
 
 
@@ -66,16 +70,36 @@ def check_block_id(text: str) -> str:
 
 
 def content_hash(block: str) -> str:
-    """The BLAKE3 of the bytes a part ID names (its 64 hex characters, without a share's
-    prefix); BadRequest if block is not a part ID."""
+    """The address (`block_hash`) of the bytes a part ID names (its 64 hex characters, without
+    a share's prefix); BadRequest if block is not a part ID."""
     check_block_id(block)
     return block[len(SHARE_PREFIX):] if block.startswith(SHARE_PREFIX) else block
 
 
 def matches(block: str, data: bytes) -> bool:
-    """Whether data are the bytes the part ID names: BLAKE3 of data equals the ID's hash part,
-    for plain and share IDs alike. False for anything that is not a part ID."""
+    """Whether data are the bytes the part ID names: `block_hash` of data equals the ID's hash
+    part, for plain and share IDs alike. False for anything that is not a part ID."""
     return is_block_id(block) and block_hash(data) == content_hash(block)
+
+
+def matches_old_scheme(block: str, data: bytes) -> bool:
+    """Whether data are the bytes the part ID names under the address scheme of DSSS before
+    tree addresses (plain BLAKE3 of the bytes): to tell such parts apart from corrupt ones."""
+    return is_block_id(block) and blake3.blake3(data).hexdigest() == content_hash(block)
+
+
+def check_matches(block: str, data: bytes, source: str) -> None:
+    """Raise IntegrityError unless data are the bytes the part ID names; OldAddress (naming
+    what to do) if they are under the older scheme's address."""
+    if matches(block, data):
+        return
+    if matches_old_scheme(block, data):
+        raise OldAddress(
+            f"{source} holds {block} under an address of an older DSSS (plain BLAKE3 of its "
+            f"bytes); this version addresses by BLAKE3 trees and cannot check, prove or repair it. "
+            f"Get the file with the DSSS that stored it, and store it again with this version"
+        )
+    raise IntegrityError(f"{source} sent bytes that do not match the part's hash")
 
 
 @dataclass(frozen=True, order=True)

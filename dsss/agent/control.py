@@ -45,6 +45,7 @@ class ControlledAgent(Protocol):
     def introduce(self, client: PeerAddress, size: int, block: str,
                   local: PeerAddress | None = None) -> str: ...
     def replicate(self, msg: wc.Replicate) -> None: ...
+    def audit(self, block: str, nonce: bytes) -> Any: ...
 
 
 class ServerConnection(ControlLineProtocol):
@@ -66,7 +67,7 @@ class ServerConnection(ControlLineProtocol):
             self._pinger.stop()
         self.agent.disconnected(self)
 
-    def handle_request(self, msg: wc.Request) -> wc.Reply | None:
+    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply] | None":
         if isinstance(msg, wc.Hi):
             if self.session is not None:
                 raise RemoteProtocolError("second greeting")
@@ -82,6 +83,9 @@ class ServerConnection(ControlLineProtocol):
         if isinstance(msg, wc.IntroductionRequest):
             key = self.agent.introduce(msg.address, msg.size, msg.block, msg.local)
             return wc.IntroKey(key)
+        if isinstance(msg, wc.Audit):
+            # Answered when the proof is read (off the reactor thread); replies keep their order.
+            return self.agent.audit(msg.block, msg.nonce).addCallback(lambda r: wc.Proof(*r))
         if isinstance(msg, wc.Replicate):
             # Accepted at once (replies keep their order); the copy runs in the background and
             # the receiving agent's HAVE tells the server it arrived.

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -20,7 +20,8 @@ from dsss.agent.introductions import IntroductionTable
 from dsss.agent.reservations import UploadPolicy
 from dsss.agent.scrub import BUSY_WINDOW, ScrubPacer, Scrubber
 from dsss.crypto.certs import make_certificate
-from dsss.errors import DSSSError, StorageFull
+from dsss import proofs
+from dsss.errors import Busy, DSSSError, IntegrityError, NotFound, StorageFull
 from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, lan_address
 from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
@@ -33,6 +34,14 @@ log = Logger()
 PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)
 TICK = 0.1
 """Seconds between the agent's housekeeping ticks (pings, expiry, scrub)."""
+MAX_AUDITS = 4
+"""Audits (control channel and QUIC together) an agent answers at once; more are refused busy."""
+
+
+def run_here(f: Callable[..., Any], *args: Any) -> "defer.Deferred[Any]":
+    """Run `f` now on this thread (tests with a driven clock); the service runs blocking reads
+    on the reactor's thread pool instead."""
+    return defer.maybeDeferred(f, *args)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,11 @@ class StorageAgent:
         self._last_space_report = float("-inf")
         self.scrubber = Scrubber(self.store, self.lost)
         self.replications = 0
+        # Runs blocking store reads (an audit's leaf) off the reactor thread.
+        self.run_blocking: Callable[..., defer.Deferred[Any]] = run_here
+        self.audits_in_progress = 0
+        self.audits_proven = 0
+        self.audits_corrupt = 0
 
     # --- control channel -----------------------------------------------------------------------
 
@@ -156,6 +170,43 @@ class StorageAgent:
         if self.connection is not None:
             self.connection.report_gone([block])
 
+    def audit(self, block: str, nonce: bytes) -> "defer.Deferred[tuple[int, bytes]]":
+        """Prove that we hold `block` (dsss/proofs.py): fires with its size and the proof for
+        the challenge `nonce`, read off the reactor thread (one leaf and its sibling hashes).
+
+        Fails with NotFound if the part is not here, or if our copy turns out corrupt (then it
+        is quarantined and reported GONE first); with Busy when MAX_AUDITS are in progress.
+        """
+        if not self.store.has(block):
+            return defer.fail(NotFound("this agent does not store that part"))
+        if self.audits_in_progress >= MAX_AUDITS:
+            return defer.fail(Busy(f"{MAX_AUDITS} audits in progress; try again"))
+        self.audits_in_progress += 1
+        d = self.run_blocking(self.store.read_proof, block, nonce)
+
+        def repair(f: Any) -> tuple[int, bytes]:
+            # Damaged or missing on disk (rare): sorted out here, on the reactor thread, which
+            # alone changes the store. Reads the whole part at most once.
+            f.trap(proofs.ProofError)
+            return self.store.proof(block, nonce)
+
+        def corrupt(f: Any) -> None:
+            f.trap(IntegrityError)
+            self.audits_corrupt += 1
+            self.lost(block)
+            raise NotFound("this agent's copy of the part was corrupt; it was quarantined and is gone")
+
+        def done(result: Any) -> Any:
+            self.audits_in_progress -= 1
+            if isinstance(result, tuple):
+                self.audits_proven += 1
+            return result
+
+        d.addErrback(repair)
+        d.addErrback(corrupt)
+        d.addBoth(done)
+        return d
+
     def replicate(self, msg: wc.Replicate) -> None:
         from twisted.internet import defer
 
@@ -218,6 +269,9 @@ class AgentService(MultiService):
 
         self.reactor = reactor
         self.agent = StorageAgent(reactor, config)
+        self.agent.run_blocking = lambda f, *args: threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), f, *args
+        )
         self.transfers = TransferHandler(self.agent, config.upload_policy)
         identity = make_certificate(self.agent.identity.seed)
         self.quic = QuicEndpoint(

@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.adapters.test_agent_transfer -*-
-"""UPLOAD and DOWNLOAD on QUIC streams, as the agent serves them.
+"""UPLOAD, DOWNLOAD and AUDIT on QUIC streams, as the agent serves them.
 
 Every stream carries one request (dsss.wire.transfer). An upload is written to the store's
 incoming/ area chunk by chunk while it arrives and becomes visible only after its size and hash are
-verified; a stream that is reset or a connection that is lost leaves nothing behind.
+verified; a stream that is reset or a connection that is lost leaves nothing behind. An AUDIT
+is answered with a storage proof (`StorageAgent.audit`): one leaf and its sibling hashes.
 
 A chained upload is also passed on, chunk by chunk as it arrives, to the next agent of its chain
 (`_Forward`), over QUIC from this agent's own socket as a client would send it. The reply waits
@@ -23,7 +24,7 @@ from twisted.logger import Logger
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
 from dsss.agent.reservations import SourceReservations, UploadPolicy, UploadWatch
-from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
+from dsss.errors import Busy, DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.model import PeerAddress
 from dsss.storage.blockstore import BlockStore, BlockWriter
 from dsss.wire import transfer as wt
@@ -52,6 +53,7 @@ class TransferAgent(Protocol):
     def refused(self, err: Exception) -> None: ...
     def stored(self, block: str) -> Any: ...
     def lost(self, block: str) -> None: ...
+    def audit(self, block: str, nonce: bytes) -> Any: ...
 
 
 FORWARD_TIMEOUT = 45.0
@@ -181,6 +183,7 @@ class _StreamRequest:
         self.header = wt.HeaderSplitter()
         self.writer: BlockWriter | None = None
         self.download: wt.Download | None = None
+        self.audit: wt.Audit | None = None
         self.forward: _Forward | None = None
         self.upload: wt.Upload | None = None
         self.discard = False  # the body is not needed (the part is stored here already)
@@ -244,7 +247,7 @@ class _StreamRequest:
                     if self.forward is not None:
                         self.forward.feed(chunk)
             elif chunk:
-                raise RemoteProtocolError("DOWNLOAD takes no body")
+                raise RemoteProtocolError("DOWNLOAD and AUDIT take no body")
         except DSSSError as e:
             self.refuse(e)
 
@@ -284,6 +287,9 @@ class _StreamRequest:
             if req.chain:
                 self.forward = _Forward(self.handler, req)
                 self.handler.forwards += 1
+        elif isinstance(req, wt.Audit):
+            self.agent.introductions.use(req.key, client=self.client(), block=req.block, now=now)
+            self.audit = req
         else:
             self.agent.introductions.use(req.key, client=self.client(), block=req.block, now=now)
             self.download = req
@@ -319,8 +325,26 @@ class _StreamRequest:
                     indexed.addCallback(lambda _: self.reply(wt.Done()))
             elif self.download is not None:
                 self.serve(self.download.block)
+            elif self.audit is not None:
+                self.prove(self.audit)
         except DSSSError as e:
             self.refuse(e)
+
+    def prove(self, req: wt.Audit) -> None:
+        self.handler.audits += 1
+
+        def proven(result: tuple[int, bytes]) -> None:
+            size, proof = result
+            self.reply(wt.ProofReply(size, len(proof)), proof)
+
+        def failed(f: Any) -> None:
+            if f.check(DSSSError):
+                self.refuse(f.value)
+            else:
+                log.failure("answering an audit failed", f)
+                self.refuse(DSSSError("internal error"))
+
+        self.agent.audit(req.block, req.nonce).addCallbacks(proven, failed)
 
     def serve(self, block: str) -> None:
         handler = self.handler
@@ -410,10 +434,6 @@ class _StreamRequest:
         self.finished = True
 
 
-class Busy(DSSSError):
-    code = "busy"
-
-
 class UploadTimeout(DSSSError):
     """An upload fell behind the minimum rate or its deadline; its space was freed."""
 
@@ -438,6 +458,7 @@ class TransferHandler:
         self.receiving: set[_StreamRequest] = set()  # uploads whose body is arriving
         self.expired = 0  # uploads dropped for falling behind the policy
         self._next_expiry = float("-inf")
+        self.audits = 0  # AUDIT streams answered (with a proof or a refusal)
         # When a transfer last started or ended (the background scrub slows down after it).
         self.last_active = float("-inf")
 

@@ -24,8 +24,8 @@ from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part,
 from dsss.erasure import Coding
 from dsss.erasure import decode as decode_shares
 from dsss.erasure import encode as encode_shares
-from dsss.errors import DSSSError, IntegrityError, NotFound, Unavailable
-from dsss.model import PeerAddress, block_hash, share_id
+from dsss.errors import DSSSError, IntegrityError, NotFound, OldAddress, Unavailable
+from dsss.model import PeerAddress, block_hash, check_matches, share_id
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
 _T = TypeVar("_T")
@@ -412,14 +412,20 @@ async def fetch_block(session: Session, block: str, *, what: str = "part") -> by
     assert me is not None
     errors = []
     corrupt = 0
+    old: OldAddress | None = None
     for holder in holders:
         session.fetching[holder] = session.fetching.get(holder, 0) + 1
         try:
             intro = await session.discovery.introduce_me(holder, block, 0, me)
-            return await session.peers.download(intro, block)
+            data = await session.peers.download(intro, block, verify=False)
+            # Hashing the tree of a whole part runs where the encryption does (off the reactor).
+            await session.run(check_matches, block, data, f"agent {intro.address}")
+            return data
         except IntegrityError as e:
             corrupt += 1
             errors.append(str(e))
+            if isinstance(e, OldAddress):
+                old = e
         except DSSSError as e:
             errors.append(str(e))
         finally:
@@ -427,6 +433,8 @@ async def fetch_block(session: Session, block: str, *, what: str = "part") -> by
             if left:
                 session.fetching[holder] = left
     if corrupt == len(holders):
+        if old is not None:
+            raise old
         raise IntegrityError(f"{what} {block} is corrupt on every replica")
     raise Unavailable(f"could not fetch {what} {block} from any of {len(holders)} agents: {errors[-1]}")
 

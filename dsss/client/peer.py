@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from nacl.signing import VerifyKey
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dsss import proofs
 from dsss.client.discovery import Introduction
 from dsss.client.pathcache import RELAY_MEMORY, load_relay_only, save_relay_only
 from dsss.errors import (
@@ -25,7 +27,7 @@ from dsss.errors import (
     Timeout,
     Unavailable,
 )
-from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, lan_address, matches
+from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, check_matches, lan_address
 from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import (
@@ -130,6 +132,7 @@ class PeerNetwork:
         # they made (more than one each when agents passed them on down a chain).
         self.uploaded = 0
         self.copies_made = 0
+        self.audits_passed = 0  # audits whose proofs held (`audit`)
 
     async def start(self, timeout: float = 5.0) -> PeerAddress:
         """Bind the socket and learn our public address from the server's PONG."""
@@ -317,6 +320,8 @@ class PeerNetwork:
             raise PeerError(f"agent {intro.address} answered badly: {e}") from None
         if isinstance(reply, wt.Refused):
             raise self._refused(reply, intro)
+        if isinstance(reply, wt.ProofReply):
+            raise PeerError(f"agent {intro.address} answered an upload with a proof")
         self.uploaded += len(data)
         count = 1
         if isinstance(reply, wt.Stored):
@@ -324,7 +329,10 @@ class PeerNetwork:
         self.copies_made += count
         return count
 
-    async def download(self, intro: Introduction, block: str, max_size: int = wt.MAX_PART) -> bytes:
+    async def download(self, intro: Introduction, block: str, max_size: int = wt.MAX_PART,
+                       *, verify: bool = True) -> bytes:
+        """The part's bytes from the introduced agent, checked against `block` (with
+        `verify=False` the caller checks them, e.g. off the reactor thread: `check_matches`)."""
         header = wt.encode_request(wt.Download(intro.key, block))
         raw = await self._request(intro, header, wt.MAX_HEADER + 1 + max_size)
         line, nl, body = raw.partition(b"\n")
@@ -336,11 +344,39 @@ class PeerNetwork:
             raise PeerError(f"agent {intro.address} answered badly: {e}") from None
         if isinstance(reply, wt.Refused):
             raise self._refused(reply, intro)
-        if reply.size is None or reply.size != len(body):
-            raise PeerError(f"agent {intro.address} sent a truncated part")
-        if not matches(block, body):
-            raise IntegrityError(f"agent {intro.address} sent bytes that do not match the part's hash")
+        if not isinstance(reply, wt.Done) or reply.size is None or reply.size != len(body):
+            raise PeerError(f"agent {intro.address} sent a truncated part, or no part")
+        if verify:
+            check_matches(block, body, f"agent {intro.address}")
         return body
+
+    async def audit(self, intro: Introduction, block: str, nonce: bytes | None = None) -> int:
+        """Challenge the introduced agent (an introduction for a download of `block`) to prove
+        that it holds `block`, without downloading it: it answers with one leaf of the part and
+        the leaf's sibling hashes, checked here against the address (dsss/proofs.py). Returns
+        the part's size, proven by the address. Raises ProofError if the proof does not hold,
+        NotFound (and the other refusals) if the agent refuses, PeerError if it cannot be
+        reached or answers out of the protocol."""
+        nonce = os.urandom(proofs.NONCE_SIZE) if nonce is None else nonce
+        header = wt.encode_request(wt.Audit(intro.key, block, nonce))
+        raw = await self._request(intro, header, wt.MAX_HEADER + 1 + wt.MAX_PROOF)
+        line, nl, body = raw.partition(b"\n")
+        if not nl:
+            raise PeerError(f"agent {intro.address} sent no reply header")
+        try:
+            reply = wt.parse_reply(line)
+        except RemoteProtocolError as e:
+            raise PeerError(f"agent {intro.address} answered badly: {e}") from None
+        if isinstance(reply, wt.Refused):
+            raise self._refused(reply, intro)
+        if not isinstance(reply, wt.ProofReply) or reply.length != len(body):
+            raise PeerError(f"agent {intro.address} answered an audit without a whole proof")
+        try:
+            proofs.verify(block, reply.size, nonce, body)
+        except proofs.ProofError as e:
+            raise proofs.ProofError(f"agent {intro.address} failed the audit of {block[:16]}: {e}") from None
+        self.audits_passed += 1
+        return reply.size
 
     async def close(self) -> None:
         if self.on_close is not None:

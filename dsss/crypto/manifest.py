@@ -3,12 +3,17 @@
 
 Stored form ("blob"), all lengths fixed:
 
-    magic      6 bytes   b"DSSSM\\x01"
+    magic      6 bytes   b"DSSSM\\x02" (the blob format; see OLD_MAGICS)
     sealed key 80 bytes  the 32-byte file key in a SealedBox to the owner's Curve25519 public key
     nonce      24 bytes  random
     body       rest      XChaCha20-Poly1305(JSON manifest, ad = magic || sealed key)
 
-The file's address is the BLAKE3 hash (32 bytes) of the blob. The JSON body is described in docs/protocol.md.
+The file's address is the blob's address like any stored block's (`dsss.model.block_hash`, a
+BLAKE3 tree). The JSON body is described in docs/protocol.md.
+
+A blob of format 1 (magic b"DSSSM\\x01") was written by a DSSS whose addresses were plain BLAKE3
+of the bytes: the parts it names cannot be checked or proven against tree addresses, so it is
+refused with a clear error (OldManifest) rather than read.
 
 A small file is carried inside its manifest ("inline", body version 2): its single part is
 encrypted exactly as part 0 would be (same key, nonce and associated data, see parts.py) and that
@@ -36,11 +41,13 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from dsss.crypto.parts import CIPHER, FILE_ID_BYTES, KEY_BYTES, TAG_BYTES
-from dsss.errors import IntegrityError, RemoteProtocolError, WrongKey
+from dsss.errors import DSSSError, IntegrityError, RemoteProtocolError, WrongKey
 from dsss.erasure import Coding, CodingError
 from dsss.model import is_block_id, is_share_id
 
-MAGIC = b"DSSSM\x01"
+MAGIC = b"DSSSM\x02"
+OLD_MAGICS = {b"DSSSM\x01": 1}
+"""Magics of older manifest formats, and their format numbers."""
 SEALED_KEY_BYTES = KEY_BYTES + 48
 NONCE_BYTES = 24
 VERSION = 1
@@ -49,6 +56,26 @@ VERSION_ERASURE = 3  # parts erasure-coded into shares (`erasure`, each part's s
 VERSIONS = (VERSION, VERSION_INLINE, VERSION_ERASURE)
 MAX_NAME = 1024
 _FILE_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+class OldManifest(DSSSError):
+    """A manifest of an older format, naming its parts by addresses this version does not use."""
+
+    http_status = 422
+    exit_code = 5
+    code = "old-manifest"
+
+
+def refuse_old(blob: bytes) -> None:
+    """Raise OldManifest if `blob` is a manifest of an older format."""
+    for magic, number in OLD_MAGICS.items():
+        if blob.startswith(magic):
+            raise OldManifest(
+                f"this is a manifest of format {number}, written by an older DSSS whose addresses "
+                f"were plain BLAKE3 hashes; this version reads format {MAGIC[-1]} (BLAKE3 tree "
+                f"addresses) and cannot check the parts it names. Nothing was changed: get the file "
+                f"with the DSSS that stored it, and store it again with this version"
+            )
 
 
 @dataclass(frozen=True)
@@ -252,6 +279,7 @@ def reseal_for(blob: bytes, private_key: PrivateKey, recipient: PublicKey) -> by
 def open_manifest(blob: bytes, private_key: PrivateKey) -> tuple[Manifest, bytes]:
     """Return the manifest and the file key; WrongKey if this key cannot open it."""
     header = len(MAGIC) + SEALED_KEY_BYTES + NONCE_BYTES
+    refuse_old(blob)
     if len(blob) < header + TAG_BYTES or not blob.startswith(MAGIC):
         raise IntegrityError("this address does not hold a DSSS manifest")
     sealed = blob[len(MAGIC) : len(MAGIC) + SEALED_KEY_BYTES]

@@ -3,23 +3,31 @@
 
 Layout under the storage directory:
 
-    FORMAT                    the store's format and address hash: "dsss-store 2 blake3"
-    blocks/ab/cd/abcd...      one file per part, named by BLAKE3 of its bytes (lowercase hex)
-    blocks/ab/cd/sabcd...     one file per share, named by its share ID ("s" and BLAKE3 of its
-                              bytes), fanned out by the hash like a part
+    FORMAT                    the store's format and address scheme: "dsss-store 3 blake3-tree"
+    blocks/ab/cd/abcd...      one file per part, named by its address (dsss/proofs.py: the BLAKE3
+                              tree of its bytes, lowercase hex)
+    blocks/ab/cd/abcd....tree its outboard: every node hash of that tree (proofs.outboard_length)
+    blocks/ab/cd/sabcd...     one file per share, named by its share ID ("s" and the address of
+                              the share's bytes), fanned out by the address like a part, with its
+                              outboard beside it likewise
     incoming/                 parts being written; never visible as blocks
-    quarantine/               parts whose bytes no longer match their hash (bit rot), moved aside
+    quarantine/               parts whose bytes no longer match their address (bit rot), moved aside
+                              (their outboards are deleted: they are derived from the parts)
 
-A write goes to incoming/, is hashed as it arrives, is checked for size and hash, fsynced and only
-then renamed into blocks/ (and the directory fsynced), so a part is either wholly there or absent.
-A hash that is not a part ID (64 lowercase hex characters, or a share ID: "s" and 64) is refused
-before any path is built. A share is checked against BLAKE3 of its bytes (the ID's hash part)
-exactly as a part is. A plain ID's path is the one it had before share IDs existed, so FORMAT
-did not change with them.
+A write goes to incoming/, is hashed as it arrives (the tree, whose hashes become the outboard),
+is checked for size and address, fsynced and only then renamed into blocks/ (the outboard first,
+then the part, and the directory fsynced), so a part is either wholly there or absent. A hash that
+is not a part ID (64 lowercase hex characters, or a share ID: "s" and 64) is refused before any
+path is built.
 
-A store made before FORMAT existed (DSSS 0.1.0) names its parts by BLAKE2b-256; the parts of such
-a store cannot be checked against BLAKE3 addresses, so it is refused as it is (StoreFormatError)
-rather than scrubbed into quarantine.
+The outboard lets the store answer a storage challenge (`proof`) by reading one leaf of the part
+and a logarithmic number of hashes, never the whole part. A part whose outboard is missing has it
+rebuilt from the part (checked against its address) the first time it is needed.
+
+A store of an older format is refused as it is (StoreFormatError), nothing in it changed: one
+made before FORMAT existed (DSSS 0.1.0) names its parts by BLAKE2b-256, and one of format
+"dsss-store 2 blake3" by plain BLAKE3 of their bytes; neither can be checked against, or proven
+for, tree addresses.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
+from dsss import proofs
 from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError, StorageFull
 from dsss.model import block_hasher, check_block_id, content_hash, is_block_id, matches
 
@@ -42,8 +51,14 @@ log = Logger()
 DISK_MARGIN = 1024 * 1024
 
 
-STORE_FORMAT = "dsss-store 2 blake3"
+STORE_FORMAT = "dsss-store 3 blake3-tree"
 """The first line of FORMAT in a store this version reads and writes."""
+
+OLD_FORMATS = {"dsss-store 2 blake3": "plain BLAKE3 of their bytes"}
+"""Formats of older DSSS versions, and how they name parts."""
+
+OUTBOARD_SUFFIX = ".tree"
+"""What a part's outboard file adds to the part's file name."""
 
 
 class StoreFormatError(DSSSError):
@@ -68,6 +83,13 @@ def check_store_format(root: str | os.PathLike[str]) -> None:
         raise StoreFormatError(f"{fmt}: cannot read the store's format: {e}") from None
     if text is not None:
         first = text.splitlines()[0].strip() if text.strip() else ""
+        if first in OLD_FORMATS:
+            raise StoreFormatError(
+                f"{root}: this store ({first!r}) was made by an older DSSS, which names parts by "
+                f"{OLD_FORMATS[first]}; this version names them by BLAKE3 trees ({STORE_FORMAT!r}) "
+                f"and cannot check or prove them. Nothing was changed: run this agent with a new, "
+                f"empty --storage directory (its files' owners store them again with this version)"
+            )
         if first != STORE_FORMAT:
             raise StoreFormatError(
                 f"{root}: unknown store format {first[:80]!r} in FORMAT (this version reads {STORE_FORMAT!r})"
@@ -77,8 +99,8 @@ def check_store_format(root: str | os.PathLike[str]) -> None:
     if blocks.is_dir() and any(_block_files(blocks)):
         raise StoreFormatError(
             f"{root}: this store was made by DSSS 0.1.0, whose parts are named by BLAKE2b-256; this "
-            f"version names parts by BLAKE3 and cannot check them. Nothing was changed: run this "
-            f"agent with a new --storage directory"
+            f"version names parts by BLAKE3 trees and cannot check them. Nothing was changed: run "
+            f"this agent with a new --storage directory"
         )
 
 
@@ -88,6 +110,13 @@ def _block_files(blocks: Path) -> Iterator[Path]:
             for second in first.iterdir():
                 if second.is_dir():
                     yield from second.iterdir()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_format(root: Path) -> None:
@@ -177,6 +206,11 @@ class BlockStore:
         h = content_hash(block)  # BadRequest unless a part ID: no path is built from anything else
         return self._blocks / h[:2] / h[2:4] / block
 
+    def outboard_path_of(self, block: str) -> Path:
+        """Where the part's outboard (its tree's node hashes) is kept, beside the part."""
+        path = self.path_of(block)
+        return path.with_name(path.name + OUTBOARD_SUFFIX)
+
     def _scan(self) -> Iterator[tuple[str, int]]:
         for first in self._blocks.iterdir():
             if not first.is_dir():
@@ -186,6 +220,13 @@ class BlockStore:
                     continue
                 for f in second.iterdir():
                     name = f.name
+                    if name.endswith(OUTBOARD_SUFFIX):
+                        part = name[: -len(OUTBOARD_SUFFIX)]
+                        if is_block_id(part) and not (second / part).exists():
+                            # Left by a write that stopped between its two renames.
+                            log.info("removing the outboard of a part not stored: {name}", name=name)
+                            f.unlink(missing_ok=True)
+                        continue
                     if (
                         is_block_id(name)
                         and (h := content_hash(name))[:2] == first.name
@@ -229,6 +270,7 @@ class BlockStore:
         return data
 
     def quarantine(self, block: str) -> None:
+        """Move the part aside (its outboard, derived from it, is deleted) and forget it."""
         path = self.path_of(block)
         dest = self._quarantine / f"{block}.{secrets.token_hex(4)}"
         try:
@@ -236,12 +278,82 @@ class BlockStore:
             log.warn("part {block} failed its hash check and was quarantined", block=block)
         except FileNotFoundError:
             pass
+        self.outboard_path_of(block).unlink(missing_ok=True)
         self._forget(block)
 
     def _forget(self, block: str) -> None:
         size = self._sizes.pop(block, None)
         if size is not None:
             self.used -= size
+
+    # --- proving -------------------------------------------------------------------------------
+
+    def read_proof(self, block: str, nonce: bytes) -> tuple[int, bytes]:
+        """The part's size and a proof that the store holds it, for the challenge `nonce`
+        (dsss/proofs.py), read from one leaf of the part and its sibling hashes in the outboard
+        and checked before it is returned.
+
+        Reads only and changes nothing, so it may run on another thread than the one that
+        writes. NotFound if the part is not stored; ProofError if the part or its outboard is
+        damaged or missing (`proof` then sorts out which, and repairs or quarantines).
+        """
+        size = self.size_of(block)
+        index = proofs.challenge_index(size, nonce)
+        start, end = proofs.leaf_range(size, index)
+        try:
+            fd = os.open(self.path_of(block), os.O_RDONLY)
+        except FileNotFoundError:
+            raise proofs.ProofError(f"part {block} is missing on disk") from None
+        try:
+            leaf = os.pread(fd, end - start, start)
+            _drop_cached(fd)
+        finally:
+            os.close(fd)
+        try:
+            fd = os.open(self.outboard_path_of(block), os.O_RDONLY)
+        except FileNotFoundError:
+            raise proofs.ProofError(f"part {block} has no outboard") from None
+        try:
+            if os.fstat(fd).st_size != proofs.outboard_length(size):
+                raise proofs.ProofError(f"part {block} has a damaged outboard")
+            siblings = [
+                os.pread(fd, proofs.HASH_SIZE, p * proofs.HASH_SIZE) for p in proofs.sibling_nodes(size, index)
+            ]
+        finally:
+            os.close(fd)
+        proof = proofs.prove(size, index, leaf, siblings)
+        proofs.verify(content_hash(block), size, nonce, proof)
+        return size, proof
+
+    def proof(self, block: str, nonce: bytes) -> tuple[int, bytes]:
+        """`read_proof`, and if the part or its outboard turns out damaged: a part missing on
+        disk is forgotten (NotFound); a corrupt part is moved to quarantine, forgotten, and
+        IntegrityError raised (the caller reports it gone); a sound part whose outboard is
+        damaged gets it rebuilt and is proven from it. Blocking file I/O (the whole part, in
+        the rare repair): call it where that is acceptable.
+        """
+        try:
+            return self.read_proof(block, nonce)
+        except proofs.ProofError:
+            pass
+        if not self.path_of(block).exists():
+            self._forget(block)
+            raise NotFound(f"no part {block}")
+        self._rebuild_outboard(block)  # checks the part whole: IntegrityError if it is corrupt
+        try:
+            return self.read_proof(block, nonce)
+        except proofs.ProofError:
+            self.quarantine(block)
+            raise IntegrityError(f"part {block} is corrupt on disk; moved to quarantine") from None
+
+    def _rebuild_outboard(self, block: str) -> None:
+        """Write the outboard of a stored part that has none, from its (checked) bytes."""
+        data = self.get(block, keep_cached=False)  # IntegrityError (quarantined) if corrupt
+        tree = proofs.TreeHasher(data)
+        tmp = self._incoming / f"{block}{OUTBOARD_SUFFIX}.{secrets.token_hex(8)}"
+        _write_synced(tmp, tree.outboard())
+        os.replace(tmp, self.outboard_path_of(block))
+        log.info("rebuilt the outboard of part {block}", block=block)
 
     def verify_all(self) -> list[str]:
         """Check every part's hash; quarantine and return the corrupt ones."""
@@ -289,12 +401,13 @@ WRITE_BUFFER = 1024 * 1024
 """Bytes buffered by a part being written before they go to the file."""
 
 class BlockWriter:
-    """One part being written: bytes go to a temporary file under incoming/ while being hashed."""
+    """One part being written: bytes go to a temporary file under incoming/ while being hashed
+    into the tree whose address names the part and whose hashes become its outboard."""
 
     def __init__(self, store: BlockStore, block: str, size: int) -> None:
         self._store = store
         self.block = block
-        self._expected = content_hash(block)  # BLAKE3 of the bytes, for a part or a share ID
+        self._expected = content_hash(block)  # the address of the bytes, for a part or a share ID
         self.size = size
         self.received = 0
         self._hash = block_hasher()
@@ -352,12 +465,19 @@ class BlockWriter:
             self._tmp.unlink(missing_ok=True)
             return False
         final = store.path_of(self.block)
+        tree_tmp = self._tmp.with_name(self._tmp.name + OUTBOARD_SUFFIX)
         try:
+            _write_synced(tree_tmp, self._hash.outboard())
             final.parent.mkdir(parents=True, exist_ok=True)
+            # The outboard first: a part is never visible without it.
+            os.replace(tree_tmp, store.outboard_path_of(self.block))
             os.replace(self._tmp, final)
             _fsync_dir(final.parent)
         except OSError as e:
             self._tmp.unlink(missing_ok=True)
+            tree_tmp.unlink(missing_ok=True)
+            if not final.exists():
+                store.outboard_path_of(self.block).unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("disk full") from None
             raise

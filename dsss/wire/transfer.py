@@ -8,6 +8,14 @@ with one reply line, followed for DOWNLOAD by the part's bytes, and ends the str
     UPLOAD <key> <hash> <size>\\n<size bytes>   ->  Ok\\n            | ERROR <code> <text>\\n
     DOWNLOAD <key> <hash>\\n                     ->  Ok <size>\\n<bytes> | ERROR <code> <text>\\n
 
+A storage audit (anyone with an introduction key for the part: its owner, another agent) asks
+for a proof that the agent holds the part (dsss/proofs.py) instead of the part itself:
+
+    AUDIT <key> <hash> <nonce>\n                ->  Proof <size> <len>\n<len bytes> | ERROR ...
+
+`nonce` is 32 lowercase hex digits (16 bytes); the reply carries the part's size and the proof
+bytes for the leaf the nonce selects, `len` being `proofs.proof_length(size, index)`.
+
 A chained upload (replication down a chain of agents, as GFS and HDFS pipelines do) says
 `chain` and names the agents that store the next copies (none for the last agent of a chain),
 each as `<host:port>/<agent id>/<introduction key>`, the key being one the server had that agent
@@ -30,6 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from dsss import proofs
 from dsss.errors import DSSSError, RemoteProtocolError
 from dsss.model import PeerAddress, is_block_id
 
@@ -38,6 +47,8 @@ MAX_CHAIN = 4
 MAX_HEADER = 256 + MAX_CHAIN * 160
 """Longest request or reply line: a chain of MAX_CHAIN hops, or MAX_CHAIN + 1 receipts."""
 MAX_PART = 16 * 1024 * 1024
+MAX_PROOF = proofs.LEAF_SIZE + proofs.HASH_SIZE * 64
+"""Longest proof a Proof reply may announce (a leaf and the path of a tree of any size)."""
 _KEY = re.compile(r"\A[0-9a-f]{32}\Z")
 _AGENT_ID = re.compile(r"\A[0-9a-f]{64}\Z")
 _RECEIPT = re.compile(r"\A[0-9a-f]{128}\Z")
@@ -88,6 +99,23 @@ class Download:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """Prove that you hold `block`: answer the challenge `nonce` (16 bytes)."""
+
+    key: str
+    block: str
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class ProofReply:
+    """`Proof <size> <len>` followed by the proof's bytes: the answer to AUDIT."""
+
+    size: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Done:
     """`Ok` (UPLOAD stored) or `Ok <size>` (DOWNLOAD, followed by the bytes)."""
 
@@ -118,8 +146,8 @@ class Refused:
     text: str
 
 
-TransferRequest = Union[Upload, Download]
-TransferReply = Union[Done, Stored, Refused]
+TransferRequest = Union[Upload, Download, Audit]
+TransferReply = Union[Done, Stored, Refused, ProofReply]
 
 
 def _decode(line: bytes) -> list[str]:
@@ -161,6 +189,12 @@ def parse_request(line: bytes) -> TransferRequest:
         if len(words) != 3:
             raise RemoteProtocolError("usage: DOWNLOAD <key> <hash>")
         req = Download(words[1], words[2])
+    elif verb == "AUDIT":
+        if len(words) != 4:
+            raise RemoteProtocolError("usage: AUDIT <key> <hash> <nonce>")
+        if not _KEY.match(words[3]):
+            raise RemoteProtocolError("AUDIT: the nonce is not 32 lowercase hex digits")
+        req = Audit(words[1], words[2], bytes.fromhex(words[3]))
     else:
         raise RemoteProtocolError(f"unknown request {verb[:20]!r}")
     if not _KEY.match(req.key):
@@ -174,6 +208,10 @@ def encode_request(req: TransferRequest) -> bytes:
     if isinstance(req, Upload):
         hops = " chain" + "".join(f" {h}" for h in req.chain) if req.chained else ""
         return f"UPLOAD {req.key} {req.block} {req.size}{hops}\n".encode("ascii")
+    if isinstance(req, Audit):
+        if len(req.nonce) != proofs.NONCE_SIZE:
+            raise ValueError("an audit nonce is 16 bytes")
+        return f"AUDIT {req.key} {req.block} {req.nonce.hex()}\n".encode("ascii")
     return f"DOWNLOAD {req.key} {req.block}\n".encode("ascii")
 
 
@@ -187,6 +225,11 @@ def parse_reply(line: bytes) -> TransferReply:
             if n > MAX_PART:
                 raise RemoteProtocolError("reply announces a part larger than allowed")
             return Done(n)
+    elif words[0] == "Proof" and len(words) == 3:
+        size, length = _size(words[1]), _size(words[2])
+        if size > MAX_PART or length > MAX_PROOF:
+            raise RemoteProtocolError("reply announces a part or proof larger than allowed")
+        return ProofReply(size, length)
     elif words[0] == "Stored" and len(words) >= 3:
         n = _size(words[1])
         receipts = tuple(words[2:])
@@ -205,6 +248,8 @@ def encode_reply(reply: TransferReply) -> bytes:
         return b"Ok\n" if reply.size is None else f"Ok {reply.size}\n".encode("ascii")
     if isinstance(reply, Stored):
         return f"Stored {reply.count} {' '.join(reply.receipts)}\n".encode("ascii")
+    if isinstance(reply, ProofReply):
+        return f"Proof {reply.size} {reply.length}\n".encode("ascii")
     clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in reply.text)[:200]
     return f"ERROR {reply.code} {clean}\n".encode("ascii")
 

@@ -108,10 +108,10 @@ class FlakyNetwork(FakeNetwork):
         super().__init__()
         self.failing: set[str] = set()
 
-    async def download(self, intro: Any, block: str) -> bytes:
+    async def download(self, intro: Any, block: str, *, verify: bool = True) -> bytes:
         if block in self.failing:
             raise Unavailable("agent went away")
-        return await super().download(intro, block)
+        return await super().download(intro, block, verify=verify)
 
 
 class PausingTransport(StringTransport):

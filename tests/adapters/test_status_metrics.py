@@ -227,6 +227,7 @@ def test_agent_metrics(tmp_path):
     agent.store.put(block_hash(data), data)
     transfers.uploads, transfers.downloads, transfers.refused = 2, 3, 1
     transfers.forwards, transfers.forward_failures = 5, 4
+    agent.audits_proven, agent.audits_corrupt = 7, 1
     treq = StubTreq(AgentMetrics(agent, transfers).resource())
     code, headers, body = fetch(treq, "/metrics")[0]
     assert code == 200
@@ -241,6 +242,8 @@ def test_agent_metrics(tmp_path):
     assert m[("dsss_agent_refused_total", ())] == 1
     assert m[("dsss_agent_forwards_total", ())] == 5
     assert m[("dsss_agent_forward_failures_total", ())] == 4
+    assert m[("dsss_agent_audits_proven_total", ())] == 7
+    assert m[("dsss_agent_audits_corrupt_total", ())] == 1
     info = (("agent", agent.identity.agent_id), ("version", agent.version))
     assert m[("dsss_agent_info", info)] == 1
     assert fetch(treq, "/")[0][0] == 404

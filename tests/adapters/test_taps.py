@@ -135,3 +135,15 @@ def test_agent_storage_must_be_a_directory(tmp_path):
     f.write_text("x")
     with pytest.raises(usage.UsageError):
         agent_tap.Options().parseOptions(["--storage", str(f)])
+
+
+def test_agent_refuses_a_store_of_format_2(tmp_path):
+    """A store of the previous format (plain BLAKE3 names) stops the agent before it starts,
+    saying what to do, and is left as it was."""
+    store = tmp_path / "s"
+    (store / "blocks").mkdir(parents=True)
+    (store / "FORMAT").write_text("dsss-store 2 blake3\n")
+    with pytest.raises(usage.UsageError, match="--storage: .*older DSSS.*Nothing was changed.*new, empty --storage"):
+        agent_tap.Options().parseOptions(["--storage", str(store)])
+    assert (store / "FORMAT").read_text() == "dsss-store 2 blake3\n"
+    assert sorted(p.name for p in store.iterdir()) == ["FORMAT", "blocks"]

@@ -70,11 +70,11 @@ class User:
 
 
 def stored_blocks(net: LocalNetwork) -> list[str]:
-    """Every blob on every agent's disk (one entry per replica)."""
+    """Every blob on every agent's disk (one entry per replica; not the parts' outboards)."""
     found = []
     for agent in net.agents:
         for f in (agent.storage / "blocks").rglob("*"):
-            if f.is_file():
+            if f.is_file() and not f.name.endswith(".tree"):
                 found.append(f.name)
     return sorted(found)
 

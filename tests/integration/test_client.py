@@ -128,7 +128,7 @@ def test_keygen_refuses_to_overwrite(tmp_path, shared_network):
 def _corrupt_all(agent) -> int:
     n = 0
     for f in (agent.storage / "blocks").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0:
+        if f.is_file() and f.stat().st_size > 0 and not f.name.endswith(".tree"):
             data = bytearray(f.read_bytes())
             data[len(data) // 2] ^= 0x01
             f.write_bytes(bytes(data))

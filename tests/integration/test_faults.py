@@ -24,7 +24,8 @@ MiB = 1024 * 1024
 
 
 def _all_blobs(agent):
-    return [f for f in (agent.storage / "blocks").rglob("*") if f.is_file()]
+    """The parts on an agent's disk (not their outboards)."""
+    return [f for f in (agent.storage / "blocks").rglob("*") if f.is_file() and not f.name.endswith(".tree")]
 
 
 def _start_put(net, path: Path, *extra: str) -> subprocess.Popen:

@@ -91,7 +91,7 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Busy]:
 
 
 def blocks_on_disk(storage: Path) -> list[Path]:
-    return [p for p in (storage / "blocks").rglob("*") if p.is_file()]
+    return [p for p in (storage / "blocks").rglob("*") if p.is_file() and not p.name.endswith(".tree")]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

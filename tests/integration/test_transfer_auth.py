@@ -91,3 +91,41 @@ async def test_client_refuses_an_agent_that_is_not_the_introduced_one(shared_net
         assert not _stored_anywhere(net, block)
     finally:
         await peers.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_owner_audits_a_holder_over_quic_without_downloading(shared_network):
+    """The owner of a part challenges a real agent for it: the agent proves it holds the part
+    with one leaf and its sibling hashes, checked against the address alone. After rot in the
+    challenged leaf, the agent quarantines its copy and answers not-found."""
+    from dsss import proofs
+    from dsss.errors import NotFound
+
+    net = shared_network
+    discovery, peers = await _client(net)
+    try:
+        agent = net.agents[1]
+        target = PeerAddress.parse(agent.address)
+        data = os.urandom(5 * proofs.LEAF_SIZE + 77)
+        block = block_hash(data)
+        intro = await discovery.introduce_me(target, block, len(data), peers.public_address)
+        await peers.upload(intro, block, data)
+
+        for index in (0, 3, 5):
+            dkey = await discovery.introduce_me(target, block, 0, peers.public_address)
+            assert await peers.audit(dkey, block, index.to_bytes(16, "big")) == len(data)
+        assert peers.audits_passed == 3
+
+        # Rot in leaf 3 of the agent's copy: a challenge for leaf 3 finds it.
+        path = agent.storage / "blocks" / block[:2] / block[2:4] / block
+        raw = bytearray(path.read_bytes())
+        raw[3 * proofs.LEAF_SIZE + 9] ^= 0x40
+        path.write_bytes(bytes(raw))
+        dkey = await discovery.introduce_me(target, block, 0, peers.public_address)
+        with pytest.raises(NotFound, match="corrupt"):
+            await peers.audit(dkey, block, (3).to_bytes(16, "big"))
+        assert not path.exists()
+        assert any(q.name.startswith(block + ".") for q in (agent.storage / "quarantine").iterdir())
+        assert peers.audits_passed == 3
+    finally:
+        await peers.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dsss import proofs
 from dsss.errors import BadRequest, IntegrityError, NotFound, RemoteProtocolError, StorageFull
 from dsss.model import block_hash, share_id
 from dsss.storage import blockstore as bs_module
@@ -35,8 +36,10 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def files_under(path: Path) -> list[Path]:
-    """Files under path, but for the store's own FORMAT file."""
-    return sorted(p for p in path.rglob("*") if p.is_file() and p != path / "FORMAT")
+    """Files under path, but for the store's own FORMAT file and the parts' outboards."""
+    return sorted(
+        p for p in path.rglob("*") if p.is_file() and p != path / "FORMAT" and not p.name.endswith(".tree")
+    )
 
 
 @pytest.fixture
@@ -67,10 +70,14 @@ def test_new_store_creates_its_directories(root: Path) -> None:
     assert s.blocks() == []
 
 
-def test_addresses_are_blake3() -> None:
-    # The address format every agent and client must agree on: BLAKE3, 32 bytes, lowercase hex.
-    assert block_hash(b"") == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-    assert block_hash(b"abc") == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+def test_addresses_are_blake3_trees() -> None:
+    # The address format every agent and client must agree on (docs/protocol.md gives these
+    # vectors): the BLAKE3 tree of the bytes bound to their size, 32 bytes, lowercase hex.
+    assert block_hash(b"") == "1a62ffe197fd187722792d73cb58abda961013bf7d633fe8167b45b4599dd1f4"
+    assert block_hash(b"abc") == "b1de8eeaa8c267632c8dc1ef77a87fc1048829e5b129e9c5180875ee696ed04b"
+    # Two leaves: 16384 bytes and one.
+    two = bytes(range(256)) * 64 + b"x"
+    assert block_hash(two) == "fd957baa58e08a6e1513e72bfb88317cfe4c947999f077a704b9fd33ea9258de"
 
 
 def test_new_store_records_its_format(root: Path) -> None:
@@ -732,13 +739,15 @@ def test_rotten_share_is_quarantined_and_scrubbed(store: BlockStore, root: Path)
     assert store.blocks() == [HC]
 
 
-def test_plain_part_paths_and_format_unchanged(root: Path) -> None:
-    """Stores written before share IDs keep working: the same FORMAT line, and a plain part at
-    blocks/<id[:2]>/<id[2:4]>/<id> as before."""
+def test_part_paths_and_format(root: Path) -> None:
+    """FORMAT names the tree address scheme; a plain part is at blocks/<id[:2]>/<id[2:4]>/<id>,
+    its outboard beside it."""
     store = BlockStore(root, capacity=10_000)
     store.put(HA, A)
-    assert (root / "FORMAT").read_text() == "dsss-store 2 blake3\n" and STORE_FORMAT == "dsss-store 2 blake3"
-    assert files_under(root / "blocks") == [root / "blocks" / HA[:2] / HA[2:4] / HA]
+    assert (root / "FORMAT").read_text() == "dsss-store 3 blake3-tree\n" and STORE_FORMAT == "dsss-store 3 blake3-tree"
+    where = root / "blocks" / HA[:2] / HA[2:4]
+    assert files_under(root / "blocks") == [where / HA]
+    assert sorted((root / "blocks").rglob("*.tree")) == [where / (HA + ".tree")]
 
 
 # --- the page cache -----------------------------------------------------------------------------
@@ -813,3 +822,158 @@ def test_the_scrub_leaves_the_page_cache_as_it_was(root: Path, drops_cache: None
     assert Scrubber(store, found.append).step(3 << 20) == 3 << 20  # each part read once
     assert found == []
     assert all(_resident_pages(store.path_of(block_hash(d))) <= 4 for d in parts)
+
+
+# --- older formats --------------------------------------------------------------------------------
+
+
+def format2_store(root: Path, *, with_part: bool = True) -> dict[str, bytes | None]:
+    """A store as the previous version left it: FORMAT 2, parts named by plain BLAKE3."""
+    import blake3
+
+    root.mkdir(parents=True)
+    (root / "FORMAT").write_text("dsss-store 2 blake3\n")
+    for name in ("blocks", "incoming", "quarantine"):
+        (root / name).mkdir()
+    if with_part:
+        name = blake3.blake3(A).hexdigest()
+        d = root / "blocks" / name[:2] / name[2:4]
+        d.mkdir(parents=True)
+        (d / name).write_bytes(A)
+    return tree(root)
+
+
+@pytest.mark.parametrize("with_part", [True, False])
+def test_format_2_store_refused_and_untouched(root: Path, with_part: bool) -> None:
+    before = format2_store(root, with_part=with_part)
+    with pytest.raises(StoreFormatError, match=r"older DSSS.*plain BLAKE3.*Nothing was changed.*--storage"):
+        BlockStore(root, capacity=10_000)
+    with pytest.raises(StoreFormatError, match="dsss-store 2 blake3"):
+        check_store_format(root)
+    assert tree(root) == before
+
+
+# --- the outboard and proofs ----------------------------------------------------------------------
+
+LEAF = proofs.LEAF_SIZE
+BIG = bytes(range(256)) * (5 * LEAF // 256) + b"tail bytes"  # five full leaves and a short one
+HBIG = block_hash(BIG)
+
+
+@pytest.fixture
+def big_store(root: Path) -> BlockStore:
+    s = BlockStore(root, capacity=10 * len(BIG))
+    s.put(HBIG, BIG)
+    return s
+
+
+def _nonce(index: int) -> bytes:
+    return index.to_bytes(16, "big")
+
+
+def test_outboard_is_written_beside_every_part(big_store: BlockStore) -> None:
+    ob = big_store.outboard_path_of(HBIG)
+    assert ob.read_bytes() == proofs.TreeHasher(BIG).outboard()
+    assert proofs.check_outboard(HBIG, len(BIG), ob.read_bytes())
+    big_store.put(SA, A)
+    assert big_store.outboard_path_of(SA).read_bytes() == proofs.TreeHasher(A).outboard()
+    assert_clean(big_store)
+
+
+@pytest.mark.parametrize("data", [b"", b"x", A, B, BIG, BIG[: 2 * LEAF], BIG[: LEAF + 1]])
+def test_proof_of_every_leaf_verifies(root: Path, data: bytes) -> None:
+    store = BlockStore(root, capacity=10 * len(BIG))
+    for block in (block_hash(data), share_id(data)):
+        store.put(block, data)
+        for index in range(proofs.leaf_count(len(data))):
+            size, proof = store.proof(block, _nonce(index))
+            assert size == len(data)
+            proofs.verify(block, size, _nonce(index), proof)
+
+
+def test_proof_reads_one_leaf_and_the_siblings(big_store: BlockStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        data = real_pread(fd, n, offset)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(bs_module.os, "pread", counting_pread)
+    size, proof = big_store.proof(HBIG, _nonce(2))
+    assert sum(reads) == len(proof) == LEAF + 32 * proofs.depth(size, 2)
+    assert len(reads) == 1 + proofs.depth(size, 2)
+
+
+def test_proof_of_a_part_not_stored(big_store: BlockStore) -> None:
+    with pytest.raises(NotFound):
+        big_store.proof(HA, _nonce(0))
+
+
+def test_rot_elsewhere_in_the_part_does_not_fail_a_proof_of_a_sound_leaf(big_store: BlockStore) -> None:
+    """The holder reads only the challenged leaf; the scrub, not the audit, finds other rot."""
+    path = big_store.path_of(HBIG)
+    raw = bytearray(path.read_bytes())
+    raw[4 * LEAF] ^= 1
+    path.write_bytes(bytes(raw))
+    size, proof = big_store.proof(HBIG, _nonce(1))
+    proofs.verify(HBIG, size, _nonce(1), proof)
+
+
+def test_proof_of_a_rotten_leaf_quarantines_the_part(big_store: BlockStore, root: Path) -> None:
+    path = big_store.path_of(HBIG)
+    raw = bytearray(path.read_bytes())
+    raw[3 * LEAF + 5] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="quarantine"):
+        big_store.proof(HBIG, _nonce(3))
+    assert not big_store.has(HBIG) and big_store.used == 0
+    assert not path.exists() and not big_store.outboard_path_of(HBIG).exists()
+    (q,) = (root / "quarantine").iterdir()
+    assert q.read_bytes() == bytes(raw)
+
+
+def test_truncated_part_fails_its_proof(big_store: BlockStore) -> None:
+    path = big_store.path_of(HBIG)
+    path.write_bytes(BIG[:-3])
+    with pytest.raises(IntegrityError):
+        big_store.proof(HBIG, _nonce(5))
+    assert not big_store.has(HBIG)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "empty"])
+def test_damaged_outboard_is_rebuilt_and_the_part_kept(big_store: BlockStore, damage: str) -> None:
+    ob = big_store.outboard_path_of(HBIG)
+    good = ob.read_bytes()
+    if damage == "flip":  # a hash the proof of leaf 0 reads
+        at = proofs.sibling_nodes(len(BIG), 0)[-1] * 32
+        ob.write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1 :])
+    elif damage == "truncate":
+        ob.write_bytes(good[:-32])
+    elif damage == "delete":
+        ob.unlink()
+    else:
+        ob.write_bytes(b"")
+    size, proof = big_store.proof(HBIG, _nonce(0))
+    proofs.verify(HBIG, size, _nonce(0), proof)
+    assert big_store.has(HBIG) and ob.read_bytes() == good
+    assert_clean(big_store)
+
+
+def test_stray_outboard_is_removed_and_outboards_are_not_parts(big_store: BlockStore, root: Path) -> None:
+    stray = big_store.outboard_path_of(HA)
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"left by a write that stopped")
+    s2 = BlockStore(root, capacity=10 * len(BIG))
+    assert s2.blocks() == [HBIG] and s2.used == len(BIG)
+    assert not stray.exists() and s2.outboard_path_of(HBIG).exists()
+
+
+def test_scrub_still_checks_whole_parts(big_store: BlockStore) -> None:
+    path = big_store.path_of(HBIG)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    assert big_store.verify_all() == [HBIG]
+    assert not big_store.outboard_path_of(HBIG).exists()

@@ -351,7 +351,7 @@ class FakeNetwork:
         self.agents[intro.address][block] = data
         self.uploads.append((intro.address, block))
 
-    async def download(self, intro: Introduction, block: str) -> bytes:
+    async def download(self, intro: Introduction, block: str, *, verify: bool = True) -> bytes:
         data = self.agents[intro.address].get(block)
         if data is None:
             raise NotFound("this agent does not store that part")

@@ -436,11 +436,11 @@ class SlowAgents(FakeNetwork):
         super().__init__()
         self.waiting: list[tuple[PeerAddress, defer.Deferred[None]]] = []
 
-    async def download(self, intro: Introduction, block: str) -> bytes:
+    async def download(self, intro: Introduction, block: str, *, verify: bool = True) -> bytes:
         d: defer.Deferred[None] = defer.Deferred()
         self.waiting.append((intro.address, d))
         await d
-        return await super().download(intro, block)
+        return await super().download(intro, block, verify=verify)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -679,3 +679,35 @@ def test_a_get_keeps_about_parallel_share_downloads_in_flight() -> None:
     assert out.getvalue() == data
     # 2 parts of 2 shares each (4 / k), not 4 parts: 8 downloads and their decoding at once.
     assert most == 4
+
+
+class UncheckedAgents(FakeNetwork):
+    """Agents that serve whatever they hold, as an agent of an older version would."""
+
+    async def download(self, intro: Introduction, block: str, *, verify: bool = True) -> bytes:
+        data = self.agents[intro.address].get(block)
+        if data is None:
+            raise NotFound("this agent does not store that part")
+        return data
+
+
+def test_bytes_under_an_older_address_are_refused_as_such() -> None:
+    """Every holder serves a blob under its plain BLAKE3 (the older scheme): the fetch fails
+    with OldAddress, which says to store the file again, not that every replica is corrupt."""
+    import blake3
+
+    from dsss.errors import IntegrityError, OldAddress
+
+    net = UncheckedAgents()
+    holders = net.add_agents(3)
+    data = os.urandom(5000)
+    old = blake3.blake3(data).hexdigest()
+    for h in holders:
+        net.agents[h][old] = data
+    with pytest.raises(OldAddress, match="older DSSS"):
+        result_of(fetch_block(net.session(), old))
+    # Bytes that match neither scheme are corrupt.
+    for h in holders:
+        net.agents[h][block_hash(b"x")] = data
+    with pytest.raises(IntegrityError, match="corrupt on every replica"):
+        result_of(fetch_block(net.session(), block_hash(b"x")))

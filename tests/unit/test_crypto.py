@@ -737,3 +737,20 @@ def test_inline_manifest_reseals_for_another_key_with_its_data() -> None:
     assert decrypt_part(KEY, FID, 0, m.inline) == b"small file\n"
     with pytest.raises(WrongKey):
         open_manifest(shared, OWNER)
+
+
+def test_manifest_of_the_older_format_is_refused_clearly() -> None:
+    """A manifest written by the DSSS that addressed by plain BLAKE3 (magic DSSSM\\x01), sealed
+    and authentic, is refused with an error naming its format and what to do."""
+    from dsss.crypto.manifest import OldManifest
+
+    old_magic = b"DSSSM\x01"
+    assert MAGIC == b"DSSSM\x02"
+    sealed = SealedBox(OWNER.public_key).encrypt(FILE_KEY)
+    nonce = b"\x02" * NONCE_BYTES
+    ct = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        make_manifest().to_json(), old_magic + sealed, nonce, FILE_KEY
+    )
+    with pytest.raises(OldManifest, match=r"format 1.*format 2.*store it again") as e:
+        open_manifest(old_magic + sealed + nonce + ct, OWNER)
+    assert e.value.code == "old-manifest" and e.value.exit_code != 0

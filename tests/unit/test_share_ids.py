@@ -37,10 +37,10 @@ H = block_hash(DATA)
 S = share_id(DATA)
 
 
-def test_a_share_id_is_s_and_blake3_of_the_bytes() -> None:
+def test_a_share_id_is_s_and_the_address_of_the_bytes() -> None:
     assert SHARE_PREFIX == "s"
     assert S == "s" + H and len(S) == 65
-    assert share_id(b"") == "saf1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    assert share_id(b"") == "s1a62ffe197fd187722792d73cb58abda961013bf7d633fe8167b45b4599dd1f4"
 
 
 def test_share_and_plain_ids_are_both_part_ids() -> None:
@@ -413,3 +413,20 @@ def test_client_upload_shares_is_none_from_an_older_server(server: Any, older: s
         (False, True) if older == "no-upload-to" else (True, False))
     assert run(server, stub, defer.ensureDeferred(client.upload_shares(SHARES[:3], 10, ME))) is None
     assert len(urls) == 1 and [a.sent() for a in everyone] == [[]] * 4
+
+
+def test_bytes_under_the_older_plain_blake3_address_are_told_apart() -> None:
+    import blake3
+
+    from dsss.errors import IntegrityError, OldAddress
+    from dsss.model import check_matches
+
+    old = blake3.blake3(DATA).hexdigest()
+    check_matches(H, DATA, "agent x")
+    check_matches(S, DATA, "agent x")
+    for block in (old, "s" + old):
+        with pytest.raises(OldAddress, match="older DSSS.*store it again"):
+            check_matches(block, DATA, "agent x")
+    with pytest.raises(IntegrityError, match="do not match") as e:
+        check_matches(H, DATA + b"!", "agent x")
+    assert not isinstance(e.value, OldAddress)

@@ -13,10 +13,13 @@ from dsss.wire.transfer import (
     MAX_CHAIN,
     MAX_HEADER,
     MAX_PART,
+    MAX_PROOF,
+    Audit,
     Done,
     Download,
     HeaderSplitter,
     Hop,
+    ProofReply,
     Refused,
     Stored,
     Upload,
@@ -49,6 +52,17 @@ def test_download_round_trip() -> None:
     wire = encode_request(req)
     assert wire == f"DOWNLOAD {KEY} {H}\n".encode()
     assert parse_request(wire[:-1]) == req
+
+
+def test_audit_round_trip() -> None:
+    nonce = bytes(range(16))
+    req = Audit(KEY, "s" + H, nonce)
+    wire = encode_request(req)
+    assert wire == f"AUDIT {KEY} s{H} {nonce.hex()}\n".encode()
+    assert parse_request(wire[:-1]) == req
+    assert len(wire) <= MAX_HEADER
+    with pytest.raises(ValueError):
+        encode_request(Audit(KEY, H, b"short"))
 
 
 def test_request_cr_tolerated() -> None:
@@ -118,6 +132,13 @@ BAD_REQUESTS = [
     f"DOWNLOAD {KEY} {H}\r\r".encode(),
     "DOWNLOAD é".encode("utf-8"),
     b"\xff",
+    # audits
+    f"AUDIT {KEY} {H}".encode(),
+    f"AUDIT {KEY} {H} {KEY} x".encode(),
+    f"AUDIT {KEY} {H} {KEY[:31]}".encode(),
+    f"AUDIT {KEY} {H} {KEY.upper()}".encode(),
+    f"AUDIT {KEY} {H[:63]} {KEY}".encode(),
+    f"AUDIT - {H} {KEY}".encode(),
 ]
 
 
@@ -136,6 +157,9 @@ REPLIES = [
     (f"Ok {MAX_PART}\n".encode(), Done(MAX_PART)),
     (b"ERROR denied introduction key expired\n", Refused("denied", "introduction key expired")),
     (b"ERROR full \n", Refused("full", "")),
+    (b"Proof 100 100\n", ProofReply(100, 100)),
+    (f"Proof {MAX_PART} {16384 + 320}\n".encode(), ProofReply(MAX_PART, 16384 + 320)),
+    (b"Proof 0 0\n", ProofReply(0, 0)),
 ]
 
 
@@ -174,6 +198,13 @@ BAD_REPLIES = [
     b"ERROR x caf\xc3\xa9",
     b"Ok\n",
     b"DONE",
+    b"Proof",
+    b"Proof 1",
+    b"Proof 1 2 3",
+    b"Proof x 1",
+    f"Proof {MAX_PART + 1} 10".encode(),
+    f"Proof 10 {MAX_PROOF + 1}".encode(),
+    b"PROOF 1 1",
 ]
 
 
