@@ -28,6 +28,7 @@ from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
 from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.control import AgentConnection, AgentConnectionFactory
+from dsss.server.placement import NetworkRule, Placer, ReputationView
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
@@ -55,6 +56,20 @@ class ServerConfig:
     # Seconds a part may stay below the replica count before the server copies it again
     # (0: never; `dsss.client repair` still works).
     repair_after: float = 600.0
+    # Which agents count as one network: a part's copies go to distinct ones
+    # (`--distinct-networks`; NetworkRule.parse("off") for agents that share one address).
+    distinct_networks: NetworkRule = NetworkRule()
+
+
+class _EveryAgentUnvetted:
+    """TEMPORARY stand-in for dsss.server.reputation until it is merged: no agent is vetted and
+    none is disqualified. Replace it where DiscoveryServer builds its Placer (the one place)."""
+
+    def is_vetted(self, agent_id: str) -> bool:
+        return False
+
+    def is_disqualified(self, agent_id: str) -> bool:
+        return False
 
 
 class DiscoveryServer:
@@ -66,7 +81,10 @@ class DiscoveryServer:
         self.replicas = config.replicas
         self.heartbeat = config.heartbeat
         self.udp_port = config.udp_port
-        self.registry = Registry(config.heartbeat, rng=rng)
+        self.registry = Registry(config.heartbeat)
+        # TEMPORARY: the audit record (dsss.server.reputation) is not wired in yet.
+        self.reputation: ReputationView = _EveryAgentUnvetted()
+        self.placer = Placer(config.distinct_networks, self.reputation, rng=rng)
         self.connections: set[AgentConnection] = set()
         self.started_at = clock.seconds()
         # The server's own Curve25519 key, against which listed clients sign their requests.
@@ -146,12 +164,12 @@ class DiscoveryServer:
     def where_to_upload(
         self, size: int, exclude: list[PeerAddress], count: int | None = None
     ) -> list[PeerAddress]:
-        """Up to `count` (default: the replica count) distinct live agents with room for `size`,
-        none in `exclude`; Unavailable if there is none."""
+        """Up to `count` (default: the replica count) live agents with room for `size` on
+        distinct networks, none in `exclude` or on its network (dsss.server.placement);
+        Unavailable (or its TooFewNetworks) if there is none."""
         self.stats["where-to-upload"] += 1
-        chosen = self.registry.place(size, self.replicas if count is None else count, self.now(), exclude)
-        if not chosen:
-            raise Unavailable(f"no live agent has room for {size} bytes")
+        chosen = self.placer.place(self.registry, size, self.replicas if count is None else count,
+                                   self.now(), exclude)
         return [r.address for r in chosen if r.address is not None]
 
     async def introduce(

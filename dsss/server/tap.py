@@ -12,6 +12,7 @@ from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.model import is_decimal, parse_size
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
+from dsss.server.placement import NetworkRule
 from dsss.server.service import ServerConfig, make_server_service
 
 
@@ -63,6 +64,10 @@ class Options(usage.Options):
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
         ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
         ["repair-after", None, "600", "Seconds a part may lack replicas before the server copies it again (0: never)."],
+        ["distinct-networks", None, "24,48",
+         "A part's copies go to agents on distinct networks: IPv4,IPv6 prefix lengths that make one "
+         "network (24,48; 32,128: each IP address its own), or 'off' (each agent its own: all "
+         "agents on one machine or behind one NAT)."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -109,6 +114,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--relay-limit: {e}") from None
         if relay_limit < 1024:
             raise usage.UsageError("--relay-limit must be at least 1K (bytes per second)")
+        try:
+            networks = NetworkRule.parse(self["distinct-networks"])
+        except ValueError as e:
+            raise usage.UsageError(f"--distinct-networks: {e}") from None
         self.config = ServerConfig(
             http=self["http"],
             control=self["control"],
@@ -122,6 +131,7 @@ class Options(usage.Options):
             http_rate=http_rate,
             relay_limit=relay_limit,
             repair_after=_repair_after(self["repair-after"]),
+            distinct_networks=networks,
         )
 
 

@@ -1,0 +1,400 @@
+# -*- test-case-name: tests.unit.test_placement -*-
+"""Placement: which live agents get the copies (or shares) of a new part. Pure: no I/O, `now` passed in.
+
+The rules, each there because an agent's own report of itself cannot be trusted:
+
+- **Distinct networks.** A part's copies go to agents on distinct networks: at most one per IPv4
+  /24 or IPv6 /48 by default (`NetworkRule`), judged by the address the server sees the agent's UDP
+  socket at. Identities started by the hundred on one host or one subnet therefore get at most one
+  copy of any part. `NetworkRule.parse("off")` makes every agent its own network: for one-machine
+  demos and tests where all agents share 127.0.0.1, and for agents that share a NAT.
+- **Capped weight.** Networks are drawn at random with a weight that follows the free space their
+  agents report, but an agent's weight is at most `CAP_FACTOR` times the median agent's and a
+  network's at most `CAP_FACTOR` times the median network's (within its pool). A network whose
+  agents report 2^61 bytes free is drawn as if it had twice the median's room, no more (the
+  bound is worked out in docs/operations.md, "Placement").
+- **Vetting.** Agents not yet vetted (`ReputationView.is_vetted`) form a second pool; each copy is
+  drawn from it with probability `UNVETTED_SHARE`, and from the vetted pool otherwise. A pool with
+  no usable network left hands over to the other, so a network of new agents still works, and new
+  agents get at most that share of new copies while enough vetted ones exist. Disqualified agents
+  are never chosen.
+- **Cost.** Draws come from a `CandidateTable` (per pool, the networks with prefix sums of their
+  weights) rebuilt at least every `REFRESH` seconds and, after a membership change, on the next
+  placement (up to `REBUILD_AT_ONCE` agents) or once `REBUILD_PER_AGENT` seconds per agent have
+  passed since the last build (so rebuilds cost a bounded fraction of a core at any size). A draw is a bisection, O(log n), and the chosen agent is
+  checked against the live registry (still registered and live, room, not excluded, not
+  disqualified) before it is taken, so a stale table never places on a departed agent. Only when
+  repeated draws keep landing on unusable networks does one placement fall back to one scan of the
+  table, O(n).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable, Protocol, Sequence
+
+from dsss.errors import Unavailable
+from dsss.model import PeerAddress
+
+CAP_FACTOR = 2
+"""An agent's (network's) weight is at most this times the median agent's (network's)."""
+UNVETTED_SHARE = 0.05
+"""The chance that a copy is drawn from the unvetted pool first (Storj's new-node fraction)."""
+REFRESH = 1.0
+"""Seconds: the candidate table is rebuilt at least this often while placements are asked for."""
+REBUILD_PER_AGENT = 1e-4
+"""Seconds per agent in the table that must pass before a membership change rebuilds it (10k
+agents: at most one rebuild a second on churn), for tables above `REBUILD_AT_ONCE` agents."""
+REBUILD_AT_ONCE = 100
+"""A table of at most this many agents is rebuilt on the next placement after any change."""
+DRAW_ATTEMPTS = 12
+"""Draws per copy that may land on an unusable network before one scan of the table decides."""
+
+
+class ReputationView(Protocol):
+    """What placement reads of an agent's audit record (dsss.server.reputation implements it)."""
+
+    def is_vetted(self, agent_id: str) -> bool: ...
+
+    def is_disqualified(self, agent_id: str) -> bool: ...
+
+
+class Candidate(Protocol):
+    """An agent as placement sees it (dsss.server.registry.AgentRecord is one)."""
+
+    @property
+    def agent_id(self) -> str: ...
+
+    @property
+    def address(self) -> PeerAddress | None: ...
+
+    @property
+    def free(self) -> int: ...
+
+
+class AgentSource(Protocol):
+    """Where placement finds agents (dsss.server.registry.Registry is one). `generation` changes
+    whenever an agent joins, leaves or changes address."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def live(self, now: float) -> Sequence[Candidate]: ...
+
+    def is_live(self, rec: Candidate, now: float) -> bool: ...
+
+    def get(self, agent_id: str) -> Candidate | None: ...
+
+
+class TooFewNetworks(Unavailable):
+    """Agents have room, but not on enough distinct networks for the copies asked for."""
+
+    code = "networks"
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkRule:
+    """Which agents count as one network: those whose IPv4 addresses share the first `ipv4` bits
+    (IPv6: `ipv6` bits). `ipv4 = ipv6 = None` ("off"): every agent (address and port) is its own."""
+
+    ipv4: int | None = 24
+    ipv6: int | None = 48
+
+    def __post_init__(self) -> None:
+        if (self.ipv4 is None) != (self.ipv6 is None):
+            raise ValueError("both prefix lengths or neither")
+        if self.ipv4 is not None and not 0 <= self.ipv4 <= 32:
+            raise ValueError(f"an IPv4 prefix length is 0 to 32, not {self.ipv4}")
+        if self.ipv6 is not None and not 0 <= self.ipv6 <= 128:
+            raise ValueError(f"an IPv6 prefix length is 0 to 128, not {self.ipv6}")
+
+    @classmethod
+    def parse(cls, text: str) -> "NetworkRule":
+        """`V4,V6` (e.g. `24,48`, the default; `32,128`: every IP address its own network) or
+        `off` (every agent its own network). ValueError with the reason otherwise."""
+        text = text.strip().lower()
+        if text == "off":
+            return cls(None, None)
+        fields = text.split(",")
+        if len(fields) != 2 or not all(f.strip().isdigit() and len(f.strip()) <= 3 for f in fields):
+            raise ValueError(f"expected V4,V6 prefix lengths (e.g. 24,48) or off, got {text[:40]!r}")
+        return cls(int(fields[0]), int(fields[1]))
+
+    @property
+    def off(self) -> bool:
+        return self.ipv4 is None
+
+    def __str__(self) -> str:
+        return "off" if self.off else f"{self.ipv4},{self.ipv6}"
+
+    def key(self, address: PeerAddress) -> str:
+        """The network `address` belongs to, e.g. `203.0.113.0/24` (off: the address itself)."""
+        if self.ipv4 is None or self.ipv6 is None:
+            return str(address)
+        return _network_of(address.host, self.ipv4, self.ipv6)
+
+
+@lru_cache(maxsize=65536)
+def _network_of(host: str, v4: int, v6: int) -> str:
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bits = v4 if ip.version == 4 else v6
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+# --- the candidate table -----------------------------------------------------------------------
+
+
+def _median_low(values: list[int]) -> int:
+    values = sorted(values)
+    return values[(len(values) - 1) // 2] if values else 0
+
+
+@dataclass
+class _Network:
+    key: str
+    agents: list[Candidate] = field(default_factory=list)
+    cumulative: list[float] = field(default_factory=list)  # prefix sums of the agents' weights
+
+    @property
+    def total(self) -> float:
+        return self.cumulative[-1] if self.cumulative else 0.0
+
+
+@dataclass
+class Pool:
+    """One pool's networks and the prefix sums of their (capped) weights."""
+
+    networks: list[_Network]
+    cumulative: list[float]
+
+    @property
+    def total(self) -> float:
+        return self.cumulative[-1] if self.cumulative else 0.0
+
+    def weights(self) -> dict[str, float]:
+        """Each network's capped weight (for tests and the bench)."""
+        out: dict[str, float] = {}
+        previous = 0.0
+        for net, c in zip(self.networks, self.cumulative):
+            out[net.key] = c - previous
+            previous = c
+        return out
+
+
+def _build_pool(groups: dict[str, list[tuple[Candidate, float]]]) -> Pool:
+    networks = []
+    sums = []
+    for key, members in groups.items():
+        net = _Network(key)
+        running = 0.0
+        for rec, weight in members:
+            running += weight
+            net.agents.append(rec)
+            net.cumulative.append(running)
+        networks.append(net)
+        sums.append(running)
+    cap = CAP_FACTOR * max(1, _median_low([int(s) for s in sums]))
+    cumulative = []
+    running = 0.0
+    for s in sums:
+        running += min(s, cap)
+        cumulative.append(running)
+    return Pool(networks, cumulative)
+
+
+@dataclass
+class CandidateTable:
+    """The live agents at `built_at`, by pool (vetted, unvetted), grouped into networks."""
+
+    built_at: float
+    generation: int
+    size: int
+    vetted: Pool
+    unvetted: Pool
+
+    @classmethod
+    def build(cls, agents: Iterable[Candidate], rule: NetworkRule, reputation: ReputationView,
+              now: float, generation: int) -> "CandidateTable":
+        usable = [r for r in agents if r.address is not None and not reputation.is_disqualified(r.agent_id)]
+        cap = CAP_FACTOR * max(1, _median_low([max(0, r.free) for r in usable]))
+        groups: tuple[dict[str, list[tuple[Candidate, float]]], ...] = ({}, {})
+        for rec in usable:
+            assert rec.address is not None
+            weight = float(max(1, min(rec.free, cap)))
+            pool = groups[0] if reputation.is_vetted(rec.agent_id) else groups[1]
+            pool.setdefault(rule.key(rec.address), []).append((rec, weight))
+        return cls(now, generation, len(usable), _build_pool(groups[0]), _build_pool(groups[1]))
+
+
+# --- placement ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    """One placement in progress: what disqualifies an agent for it."""
+
+    source: AgentSource
+    size: int
+    now: float
+    excluded: set[PeerAddress]
+    used: set[str]  # networks that hold (or are about to hold) a copy
+
+
+class Placer:
+    """Chooses the agents for a part's copies (see the module docstring for the rules)."""
+
+    def __init__(self, rule: NetworkRule, reputation: ReputationView,
+                 rng: random.Random | None = None, *, unvetted_share: float = UNVETTED_SHARE,
+                 refresh: float = REFRESH) -> None:
+        self.rule = rule
+        self.reputation = reputation
+        self.rng = rng or random.SystemRandom()
+        self.unvetted_share = unvetted_share
+        self.refresh = refresh
+        self._table: CandidateTable | None = None
+        self.rebuilds = 0
+
+    def table(self, source: AgentSource, now: float) -> CandidateTable:
+        """The candidate table, rebuilt if it is due (see REFRESH and REBUILD_PER_AGENT)."""
+        t = self._table
+        if t is not None:
+            age = now - t.built_at
+            changed = source.generation != t.generation
+            holdoff = 0.0 if t.size <= REBUILD_AT_ONCE else t.size * REBUILD_PER_AGENT
+            if 0 <= age < self.refresh and not (changed and age >= holdoff):
+                return t
+        generation = source.generation
+        self._table = CandidateTable.build(source.live(now), self.rule, self.reputation, now, generation)
+        self.rebuilds += 1
+        return self._table
+
+    def place(self, source: AgentSource, size: int, count: int, now: float,
+              exclude: Iterable[PeerAddress] = ()) -> list[Candidate]:
+        """Up to `count` agents for a part of `size` bytes, on distinct networks, none of them
+        at an excluded address or on an excluded address's network.
+
+        Fewer than `count` when fewer networks qualify. If none does: `TooFewNetworks` when
+        agents have room but every one of their networks is excluded, else `Unavailable`
+        ("no live agent has room")."""
+        if count <= 0:
+            return []
+        table = self.table(source, now)
+        excluded = set(exclude)
+        req = _Request(source, size, now, excluded, {self.rule.key(a) for a in excluded})
+        excluded_networks = len(req.used)
+        chosen: list[Candidate] = []
+        rejected: tuple[set[int], set[int]] = (set(), set())
+        for _ in range(count):
+            order = [(table.unvetted, rejected[1]), (table.vetted, rejected[0])]
+            if self.rng.random() >= self.unvetted_share:
+                order.reverse()
+            for pool, dead in order:
+                rec = self._draw(pool, req, dead)
+                if rec is not None:
+                    assert rec.address is not None
+                    chosen.append(rec)
+                    req.used.add(self.rule.key(rec.address))
+                    break
+            else:
+                break
+        if not chosen:
+            self._refuse(table, req, count, excluded_networks)
+        return chosen
+
+    # --- inside ---------------------------------------------------------------------------------
+
+    def _usable(self, rec: Candidate, req: _Request) -> bool:
+        """Whether `rec` may take this copy now (the table may be a second old)."""
+        address = rec.address
+        return (
+            address is not None
+            and req.source.get(rec.agent_id) is rec
+            and req.source.is_live(rec, req.now)
+            and rec.free >= req.size
+            and address not in req.excluded
+            and self.rule.key(address) not in req.used
+            and not self.reputation.is_disqualified(rec.agent_id)
+        )
+
+    def _agent_in(self, net: _Network, req: _Request) -> Candidate | None:
+        """An agent of `net` drawn by weight among those usable, or None."""
+        if not net.agents:
+            return None
+        i = bisect.bisect_right(net.cumulative, self.rng.random() * net.total)
+        rec = net.agents[min(i, len(net.agents) - 1)]
+        if self._usable(rec, req):
+            return rec
+        usable = [(r, w) for r, w in zip(net.agents, _weights(net.cumulative)) if self._usable(r, req)]
+        if not usable:
+            return None
+        return self.rng.choices([r for r, _ in usable], weights=[w for _, w in usable], k=1)[0]
+
+    def _draw(self, pool: Pool, req: _Request, dead: set[int]) -> Candidate | None:
+        """One agent from `pool` on a network not yet used, drawn by network weight; None if the
+        pool has none. `dead` collects the networks found unusable for this placement."""
+        if not pool.networks:
+            return None
+        for _ in range(DRAW_ATTEMPTS):
+            i = bisect.bisect_right(pool.cumulative, self.rng.random() * pool.total)
+            i = min(i, len(pool.networks) - 1)
+            if i in dead:
+                continue
+            net = pool.networks[i]
+            if net.key in req.used:
+                continue  # (a network can stop being used only between placements)
+            rec = self._agent_in(net, req)
+            if rec is not None:
+                return rec
+            dead.add(i)
+        # Draws keep missing: one scan decides among the networks that are still usable.
+        live: list[tuple[int, float]] = []
+        weights = _weights(pool.cumulative)
+        for i, net in enumerate(pool.networks):
+            if i in dead or net.key in req.used:
+                continue
+            if any(self._usable(r, req) for r in net.agents):
+                live.append((i, weights[i]))
+            else:
+                dead.add(i)
+        if not live:
+            return None
+        (i, _), = self.rng.choices(live, weights=[w for _, w in live], k=1)
+        return self._agent_in(pool.networks[i], req)
+
+    def _refuse(self, table: CandidateTable, req: _Request, count: int, excluded_networks: int) -> None:
+        """Raise the reason nothing could be placed."""
+        with_room: set[str] = set()
+        for pool in (table.vetted, table.unvetted):
+            for net in pool.networks:
+                for rec in net.agents:
+                    if (rec.address is not None and req.source.get(rec.agent_id) is rec
+                            and req.source.is_live(rec, req.now) and rec.free >= req.size
+                            and not self.reputation.is_disqualified(rec.agent_id)):
+                        with_room.add(self.rule.key(rec.address))
+        if not with_room:
+            raise Unavailable(f"no live agent has room for {req.size} bytes")
+        need = count + excluded_networks
+        if self.rule.off:
+            raise TooFewNetworks(f"too few agents with room for {req.size} bytes "
+                                 f"(have {len(with_room)}, need {need})")
+        raise TooFewNetworks(f"too few distinct networks (have {len(with_room)}, need {need}): "
+                             f"a part's copies go to agents on distinct networks "
+                             f"(--distinct-networks {self.rule})")
+
+
+def _weights(cumulative: list[float]) -> list[float]:
+    out = []
+    previous = 0.0
+    for c in cumulative:
+        out.append(c - previous)
+        previous = c
+    return out
