@@ -153,16 +153,18 @@ class LocalNetwork:
         self.key = self.base / "client.key"
         self._count = 0
         self._hosts: dict[str, str] = {}  # agent name -> the loopback address it runs at
+        self._next_host = 0
 
     # --- processes -----------------------------------------------------------------------------
 
     def _spawn(self, name: str, plugin_args: list[str], cls: type[Proc] = Proc, *,
-               prefix: Sequence[str] = (), **kw: Any) -> Any:
+               prefix: Sequence[str] = (), program: Sequence[str] = TWISTD, **kw: Any) -> Any:
         """Start `twistd` with `plugin_args`; `prefix` goes before it (e.g. `ip netns exec NS`,
-        which execs in place, so the Proc's pid is still twistd's)."""
+        which execs in place, so the Proc's pid is still twistd's). `program` is the command
+        that runs twistd (a test may wrap the real program in a launcher of its own)."""
         self._count += 1
         log_path = self.base / f"{name}.log"
-        args = [*prefix, *TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}", *plugin_args]
+        args = [*prefix, *program, "--nodaemon", "--pidfile=", f"--logfile={log_path}", *plugin_args]
         popen = subprocess.Popen(args, env=child_env(), stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=open(self.base / f"{name}.stderr", "ab"),
                                  preexec_fn=_die_with_parent)
@@ -199,34 +201,43 @@ class LocalNetwork:
     def url(self) -> str:
         return f"http://{self.server_ip}:{self.http_port}"
 
-    def agent_host(self, name: str) -> str:
+    def agent_host(self, name: str, host: str | None = None) -> str:
         """The loopback address agent `name` runs at: its own /24 (127.0.N.1, N counting the
-        agents named so far, so a restarted agent keeps its address), or 127.0.0.1."""
+        agents named so far, so a restarted agent keeps its address), or 127.0.0.1; `host` (a
+        loopback address) puts it there instead, from now on."""
+        if host is not None:
+            self._hosts[name] = host
+        if name in self._hosts:
+            return self._hosts[name]
         if not self.distinct_hosts:
             return "127.0.0.1"
         if name not in self._hosts:
-            n = len(self._hosts) + 1
+            n = self._next_host = self._next_host + 1
             if n >= 256 * 256:
                 raise RuntimeError("no loopback /24 left for another agent")
             self._hosts[name] = f"127.{n // 256}.{n % 256}.1"
         return self._hosts[name]
 
-    def start_agent(self, name: str | None = None, *extra: str, wait: bool = True) -> AgentProc:
+    def start_agent(self, name: str | None = None, *extra: str, wait: bool = True,
+                    host: str | None = None, program: Sequence[str] = TWISTD) -> AgentProc:
+        """Start agent `name` (with `extra` options) at `agent_host(name, host)`; `program`
+        runs twistd (see `_spawn`)."""
         name = name or f"agent{len(self.agents) + 1}"
         storage = self.base / name
-        host = self.agent_host(name)
+        host = self.agent_host(name, host)
         args = [
             "dsss-agent",
             f"--storage={storage}",
             f"--server=127.0.0.1:{self.control_port}",
             f"--udp={host}:0",
-            *([f"--control-source={host}"] if self.distinct_hosts else []),
+            *([f"--control-source={host}"] if host != "127.0.0.1" else []),
             f"--datagram-size={self.datagram_size}",
             *extra,
         ]
         existing = [a for a in self.agents if a.name == name]
         offset = len(existing[0].log()) if existing else 0
-        proc: AgentProc = self._spawn(name, args, AgentProc, storage=storage, extra=list(extra))
+        proc: AgentProc = self._spawn(name, args, AgentProc, program=program, storage=storage,
+                                      extra=list(extra))
         if existing:
             self.agents[self.agents.index(existing[0])] = proc
         else:
