@@ -19,9 +19,10 @@ The rules, each there because an agent's own report of itself cannot be trusted:
   agents get at most that share of new copies while enough vetted ones exist. Disqualified agents
   are never chosen.
 - **Cost.** Draws come from a `CandidateTable` (per pool, the networks with prefix sums of their
-  weights) rebuilt at least every `REFRESH` seconds and, after a membership change, on the next
-  placement (up to `REBUILD_AT_ONCE` agents) or once `REBUILD_PER_AGENT` seconds per agent have
-  passed since the last build (so rebuilds cost a bounded fraction of a core at any size). A draw is a bisection, O(log n), and the chosen agent is
+  weights) that a timer rebuilds (`Placer.refresh`) every `REFRESH` seconds and, after a
+  membership change, once `REBUILD_PER_AGENT` seconds per agent have passed since the last build
+  (so rebuilds cost a bounded fraction of a core at any size; a table of up to
+  `REBUILD_AT_ONCE` agents is rebuilt on the next placement after a change). A draw is a bisection, O(log n), and the chosen agent is
   checked against the live registry (still registered and live, room, not excluded, not
   disqualified) before it is taken, so a stale table never places on a departed agent. Only when
   repeated draws keep landing on unusable networks does one placement fall back to one scan of the
@@ -31,9 +32,10 @@ The rules, each there because an agent's own report of itself cannot be trusted:
 from __future__ import annotations
 
 import bisect
-import ipaddress
+import itertools
 import random
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Protocol, Sequence
 
@@ -45,7 +47,8 @@ CAP_FACTOR = 2
 UNVETTED_SHARE = 0.05
 """The chance that a copy is drawn from the unvetted pool first (Storj's new-node fraction)."""
 REFRESH = 1.0
-"""Seconds: the candidate table is rebuilt at least this often while placements are asked for."""
+"""Seconds: the candidate table is rebuilt this often (by the server's timer, `Placer.refresh`;
+a placement rebuilds a table twice this old itself)."""
 REBUILD_PER_AGENT = 1e-4
 """Seconds per agent in the table that must pass before a membership change rebuilds it (10k
 agents: at most one rebuild a second on churn), for tables above `REBUILD_AT_ONCE` agents."""
@@ -141,28 +144,42 @@ class NetworkRule:
         return _network_of(address.host, self.ipv4, self.ipv6)
 
 
+_MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of an IPv4-mapped IPv6 address
+
+
 @lru_cache(maxsize=65536)
 def _network_of(host: str, v4: int, v6: int) -> str:
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    bits = v4 if ip.version == 4 else v6
-    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+    """`host`'s network as `ADDRESS/BITS` (socket's C parsers: the ipaddress module costs
+    tens of microseconds a call, and a table rebuild calls this once per agent)."""
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        if packed[:12] != _MAPPED:
+            value = int.from_bytes(packed, "big") >> (128 - v6) << (128 - v6)
+            return f"{socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, 'big'))}/{v6}"
+        packed = packed[12:]
+    else:
+        packed = socket.inet_pton(socket.AF_INET, host)
+    value = int.from_bytes(packed, "big") >> (32 - v4) << (32 - v4)
+    return f"{socket.inet_ntop(socket.AF_INET, value.to_bytes(4, 'big'))}/{v4}"
 
 
 # --- the candidate table -----------------------------------------------------------------------
 
 
-def _median_low(values: list[int]) -> int:
+def _median_low(values: list[float]) -> float:
     values = sorted(values)
     return values[(len(values) - 1) // 2] if values else 0
 
 
-@dataclass
 class _Network:
-    key: str
-    agents: list[Candidate] = field(default_factory=list)
-    cumulative: list[float] = field(default_factory=list)  # prefix sums of the agents' weights
+    """One network's agents in a pool, with the prefix sums of their (capped) weights."""
+
+    __slots__ = ("key", "agents", "cumulative")
+
+    def __init__(self, key: str, agents: list[Candidate], cumulative: list[float]) -> None:
+        self.key = key
+        self.agents = agents
+        self.cumulative = cumulative
 
     @property
     def total(self) -> float:
@@ -190,25 +207,18 @@ class Pool:
         return out
 
 
-def _build_pool(groups: dict[str, list[tuple[Candidate, float]]]) -> Pool:
+def _build_pool(groups: dict[str, tuple[list[Candidate], list[float]]]) -> Pool:
     networks = []
     sums = []
-    for key, members in groups.items():
-        net = _Network(key)
-        running = 0.0
-        for rec, weight in members:
-            running += weight
-            net.agents.append(rec)
-            net.cumulative.append(running)
-        networks.append(net)
-        sums.append(running)
-    cap = CAP_FACTOR * max(1, _median_low([int(s) for s in sums]))
-    cumulative = []
-    running = 0.0
-    for s in sums:
-        running += min(s, cap)
-        cumulative.append(running)
-    return Pool(networks, cumulative)
+    for key, (agents, weights) in groups.items():
+        if len(weights) == 1:
+            cumulative = weights
+        else:
+            cumulative = list(itertools.accumulate(weights))
+        networks.append(_Network(key, agents, cumulative))
+        sums.append(cumulative[-1])
+    cap = CAP_FACTOR * max(1.0, _median_low(sums))
+    return Pool(networks, list(itertools.accumulate(min(s, cap) for s in sums)))
 
 
 @dataclass
@@ -226,12 +236,18 @@ class CandidateTable:
               now: float, generation: int) -> "CandidateTable":
         usable = [r for r in agents if r.address is not None and not reputation.is_disqualified(r.agent_id)]
         cap = CAP_FACTOR * max(1, _median_low([max(0, r.free) for r in usable]))
-        groups: tuple[dict[str, list[tuple[Candidate, float]]], ...] = ({}, {})
+        vetted: dict[str, tuple[list[Candidate], list[float]]] = {}
+        unvetted: dict[str, tuple[list[Candidate], list[float]]] = {}
+        key = rule.key
         for rec in usable:
-            assert rec.address is not None
-            weight = float(max(1, min(rec.free, cap)))
-            pool = groups[0] if reputation.is_vetted(rec.agent_id) else groups[1]
-            pool.setdefault(rule.key(rec.address), []).append((rec, weight))
+            pool = vetted if reputation.is_vetted(rec.agent_id) else unvetted
+            k = key(rec.address)  # type: ignore[arg-type]
+            entry = pool.get(k)
+            if entry is None:
+                entry = pool[k] = ([], [])
+            entry[0].append(rec)
+            entry[1].append(float(max(1, min(rec.free, cap))))
+        groups = (vetted, unvetted)
         return cls(now, generation, len(usable), _build_pool(groups[0]), _build_pool(groups[1]))
 
 
@@ -259,19 +275,39 @@ class Placer:
         self.reputation = reputation
         self.rng = rng or random.SystemRandom()
         self.unvetted_share = unvetted_share
-        self.refresh = refresh
+        self.refresh_every = refresh
         self._table: CandidateTable | None = None
         self.rebuilds = 0
 
-    def table(self, source: AgentSource, now: float) -> CandidateTable:
-        """The candidate table, rebuilt if it is due (see REFRESH and REBUILD_PER_AGENT)."""
+    def refresh(self, source: AgentSource, now: float) -> bool:
+        """Rebuild the table if it is due: `REFRESH` seconds old, or the membership changed and
+        the hold-off for its size (`REBUILD_PER_AGENT`) has passed. The server calls this from
+        a timer every `REFRESH / 4` seconds, so that placements seldom pay for a rebuild.
+        Returns whether it rebuilt."""
         t = self._table
         if t is not None:
             age = now - t.built_at
             changed = source.generation != t.generation
             holdoff = 0.0 if t.size <= REBUILD_AT_ONCE else t.size * REBUILD_PER_AGENT
-            if 0 <= age < self.refresh and not (changed and age >= holdoff):
+            if 0 <= age < self.refresh_every and not (changed and age >= holdoff):
+                return False
+        self._rebuild(source, now)
+        return True
+
+    def table(self, source: AgentSource, now: float) -> CandidateTable:
+        """The candidate table for a placement now. Rebuilt here only when no timer did it in
+        time (older than twice `REFRESH`), or after a membership change for a table of at most
+        `REBUILD_AT_ONCE` agents (cheap, and a small network's newest agent is placed on at
+        once)."""
+        t = self._table
+        if t is not None:
+            age = now - t.built_at
+            changed = source.generation != t.generation
+            if 0 <= age < 2 * self.refresh_every and not (changed and t.size <= REBUILD_AT_ONCE):
                 return t
+        return self._rebuild(source, now)
+
+    def _rebuild(self, source: AgentSource, now: float) -> CandidateTable:
         generation = source.generation
         self._table = CandidateTable.build(source.live(now), self.rule, self.reputation, now, generation)
         self.rebuilds += 1

@@ -28,7 +28,7 @@ from dsss.metrics import ServerMetrics
 from dsss.model import PeerAddress
 from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.control import AgentConnection, AgentConnectionFactory
-from dsss.server.placement import NetworkRule, Placer, ReputationView
+from dsss.server.placement import REFRESH, NetworkRule, Placer, ReputationView
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
@@ -171,6 +171,10 @@ class DiscoveryServer:
         chosen = self.placer.place(self.registry, size, self.replicas if count is None else count,
                                    self.now(), exclude)
         return [r.address for r in chosen if r.address is not None]
+
+    def refresh_placement(self) -> None:
+        """From a timer: rebuild placement's candidate table when it is due."""
+        self.placer.refresh(self.registry, self.now())
 
     async def introduce(
         self, to: PeerAddress, client: PeerAddress, size: int, block: str,
@@ -339,6 +343,9 @@ class ServerService(MultiService):
         timer = TimerService(config.heartbeat, self.server.tick)
         timer.clock = reactor
         timer.setServiceParent(self)
+        placement = TimerService(REFRESH / 4, self.server.refresh_placement)
+        placement.clock = reactor
+        placement.setServiceParent(self)
         if self.server.repairer is not None:
             repair = TimerService(max(1.0, min(config.heartbeat, config.repair_after)), self.server.repairer.tick)
             repair.clock = reactor

@@ -347,16 +347,21 @@ def test_large_table_is_rebuilt_at_most_as_often_as_its_size_allows() -> None:
         net.add(f"10.{i // 250}.{i % 250}.1")
     net.place(3, now=0.0)
     assert net.placer.rebuilds == 1
-    newcomer = net.add("10.200.0.1", now=0.01)
-    t = 0.01
+    net.add("10.200.0.1", now=0.01)
     holdoff = 2000 * REBUILD_PER_AGENT
-    while t < holdoff - 0.02:
+    t = 0.01
+    while t < holdoff - 0.02:  # the timer's calls, and placements, during the hold-off
+        assert not net.placer.refresh(net.registry, t)
         net.place(3, now=t)
         t += 0.01
-    assert net.placer.rebuilds == 1  # a change alone waits out the hold-off
-    net.place(3, now=holdoff + 0.001)
-    assert net.placer.rebuilds == 2
+    assert net.placer.rebuilds == 1
+    assert net.placer.refresh(net.registry, holdoff + 0.001)  # a change waits out the hold-off
     assert net.placer.table(net.registry, holdoff + 0.002).size == 2001
-    net.place(3, now=holdoff + REFRESH + 0.01)
-    assert net.placer.rebuilds == 3  # and every REFRESH seconds regardless
-    assert newcomer.address is not None
+    assert not net.placer.refresh(net.registry, holdoff + 0.5)
+    assert net.placer.refresh(net.registry, holdoff + REFRESH + 0.01)  # and REFRESH regardless
+    assert net.placer.rebuilds == 3
+    # With no timer, a placement rebuilds a table twice REFRESH old itself.
+    net.place(3, now=holdoff + 3 * REFRESH + 0.02)
+    assert net.placer.rebuilds == 4
+    net.place(3, now=holdoff + 3 * REFRESH + 0.03)
+    assert net.placer.rebuilds == 4
