@@ -109,6 +109,10 @@ def test_where_to_upload_puts_one_copy_per_network_by_default():
     assert code == 503 and doc["error"].startswith("too few distinct networks (have 2, need 5)"), doc
     code, doc = decoded(get(treq, f"/api/where-to-upload?size=100000&exclude={same[0].address}"))
     assert code == 503 and doc["error"] == "no live agent has room for 100000 bytes"
+    # upload-to counts the copies it is asked for.
+    code, doc = decoded(get(treq, f"/api/upload-to?size=100&hash={HASH}&from=127.0.0.1:9999&copies=1"
+                                  f"&exclude={same[1].address},{other.address}"))
+    assert code == 503 and doc["error"].startswith("too few distinct networks (have 2, need 3)"), doc
 
 
 def test_who_has_asks_only_indexed_candidates(server):
