@@ -35,6 +35,7 @@ import bisect
 import itertools
 import random
 import socket
+from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Protocol, Sequence
@@ -166,59 +167,68 @@ def _network_of(host: str, v4: int, v6: int) -> str:
 # --- the candidate table -----------------------------------------------------------------------
 
 
-def _median_low(values: list[float]) -> float:
-    values = sorted(values)
-    return values[(len(values) - 1) // 2] if values else 0
+def _median_low(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
 
-class _Network:
-    """One network's agents in a pool, with the prefix sums of their (capped) weights."""
+class Pool:
+    """One pool's agents, sorted by network, in flat arrays (a rebuild allocates a handful of
+    objects, not several per agent, so it leaves the garbage collector alone):
 
-    __slots__ = ("key", "agents", "cumulative")
+    - `agents[i]`, and `cumulative[i]`: the prefix sum of the agents' draw weights. An agent's
+      draw weight is its capped weight scaled by its network's cap (`min(1, cap / network
+      sum)`), so one bisection draws a network by its capped weight and, within it, an agent by
+      its own weight;
+    - `network[i]`: agent i's network number; network n's agents are `start[n]` to `start[n + 1]`
+      (exclusive) and its key `keys[n]`.
+    """
 
-    def __init__(self, key: str, agents: list[Candidate], cumulative: list[float]) -> None:
-        self.key = key
+    __slots__ = ("agents", "cumulative", "network", "start", "keys")
+
+    def __init__(self, agents: list[Candidate], cumulative: array[float], network: array[int],
+                 start: array[int], keys: list[str]) -> None:
         self.agents = agents
         self.cumulative = cumulative
+        self.network = network
+        self.start = start
+        self.keys = keys
+
+    @classmethod
+    def build(cls, agents: list[Candidate], keys: list[str], weights: list[float]) -> "Pool":
+        order = sorted(range(len(agents)), key=keys.__getitem__)
+        sums: list[float] = []
+        start = array("l")
+        net_keys: list[str] = []
+        network = array("l")
+        previous = None
+        for i in order:
+            k = keys[i]
+            if k != previous:
+                previous = k
+                start.append(len(network))
+                net_keys.append(k)
+                sums.append(0.0)
+            sums[-1] += weights[i]
+            network.append(len(net_keys) - 1)
+        start.append(len(network))
+        cap = CAP_FACTOR * max(1.0, _median_low(sums))
+        scale = [min(1.0, cap / s) for s in sums]
+        cumulative = array("d", itertools.accumulate(weights[i] * scale[n] for i, n in zip(order, network)))
+        return cls([agents[i] for i in order], cumulative, network, start, net_keys)
 
     @property
     def total(self) -> float:
         return self.cumulative[-1] if self.cumulative else 0.0
 
-
-@dataclass
-class Pool:
-    """One pool's networks and the prefix sums of their (capped) weights."""
-
-    networks: list[_Network]
-    cumulative: list[float]
-
-    @property
-    def total(self) -> float:
-        return self.cumulative[-1] if self.cumulative else 0.0
+    def weight(self, n: int) -> float:
+        """Network n's capped weight."""
+        lo, hi = self.start[n], self.start[n + 1]
+        return self.cumulative[hi - 1] - (self.cumulative[lo - 1] if lo else 0.0)
 
     def weights(self) -> dict[str, float]:
         """Each network's capped weight (for tests and the bench)."""
-        out: dict[str, float] = {}
-        previous = 0.0
-        for net, c in zip(self.networks, self.cumulative):
-            out[net.key] = c - previous
-            previous = c
-        return out
-
-
-def _build_pool(groups: dict[str, tuple[list[Candidate], list[float]]]) -> Pool:
-    networks = []
-    sums = []
-    for key, (agents, weights) in groups.items():
-        if len(weights) == 1:
-            cumulative = weights
-        else:
-            cumulative = list(itertools.accumulate(weights))
-        networks.append(_Network(key, agents, cumulative))
-        sums.append(cumulative[-1])
-    cap = CAP_FACTOR * max(1.0, _median_low(sums))
-    return Pool(networks, list(itertools.accumulate(min(s, cap) for s in sums)))
+        return {k: self.weight(n) for n, k in enumerate(self.keys)}
 
 
 @dataclass
@@ -235,20 +245,15 @@ class CandidateTable:
     def build(cls, agents: Iterable[Candidate], rule: NetworkRule, reputation: ReputationView,
               now: float, generation: int) -> "CandidateTable":
         usable = [r for r in agents if r.address is not None and not reputation.is_disqualified(r.agent_id)]
-        cap = CAP_FACTOR * max(1, _median_low([max(0, r.free) for r in usable]))
-        vetted: dict[str, tuple[list[Candidate], list[float]]] = {}
-        unvetted: dict[str, tuple[list[Candidate], list[float]]] = {}
+        cap = CAP_FACTOR * max(1.0, _median_low([float(max(0, r.free)) for r in usable]))
         key = rule.key
+        pools: tuple[tuple[list[Candidate], list[str], list[float]], ...] = (([], [], []), ([], [], []))
         for rec in usable:
-            pool = vetted if reputation.is_vetted(rec.agent_id) else unvetted
-            k = key(rec.address)  # type: ignore[arg-type]
-            entry = pool.get(k)
-            if entry is None:
-                entry = pool[k] = ([], [])
-            entry[0].append(rec)
-            entry[1].append(float(max(1, min(rec.free, cap))))
-        groups = (vetted, unvetted)
-        return cls(now, generation, len(usable), _build_pool(groups[0]), _build_pool(groups[1]))
+            recs, keys, weights = pools[0] if reputation.is_vetted(rec.agent_id) else pools[1]
+            recs.append(rec)
+            keys.append(key(rec.address))  # type: ignore[arg-type]
+            weights.append(float(max(1, min(rec.free, cap))))
+        return cls(now, generation, len(usable), Pool.build(*pools[0]), Pool.build(*pools[1]))
 
 
 # --- placement ---------------------------------------------------------------------------------
@@ -361,61 +366,57 @@ class Placer:
             and not self.reputation.is_disqualified(rec.agent_id)
         )
 
-    def _agent_in(self, net: _Network, req: _Request) -> Candidate | None:
-        """An agent of `net` drawn by weight among those usable, or None."""
-        if not net.agents:
-            return None
-        i = bisect.bisect_right(net.cumulative, self.rng.random() * net.total)
-        rec = net.agents[min(i, len(net.agents) - 1)]
-        if self._usable(rec, req):
-            return rec
-        usable = [(r, w) for r, w in zip(net.agents, _weights(net.cumulative)) if self._usable(r, req)]
+    def _agent_in(self, pool: Pool, n: int, req: _Request) -> Candidate | None:
+        """An agent of network n drawn by weight among those usable now, or None."""
+        lo, hi = pool.start[n], pool.start[n + 1]
+        usable = [i for i in range(lo, hi) if self._usable(pool.agents[i], req)]
         if not usable:
             return None
-        return self.rng.choices([r for r, _ in usable], weights=[w for _, w in usable], k=1)[0]
+        weights = [pool.cumulative[i] - (pool.cumulative[i - 1] if i else 0.0) for i in usable]
+        return pool.agents[self.rng.choices(usable, weights=weights, k=1)[0]]
 
     def _draw(self, pool: Pool, req: _Request, dead: set[int]) -> Candidate | None:
-        """One agent from `pool` on a network not yet used, drawn by network weight; None if the
-        pool has none. `dead` collects the networks found unusable for this placement."""
-        if not pool.networks:
+        """One agent from `pool` on a network not yet used, drawn by network weight and then by
+        agent weight; None if the pool has none. `dead` collects the networks found unusable
+        for this placement."""
+        if not pool.agents:
             return None
+        last = len(pool.agents) - 1
         for _ in range(DRAW_ATTEMPTS):
-            i = bisect.bisect_right(pool.cumulative, self.rng.random() * pool.total)
-            i = min(i, len(pool.networks) - 1)
-            if i in dead:
+            i = min(bisect.bisect_right(pool.cumulative, self.rng.random() * pool.total), last)
+            n = pool.network[i]
+            if n in dead or pool.keys[n] in req.used:
                 continue
-            net = pool.networks[i]
-            if net.key in req.used:
-                continue  # (a network can stop being used only between placements)
-            rec = self._agent_in(net, req)
-            if rec is not None:
+            rec = pool.agents[i]
+            if self._usable(rec, req):
                 return rec
-            dead.add(i)
+            other = self._agent_in(pool, n, req)
+            if other is not None:
+                return other
+            dead.add(n)
         # Draws keep missing: one scan decides among the networks that are still usable.
-        live: list[tuple[int, float]] = []
-        weights = _weights(pool.cumulative)
-        for i, net in enumerate(pool.networks):
-            if i in dead or net.key in req.used:
+        live: list[int] = []
+        for n, k in enumerate(pool.keys):
+            if n in dead or k in req.used:
                 continue
-            if any(self._usable(r, req) for r in net.agents):
-                live.append((i, weights[i]))
+            if any(self._usable(pool.agents[i], req) for i in range(pool.start[n], pool.start[n + 1])):
+                live.append(n)
             else:
-                dead.add(i)
+                dead.add(n)
         if not live:
             return None
-        (i, _), = self.rng.choices(live, weights=[w for _, w in live], k=1)
-        return self._agent_in(pool.networks[i], req)
+        n = self.rng.choices(live, weights=[pool.weight(n) for n in live], k=1)[0]
+        return self._agent_in(pool, n, req)
 
     def _refuse(self, table: CandidateTable, req: _Request, count: int, excluded_networks: int) -> None:
         """Raise the reason nothing could be placed."""
         with_room: set[str] = set()
         for pool in (table.vetted, table.unvetted):
-            for net in pool.networks:
-                for rec in net.agents:
-                    if (rec.address is not None and req.source.get(rec.agent_id) is rec
-                            and req.source.is_live(rec, req.now) and rec.free >= req.size
-                            and not self.reputation.is_disqualified(rec.agent_id)):
-                        with_room.add(self.rule.key(rec.address))
+            for rec in pool.agents:
+                if (rec.address is not None and req.source.get(rec.agent_id) is rec
+                        and req.source.is_live(rec, req.now) and rec.free >= req.size
+                        and not self.reputation.is_disqualified(rec.agent_id)):
+                    with_room.add(self.rule.key(rec.address))
         if not with_room:
             raise Unavailable(f"no live agent has room for {req.size} bytes")
         need = count + excluded_networks
@@ -426,11 +427,3 @@ class Placer:
                              f"a part's copies go to agents on distinct networks "
                              f"(--distinct-networks {self.rule})")
 
-
-def _weights(cumulative: list[float]) -> list[float]:
-    out = []
-    previous = 0.0
-    for c in cumulative:
-        out.append(c - previous)
-        previous = c
-    return out
