@@ -18,10 +18,11 @@ The rules, each there because an agent's own report of itself cannot be trusted:
   no usable network left hands over to the other, so a network of new agents still works, and new
   agents get at most that share of new copies while enough vetted ones exist. Disqualified agents
   are never chosen.
-- **Cost.** Draws come from a `CandidateTable` (per pool, the networks with prefix sums of their
-  weights) that a timer rebuilds (`Placer.refresh`) every `REFRESH` seconds and, after a
-  membership change, once `REBUILD_PER_AGENT` seconds per agent have passed since the last build
-  (so rebuilds cost a bounded fraction of a core at any size; a table of up to
+- **Cost.** Draws come from a `CandidateTable` (per pool, the agents sorted by network with the
+  prefix sums of their weights) that a timer rebuilds (`Placer.refresh`) every `REFRESH`
+  seconds (above 10 000 agents, every `REBUILD_PER_AGENT` seconds per agent) and, after a
+  membership change, once `REBUILD_PER_AGENT` seconds per agent have passed since the last
+  build (so rebuilds cost a bounded fraction of a core at any size; a table of up to
   `REBUILD_AT_ONCE` agents is rebuilt on the next placement after a change). A draw is a bisection, O(log n), and the chosen agent is
   checked against the live registry (still registered and live, room, not excluded, not
   disqualified) before it is taken, so a stale table never places on a departed agent. Only when
@@ -148,7 +149,7 @@ class NetworkRule:
 _MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of an IPv4-mapped IPv6 address
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=1 << 17)
 def _network_of(host: str, v4: int, v6: int) -> str:
     """`host`'s network as `ADDRESS/BITS` (socket's C parsers: the ipaddress module costs
     tens of microseconds a call, and a table rebuild calls this once per agent)."""
@@ -294,7 +295,7 @@ class Placer:
             age = now - t.built_at
             changed = source.generation != t.generation
             holdoff = 0.0 if t.size <= REBUILD_AT_ONCE else t.size * REBUILD_PER_AGENT
-            if 0 <= age < self.refresh_every and not (changed and age >= holdoff):
+            if 0 <= age < self._max_age(t) and not (changed and age >= holdoff):
                 return False
         self._rebuild(source, now)
         return True
@@ -308,9 +309,15 @@ class Placer:
         if t is not None:
             age = now - t.built_at
             changed = source.generation != t.generation
-            if 0 <= age < 2 * self.refresh_every and not (changed and t.size <= REBUILD_AT_ONCE):
+            if 0 <= age < 2 * self._max_age(t) and not (changed and t.size <= REBUILD_AT_ONCE):
                 return t
         return self._rebuild(source, now)
+
+    def _max_age(self, t: CandidateTable) -> float:
+        """How old a table may grow before a rebuild: `REFRESH`, or for a table of more than
+        REFRESH / REBUILD_PER_AGENT agents (10 000) that many times REBUILD_PER_AGENT, so that
+        rebuilding never takes more than a small share of the server's time."""
+        return max(self.refresh_every, t.size * REBUILD_PER_AGENT)
 
     def _rebuild(self, source: AgentSource, now: float) -> CandidateTable:
         generation = source.generation
