@@ -9,9 +9,10 @@ adapter, lines from `dsss.wire.control`) and its own UDP socket, answers `Hi` wi
 its parts with `HAVE`, and answers `WHO_HAS`, `INTRODUCTION_REQUEST` and `PING`.
 
 The server's per-IP limits are respected rather than lifted: at most 32 unregistered control
-connections per source IP (agents connect in batches of 50, spread over 127.0.0.2..101, which
-Linux loopback accepts as source addresses), 20 UDP datagrams/s per source address (one socket
-per agent, one PING per heartbeat).
+connections per source IP, 20 UDP datagrams/s per source address (one socket per agent, one
+PING per heartbeat). Agent i's control connection and UDP socket are bound to an address of its
+own on a loopback /24 of its own (127.A.B.1, i + 1 = 256 A + B, which Linux loopback accepts
+with no setup), so that the server's default placement (one copy per /24) sees N networks.
 
 Parts: every agent reports `parts_per_agent` parts; part j is held by agents 3j, 3j+1, 3j+2
 (mod N), so each who-has asks exactly three agents, as with 3 replicas.
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 SIM_BATCH = 50
-SOURCE_IPS = 100
 HEARTBEAT = 5.0
 
 
@@ -56,7 +56,9 @@ def holders(j: int, agents: int) -> set[int]:
 
 
 def source_ip(i: int) -> str:
-    return f"127.0.0.{2 + i % SOURCE_IPS}"
+    """Agent i's address: on a /24 of its own, never 127.0.0.0/24 (the server's)."""
+    n = i + 1
+    return f"127.{n // 256}.{n % 256}.1"
 
 
 # --- the simulated agents (a separate process) ------------------------------------------------

@@ -1,6 +1,7 @@
 """The demo (`make demo`, `python -m tools.demo`): a network on loopback, a put and a get, a clean stop.
 
-Starts a discovery server and three storage agents as real `twistd` processes, creates a key,
+Starts a discovery server and three storage agents as real `twistd` processes (each agent on a
+loopback /24 of its own, so the server places a part's copies on distinct networks), creates a key,
 stores a sample file, fetches it back, checks it byte for byte, and stops everything.
 """
 

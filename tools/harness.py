@@ -2,6 +2,13 @@
 
 Every process listens on port 0 and the harness reads the actual ports from its readiness line,
 so several networks can run side by side. Only processes started here are ever signalled, by pid.
+
+Each agent runs at an address of its own on a loopback /24 of its own (127.0.1.1, 127.0.2.1, ...;
+Linux routes all of 127.0.0.0/8 to the loopback interface with no setup), its UDP socket and its
+control connection both leaving from there, so the server's default placement (one copy of a
+part per /24, dsss.server.placement) sees distinct networks as it would on the Internet. With
+`distinct_hosts=False` every agent runs at 127.0.0.1 and the server gets `--distinct-networks
+off`, the one-machine setting.
 """
 
 from __future__ import annotations
@@ -114,6 +121,9 @@ class LocalNetwork:
     # Where the server listens, and the command prefix it runs under (subclasses place it
     # elsewhere, e.g. in a network namespace).
     server_ip = "127.0.0.1"
+    # Agents on their own loopback /24s (see the module docstring); a subclass whose agents
+    # share addresses (one NAT) sets it False.
+    distinct_hosts = True
 
     def server_prefix(self) -> Sequence[str]:
         return ()
@@ -125,7 +135,10 @@ class LocalNetwork:
         heartbeat: float = 1.0,
         replicas: int = 3,
         datagram_size: int = 65000,
+        distinct_hosts: bool | None = None,
     ) -> None:
+        if distinct_hosts is not None:
+            self.distinct_hosts = distinct_hosts
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.heartbeat = heartbeat
@@ -139,16 +152,19 @@ class LocalNetwork:
         self.udp_port = 0
         self.key = self.base / "client.key"
         self._count = 0
+        self._hosts: dict[str, str] = {}  # agent name -> the loopback address it runs at
+        self._next_host = 0
 
     # --- processes -----------------------------------------------------------------------------
 
     def _spawn(self, name: str, plugin_args: list[str], cls: type[Proc] = Proc, *,
-               prefix: Sequence[str] = (), **kw: Any) -> Any:
+               prefix: Sequence[str] = (), program: Sequence[str] = TWISTD, **kw: Any) -> Any:
         """Start `twistd` with `plugin_args`; `prefix` goes before it (e.g. `ip netns exec NS`,
-        which execs in place, so the Proc's pid is still twistd's)."""
+        which execs in place, so the Proc's pid is still twistd's). `program` is the command
+        that runs twistd (a test may wrap the real program in a launcher of its own)."""
         self._count += 1
         log_path = self.base / f"{name}.log"
-        args = [*prefix, *TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}", *plugin_args]
+        args = [*prefix, *program, "--nodaemon", "--pidfile=", f"--logfile={log_path}", *plugin_args]
         popen = subprocess.Popen(args, env=child_env(), stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=open(self.base / f"{name}.stderr", "ab"),
                                  preexec_fn=_die_with_parent)
@@ -172,6 +188,7 @@ class LocalNetwork:
             f"--udp={ip}:{udp}",
             f"--heartbeat={self.heartbeat}",
             f"--replicas={self.replicas}",
+            *([] if self.distinct_hosts else ["--distinct-networks=off"]),
             *extra,
         ]
         proc = self._spawn("server", args, prefix=self.server_prefix())
@@ -184,20 +201,43 @@ class LocalNetwork:
     def url(self) -> str:
         return f"http://{self.server_ip}:{self.http_port}"
 
-    def start_agent(self, name: str | None = None, *extra: str, wait: bool = True) -> AgentProc:
+    def agent_host(self, name: str, host: str | None = None) -> str:
+        """The loopback address agent `name` runs at: its own /24 (127.0.N.1, N counting the
+        agents named so far, so a restarted agent keeps its address), or 127.0.0.1; `host` (a
+        loopback address) puts it there instead, from now on."""
+        if host is not None:
+            self._hosts[name] = host
+        if name in self._hosts:
+            return self._hosts[name]
+        if not self.distinct_hosts:
+            return "127.0.0.1"
+        if name not in self._hosts:
+            n = self._next_host = self._next_host + 1
+            if n >= 256 * 256:
+                raise RuntimeError("no loopback /24 left for another agent")
+            self._hosts[name] = f"127.{n // 256}.{n % 256}.1"
+        return self._hosts[name]
+
+    def start_agent(self, name: str | None = None, *extra: str, wait: bool = True,
+                    host: str | None = None, program: Sequence[str] = TWISTD) -> AgentProc:
+        """Start agent `name` (with `extra` options) at `agent_host(name, host)`; `program`
+        runs twistd (see `_spawn`)."""
         name = name or f"agent{len(self.agents) + 1}"
         storage = self.base / name
+        host = self.agent_host(name, host)
         args = [
             "dsss-agent",
             f"--storage={storage}",
             f"--server=127.0.0.1:{self.control_port}",
-            "--udp=127.0.0.1:0",
+            f"--udp={host}:0",
+            *([f"--control-source={host}"] if host != "127.0.0.1" else []),
             f"--datagram-size={self.datagram_size}",
             *extra,
         ]
         existing = [a for a in self.agents if a.name == name]
         offset = len(existing[0].log()) if existing else 0
-        proc: AgentProc = self._spawn(name, args, AgentProc, storage=storage, extra=list(extra))
+        proc: AgentProc = self._spawn(name, args, AgentProc, program=program, storage=storage,
+                                      extra=list(extra))
         if existing:
             self.agents[self.agents.index(existing[0])] = proc
         else:

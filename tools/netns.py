@@ -471,6 +471,9 @@ class NatNetwork(LocalNetwork):
         self.hosts: dict[str, Host] = {}  # agent name -> host it runs on
 
     server_ip = SERVER_IP
+    # Agents behind one NAT share its address, and the lab's public hosts share the wan's /24:
+    # the server runs with the one-machine setting (--distinct-networks off).
+    distinct_hosts = False
 
     def server_prefix(self) -> Sequence[str]:
         return self.lab.exec_prefix(self.lab.wan)

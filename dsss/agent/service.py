@@ -51,6 +51,8 @@ class AgentConfig:
     server_port: int = 8471
     udp_host: str = "0.0.0.0"
     udp_port: int = 0
+    # Local address the control connection leaves from (None: the system's choice).
+    control_source: str | None = None
     capacity: int | None = None
     request_timeout: float = 10.0
     introduction_ttl: float = 60.0
@@ -283,10 +285,13 @@ class AgentService(MultiService):
         )
         self.agent.quic = self.quic
         self.udp_port: Any = None
+        bind = (config.control_source, 0) if config.control_source else None
         if ":" in config.server_host:
-            endpoint: Any = TCP6ClientEndpoint(reactor, config.server_host, config.server_port)
+            endpoint: Any = TCP6ClientEndpoint(reactor, config.server_host, config.server_port,
+                                               bindAddress=bind)
         else:
-            endpoint = TCP4ClientEndpoint(reactor, config.server_host, config.server_port)
+            endpoint = TCP4ClientEndpoint(reactor, config.server_host, config.server_port,
+                                          bindAddress=bind)
         self.client_service = ClientService(
             endpoint,
             ServerConnectionFactory(self.agent),

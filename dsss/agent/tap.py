@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -25,6 +26,8 @@ class Options(usage.Options):
         ["storage", None, None, "Directory where parts are stored (required)."],
         ["server", None, "127.0.0.1:8471", "The discovery server's control HOST:PORT."],
         ["udp", None, "0.0.0.0:0", "Local UDP HOST:PORT for punching and transfers."],
+        ["control-source", None, None,
+         "Local IP address the control connection to the server leaves from (default: the system's choice)."],
         ["capacity", None, None, "Most bytes to store, e.g. 10G (default: free space of DIR)."],
         ["datagram-size", None, "1452", "Largest QUIC datagram to send (1200-65000; more than 1452 only on loopback)."],
         ["scrub-rate", None, "8M", "Bytes per second re-read to detect bit rot (0 to disable; 1/8 of it during transfers)."],
@@ -64,6 +67,14 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if server_port == 0:
             raise usage.UsageError("--server needs a port")
+        source = self["control-source"]
+        if source is not None:
+            try:
+                source_ip = ipaddress.ip_address(source)
+            except ValueError:
+                raise usage.UsageError(f"--control-source must be an IP address, got {source[:80]!r}") from None
+            if source_ip.version != ipaddress.ip_address(server_host).version:
+                raise usage.UsageError("--control-source and --server must be of one IP version")
         try:
             scrub_rate = parse_size(self["scrub-rate"])
         except BadRequest as e:
@@ -86,6 +97,7 @@ class Options(usage.Options):
             server_port=server_port,
             udp_host=udp_host,
             udp_port=udp_port,
+            control_source=source,
             capacity=capacity,
             max_datagram_size=int(dsize),
             scrub_rate=scrub_rate,

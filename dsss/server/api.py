@@ -352,7 +352,7 @@ class DiscoveryAPI:
         if lan not in (None, "0", "1"):
             raise BadRequest("lan must be 0 or 1")
         block = hashes[0]
-        targets = self.server.where_to_upload(size, _exclude(request))[:copies]
+        targets = self.server.where_to_upload(size, _exclude(request), copies)
         sources: PeerAddress | list[PeerAddress] = from_
         vias: list[PeerAddress | None] = [None] * len(targets)
         if chain == "1":

@@ -8,7 +8,6 @@ its UDP address is known, and both its control connection and its UDP pings were
 
 from __future__ import annotations
 
-import random
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -57,17 +56,18 @@ class Registry:
     def __init__(
         self,
         heartbeat: float,
-        rng: random.Random | None = None,
         token_source: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         self.heartbeat = heartbeat
-        self._rng = rng or random.SystemRandom()
         self._token_source = token_source
         self._agents: dict[str, AgentRecord] = {}
         self._by_token: dict[str, AgentRecord] = {}
         self._by_address: dict[PeerAddress, AgentRecord] = {}
         self._by_handle: dict[int, AgentRecord] = {}
         self._last_seq: dict[str, int] = {}
+        # Changes whenever an agent joins, leaves or moves (dsss.server.placement rebuilds its
+        # candidate table on it).
+        self.generation = 0
         self._index: dict[str, set[str]] = {}
         self._sizes: dict[str, int] = {}
 
@@ -111,6 +111,7 @@ class Registry:
             last_tcp=now,
         )
         self._agents[agent_id] = rec
+        self.generation += 1
         self._by_token[rec.token] = rec
         self._by_handle[id(handle)] = rec
         return rec, old_handle
@@ -126,6 +127,7 @@ class Registry:
     def _drop(self, rec: AgentRecord) -> None:
         if self._agents.get(rec.agent_id) is rec:
             del self._agents[rec.agent_id]
+            self.generation += 1
         self._by_token.pop(rec.token, None)
         if rec.address is not None and self._by_address.get(rec.address) is rec:
             del self._by_address[rec.address]
@@ -173,6 +175,7 @@ class Registry:
                 other.address = None
             self._by_address[address] = rec
             rec.address = address
+            self.generation += 1
         return rec
 
     def is_live(self, rec: AgentRecord, now: float) -> bool:
@@ -247,22 +250,6 @@ class Registry:
         ids = self._index.get(block, ())
         recs = [self._agents[i] for i in ids if i in self._agents]
         return [r for r in recs if self.is_live(r, now)]
-
-    # --- placement ----------------------------------------------------------------------------
-
-    def place(
-        self, size: int, count: int, now: float, exclude: Iterable[PeerAddress] = ()
-    ) -> list[AgentRecord]:
-        """Up to `count` distinct live agents with room for `size`, drawn with probability
-        proportional to their free space (so emptier agents take more of the load)."""
-        excluded = set(exclude)
-        pool = [r for r in self.live(now) if r.free >= size and r.address not in excluded]
-        chosen: list[AgentRecord] = []
-        while pool and len(chosen) < count:
-            weights = [max(1, r.free) for r in pool]
-            pick = self._rng.choices(range(len(pool)), weights=weights, k=1)[0]
-            chosen.append(pool.pop(pick))
-        return chosen
 
     def counts(self) -> dict[str, int]:
         return {"agents": len(self._agents), "indexed-parts": len(self._index)}

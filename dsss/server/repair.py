@@ -3,11 +3,12 @@
 
 A part whose live holders are fewer than `--replicas` (an agent went away, or reported its copy
 corrupt) is noted; if it is still short `repair_after` seconds later, the server picks a live
-holder as the source and a live agent without a copy as the target, asks the target for an
-introduction key for the source's address, and sends the source `REPLICATE`. Two agents behind
-one NAT that reported their local addresses (`LOCAL`) are given those instead: the copy crosses
-their LAN (`dsss.server.chains.hop_addresses`). The target's HAVE then restores the count. Bounded: a few copies at a time, each part retried no more often than
-`repair_after`.
+holder as the source and a target as it would for a new copy (`dsss.server.placement`: never an
+agent on the network of a live holder), asks the target for an introduction key for the source's
+address, and sends the source `REPLICATE`. Two agents behind one NAT that reported their local
+addresses (`LOCAL`) are given those instead: the copy crosses their LAN
+(`dsss.server.chains.hop_addresses`). The target's HAVE then restores the count. Bounded: a few
+copies at a time, each part retried no more often than `repair_after`.
 
 A share of an erasure-coded part (a share ID, `dsss.model.is_share_id`) is wanted on one agent
 only: its redundancy is the part's other shares, so it is never copied (`wanted_holders`).
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dsss.errors import DSSSError
+from dsss.errors import DSSSError, Unavailable
 from dsss.model import PeerAddress, is_share_id
 from dsss.server.chains import hop_addresses
 from dsss.server.registry import Registry
@@ -120,9 +121,12 @@ class Repairer:
         if not live:
             return
         source = self.rng.choice(live)
-        targets = registry.place(size, 1, now, exclude=[r.address for r in live if r.address])
-        if not targets:
-            log.info("part {block} is short of replicas, but no other agent has room", block=block[:16])
+        try:
+            targets = server.placer.place(registry, size, 1, now,
+                                          exclude=[r.address for r in live if r.address])
+        except Unavailable as e:
+            log.info("part {block} is short of replicas, but no agent can take a copy: {why}",
+                     block=block[:16], why=str(e))
             return
         target = targets[0]
         assert source.address is not None and target.address is not None

@@ -32,6 +32,7 @@ from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.connlimit import BudgetedFactory
 from dsss.server.status_page import STATUS_AGENTS, STATUS_RATE
 from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentConnectionFactory
+from dsss.server.placement import REFRESH, NetworkRule, Placer, ReputationView
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
@@ -67,6 +68,20 @@ class ServerConfig:
     http_header_timeout: float = 10.0
     agent_connections: int = 16384
     agents_per_ip: int = 256
+    # Which agents count as one network: a part's copies go to distinct ones
+    # (`--distinct-networks`; NetworkRule.parse("off") for agents that share one address).
+    distinct_networks: NetworkRule = NetworkRule()
+
+
+class _EveryAgentUnvetted:
+    """TEMPORARY stand-in for dsss.server.reputation until it is merged: no agent is vetted and
+    none is disqualified. Replace it where DiscoveryServer builds its Placer (the one place)."""
+
+    def is_vetted(self, agent_id: str) -> bool:
+        return False
+
+    def is_disqualified(self, agent_id: str) -> bool:
+        return False
 
 
 class DiscoveryServer:
@@ -78,7 +93,10 @@ class DiscoveryServer:
         self.replicas = config.replicas
         self.heartbeat = config.heartbeat
         self.udp_port = config.udp_port
-        self.registry = Registry(config.heartbeat, rng=rng)
+        self.registry = Registry(config.heartbeat)
+        # TEMPORARY: the audit record (dsss.server.reputation) is not wired in yet.
+        self.reputation: ReputationView = _EveryAgentUnvetted()
+        self.placer = Placer(config.distinct_networks, self.reputation, rng=rng)
         self.connections: set[AgentConnection] = set()
         # Separate budgets for the two TCP ports, so that a flood of one cannot take the other's
         # descriptors: HTTP connections; control connections in all, not yet registered per
@@ -167,13 +185,17 @@ class DiscoveryServer:
     def where_to_upload(
         self, size: int, exclude: list[PeerAddress], count: int | None = None
     ) -> list[PeerAddress]:
-        """Up to `count` (default: the replica count) distinct live agents with room for `size`,
-        none in `exclude`; Unavailable if there is none."""
+        """Up to `count` (default: the replica count) live agents with room for `size` on
+        distinct networks, none in `exclude` or on its network (dsss.server.placement);
+        Unavailable (or its TooFewNetworks) if there is none."""
         self.stats["where-to-upload"] += 1
-        chosen = self.registry.place(size, self.replicas if count is None else count, self.now(), exclude)
-        if not chosen:
-            raise Unavailable(f"no live agent has room for {size} bytes")
+        chosen = self.placer.place(self.registry, size, self.replicas if count is None else count,
+                                   self.now(), exclude)
         return [r.address for r in chosen if r.address is not None]
+
+    def refresh_placement(self) -> None:
+        """From a timer: rebuild placement's candidate table when it is due."""
+        self.placer.refresh(self.registry, self.now())
 
     async def introduce(
         self, to: PeerAddress, client: PeerAddress, size: int, block: str,
@@ -349,6 +371,9 @@ class ServerService(MultiService):
         timer = TimerService(config.heartbeat, self.server.tick)
         timer.clock = reactor
         timer.setServiceParent(self)
+        placement = TimerService(REFRESH / 4, self.server.refresh_placement)
+        placement.clock = reactor
+        placement.setServiceParent(self)
         if self.server.repairer is not None:
             repair = TimerService(max(1.0, min(config.heartbeat, config.repair_after)), self.server.repairer.tick)
             repair.clock = reactor

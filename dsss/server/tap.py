@@ -15,6 +15,7 @@ from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.model import is_decimal, parse_size
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
+from dsss.server.placement import NetworkRule
 from dsss.server.service import ServerConfig, make_server_service
 
 log = Logger()
@@ -75,6 +76,10 @@ class Options(usage.Options):
         ["agent-connections", None, None,
          "Agents' control connections open at once, in all (default: 16384, less if the descriptor limit is lower)."],
         ["agents-per-ip", None, "256", "Agents registered at once from one IP address."],
+        ["distinct-networks", None, "24,48",
+         "A part's copies go to agents on distinct networks: IPv4,IPv6 prefix lengths that make one "
+         "network (24,48; 32,128: each IP address its own), or 'off' (each agent its own: all "
+         "agents on one machine or behind one NAT)."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -128,6 +133,10 @@ class Options(usage.Options):
             self.plan = plan_budgets(soft, hard, http_total, control_total)
         except DescriptorLimitError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            networks = NetworkRule.parse(self["distinct-networks"])
+        except ValueError as e:
+            raise usage.UsageError(f"--distinct-networks: {e}") from None
         self.config = ServerConfig(
             http=self["http"],
             control=self["control"],
@@ -146,6 +155,7 @@ class Options(usage.Options):
             http_header_timeout=_positive_float(self["http-header-timeout"], "--http-header-timeout", minimum=0.1),
             agent_connections=self.plan.control_total,
             agents_per_ip=_count(self["agents-per-ip"], "--agents-per-ip") or 1,
+            distinct_networks=networks,
         )
 
 

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 
 from dsss.server.api import DiscoveryAPI
 from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.placement import NetworkRule
 
 PATHS = ["/api/who-has", "/api/where-to-upload", "/api/introduce-me", "/api/introduce-many", "/api/upload-to", "/api/info", "/api/status"]
 NAMES = ["q", "size", "to", "hash", "i", "from", "local", "exclude", "count", "copies", "chain", "lan", "x"]
@@ -23,11 +24,14 @@ VALUES = st.one_of(
     st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
 )
 
+# These agents share 127.0.0.1 (or one NAT): the one-machine setting, each agent its own network.
+ONE_MACHINE = NetworkRule.parse("off")
+
 
 def _server():
     clock = Clock()
     clock.advance(100)
-    server = DiscoveryServer(clock, ServerConfig(heartbeat=1.0, http_rate=1e6), rng=random.Random(0))
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=1.0, http_rate=1e6, distinct_networks=ONE_MACHINE), rng=random.Random(0))
     clock.advance(100)
     return server
 

@@ -16,16 +16,20 @@ from dsss.errors import NotFound, Unavailable
 from dsss.model import PeerAddress
 from dsss.server.api import DiscoveryAPI
 from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.placement import NetworkRule
 from tests.adapters.test_server_api import HASH, FakeAgent
 
 ME = PeerAddress("127.0.0.1", 9999)
+
+# These agents share 127.0.0.1 (or one NAT): the one-machine setting, each agent its own network.
+ONE_MACHINE = NetworkRule.parse("off")
 
 
 def make_server() -> DiscoveryServer:
     """A server on a clock, replicas 2, past the warm-up after a start (answers are final)."""
     clock = Clock()
     clock.advance(10)
-    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2, distinct_networks=ONE_MACHINE), rng=random.Random(1))
     clock.advance(60)
     return server
 

@@ -15,9 +15,13 @@ from dsss.model import PeerAddress
 from dsss.server.api import DiscoveryAPI
 from dsss.server.control import AgentConnectionFactory
 from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.placement import NetworkRule
 from dsss.wire import control as wc
 
 HASH = "ef" * 32
+
+# These agents share 127.0.0.1 (or one NAT): the one-machine setting, each agent its own network.
+ONE_MACHINE = NetworkRule.parse("off")
 
 
 class FakeAgent:
@@ -52,7 +56,7 @@ class FakeAgent:
 def server():
     clock = Clock()
     clock.advance(10)
-    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2, distinct_networks=ONE_MACHINE), rng=random.Random(1))
     clock.advance(60)  # past the warm-up after a start, when answers are final
     return server
 
@@ -84,6 +88,31 @@ def test_where_to_upload_needs_live_agents_with_room(server):
     assert sorted(doc["addresses"]) == ["127.0.0.1:4001", "127.0.0.1:4002"]
     code, doc = decoded(get(treq, "/api/where-to-upload?size=100&exclude=127.0.0.1:4001"))
     assert doc["addresses"] == ["127.0.0.1:4002"]
+
+
+def test_where_to_upload_puts_one_copy_per_network_by_default():
+    """The default server (distinct networks, /24): agents on one /24 get one copy between
+    them, and a request that only excluded networks could answer gets the networks error."""
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=3), rng=random.Random(2))
+    clock.advance(60)
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    same = [FakeAgent(server, 4001 + i, host=f"192.0.2.{1 + i}") for i in range(3)]
+    other = FakeAgent(server, 4100, host="198.51.100.7")
+    for _ in range(20):
+        code, doc = decoded(get(treq, "/api/where-to-upload?size=100"))
+        assert code == 200 and len(doc["addresses"]) == 2, doc
+        assert str(other.address) in doc["addresses"]
+        assert sum(1 for a in same if str(a.address) in doc["addresses"]) == 1
+    code, doc = decoded(get(treq, f"/api/where-to-upload?size=100&exclude={same[0].address},{other.address}"))
+    assert code == 503 and doc["error"].startswith("too few distinct networks (have 2, need 5)"), doc
+    code, doc = decoded(get(treq, f"/api/where-to-upload?size=100000&exclude={same[0].address}"))
+    assert code == 503 and doc["error"] == "no live agent has room for 100000 bytes"
+    # upload-to counts the copies it is asked for.
+    code, doc = decoded(get(treq, f"/api/upload-to?size=100&hash={HASH}&from=127.0.0.1:9999&copies=1"
+                                  f"&exclude={same[1].address},{other.address}"))
+    assert code == 503 and doc["error"].startswith("too few distinct networks (have 2, need 3)"), doc
 
 
 def test_who_has_asks_only_indexed_candidates(server):
@@ -269,7 +298,7 @@ def test_unknown_paths_and_methods_are_json_errors_not_500(server):
 
 def test_answers_say_when_they_are_not_final_yet():
     clock = Clock()
-    server = DiscoveryServer(clock, ServerConfig(heartbeat=1.0, replicas=2))
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=1.0, replicas=2, distinct_networks=ONE_MACHINE))
     treq = StubTreq(DiscoveryAPI(server).resource())
     code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
     assert (code, doc) == (200, {"addresses": [], "warming": True})

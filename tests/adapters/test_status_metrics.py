@@ -26,6 +26,7 @@ from dsss.metrics import AgentMetrics
 from dsss.model import block_hash
 from dsss.server.api import DiscoveryAPI
 from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.placement import NetworkRule
 from dsss.server.status_page import format_bytes
 from dsss.server import tap as server_tap
 from tests.adapters.test_server_api import HASH, FakeAgent
@@ -34,12 +35,15 @@ from tests.adapters.test_taps import UDPMemoryReactor
 KEY = "0123456789abcdef0123456789abcdef"
 OTHER = "ab" * 32
 
+# These agents share 127.0.0.1 (or one NAT): the one-machine setting, each agent its own network.
+ONE_MACHINE = NetworkRule.parse("off")
+
 
 @pytest.fixture
 def server():
     clock = Clock()
     clock.advance(1_700_000_000)
-    return DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    return DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2, distinct_networks=ONE_MACHINE), rng=random.Random(1))
 
 
 def fetch(treq, url, headers=None):

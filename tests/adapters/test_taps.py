@@ -67,6 +67,15 @@ def test_server_options_are_honoured():
     assert svc.server.replicas == 2
 
 
+@pytest.mark.parametrize("value, rule", [(None, "24,48"), ("32,128", "32,128"), ("off", "off"),
+                                         ("16,32", "16,32")])
+def test_server_distinct_networks_option(value, rule):
+    opts = server_tap.Options()
+    opts.parseOptions([] if value is None else ["--distinct-networks", value])
+    assert str(opts.config.distinct_networks) == rule
+    assert ServerService(UDPMemoryReactor(), opts.config).server.placer.rule == opts.config.distinct_networks
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -82,6 +91,9 @@ def test_server_options_are_honoured():
         ["--http", "tcp:9000:interface=::1"],  # colons must be escaped in endpoint strings
         ["--control", "tcp:notaport"],
         ["--agents", "/nonexistent/file"],
+        ["--distinct-networks", "24"],
+        ["--distinct-networks", "33,48"],
+        ["--distinct-networks", "no"],
         ["--bogus"],
     ],
 )
@@ -96,7 +108,25 @@ def test_agent_options(tmp_path):
     c = opts.config
     assert c.capacity == 10 * 1024**3 and (c.server_host, c.server_port) == ("127.0.0.1", 7000)
     assert (c.udp_host, c.udp_port) == ("0.0.0.0", 0)
+    assert c.control_source is None
     assert (tmp_path / "s").is_dir()
+
+
+def test_agent_control_connection_leaves_from_the_source_address(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dsss.agent.service import AgentService
+
+    opts = agent_tap.Options()
+    opts.parseOptions(["--storage", str(tmp_path / "s"), "--server", "127.0.0.1:7000",
+                       "--udp", "127.0.5.1:0", "--control-source", "127.0.5.1"])
+    assert opts.config.control_source == "127.0.5.1"
+    reactor = MemoryReactorClock()
+    svc = AgentService(reactor, opts.config)
+    svc.client_service.startService()
+    ((host, port, _factory, _timeout, bind),) = reactor.tcpClients
+    assert (host, port, bind) == ("127.0.0.1", 7000, ("127.0.5.1", 0))
+    svc.client_service.stopService()
 
 
 @pytest.mark.parametrize(
@@ -110,6 +140,8 @@ def test_agent_options(tmp_path):
         ["--datagram-size", "100"],
         ["--datagram-size", "\u00b2"],
         ["--server", "127.0.0.1:\u0661\u0662"],  # Arabic-Indic digits: int() would read 12
+        ["--control-source", "localhost"],
+        ["--control-source", "::1"],  # the server is IPv4
     ],
 )
 def test_agent_bad_options(tmp_path, args):

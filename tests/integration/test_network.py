@@ -28,8 +28,14 @@ def test_agents_register_and_placement_returns_distinct_agents(net):
     assert code == 200
     assert len(doc["addresses"]) == 3 == len(set(doc["addresses"]))
     assert set(doc["addresses"]) == {a.address for a in net.agents}
-    # Addresses are the UDP addresses the server observed, on loopback.
-    assert all(a.startswith("127.0.0.1:") for a in doc["addresses"])
+    # Addresses are the UDP addresses the server observed: each agent's own, on a loopback
+    # /24 of its own (the harness binds it there), so the three are on distinct networks.
+    hosts = {a.rsplit(":", 1)[0] for a in doc["addresses"]}
+    assert hosts == {net.agent_host(a.name) for a in net.agents}
+    assert len({h.rsplit(".", 1)[0] for h in hosts}) == 3 and all(h.startswith("127.") for h in hosts)
+    # ... and so do their control connections.
+    for a in net.agents:
+        assert f"agent {a.agent_id[:16]} registered from {net.agent_host(a.name)}:" in net.server.log()
 
 
 def test_bad_requests_get_clear_json_errors(net):

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import itertools
-import random
-from collections import Counter
 from typing import Any
 
 import pytest
@@ -42,7 +40,7 @@ class Handle:
 @pytest.fixture
 def registry() -> Registry:
     counter = itertools.count()
-    return Registry(HB, rng=random.Random(1234), token_source=lambda: f"token{next(counter)}")
+    return Registry(HB, token_source=lambda: f"token{next(counter)}")
 
 
 def register(
@@ -366,93 +364,23 @@ def test_space_clamps_free(registry: Registry) -> None:
     assert (rec.capacity, rec.free) == (500, 120)
 
 
-# --- placement --------------------------------------------------------------------------------
+# --- changes placement watches ----------------------------------------------------------------
 
 
-def test_place_distinct_agents(registry: Registry) -> None:
-    recs = [live_agent(registry, n) for n in range(1, 6)]
-    for _ in range(50):
-        chosen = registry.place(10, 3, 0.0)
-        assert len(chosen) == 3
-        assert len({id(r) for r in chosen}) == 3
-        assert all(any(r is x for x in recs) for r in chosen)
-
-
-def test_place_only_live_agents(registry: Registry) -> None:
-    live = live_agent(registry, 1)
-    register(registry, 2)  # no UDP
-    stale = live_agent(registry, 3, now=-100.0)  # heard long ago
-    for _ in range(50):
-        chosen = registry.place(10, 3, 0.0)
-        assert chosen == [live]
-    assert stale not in registry.live(0.0)
-
-
-def test_place_only_agents_with_room(registry: Registry) -> None:
-    big = live_agent(registry, 1, capacity=1000)
-    small = live_agent(registry, 2, capacity=1000, free=99)
-    tight = live_agent(registry, 3, capacity=1000, free=50)
-    for _ in range(30):
-        assert registry.place(100, 3, 0.0) == [big]
-    # Exactly enough room qualifies.
-    for _ in range(30):
-        assert {id(r) for r in registry.place(99, 3, 0.0)} == {id(big), id(small)}
-    assert {id(r) for r in registry.place(50, 3, 0.0)} == {id(big), id(small), id(tight)}
-
-
-def test_place_excludes_addresses(registry: Registry) -> None:
-    recs = [live_agent(registry, n) for n in range(1, 5)]
-    for _ in range(30):
-        chosen = registry.place(1, 4, 0.0, exclude=[addr(1), addr(3)])
-        assert {r.address for r in chosen} == {addr(2), addr(4)}
-    assert len(recs) == 4
-
-
-def test_place_returns_fewer_when_fewer_qualify(registry: Registry) -> None:
-    live_agent(registry, 1)
-    live_agent(registry, 2)
-    assert len(registry.place(1, 5, 0.0)) == 2
-    assert registry.place(10_000, 3, 0.0) == []
-    assert registry.place(1, 0, 0.0) == []
-
-
-def test_place_with_nobody_registered(registry: Registry) -> None:
-    assert registry.place(1, 3, 0.0) == []
-
-
-def test_place_weighted_by_free_space() -> None:
-    reg = Registry(HB, rng=random.Random(20240601))
-    rich = live_agent(reg, 1, capacity=10_000, free=9000)
-    poor = live_agent(reg, 2, capacity=10_000, free=1000)
-    draws = 4000
-    counts: Counter[str] = Counter()
-    for _ in range(draws):
-        (pick,) = reg.place(10, 1, 0.0)
-        counts[pick.agent_id] += 1
-    share = counts[rich.agent_id] / draws
-    # Expected 0.9; a uniform choice would give 0.5.
-    assert 0.87 < share < 0.93
-    assert counts[poor.agent_id] > 0.07 * draws
-
-
-def test_place_follows_reported_space() -> None:
-    reg = Registry(HB, rng=random.Random(7))
-    a = live_agent(reg, 1, capacity=10_000, free=9000)
-    b = live_agent(reg, 2, capacity=10_000, free=1000)
-    reg.space(a, 10_000, 1000)  # a filled up: now as free as b
-    picks = Counter(reg.place(10, 1, 0.0)[0].agent_id for _ in range(4000))
-    share = picks[a.agent_id] / 4000
-    assert 0.45 < share < 0.55
-    assert b.agent_id in picks
-
-
-def test_place_second_pick_is_the_other_agent() -> None:
-    reg = Registry(HB, rng=random.Random(3))
-    a = live_agent(reg, 1, capacity=10_000, free=9000)
-    b = live_agent(reg, 2, capacity=10_000, free=1000)
-    firsts = Counter()
-    for _ in range(500):
-        chosen = reg.place(10, 2, 0.0)
-        assert {id(r) for r in chosen} == {id(a), id(b)}
-        firsts[chosen[0].agent_id] += 1
-    assert firsts[a.agent_id] > 400
+def test_generation_changes_on_join_leave_and_move(registry: Registry) -> None:
+    g0 = registry.generation
+    rec, _ = register(registry, 1)
+    g1 = registry.generation
+    assert g1 != g0
+    registry.heard_udp(rec.token, addr(1), 0.0)
+    g2 = registry.generation
+    assert g2 != g1
+    registry.heard_udp(rec.token, addr(1), 1.0)  # the same address again: no change
+    registry.have(rec, [H1])
+    registry.space(rec, 500, 100)
+    assert registry.generation == g2
+    registry.heard_udp(rec.token, addr(2), 2.0)  # moved
+    g3 = registry.generation
+    assert g3 != g2
+    registry.unregister(rec.handle)
+    assert registry.generation != g3

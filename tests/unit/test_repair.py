@@ -1,19 +1,32 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from dsss.model import PeerAddress
+from dsss.server.placement import NetworkRule, Placer
 from dsss.server.registry import Registry
 from dsss.server.repair import Repairer, wanted_holders
 
 B1, B2 = "aa" * 32, "bb" * 32
 
 
+class Unvetted:
+    def is_vetted(self, agent_id):
+        return False
+
+    def is_disqualified(self, agent_id):
+        return False
+
+
 class FakeServer:
     replicas = 3
 
-    def __init__(self):
+    def __init__(self, networks="off"):
         self.registry = Registry(heartbeat=1.0)
+        # "off": the agents here share public addresses (one NAT), each its own network.
+        self.placer = Placer(NetworkRule.parse(networks), Unvetted(), rng=random.Random(5))
         self.t = 100.0
 
     def now(self):
@@ -176,3 +189,38 @@ def test_a_copy_between_agents_behind_one_nat_goes_across_their_lan(lan):
         assert asked == [(target.address, source.address, 100, B1)]
         assert replicate.address == target.address
     assert (replicate.block, replicate.agent_id, replicate.key) == (B1, target.agent_id, "ab" * 16)
+
+
+def test_a_repair_copy_never_goes_to_a_holders_network():
+    """With distinct networks (the default), the target is on a network no live holder is on,
+    and with none such the part waits rather than doubling up on one network."""
+    from twisted.internet import defer
+
+    server = FakeServer(networks="24,48")
+    server.config = type("Config", (), {"query_timeout": 5.0})()
+    hosts = ["192.0.2.1", "192.0.2.2", "198.51.100.1", "198.51.100.2"]
+    recs = []
+    for n, host in enumerate(hosts):
+        rec, _ = server.registry.register(agent_id=f"{n:064x}", seq=1, capacity=10**6, free=10**6,
+                                          version="1", handle=RecordingHandle(), now=server.t)
+        server.registry.heard_udp(rec.token, PeerAddress(host, 4000 + n), server.t)
+        recs.append(rec)
+    server.registry.have(recs[0], [B1], [100])
+    asked = []
+
+    async def introduce(to, client, size, block):
+        asked.append(to)
+        return {"introduction-key": "ab" * 16}
+
+    server.introduce = introduce
+    r = Repairer(server, repair_after=0)
+    for _ in range(20):
+        d = defer.ensureDeferred(r._repair(B1))
+        assert d.called
+    assert asked and set(asked) <= {recs[2].address, recs[3].address}
+    # Holders on both networks: no target, nothing asked.
+    server.registry.have(recs[2], [B1], [100])
+    del asked[:]
+    started = r.started
+    d = defer.ensureDeferred(r._repair(B1))
+    assert d.called and asked == [] and r.started == started
