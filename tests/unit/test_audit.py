@@ -121,7 +121,7 @@ def test_every_claim_is_reproven_within_the_freshness():
     for t, j in jobs:
         audits.setdefault((j.agent_id, j.block), []).append(t)
     assert len(audits) == 750
-    for (agent, block), times in audits.items():
+    for (_agent, block), times in audits.items():
         assert times[0] <= freshness / 2
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert len(times) >= 9 and max(gaps) <= freshness, (block, times)
