@@ -36,7 +36,9 @@ class _Pending:
 
 class ControlLineProtocol(LineReceiver):
     delimiter = b"\n"
-    MAX_LENGTH = wc.MAX_LINE + 1  # the line plus an optional CR
+    # The longest line plus an optional CR: a PROOF reply may be MAX_PROOF_LINE bytes; the parser
+    # holds every other line to MAX_LINE.
+    MAX_LENGTH = wc.MAX_PROOF_LINE + 1
     # A peer that keeps sending bad lines is cut off after this many.
     MAX_ERRORS = 10
 
@@ -93,6 +95,20 @@ class ControlLineProtocol(LineReceiver):
 
     # --- receiving -----------------------------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # LineReceiver holds lines to MAX_LENGTH, the PROOF limit; an unfinished line that is
+        # not a PROOF is cut off as soon as it passes MAX_LINE, as it was before PROOF existed.
+        pending: bytes = self._buffer  # type: ignore[has-type]
+        if (
+            len(pending) > wc.MAX_LINE + 1
+            and not self.closed
+            and self.delimiter not in pending
+            and not pending.startswith(b"PROOF ")
+        ):
+            self._buffer = b""
+            self.lineLengthExceeded(pending)
+
     def lineReceived(self, line: bytes) -> None:
         if self.closed:
             return
@@ -101,6 +117,9 @@ class ControlLineProtocol(LineReceiver):
             return
         try:
             msg = wc.parse_line(line)
+        except wc.LineTooLong as e:
+            self.bad_input(str(e), fatal=True, code="too-long")
+            return
         except RemoteProtocolError as e:
             if wc.looks_like_reply(line):
                 # A malformed reply: its request cannot be answered, and an ERROR back would be
@@ -132,7 +151,7 @@ class ControlLineProtocol(LineReceiver):
             self.send(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.bad_input(f"line longer than {wc.MAX_LINE} bytes", fatal=True, code="too-long")
+        self.bad_input(f"line longer than {wc.MAX_PROOF_LINE} bytes", fatal=True, code="too-long")
 
     def bad_input(self, why: str, *, fatal: bool, code: str = "protocol") -> None:
         self._errors += 1

@@ -2,7 +2,8 @@
 """The server<->agent control channel: message values, parsing and serialization.
 
 Sans-I/O: no Twisted, no clock, no sockets. One message is one line of ASCII text terminated by
-LF (a CR before the LF is tolerated), at most MAX_LINE bytes without the terminator.
+LF (a CR before the LF is tolerated), at most MAX_LINE bytes without the terminator; a PROOF reply,
+which carries a storage proof (dsss/proofs.py) in base64, may be up to MAX_PROOF_LINE bytes.
 
 Each side may send requests; the other answers every request with exactly one reply line, in the
 order the requests arrived. The server's greeting `Hi` is the one message that is not answered by
@@ -12,6 +13,8 @@ introduction key (32 lowercase hex digits); every other line is a request. See d
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -20,6 +23,10 @@ from dsss.errors import BadRequest, RemoteProtocolError
 from dsss.model import PeerAddress, check_block_id, check_local_address, is_block_id
 
 MAX_LINE = 4096
+MAX_PROOF_LINE = 24576
+"""The longest PROOF line: a proof for the largest part (16 KiB leaf and 10 sibling hashes) is
+22,272 base64 characters."""
+NONCE_HEX = 32
 MAX_HASHES_PER_LINE = 48
 MAX_SIZE = 2**62
 _HEX32 = re.compile(r"\A[0-9a-f]{32}\Z")
@@ -28,6 +35,12 @@ _HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")
 _TOKEN = re.compile(r"\A[0-9a-f]{32}\Z")
 _VERSION = re.compile(r"\A[0-9A-Za-z.+_-]{1,32}\Z")
 _ERROR_CODE = re.compile(r"\A[a-z][a-z0-9-]{0,31}\Z")
+
+
+class LineTooLong(RemoteProtocolError):
+    """A line longer than its limit (MAX_LINE, or MAX_PROOF_LINE for a PROOF reply)."""
+
+    code = "too-long"
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -120,6 +133,16 @@ class Replicate:
     key: str
 
 
+@dataclass(frozen=True)
+class Audit:
+    """Server -> agent: prove that you hold `block` by answering the challenge `nonce` (16
+    bytes; see dsss/proofs.py). Answered with Proof, or `ERROR not-found` by an agent that does
+    not hold the part (or found its copy corrupt)."""
+
+    block: str
+    nonce: bytes
+
+
 # --- replies --------------------------------------------------------------------------------
 
 
@@ -145,6 +168,14 @@ class IntroKey:
 
 
 @dataclass(frozen=True)
+class Proof:
+    """Reply to AUDIT: the part's size and the proof bytes for the challenged leaf."""
+
+    size: int
+    proof: bytes
+
+
+@dataclass(frozen=True)
 class Pong:
     pass
 
@@ -160,11 +191,11 @@ class Error:
     text: str
 
 
-Request = Union[Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate]
-Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error]
+Request = Union[Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate, Audit]
+Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error, Proof]
 Message = Union[Request, Reply]
-REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error)
-REPLY_WORDS = frozenset({"0", "1", "OK", "PONG", "WELCOME", "ERROR"})
+REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error, Proof)
+REPLY_WORDS = frozenset({"0", "1", "OK", "PONG", "WELCOME", "ERROR", "PROOF"})
 
 
 def is_reply(msg: Message) -> bool:
@@ -216,6 +247,17 @@ def _have(words: list[str]) -> Have:
     return Have(tuple(blocks), tuple(sizes) if any(x is not None for x in sizes) else None)
 
 
+def _b64(text: str) -> bytes:
+    """Standard base64 with padding, in its one canonical spelling."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RemoteProtocolError("PROOF: the proof is not base64") from None
+    if not raw or base64.b64encode(raw).decode("ascii") != text:
+        raise RemoteProtocolError("PROOF: the proof is not canonical base64")
+    return raw
+
+
 def _arity(words: list[str], n: int, usage: str) -> None:
     if len(words) != n:
         raise RemoteProtocolError(f"usage: {usage}")
@@ -234,7 +276,10 @@ def parse_line(line: bytes) -> Message:
     if line.endswith(b"\r"):
         line = line[:-1]
     if len(line) > MAX_LINE:
-        raise RemoteProtocolError(f"line longer than {MAX_LINE} bytes")
+        if not line.startswith(b"PROOF "):
+            raise LineTooLong(f"line longer than {MAX_LINE} bytes")
+        if len(line) > MAX_PROOF_LINE:
+            raise LineTooLong(f"PROOF line longer than {MAX_PROOF_LINE} bytes")
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
@@ -316,6 +361,18 @@ def parse_line(line: bytes) -> Message:
         if not _HEX64.match(args[2]) or not _HEX32.match(args[3]):
             raise RemoteProtocolError("REPLICATE: bad agent id or key")
         return Replicate(args[0], address, args[2], args[3])
+    if verb == "AUDIT":
+        _arity(args, 2, "AUDIT <hash> <nonce>")
+        if not is_block_id(args[0]):
+            raise RemoteProtocolError("AUDIT: not a part hash")
+        if not _HEX32.match(args[1]):
+            raise RemoteProtocolError("AUDIT: the nonce is not 32 lowercase hex digits")
+        return Audit(args[0], bytes.fromhex(args[1]))
+    if verb == "PROOF":
+        if len(args) not in (1, 2):
+            raise RemoteProtocolError("usage: PROOF <size> <base64 proof>")
+        size = _int(args[0], "size")
+        return Proof(size, _b64(args[1]) if len(args) == 2 else b"")
     if verb == "INTRODUCTION_REQUEST":
         if len(args) not in (3, 4):
             raise RemoteProtocolError("usage: INTRODUCTION_REQUEST <address> <size> <hash> [<local address>]")
@@ -370,6 +427,14 @@ def encode(msg: Message) -> bytes:
         text = f"WHO_HAS {msg.block}"
     elif isinstance(msg, Replicate):
         text = f"REPLICATE {msg.block} {msg.address} {msg.agent_id} {msg.key}"
+    elif isinstance(msg, Audit):
+        if len(msg.nonce) != NONCE_HEX // 2:
+            raise ValueError("an audit nonce is 16 bytes")
+        text = f"AUDIT {check_block_id(msg.block)} {msg.nonce.hex()}"
+    elif isinstance(msg, Proof):
+        text = f"PROOF {msg.size}"
+        if msg.proof:
+            text += " " + base64.b64encode(msg.proof).decode("ascii")
     elif isinstance(msg, IntroductionRequest):
         text = f"INTRODUCTION_REQUEST {msg.address} {msg.size} {msg.block}"
         if msg.local is not None:

@@ -213,3 +213,63 @@ def test_an_agent_cannot_grow_the_index_without_bound(server, monkeypatch):
     assert peer.lines() == ["OK", "ERROR too-many at most 3 parts per agent are indexed"]
     assert len(server.registry.get(key.verify_key.encode().hex()).blocks) == 3
     assert not peer.closed
+
+
+def _audit(server, peer):
+    """Register the peer, have the server send it an AUDIT, and return the reply's Deferred."""
+    register(peer)
+    peer.lines()
+    d = peer.proto.request(wc.Audit(HASH, bytes(range(16))), 30)
+    assert peer.lines() == [f"AUDIT {HASH} {bytes(range(16)).hex()}"]
+    return d
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 1000])
+def test_long_proof_reply_in_any_chunking(server, chunk):
+    """A PROOF reply longer than every other line (the largest part's proof) arrives whole,
+    even one byte at a time."""
+    from dsss import proofs
+
+    peer = Peer(server)
+    d = _audit(server, peer)
+    size = 16 * 1024 * 1024
+    raw = bytes(range(256)) * (proofs.proof_length(size, 0) // 256 + 1)
+    raw = raw[: proofs.proof_length(size, 0)]
+    line = wc.encode(wc.Proof(size, raw)) + b"\r\n"
+    assert len(line) > wc.MAX_LINE + 2
+    peer.feed(line, chunk)
+    assert d.called and d.result == wc.Proof(size, raw)
+    assert not peer.closed
+
+
+def test_proof_reply_over_its_limit_is_cut_off(server):
+    peer = Peer(server)
+    d = _audit(server, peer)
+    d.addErrback(lambda f: None)
+    peer.feed(b"PROOF 5 " + b"A" * wc.MAX_PROOF_LINE + b"\n", chunk=4096)
+    assert peer.lines()[0].startswith("ERROR too-long") and peer.closed
+
+
+def test_other_line_between_limits_is_too_long(server):
+    """Only PROOF may pass MAX_LINE: a HAVE line of 5000 bytes is still too long."""
+    peer = Peer(server)
+    register(peer)
+    peer.lines()
+    peer.feed(b"HAVE " + b"a" * 5000 + b"\n")
+    assert peer.lines()[0].startswith("ERROR too-long") and peer.closed
+
+
+def test_malformed_proof_reply_closes_without_answer(server):
+    peer = Peer(server)
+    d = _audit(server, peer)
+    d.addErrback(lambda f: None)
+    peer.feed(b"PROOF 5 not*base64\n")
+    assert peer.lines() == [] and peer.closed
+
+
+def test_agent_may_not_send_audit(server):
+    peer = Peer(server)
+    register(peer)
+    peer.lines()
+    peer.feed(f"AUDIT {HASH} {'00' * 16}\n".encode())
+    assert peer.lines()[0].startswith("ERROR protocol")

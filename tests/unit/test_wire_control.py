@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,8 +15,10 @@ from dsss.wire import control as wc
 from dsss.wire.control import (
     MAX_HASHES_PER_LINE,
     MAX_LINE,
+    MAX_PROOF_LINE,
     MAX_SIZE,
     REPLY_WORDS,
+    Audit,
     Bit,
     Error,
     Gone,
@@ -26,6 +30,7 @@ from dsss.wire.control import (
     Ok,
     Ping,
     Pong,
+    Proof,
     Register,
     Space,
     Welcome,
@@ -86,6 +91,11 @@ EXAMPLES = [
     (b"OK", Ok()),
     (b"ERROR not-found no part here", Error("not-found", "no part here")),
     (b"ERROR full", Error("full", "")),
+    (f"AUDIT {H1} {KEY32}".encode(), Audit(H1, bytes.fromhex(KEY32))),
+    (f"AUDIT s{H2} {TOKEN}".encode(), Audit("s" + H2, bytes.fromhex(TOKEN))),
+    (b"PROOF 3 YWJj", Proof(3, b"abc")),
+    (b"PROOF 17 AAEC", Proof(17, b"\x00\x01\x02")),
+    (b"PROOF 0", Proof(0, b"")),
 ]
 
 
@@ -112,7 +122,7 @@ def test_only_one_cr_is_stripped() -> None:
 def test_every_message_type_has_an_example() -> None:
     types = {type(m) for _, m in EXAMPLES}
     assert types == set(wc.REPLY_TYPES) | {
-        Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping,
+        Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping, Audit,
     }
 
 
@@ -345,6 +355,26 @@ MALFORMED = [
     b"LOCAL [ff02::1]:8472",
     b"LOCAL 255.255.255.255:8472",
     b"LOCAL [fe80::1]:8472",
+    # AUDIT and PROOF
+    b"AUDIT",
+    f"AUDIT {H1}".encode(),
+    f"AUDIT {H1} {KEY32} x".encode(),
+    f"AUDIT {H1[:-1]} {KEY32}".encode(),
+    f"AUDIT {H1} {KEY32[:-1]}".encode(),
+    f"AUDIT {H1} {KEY32.upper()}".encode(),
+    f"AUDIT {H1} {KEY32}00".encode(),
+    b"PROOF",
+    b"PROOF x YWJj",
+    b"PROOF -1 YWJj",
+    b"PROOF 3 YWJj YWJj",
+    b"PROOF 3 YWJ",  # bad padding
+    b"PROOF 3 YWJj=",
+    b"PROOF 3 YW*j",
+    b"PROOF 3 YW-j",  # urlsafe alphabet
+    b"PROOF 3 YWJ=",  # non-canonical trailing bits
+    b"PROOF 3 YR==",
+    b"PROOF 3 =",
+    b"PROOF 3 ",
     # oversize
     b"ERROR x " + b"a" * MAX_LINE,
     b"P" * (MAX_LINE + 1),
@@ -364,6 +394,62 @@ def test_oversize_refused_before_anything_else() -> None:
     line = prefix + b"a" * (MAX_LINE + 1 - len(prefix))
     with pytest.raises(RemoteProtocolError, match="longer"):
         parse_line(line)
+
+
+def test_proof_line_may_be_longer_than_other_lines() -> None:
+    """A PROOF reply carries a whole leaf: up to MAX_PROOF_LINE bytes; nothing else may pass
+    MAX_LINE, whatever its first word."""
+    size_word = b"PROOF 16777216 "
+    b64_len = (MAX_PROOF_LINE - len(size_word)) // 4 * 4
+    raw = bytes(range(256)) * (b64_len // 4 * 3 // 256 + 1)
+    raw = raw[: b64_len // 4 * 3]
+    line = size_word + base64.b64encode(raw)
+    assert MAX_LINE < len(line) <= MAX_PROOF_LINE
+    assert parse_line(line) == Proof(16777216, raw)
+    assert encode(Proof(16777216, raw)) == line
+    with pytest.raises(wc.LineTooLong):
+        parse_line(line + b"A" * (MAX_PROOF_LINE - len(line) + 4))
+    for other in (b"PROOFX ", b"ERROR x ", b"PROO "):
+        with pytest.raises(wc.LineTooLong):
+            parse_line(other + b"a" * (MAX_LINE + 1 - len(other)))
+
+
+def test_line_too_long_says_so() -> None:
+    with pytest.raises(wc.LineTooLong) as e:
+        parse_line(b"P" * (MAX_LINE + 1))
+    assert e.value.code == "too-long"
+
+
+def test_largest_proof_fits_a_proof_line() -> None:
+    from dsss import proofs
+    from dsss.wire.transfer import MAX_PART
+
+    longest = proofs.proof_length(MAX_PART, 0)
+    line = encode(Proof(MAX_PART, b"\xff" * longest))
+    assert len(line) <= MAX_PROOF_LINE
+
+
+def test_audit_nonce_must_be_16_bytes() -> None:
+    with pytest.raises(ValueError):
+        encode(Audit(H1, b"\x00" * 15))
+
+
+def test_proof_and_audit_are_reply_and_request() -> None:
+    assert is_reply(Proof(1, b"x")) and not is_reply(Audit(H1, bytes(16)))
+    assert wc.looks_like_reply(b"PROOF garbage") and not wc.looks_like_reply(f"AUDIT {H1}".encode())
+
+
+@FEWER
+@given(size=st.integers(min_value=0, max_value=MAX_SIZE), proof=st.binary(min_size=1, max_size=2000))
+def test_proof_round_trips(size: int, proof: bytes) -> None:
+    assert parse_line(encode(Proof(size, proof))) == Proof(size, proof)
+
+
+@FEWER
+@given(nonce=st.binary(min_size=16, max_size=16), share=st.booleans())
+def test_audit_round_trips(nonce: bytes, share: bool) -> None:
+    block = ("s" if share else "") + H3
+    assert parse_line(encode(Audit(block, nonce))) == Audit(block, nonce)
 
 
 def test_unknown_verb_message_is_bounded() -> None:
@@ -408,6 +494,7 @@ def test_parsed_reply_words_are_replies() -> None:
         line = {
             "WELCOME": f"WELCOME {TOKEN} 100 1",
             "ERROR": "ERROR x y",
+            "PROOF": "PROOF 3 YWJj",
         }.get(word, word)
         assert is_reply(parse_line(line.encode())), word
     assert is_reply(parse_line(KEY32.encode()))
