@@ -48,6 +48,26 @@ def _repair_after(text: str) -> float:
     return value
 
 
+def _audit_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.01 <= value <= 100_000:
+        raise usage.UsageError("--audit-rate must be a number of audits per second, from 0.01 to 100000")
+    return value
+
+
+def _proof_freshness(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= 365 * 86400:
+        raise usage.UsageError("--proof-freshness must be a number of seconds, from 1 to 31536000 (a year)")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run a DSSS discovery server: HTTP API, agent control channel and UDP punch socket."
@@ -63,6 +83,8 @@ class Options(usage.Options):
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
         ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
         ["repair-after", None, "600", "Seconds a part may lack replicas before the server copies it again (0: never)."],
+        ["audit-rate", None, "100", "Audits per second the server sends on its own (new claims first, then a sweep of all claims)."],
+        ["proof-freshness", None, "604800", "Seconds a holder's last passed audit of a part counts: only such copies are replicas (default 7 days)."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -122,6 +144,8 @@ class Options(usage.Options):
             http_rate=http_rate,
             relay_limit=relay_limit,
             repair_after=_repair_after(self["repair-after"]),
+            audit_rate=_audit_rate(self["audit-rate"]),
+            proof_freshness=_proof_freshness(self["proof-freshness"]),
         )
 
 
