@@ -280,4 +280,4 @@ def test_answers_say_when_they_are_not_final_yet():
     assert results == [(503, [b"1"])]
     clock.advance(10)
     code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
-    assert (code, doc) == (200, {"addresses": []})
+    assert (code, doc) == (200, {"addresses": [], "proven": []})
