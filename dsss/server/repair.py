@@ -111,6 +111,9 @@ class Repairer:
         live = [r for r in (registry.get(i) for i in registry.holders(block))
                 if r is not None and registry.is_live(r, now) and r.address]
         unproven = [r for r in live if not self._proven(r, block, now)]
+        # Never copied to an agent that claims it (proven or not), nor to one that just failed
+        # its audit of it.
+        avoid = [r.address for r in live if r.address]
         if unproven:
             # Claims first: audit the holders that have not proven it lately (at most as many
             # as are missing); a failed audit drops the claim.
@@ -130,8 +133,7 @@ class Repairer:
         if not proven or size is None or not registry.size_proven(block):
             return  # nothing proven to copy from: only `dsss.client repair` can help
         source = self.rng.choice(proven)
-        # Never to an agent that claims it already (proven or not).
-        targets = registry.place(size, 1, now, exclude=[r.address for r in live if r.address])
+        targets = registry.place(size, 1, now, exclude=avoid + [r.address for r in live if r.address])
         if not targets:
             log.info("part {block} is short of replicas, but no other agent has room", block=block[:16])
             return
