@@ -97,7 +97,8 @@ class Auditor:
         self.nonces = nonces
         self.scheduler = AuditScheduler(server.registry, rate=rate, freshness=freshness, nonces=nonces)
         self._urgent: dict[str, _Slots] = {}
-        self._inflight: dict[tuple[str, str], defer.Deferred[Outcome]] = {}
+        # Audits under way, by claim: who else waits for each one's outcome.
+        self._inflight: dict[tuple[str, str], list[defer.Deferred[Outcome]]] = {}
         self.stats = {"passed": 0, "failed": 0, "unanswered": 0, "disqualified": 0, "size-conflicts": 0}
 
     # --- membership and claims -----------------------------------------------------------------
@@ -147,10 +148,10 @@ class Auditor:
         claim already under way is shared. With `charge`, it is paid from the scheduler's
         budget."""
         key = (rec.agent_id, block)
-        running = self._inflight.get(key)
-        if running is not None:
+        waiters = self._inflight.get(key)
+        if waiters is not None:
             shared: defer.Deferred[Outcome] = defer.Deferred()
-            running.addBoth(lambda r: (shared.callback(r), r)[1])
+            waiters.append(shared)
             return await shared
         if charge:
             self.scheduler.charge(self.server.now(), 1)
@@ -168,16 +169,25 @@ class Auditor:
         """Send one AUDIT and record its outcome; fires with the outcome (never fails)."""
         conn = rec.handle
         timeout = self.server.config.query_timeout
-        d: defer.Deferred[Outcome] = defer.ensureDeferred(self._ask(conn, block, nonce, timeout, rec))
         key = (rec.agent_id, block)
-        self._inflight.setdefault(key, d)
+        waiters: list[defer.Deferred[Outcome]] = []
+        if key not in self._inflight:
+            self._inflight[key] = waiters
+        d: defer.Deferred[Outcome] = defer.ensureDeferred(self._ask(conn, block, nonce, timeout, rec))
 
         def done(outcome: Outcome) -> Outcome:
-            if self._inflight.get(key) is d:
+            if self._inflight.get(key) is waiters:
                 del self._inflight[key]
+            for w in waiters:
+                w.callback(outcome)
             return outcome
 
-        d.addBoth(done)
+        def broken(f: Any) -> Outcome:
+            log.failure("an audit failed unexpectedly", f)
+            return Outcome(Verdict.UNANSWERED, reason="internal error")
+
+        d.addErrback(broken)
+        d.addCallback(done)
         return d
 
     async def _ask(self, conn: Any, block: str, nonce: bytes, timeout: float, rec: AgentRecord) -> Outcome:

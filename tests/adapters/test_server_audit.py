@@ -257,3 +257,19 @@ def test_api_audit_costs_one_request_plus_one_per_item(server):
     items = "&".join(f"i={PART},{i:064x}" for i in range(9))  # costs 10
     assert decoded(get(treq, "/api/audit?" + items))[0] == 200
     assert decoded(get(treq, "/api/audit?" + items))[0] == 429
+
+
+def test_audits_of_one_claim_at_once_share_one_challenge(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    agent = FakeAgent(server, 4001)
+    agent.reply(f"HAVE {PART}:{len(DATA)}")
+    agent.sent()
+    tick(server)  # the scheduler's audit of the new claim is under way
+    ((_, nonce),) = audits(agent)
+    first = get(treq, f"/api/audit?i={PART},{agent.rec.agent_id}")
+    second = get(treq, f"/api/audit?i={PART},{agent.rec.agent_id}")
+    assert audits(agent) == []  # no second challenge
+    agent.reply(proof_line(DATA, nonce))
+    treq.flush()
+    for results in (first, second):
+        assert decoded(results)[1]["results"][0]["proven"] is True
