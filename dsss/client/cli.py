@@ -881,9 +881,9 @@ async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) 
             for line in _health_lines(health):
                 print(line)
             lost = len(health.lost)
-            kind = {"VERIFIED": "verified ", "PROVEN": "proven "}.get(_counted(health), "")
+            kind = {"VERIFIED": " (verified)", "PROVEN": " (proven)"}.get(_counted(health), "")
             print(f"  {len(health.blocks) - len(health.short)} of {len(health.blocks)} blocks have "
-                  f"{kind}{_wanted(health)}; {len(health.short)} below"
+                  f"{_wanted(health)}{kind}; {len(health.short)} below"
                   + (f", {lost} with none (lost)" if lost else ""), flush=True)
         return {
             "address": address, "name": health.manifest.name, "ok": health.ok,
