@@ -376,3 +376,49 @@ def test_a_bad_local_address_is_refused(server: Any) -> None:
     for bad in ("0.0.0.0:7000", "10.0.0.1", "[ff02::1]:7000", "x"):
         code, body = get(stub, f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=0&from={ME}&local={bad}")[0]
         assert code == 400, (bad, body)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["auditing-server", "older-server"])
+def test_audit_and_locate_against_the_real_api(server: Any, older: bool) -> None:
+    from tests.adapters.test_server_audit import DATA, PART, audits, proof_line
+
+    class Older(CountingHTTP):
+        def get(self, url: str, **kw: Any) -> Any:
+            if "/api/audit" in url:
+                url = "http://server/api/no-such-endpoint"
+            return super().get(url, **kw)
+
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    http = (Older if older else CountingHTTP)(stub)
+    client = DiscoveryClient("http://server", reactor=server.clock, http=http)
+    holder, dropper = FakeAgent(server, 5001), FakeAgent(server, 5002)
+    for a in (holder, dropper):
+        a.reply(f"HAVE {PART}:{len(DATA)}")
+        a.sent()
+    d = defer.ensureDeferred(client.audit([(PART, holder.rec.agent_id), (PART, dropper.rec.agent_id)]))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    if not older:
+        ((_, nonce),) = audits(holder)
+        holder.reply(proof_line(DATA, nonce))
+        assert audits(dropper)
+        dropper.reply("ERROR not-found gone")
+        for _ in range(3):
+            stub.flush()
+    (result,) = outcomes([d])
+    if older:
+        assert result is None and client.audits is False
+        return
+    assert [(r.agent, r.proven, r.size) for r in result] == [
+        (holder.rec.agent_id, True, len(DATA)), (dropper.rec.agent_id, False, None)]
+    assert result[1].error == "does not have it"
+    d = defer.ensureDeferred(client.locate(PART))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    assert holder.sent() == [f"WHO_HAS {PART}"] and dropper.sent() == []  # its claim was dropped
+    holder.reply("1")
+    stub.flush()
+    (located,) = outcomes([d])
+    assert located == ([holder.address], [holder.address])
