@@ -264,7 +264,9 @@ class DiscoveryClient:
 
     async def audit(self, items: list[tuple[str, str]]) -> list[AuditResult] | None:
         """Have the server audit each (part, agent id) now: one result per item, in order.
-        None from a server without /api/audit (an older one, which cannot say)."""
+        None from a server without /api/audit (an older one, which cannot say). Right after a
+        server restart (the answer says `warming`), items whose agent is not connected yet are
+        asked again for up to `retry_for` seconds: the agent may still be re-registering."""
         if not self.audits:
             return None
         out: list[AuditResult] = []
@@ -272,22 +274,39 @@ class DiscoveryClient:
             group = items[start : start + MAX_AUDITS]
             for block, _ in group:
                 check_block_id(block)
-            try:
-                doc = await self._get("/api/audit", [("i", f"{b},{a}") for b, a in group])
-            except NotFound:
-                self.audits = False  # only a server without /api/audit answers it with 404
-                return None
-            raw = doc.get("results")
-            if not isinstance(raw, list) or len(raw) != len(group):
+            results: dict[tuple[str, str], AuditResult] = {}
+            todo = list(group)
+            deadline = self.reactor.seconds() + self.retry_for
+            while todo:
+                try:
+                    doc = await self._get("/api/audit", [("i", f"{b},{a}") for b, a in todo])
+                except NotFound:
+                    self.audits = False  # only a server without /api/audit answers it with 404
+                    return None
+                for item, result in zip(todo, self._audit_results(doc, todo)):
+                    results[item] = result
+                if not doc.get("warming") or self.reactor.seconds() > deadline:
+                    break
+                todo = [i for i in todo if results[i].error == "agent not connected"]
+                if todo:
+                    await deferLater(self.reactor, 0.5, lambda: None)
+            out += [results[i] for i in group]
+        return out
+
+    @staticmethod
+    def _audit_results(doc: dict[str, Any], items: list[tuple[str, str]]) -> list[AuditResult]:
+        raw = doc.get("results")
+        if not isinstance(raw, list) or len(raw) != len(items):
+            raise RemoteProtocolError("bad /api/audit answer")
+        out = []
+        for (block, agent), r in zip(items, raw):
+            if not isinstance(r, dict) or r.get("hash") != block or r.get("agent") != agent:
                 raise RemoteProtocolError("bad /api/audit answer")
-            for (block, agent), r in zip(group, raw):
-                if not isinstance(r, dict) or r.get("hash") != block or r.get("agent") != agent:
-                    raise RemoteProtocolError("bad /api/audit answer")
-                size = r.get("size")
-                error = r.get("error")
-                out.append(AuditResult(block, agent, r.get("proven") is True,
-                                       size if isinstance(size, int) else None,
-                                       error if isinstance(error, str) else None))
+            size = r.get("size")
+            error = r.get("error")
+            out.append(AuditResult(block, agent, r.get("proven") is True,
+                                   size if isinstance(size, int) else None,
+                                   error if isinstance(error, str) else None))
         return out
 
     async def where_to_upload(

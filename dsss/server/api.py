@@ -386,7 +386,10 @@ class DiscoveryAPI:
             items.append((check_block_id(fields[0]), fields[1]))
         if len(set(items)) != len(items):
             raise BadRequest("an item is given more than once")
-        return _json(request, {"results": await self.server.audit_claims(items)})
+        body: dict[str, Any] = {"results": await self.server.audit_claims(items)}
+        if self.server.warming():
+            body["warming"] = True  # an agent "not connected" may be re-registering: ask again
+        return _json(request, body)
 
     @app.route("/api/info", methods=["GET"])
     def info(self, request: IRequest) -> bytes:

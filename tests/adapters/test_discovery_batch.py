@@ -422,3 +422,31 @@ def test_audit_and_locate_against_the_real_api(server: Any, older: bool) -> None
     stub.flush()
     (located,) = outcomes([d])
     assert located == ([holder.address], [holder.address])
+
+
+def test_audit_asks_again_while_the_server_warms_up_and_the_agent_re_registers() -> None:
+    from tests.adapters.test_server_audit import DATA, PART, audits, proof_line
+
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    assert server.warming()  # just (re)started
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    client = DiscoveryClient("http://server", reactor=clock, http=CountingHTTP(stub))
+    agent = FakeAgent(server, 5001)
+    agent_id = agent.rec.agent_id
+    server.registry.unregister(agent.proto)  # not re-registered yet
+    d = defer.ensureDeferred(client.audit([(PART, agent_id)]))
+    stub.flush()
+    assert not d.called  # "agent not connected" while warming: asked again shortly
+    rec, _ = server.registry.register(agent_id=agent_id, seq=2, capacity=10_000, free=10_000,
+                                      version="1.0", handle=agent.proto, now=clock.seconds())
+    agent.proto.record = rec
+    server.registry.heard_udp(rec.token, agent.address, clock.seconds())
+    clock.advance(0.5)
+    stub.flush()
+    ((_, nonce),) = audits(agent)
+    agent.reply(proof_line(DATA, nonce))
+    stub.flush()
+    (result,) = outcomes([d])
+    assert [(r.proven, r.size) for r in result] == [(True, len(DATA))]

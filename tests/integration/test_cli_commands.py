@@ -371,7 +371,7 @@ def test_check_and_repair_after_an_agent_is_gone(make_network, tmp_path):
     blocks = [address, *parts]
 
     r = alice.cli("check", address)
-    assert "manifest" in r.stdout and "7 of 7 blocks have 3 replicas; 0 below" in r.stdout
+    assert "manifest" in r.stdout and "7 of 7 blocks have 3 replicas (proven); 0 below" in r.stdout
     assert r.stdout.count("3/3") == 7
 
     # A corrupt copy: who-has still counts it, --verify does not; repair --verify replaces it.
