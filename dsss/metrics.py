@@ -275,6 +275,17 @@ class _ServerStateCollector(Collector):
         yield gauge("dsss_free_bytes", "Free space of the live agents.", sum(r.free for r in live))
         yield gauge("dsss_used_bytes", "Space used on the live agents.",
                     sum(max(0, r.capacity - r.free) for r in live))
+        yield gauge("dsss_parts_proven", "Part copies on live agents that their agent proved (passed an audit of).",
+                    sum(len(r.proven) for r in live))
+        auditor = getattr(server, "auditor", None)
+        if auditor is not None:
+            audits = CounterMetricFamily("dsss_audits", "Audits of agents' claims answered, by result.",
+                                         labels=["result"])
+            for result in ("passed", "failed", "unanswered"):
+                audits.add_metric([result], auditor.stats[result])
+            yield audits
+            yield gauge("dsss_agents_disqualified", "Agent identities disqualified for failing audits.",
+                        server.reputation.counts()["disqualified"])
         info = GaugeMetricFamily("dsss_server_info", "The server's version.", labels=["version"])
         info.add_metric([dsss.__version__], 1)
         yield info

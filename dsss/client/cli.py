@@ -820,6 +820,14 @@ def _wanted(health: FileHealth) -> str:
     return f"{health.target} replicas (the manifest) or 1 (a share)"
 
 
+def _counted(health: FileHealth) -> str:
+    """What a replica is in this report: verified by download, proven to the server, or (from
+    a server that does not audit) claimed."""
+    if health.verified:
+        return "VERIFIED"
+    return "PROVEN" if all(b.proven is not None for b in health.blocks) else "REPLICAS"
+
+
 def _health_lines(health: FileHealth) -> list[str]:
     rows = []
     for b in health.blocks:
@@ -827,8 +835,11 @@ def _health_lines(health: FileHealth) -> list[str]:
         if b.verdicts is not None:
             bad = [f"{v} at {h}" for h, v in sorted(b.verdicts.items()) if v != "ok"]
             note = "; ".join(bad)
-        rows.append([b.role, f"{len(b.healthy)}/{b.target}", b.hash, note])
-    return ["  " + line for line in table(["BLOCK", "REPLICAS", "HASH", ""], rows, right=[1])]
+        elif b.proven is not None and len(b.holders) > len(b.healthy):
+            note = f"{len(b.holders) - len(b.healthy)} claimed, not proven"
+        rows.append([b.role, f"{len(b.healthy)}/{b.target}", str(len(b.holders)), b.hash, note])
+    headers = ["BLOCK", _counted(health), "CLAIMED", "HASH", ""]
+    return ["  " + line for line in table(headers, rows, right=[1, 2])]
 
 
 async def _each_file(
@@ -870,8 +881,9 @@ async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) 
             for line in _health_lines(health):
                 print(line)
             lost = len(health.lost)
+            kind = {"VERIFIED": " (verified)", "PROVEN": " (proven)"}.get(_counted(health), "")
             print(f"  {len(health.blocks) - len(health.short)} of {len(health.blocks)} blocks have "
-                  f"{_wanted(health)}; {len(health.short)} below"
+                  f"{_wanted(health)}{kind}; {len(health.short)} below"
                   + (f", {lost} with none (lost)" if lost else ""), flush=True)
         return {
             "address": address, "name": health.manifest.name, "ok": health.ok,
@@ -889,8 +901,8 @@ async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) 
         return errors[0][1]
     if degraded:
         blocks = sum(d["short"] for d in degraded)
-        _error_line(f"{blocks} block(s) in {len(degraded)} file(s) have fewer than {target} healthy "
-                    f"replicas{' (a share: fewer than 1)' if coded else ''}; run `{PROG} repair`")
+        _error_line(f"{blocks} block(s) in {len(degraded)} file(s) have fewer than {target} "
+                    f"{'verified' if args.verify else 'proven'} replicas{' (a share: fewer than 1)' if coded else ''}; run `{PROG} repair`")
         return EXIT_DEGRADED
     return 0
 

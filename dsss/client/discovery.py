@@ -37,6 +37,8 @@ MAX_INTRODUCTIONS = 16
 # Agents one /api/where-to-upload asks for, and shares one /api/upload-to places (the server's
 # bound): more shares go in several requests.
 MAX_COUNT = 64
+# (part, agent) pairs in one /api/audit request (the server's bound).
+MAX_AUDITS = 64
 _BY_STATUS: dict[int, type[DSSSError]] = {
     400: BadRequest,
     401: AccessDenied,
@@ -72,6 +74,17 @@ class Introduction:
     # to; for a client behind the agent's NAT, where the client reaches it (then its key is
     # good from the client's local address too).
     via: PeerAddress | None = None
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The server's audit of one copy: whether `agent` proved it holds `block` (and its size)."""
+
+    block: str
+    agent: str
+    proven: bool
+    size: int | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,8 @@ class DiscoveryClient:
         self.combined_upload = True
         # False once the server has shown its /api/upload-to takes one hash only (an older one).
         self.share_upload = True
+        # False once the server has shown it has no /api/audit (an older one).
+        self.audits = True
         # Our UDP address on our own network (`PeerNetwork.local_address`), sent as `local`
         # beside `from`: agents behind our NAT are then reached across the LAN (`via`).
         self.local_address: PeerAddress | None = None
@@ -222,6 +237,14 @@ class DiscoveryClient:
         return info
 
     async def who_has(self, block: str) -> list[PeerAddress]:
+        """The agents that say they hold `block` (claims: fine to download from, every
+        download is checked)."""
+        return (await self.locate(block))[0]
+
+    async def locate(self, block: str) -> tuple[list[PeerAddress], list[PeerAddress] | None]:
+        """Who has `block`: the agents that say so (claims), and those of them that proved it
+        to the server recently (copies that count); None for the latter from a server that
+        does not audit."""
         check_block_id(block)
         deadline = self.reactor.seconds() + self.retry_for
         while True:
@@ -230,8 +253,61 @@ class DiscoveryClient:
             # Right after a server restart the location index is still filling up: an empty
             # answer is not final until the server says it is warm.
             if addresses or not doc.get("warming") or self.reactor.seconds() > deadline:
-                return addresses
+                break
             await deferLater(self.reactor, 0.5, lambda: None)
+        raw = doc.get("proven")
+        if raw is None:
+            return addresses, None
+        if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+            raise RemoteProtocolError("server answer has a bad list of proven holders")
+        return addresses, [PeerAddress.parse(a) for a in raw]
+
+    async def audit(self, items: list[tuple[str, str]]) -> list[AuditResult] | None:
+        """Have the server audit each (part, agent id) now: one result per item, in order.
+        None from a server without /api/audit (an older one, which cannot say). Right after a
+        server restart (the answer says `warming`), items whose agent is not connected yet are
+        asked again for up to `retry_for` seconds: the agent may still be re-registering."""
+        if not self.audits:
+            return None
+        out: list[AuditResult] = []
+        for start in range(0, len(items), MAX_AUDITS):
+            group = items[start : start + MAX_AUDITS]
+            for block, _ in group:
+                check_block_id(block)
+            results: dict[tuple[str, str], AuditResult] = {}
+            todo = list(group)
+            deadline = self.reactor.seconds() + self.retry_for
+            while todo:
+                try:
+                    doc = await self._get("/api/audit", [("i", f"{b},{a}") for b, a in todo])
+                except NotFound:
+                    self.audits = False  # only a server without /api/audit answers it with 404
+                    return None
+                for item, result in zip(todo, self._audit_results(doc, todo)):
+                    results[item] = result
+                if not doc.get("warming") or self.reactor.seconds() > deadline:
+                    break
+                todo = [i for i in todo if results[i].error == "agent not connected"]
+                if todo:
+                    await deferLater(self.reactor, 0.5, lambda: None)
+            out += [results[i] for i in group]
+        return out
+
+    @staticmethod
+    def _audit_results(doc: dict[str, Any], items: list[tuple[str, str]]) -> list[AuditResult]:
+        raw = doc.get("results")
+        if not isinstance(raw, list) or len(raw) != len(items):
+            raise RemoteProtocolError("bad /api/audit answer")
+        out = []
+        for (block, agent), r in zip(items, raw):
+            if not isinstance(r, dict) or r.get("hash") != block or r.get("agent") != agent:
+                raise RemoteProtocolError("bad /api/audit answer")
+            size = r.get("size")
+            error = r.get("error")
+            out.append(AuditResult(block, agent, r.get("proven") is True,
+                                   size if isinstance(size, int) else None,
+                                   error if isinstance(error, str) else None))
+        return out
 
     async def where_to_upload(
         self, size: int, exclude: list[PeerAddress] | None = None, count: int | None = None

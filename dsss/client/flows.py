@@ -72,6 +72,11 @@ chains again. A CLI call seldom lasts that long; a gateway runs for days, and a 
 that failed (a handshake slowed by load, an agent restarting) must not stop its chains for good."""
 
 
+STORE_ROUNDS = 4
+"""Rounds of uploads a block's copies get: the agents that failed (or did not prove their copy)
+in one round are replaced by others in the next."""
+
+
 class ReplicationError(Unavailable):
     code = "replication"
 
@@ -178,6 +183,11 @@ async def store_block(
     Agents that fail are excluded and replaced by asking the server again; fails with
     ReplicationError if that many copies cannot be made.
 
+    A copy counts only once its agent proved it: after each round of uploads the server audits
+    every new copy (`/api/audit`, one challenge each); a copy whose agent does not prove it
+    (it acknowledged the upload and kept nothing, say) is made again elsewhere, in the rounds
+    left.
+
     With `session.chain` (and a server that offers it), the copies are made by a chained
     upload: the part goes once to the first agent picked, which passes it on down the chain;
     signed receipts say which agents stored it, and the copies still missing are made on the
@@ -191,7 +201,8 @@ async def store_block(
     errors: list[str] = []
     me = session.peers.public_address
     chain_broke = False
-    for _attempt in range(4):
+    agents: dict[PeerAddress, str] = {}  # agent ids, from the introductions
+    for _attempt in range(STORE_ROUNDS):
         need = wanted - len(stored)
         if need <= 0:
             break
@@ -211,9 +222,10 @@ async def store_block(
         picked = [(t, i) for t, i in picked if t not in stored and t not in failed and t not in held][:need]
         if not picked:
             break
+        agents.update((t, i.agent_id) for t, i in picked if isinstance(i, Introduction))
         if len(picked) > 1 and isinstance(picked[1][1], Introduction) and picked[1][1].chained:
             done, lost, why = await _upload_chain(session, block, data, picked)
-            stored += done
+            stored += [a for _, a in await _proven(session, [(block, a) for a in done], agents, failed, errors)]
             failed += lost
             errors += why
             # An agent that cannot pass a part on to the next one (two agents behind one NAT
@@ -234,13 +246,41 @@ async def store_block(
             [defer.ensureDeferred(_upload_one(session, t, block, data, intro)) for t, intro in picked],
             consumeErrors=True,
         )
-        stored += _uploaded([t for t, _ in picked], results, failed, errors)
+        agents.update((t, v) for (t, _), (ok, v) in zip(picked, results) if ok and isinstance(v, str))
+        done = _uploaded([t for t, _ in picked], results, failed, errors)
+        stored += [a for _, a in await _proven(session, [(block, a) for a in done], agents, failed, errors)]
     if len(stored) < wanted:
         detail = "; ".join(errors[-3:]) or "not enough live agents"
         raise ReplicationError(
             f"stored a part on {len(stored)} of {wanted} agents ({detail})"
         )
     return stored
+
+
+async def _proven(
+    session: Session, copies: list[tuple[str, PeerAddress]], agents: dict[PeerAddress, str],
+    failed: list[PeerAddress], errors: list[str],
+) -> list[tuple[str, PeerAddress]]:
+    """The copies (block, agent address) whose agents proved them to the server just now (one
+    audit each, `/api/audit`); the others' agents are added to `failed`, with why to `errors`.
+    A server without /api/audit cannot audit: every copy is taken on its receipt then."""
+    audit = getattr(session.discovery, "audit", None)
+    if audit is None or not copies:
+        return list(copies)
+    results = await audit([(block, agents[a]) for block, a in copies])
+    if results is None:
+        return list(copies)
+    proven = []
+    for (block, address), result in zip(copies, results):
+        if result.proven:
+            proven.append((block, address))
+        else:
+            failed.append(address)
+            errors.append(f"{address}: acknowledged the upload but did not prove its copy "
+                          f"({result.error or 'no proof'})")
+            log.warn("agent {agent} did not prove its copy of {block}: {why}", agent=str(address),
+                     block=block[:16], why=result.error or "no proof")
+    return proven
 
 
 def _uploaded(
@@ -292,9 +332,9 @@ async def _upload_chain(
 async def _upload_one(
     session: Session, target: PeerAddress, block: str, data: bytes,
     intro: Introduction | DSSSError | None = None,
-) -> None:
+) -> str:
     """Upload to `target`, with the introduction (or the error) the server already gave, or
-    after asking for one."""
+    after asking for one; returns the agent's id."""
     if isinstance(intro, DSSSError):
         raise intro
     if intro is None:
@@ -302,6 +342,7 @@ async def _upload_one(
         assert me is not None
         intro = await session.discovery.introduce_me(target, block, len(data), me)
     await session.peers.upload(intro, block, data)
+    return intro.agent_id
 
 
 async def store_shares(
@@ -324,7 +365,7 @@ async def store_shares(
     placed: dict[str, PeerAddress] = {}
     failed: list[PeerAddress] = []
     errors: list[str] = []
-    for _attempt in range(4):
+    for _attempt in range(STORE_ROUNDS):
         todo = [(h, data) for h, data in shares if h not in placed]
         if not todo:
             break
@@ -353,7 +394,10 @@ async def store_shares(
             consumeErrors=True,
         )
         done = _uploaded([t for _, _, t, _ in pairs], results, failed, errors)
-        placed.update((h, t) for h, _, t, _ in pairs if t in done)
+        # Each share counts once its agent proved it (see store_block).
+        agents = {t: agent for (_, _, t, _), (ok, agent) in zip(pairs, results) if ok}
+        copies = [(h, t) for h, _, t, _ in pairs if t in done]
+        placed.update(await _proven(session, copies, agents, failed, errors))
     if len(placed) < len(shares):
         detail = "; ".join(errors[-3:]) or "not enough live agents"
         raise ReplicationError(

@@ -4,6 +4,11 @@
 How many replicas each block has now (info, check), sharing a file with another key, and
 bringing blocks back to the replica count (repair).
 
+A replica is a copy whose agent proved it to the server recently (passed an audit of it within
+the server's proof freshness): who-has's `proven`. The other holders only claim the block; they
+are shown apart, and a repair neither counts them nor uploads to them. With `--verify` the owner
+downloads every holder's copy and a replica is a copy that hashes right.
+
 An erasure-coded file's parts are shares, each wanted on one agent: a missing share is rebuilt
 from k others (decoded and coded again, which gives back exactly the share its ID names) and
 stored on an agent that holds no other share of its part.
@@ -56,6 +61,9 @@ class BlockHealth:
     error: str | None = None  # the last verification failure, for the report
     target: int = 1  # healthy copies wanted: the replica count, or 1 for a share
     share: int | None = None  # the share's number, for a share of an erasure-coded part
+    # The holders that proved the block to the server recently; None from a server that does
+    # not audit (then every holder counts, as it says).
+    proven: list[PeerAddress] | None = None
 
     @property
     def role(self) -> str:
@@ -70,9 +78,12 @@ class BlockHealth:
 
     @property
     def healthy(self) -> list[PeerAddress]:
-        if self.verdicts is None:
-            return list(self.holders)
-        return [h for h in self.holders if self.verdicts.get(h) == OK]
+        """The copies that count: verified by download (`--verify`), else proven to the server."""
+        if self.verdicts is not None:
+            return [h for h in self.holders if self.verdicts.get(h) == OK]
+        if self.proven is not None:
+            return [h for h in self.holders if h in self.proven]
+        return list(self.holders)
 
     @property
     def keep(self) -> list[PeerAddress]:
@@ -88,8 +99,11 @@ class BlockHealth:
             "hash": self.hash,
             "replicas": len(self.healthy),
             "target": self.target,
+            "claimed": len(self.holders),
             "holders": [str(h) for h in self.holders],
         }
+        if self.proven is not None:
+            doc["proven"] = [str(h) for h in self.holders if h in self.proven]
         if self.share is not None:
             doc["share"] = self.share
         if self.verdicts is not None:
@@ -111,13 +125,13 @@ class FileHealth:
 
     @property
     def lost(self) -> list[BlockHealth]:
-        """Blocks nothing is left to restore from: no healthy copy, or for a share, fewer
-        healthy shares of its part than it takes to rebuild one."""
+        """Blocks nothing is left to restore from: no holder (that is not known to have lost
+        it), or for a share, fewer such shares of its part than it takes to rebuild one."""
         coding = self.manifest.erasure
-        counts = self.share_counts()
+        counts = self.share_counts(present=True)
         return [
             b for b in self.blocks
-            if not b.healthy and (b.share is None or coding is None or counts[b.index or 0] < coding.k)
+            if not b.keep and (b.share is None or coding is None or counts[b.index or 0] < coding.k)
         ]
 
     @property
@@ -131,11 +145,12 @@ class FileHealth:
             return [counts.get(i, 0) for i in range(len(self.manifest.parts))]
         return [len(b.healthy) for b in self.blocks[1:]]
 
-    def share_counts(self) -> dict[int, int]:
+    def share_counts(self, *, present: bool = False) -> dict[int, int]:
+        """Healthy shares of each part (with `present`: shares some holder still has)."""
         counts: dict[int, int] = {}
         for b in self.blocks:
             if b.share is not None and b.index is not None:
-                counts[b.index] = counts.get(b.index, 0) + (1 if b.healthy else 0)
+                counts[b.index] = counts.get(b.index, 0) + (1 if (b.keep if present else b.healthy) else 0)
         return counts
 
     def part_target(self) -> int:
@@ -187,8 +202,14 @@ async def _verify_holder(session: Session, block: str, holder: PeerAddress) -> t
 async def _survey_block(
     session: Session, block: str, index: int | None, target: int, share: int | None, *, verify: bool
 ) -> BlockHealth:
-    holders = sorted(await session.discovery.who_has(block))
-    health = BlockHealth(block, index, holders, target=target, share=share)
+    locate = getattr(session.discovery, "locate", None)
+    proven: list[PeerAddress] | None
+    if locate is not None:
+        holders, proven = await locate(block)
+        holders = sorted(holders)
+    else:
+        holders, proven = sorted(await session.discovery.who_has(block)), None
+    health = BlockHealth(block, index, holders, target=target, share=share, proven=proven)
     if verify:
         verdicts = await bounded(2, [partial(_verify_holder, session, block, h) for h in holders])
         health.verdicts = {h: v for h, (v, _) in zip(holders, verdicts)}
@@ -242,7 +263,7 @@ class Repaired:
 
 async def _repair_block(session: Session, health: BlockHealth, target: int) -> Repaired:
     result = Repaired(health)
-    if not health.healthy:
+    if not health.keep:
         result.error = "no healthy replica left: it cannot be repaired"
         result.lost = True
         return result
@@ -266,7 +287,7 @@ async def _rebuild_shares(
     coding = health.manifest.erasure
     assert coding is not None
     results = [Repaired(b) for b in missing]
-    healthy = sum(1 for b in part if b.healthy)
+    healthy = sum(1 for b in part if b.keep)
     if healthy < coding.k:
         for r in results:
             r.error = f"only {healthy} of the {coding.k} shares needed to rebuild it are left"

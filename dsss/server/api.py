@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.adapters.test_server_api -*-
-"""The discovery server's HTTP API (Klein): who-has, where-to-upload, introduce-me, info, status."""
+"""The discovery server's HTTP API (Klein): who-has, where-to-upload, introduce-me, audit, info, status."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ class ApiServer(Protocol):
     def info(self) -> dict[str, Any]: ...
     def status(self, after: str = "", limit: int = ...) -> dict[str, Any]: ...
     async def who_has(self, block: str) -> list[PeerAddress]: ...
+    async def locate(self, block: str) -> tuple[list[PeerAddress], list[PeerAddress]]: ...
+    async def audit_claims(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]: ...
     def where_to_upload(self, size: int, exclude: list[PeerAddress],
                         count: int | None = None) -> list[PeerAddress]: ...
     async def introduce(self, to: PeerAddress, client: PeerAddress, size: int, block: str,
@@ -64,6 +66,8 @@ MAX_INTRODUCTIONS = 16
 # Agents one /api/where-to-upload may ask for (`count`), and hashes in one /api/upload-to (the
 # shares of an erasure-coded part, each for an agent of its own).
 MAX_COUNT = 64
+# (part, agent) pairs in one /api/audit request.
+MAX_AUDITS = 64
 
 
 _AGENT_ID = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -228,8 +232,11 @@ class DiscoveryAPI:
     async def who_has(self, request: IRequest) -> bytes:
         self._admit(request)
         block = check_block_id(_arg(request, "q") or "")
-        addresses = await self.server.who_has(block)
-        body: dict[str, Any] = {"addresses": [str(a) for a in addresses]}
+        # `addresses`: every agent that says it holds the part (a claim: fine to download from,
+        # the client checks what it gets); `proven`: those of them that proved it recently.
+        addresses, proven = await self.server.locate(block)
+        body: dict[str, Any] = {"addresses": [str(a) for a in addresses],
+                                "proven": [str(a) for a in proven]}
         if self.server.warming():
             body["warming"] = True  # agents may still be re-registering: retry an empty answer
         return _json(request, body)
@@ -396,6 +403,29 @@ class DiscoveryAPI:
         body: dict[str, Any] = {"introductions": answers, "replicas": self.server.replicas}
         if self.server.warming():
             body["warming"] = True
+        return _json(request, body)
+
+    @app.route("/api/audit", methods=["GET"])
+    async def audit(self, request: IRequest) -> bytes:
+        """Audit named holders of parts now: `i=HASH,AGENTID` (may repeat, at most MAX_AUDITS).
+        Each answer says whether that agent proved it holds the part (and its size)."""
+        raw = request.args.get(b"i", [])  # type: ignore[attr-defined]
+        self._admit(request, cost=1 + min(len(raw), MAX_AUDITS))
+        if not raw:
+            raise BadRequest("missing parameter 'i'")
+        if len(raw) > MAX_AUDITS:
+            raise BadRequest(f"at most {MAX_AUDITS} audits per request")
+        items: list[tuple[str, str]] = []
+        for value in raw:
+            fields = value.decode("utf-8", "replace").split(",")
+            if len(fields) != 2 or not _AGENT_ID.match(fields[1]):
+                raise BadRequest("each 'i' must be HASH,AGENTID (an agent id is 64 hex digits)")
+            items.append((check_block_id(fields[0]), fields[1]))
+        if len(set(items)) != len(items):
+            raise BadRequest("an item is given more than once")
+        body: dict[str, Any] = {"results": await self.server.audit_claims(items)}
+        if self.server.warming():
+            body["warming"] = True  # an agent "not connected" may be re-registering: ask again
         return _json(request, body)
 
     @app.route("/api/info", methods=["GET"])

@@ -15,7 +15,9 @@ from dsss.budget import ConnectionBudget
 from dsss.errors import AccessDenied, RemoteProtocolError
 from dsss.lineproto import ControlLineProtocol
 from dsss.server.connlimit import REFUSAL_LOG_INTERVAL, source_of
+from dsss.server.auditor import Auditor
 from dsss.server.registry import AgentRecord, Registry, ReplayError
+from dsss.server.reputation import Reputation
 from dsss.wire import control as wc
 
 log = Logger()
@@ -41,7 +43,13 @@ class ControlServer(Protocol):
     @property
     def agent_budget(self) -> ConnectionBudget: ...
 
+    @property
+    def auditor(self) -> Auditor: ...
+    @property
+    def reputation(self) -> Reputation: ...
+
     def agent_allowed(self, agent_id: str) -> bool: ...
+
 
 MAX_PARTS_PER_AGENT = 4_000_000
 
@@ -80,6 +88,7 @@ class AgentConnection(ControlLineProtocol):
             self.peer_host = None
         rec = self.server.registry.unregister(self)
         if rec is not None:
+            self.server.auditor.left(rec)
             log.info("agent {agent} disconnected", agent=rec.agent_id[:16])
 
     def trusted(self) -> bool:
@@ -104,7 +113,17 @@ class AgentConnection(ControlLineProtocol):
             if len(self.record.blocks) + len(msg.blocks) > MAX_PARTS_PER_AGENT:
                 # Bounds the location index: one agent cannot make the server grow forever.
                 return wc.Error("too-many", f"at most {MAX_PARTS_PER_AGENT} parts per agent are indexed")
-            registry.have(self.record, msg.blocks, msg.sizes)
+            rec = self.record
+            conflicts = registry.have(rec, msg.blocks, msg.sizes)
+            if conflicts:
+                # One part, one size: a claim against a proven size is a strike, nothing more.
+                sizes = dict(zip(msg.blocks, msg.sizes or ()))
+                self.server.auditor.size_conflicts(rec, conflicts, sizes)
+                if self.record is None or self.closed:
+                    return None  # disqualified: the connection is closing
+            self.server.auditor.claimed(rec, [b for b in msg.blocks if b not in conflicts])
+            if conflicts:
+                return wc.Error("size-conflict", f"{len(conflicts)} of these parts have another, proven size")
             return wc.Ok()
         if isinstance(msg, wc.Gone):
             registry.gone(self.record, msg.blocks)
@@ -128,6 +147,10 @@ class AgentConnection(ControlLineProtocol):
             return None
         if not self.server.agent_allowed(msg.agent_id):
             self.bad_input("this agent is not allowed to join", fatal=True, code="denied")
+            return None
+        if self.server.reputation.is_disqualified(msg.agent_id):
+            # Disqualified agents stay out for as long as the server runs, whatever they say.
+            self.bad_input("this agent is disqualified: it failed its audits", fatal=True, code="disqualified")
             return None
         if self.peer_host is not None and not self.counted_as_agent:
             if not self.server.agent_budget.admit(self.peer_host):
@@ -159,6 +182,7 @@ class AgentConnection(ControlLineProtocol):
         self.record = rec
         if old is not None and old is not self:
             old.close()
+        self.server.auditor.joined(rec)
         log.info(
             "agent {agent} registered from {peer} (capacity {capacity}, free {free})",
             agent=msg.agent_id[:16],

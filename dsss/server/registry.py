@@ -4,6 +4,13 @@
 Every method that depends on time takes `now` (seconds). An agent is *live* when it is registered,
 its UDP address is known, and both its control connection and its UDP pings were heard from within
 `3 * heartbeat` seconds.
+
+The location index holds *claims*: an agent's HAVE (or a WHO_HAS "1") says it stores a part.
+Beside each claim it keeps when the agent last proved it (passed an audit of that part,
+dsss.server.audit); only a claim proven within the freshness counts as a replica
+(`proven_holders`). A part has one size: the first size claimed is kept until an audit proves
+one, and a proven size is the truth: a later claim of another size is refused (`have` returns
+it, so that the claimant gets a strike) and changes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class AgentRecord:
     # The address it listens at on its own network (LOCAL), for agents behind the same NAT.
     local: PeerAddress | None = None
     blocks: set[str] = field(default_factory=set)
+    # When this agent last passed an audit of each part it claims (parts never proven are absent).
+    proven: dict[str, float] = field(default_factory=dict)
 
     def summary(self, now: float, heartbeat: float) -> dict[str, Any]:
         return {
@@ -47,6 +56,7 @@ class AgentRecord:
             "free": self.free,
             "used": max(0, self.capacity - self.free),
             "parts": len(self.blocks),
+            "proven": len(self.proven),
             "version": self.version,
             "last-heartbeat": round(now - max(self.last_tcp, self.last_udp or 0.0), 3),
         }
@@ -70,6 +80,7 @@ class Registry:
         self.generation = 0
         self._index: dict[str, set[str]] = {}
         self._sizes: dict[str, int] = {}
+        self._size_proven: set[str] = set()
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -134,13 +145,18 @@ class Registry:
         if self._by_handle.get(id(rec.handle)) is rec:
             del self._by_handle[id(rec.handle)]
         for block in rec.blocks:
-            holders = self._index.get(block)
-            if holders is not None:
-                holders.discard(rec.agent_id)
-                if not holders:
-                    del self._index[block]
-                    self._sizes.pop(block, None)
+            self._unindex(rec, block)
         rec.blocks = set()
+        rec.proven = {}
+
+    def _unindex(self, rec: AgentRecord, block: str) -> None:
+        holders = self._index.get(block)
+        if holders is not None:
+            holders.discard(rec.agent_id)
+            if not holders:
+                del self._index[block]
+                self._sizes.pop(block, None)
+                self._size_proven.discard(block)
 
     def by_handle(self, handle: Any) -> AgentRecord | None:
         rec = self._by_handle.get(id(handle))
@@ -212,34 +228,77 @@ class Registry:
 
     def have(
         self, rec: AgentRecord, blocks: Iterable[str], sizes: Iterable[int | None] | None = None
-    ) -> None:
+    ) -> list[str]:
+        """Record the agent's claims. A claim whose size contradicts the part's proven size is
+        not recorded; those parts are returned (a strike against the claimant)."""
         blocks = list(blocks)
+        conflicts = []
         for block, size in zip(blocks, sizes if sizes is not None else [None] * len(blocks)):
+            if size is not None and block in self._size_proven and self._sizes.get(block) != size:
+                conflicts.append(block)
+                continue
             rec.blocks.add(block)
             self._index.setdefault(block, set()).add(rec.agent_id)
-            if size is not None:
-                self._sizes[block] = size
+            if size is not None and block not in self._sizes:
+                self._sizes[block] = size  # the claimed size, until an audit proves one
+        return conflicts
+
+    def proved(self, rec: AgentRecord, block: str, size: int, now: float) -> None:
+        """The agent passed an audit of `block`, which proved its size: a claim (made now if the
+        agent had not claimed it), proven now, and the part's size from now on."""
+        rec.blocks.add(block)
+        self._index.setdefault(block, set()).add(rec.agent_id)
+        rec.proven[block] = now
+        self._sizes[block] = size
+        self._size_proven.add(block)
 
     def size_of(self, block: str) -> int | None:
+        """The part's size: proven, or else as first claimed (see `size_proven`)."""
         return self._sizes.get(block)
 
+    def size_proven(self, block: str) -> bool:
+        return block in self._size_proven
+
     def indexed(self) -> Iterable[tuple[str, set[str]]]:
-        """(part, ids of the agents that reported it), for every indexed part."""
+        """(part, ids of the agents that claim it), for every indexed part."""
         return self._index.items()
 
     def holders(self, block: str) -> set[str]:
-        """Ids of the agents that reported `block` (empty if none)."""
+        """Ids of the agents that claim `block` (empty if none)."""
         return set(self._index.get(block, ()))
 
+    def proven_holders(self, block: str, now: float, freshness: float) -> list[AgentRecord]:
+        """Live agents that claim `block` and proved it within `freshness` seconds."""
+        found = []
+        for agent_id in self._index.get(block, ()):
+            rec = self._agents.get(agent_id)
+            if rec is None or not self.is_live(rec, now):
+                continue
+            at = rec.proven.get(block)
+            if at is not None and now - at <= freshness:
+                found.append(rec)
+        return found
+
     def gone(self, rec: AgentRecord, blocks: Iterable[str]) -> None:
+        """The agent withdrew these claims (GONE), or they were dropped (a failed audit)."""
         for block in blocks:
             rec.blocks.discard(block)
-            holders = self._index.get(block)
-            if holders is not None:
-                holders.discard(rec.agent_id)
-                if not holders:
-                    del self._index[block]
-                    self._sizes.pop(block, None)
+            rec.proven.pop(block, None)
+            self._unindex(rec, block)
+
+    # --- claims, as the audit scheduler sees them (dsss.server.audit.ClaimSource) ---------------
+
+    def claims_of(self, agent_id: str) -> set[str]:
+        rec = self._agents.get(agent_id)
+        return rec.blocks if rec is not None else set()
+
+    def is_claimed(self, agent_id: str, block: str) -> bool:
+        rec = self._agents.get(agent_id)
+        return rec is not None and block in rec.blocks
+
+    def proven_at(self, agent_id: str, block: str) -> float | None:
+        rec = self._agents.get(agent_id)
+        return rec.proven.get(block) if rec is not None else None
 
     def space(self, rec: AgentRecord, capacity: int, free: int) -> None:
         rec.capacity = capacity

@@ -1,14 +1,18 @@
 # -*- test-case-name: tests.unit.test_repair -*-
 """Automatic re-replication: parts that stay below the replica count get copied again.
 
-A part whose live holders are fewer than `--replicas` (an agent went away, or reported its copy
-corrupt) is noted; if it is still short `repair_after` seconds later, the server picks a live
-holder as the source and a target as it would for a new copy (`dsss.server.placement`: never an
-agent on the network of a live holder), asks the target for an introduction key for the source's
-address, and sends the source `REPLICATE`. Two agents behind one NAT that reported their local
-addresses (`LOCAL`) are given those instead: the copy crosses their LAN
-(`dsss.server.chains.hop_addresses`). The target's HAVE then restores the count. Bounded: a few
-copies at a time, each part retried no more often than `repair_after`.
+Claims are not replicas: a part's replicas are its live holders that proved it (passed an audit
+of it) within `--proof-freshness`. A part with fewer proven holders than `--replicas` (an agent
+went away, reported its copy corrupt, failed an audit, or was disqualified) is noted; if it is
+still short `repair_after` seconds later, the server first audits its live holders that claim it
+without a fresh proof (their claims may be true: then nothing needs copying; a failed audit drops
+the claim). If it is still short, it picks a proven holder as the source and a target as it would for a new copy
+(`dsss.server.placement`: never an agent that claims a copy, nor one on the network of a live
+holder), asks the target for an introduction key for the source's address,
+and sends the source `REPLICATE`. Two agents behind
+one NAT that reported their local addresses (`LOCAL`) are given those instead: the copy crosses
+their LAN (`dsss.server.chains.hop_addresses`). The target's HAVE then restores the count. Bounded: a few copies at a time, each part retried no more often than
+`repair_after`.
 
 A share of an erasure-coded part (a share ID, `dsss.model.is_share_id`) is wanted on one agent
 only: its redundancy is the part's other shares, so it is never copied (`wanted_holders`).
@@ -24,8 +28,10 @@ from twisted.logger import Logger
 
 from dsss.errors import DSSSError, Unavailable
 from dsss.model import PeerAddress, is_share_id
+from dsss.server.auditor import Auditor
 from dsss.server.chains import hop_addresses
-from dsss.server.registry import Registry
+from dsss.server.placement import Placer
+from dsss.server.registry import AgentRecord, Registry
 from dsss.wire import control as wc
 
 log = Logger()
@@ -45,6 +51,11 @@ class RepairingServer(Protocol):
     def registry(self) -> Registry: ...
     @property
     def replicas(self) -> int: ...
+
+    @property
+    def placer(self) -> Placer: ...
+    @property
+    def auditor(self) -> Auditor: ...
 
     def now(self) -> float: ...
     def warming(self) -> bool: ...
@@ -70,10 +81,18 @@ class Repairer:
         self.in_flight: set[str] = set()
         self.started = 0
         self.failed = 0
+        self.audits = 0
+
+    def _proven(self, rec: AgentRecord | None, block: str, now: float) -> bool:
+        registry = self.server.registry
+        if rec is None or not registry.is_live(rec, now):
+            return False
+        at = rec.proven.get(block)
+        return at is not None and now - at <= self.server.config.proof_freshness
 
     def plan(self, now: float) -> list[str]:
-        """Note the parts below the replica count (`wanted_holders`: never a share); return
-        those due for a copy."""
+        """Note the parts below the replica count in proven holders (`wanted_holders`: never a
+        share) that some live agent still claims; return those due for an audit or a copy."""
         registry = self.server.registry
         replicas = self.server.replicas
         due = []
@@ -82,8 +101,10 @@ class Repairer:
             wanted = wanted_holders(block, replicas)
             if wanted < 2:
                 continue  # a share (or replicas 1): one live holder is all it wants
-            live = sum(1 for i in holders if (r := registry.get(i)) is not None and registry.is_live(r, now))
-            if 0 < live < wanted:
+            recs = [registry.get(i) for i in holders]
+            live = sum(1 for r in recs if r is not None and registry.is_live(r, now))
+            proven = sum(1 for r in recs if self._proven(r, block, now))
+            if live > 0 and proven < wanted:
                 since = self.short_since.get(block, now)
                 short[block] = since
                 if (
@@ -113,17 +134,34 @@ class Repairer:
         now = server.now()
         if is_share_id(block):
             return  # never copied: a share lives on one agent
+        live = [r for r in (registry.get(i) for i in registry.holders(block))
+                if r is not None and registry.is_live(r, now) and r.address]
+        unproven = [r for r in live if not self._proven(r, block, now)]
+        # Never copied to an agent that claims it (proven or not), nor to one that just failed
+        # its audit of it.
+        avoid = [r.address for r in live if r.address]
+        if unproven:
+            # Claims first: audit the holders that have not proven it lately (at most as many
+            # as are missing); a failed audit drops the claim.
+            missing = wanted_holders(block, server.replicas) - (len(live) - len(unproven))
+            self.audits += min(len(unproven), missing)
+            await defer.gatherResults([
+                defer.ensureDeferred(server.auditor.audit_now(r, block, charge=True))
+                for r in unproven[:missing]
+            ])
+            now = server.now()
+            live = [r for r in (registry.get(i) for i in registry.holders(block))
+                    if r is not None and registry.is_live(r, now) and r.address]
+        proven = [r for r in live if self._proven(r, block, now)]
+        if len(proven) >= wanted_holders(block, server.replicas):
+            return  # its claims were true
         size = registry.size_of(block)
-        if size is None:
-            return  # the holders did not report its size: only `dsss.client repair` can help
-        holders = [registry.get(i) for i in registry.holders(block)]
-        live = [r for r in holders if r is not None and registry.is_live(r, now) and r.address]
-        if not live:
-            return
-        source = self.rng.choice(live)
+        if not proven or size is None or not registry.size_proven(block):
+            return  # nothing proven to copy from: only `dsss.client repair` can help
+        source = self.rng.choice(proven)
         try:
             targets = server.placer.place(registry, size, 1, now,
-                                          exclude=[r.address for r in live if r.address])
+                                          exclude=avoid + [r.address for r in live if r.address])
         except Unavailable as e:
             log.info("part {block} is short of replicas, but no agent can take a copy: {why}",
                      block=block[:16], why=str(e))
@@ -154,4 +192,4 @@ class Repairer:
 
     def status(self) -> dict[str, Any]:
         return {"short": len(self.short_since), "in-flight": len(self.in_flight),
-                "started": self.started, "failed": self.failed}
+                "started": self.started, "failed": self.failed, "audits": self.audits}

@@ -32,8 +32,11 @@ from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.connlimit import BudgetedFactory
 from dsss.server.status_page import STATUS_AGENTS, STATUS_RATE
 from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentConnectionFactory
-from dsss.server.placement import REFRESH, NetworkRule, Placer, ReputationView
+from dsss.server.placement import REFRESH, NetworkRule, Placer
+from dsss.server.audit import Verdict
+from dsss.server.auditor import AUDIT_TICK, Auditor
 from dsss.server.registry import AgentRecord, Registry
+from dsss.server.reputation import Reputation
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
 
@@ -42,6 +45,8 @@ log = Logger()
 # How long the server honours an introduction key for relaying: the agents' key lifetime.
 INTRODUCTION_TTL = 60.0
 MAX_ISSUED = 200_000
+# /api/audit answers with a pass at most this old instead of auditing again.
+RECENT_PROOF = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,16 +77,10 @@ class ServerConfig:
     # (`--distinct-networks`; NetworkRule.parse("off") for agents that share one address).
     distinct_networks: NetworkRule = NetworkRule()
 
-
-class _EveryAgentUnvetted:
-    """TEMPORARY stand-in for dsss.server.reputation until it is merged: no agent is vetted and
-    none is disqualified. Replace it where DiscoveryServer builds its Placer (the one place)."""
-
-    def is_vetted(self, agent_id: str) -> bool:
-        return False
-
-    def is_disqualified(self, agent_id: str) -> bool:
-        return False
+    # Audits per second the server sends on its own (new claims, then the sweep), and how
+    # recently a holder must have proven a part for its copy to count (see docs/operations.md).
+    audit_rate: float = 100.0
+    proof_freshness: float = 7 * 86400.0
 
 
 class DiscoveryServer:
@@ -94,9 +93,9 @@ class DiscoveryServer:
         self.heartbeat = config.heartbeat
         self.udp_port = config.udp_port
         self.registry = Registry(config.heartbeat)
-        # TEMPORARY: the audit record (dsss.server.reputation) is not wired in yet.
-        self.reputation: ReputationView = _EveryAgentUnvetted()
+        self.reputation = Reputation()
         self.placer = Placer(config.distinct_networks, self.reputation, rng=rng)
+        self.auditor = Auditor(self, rate=config.audit_rate, freshness=config.proof_freshness)
         self.connections: set[AgentConnection] = set()
         # Separate budgets for the two TCP ports, so that a flood of one cannot take the other's
         # descriptors: HTTP connections; control connections in all, not yet registered per
@@ -148,11 +147,17 @@ class DiscoveryServer:
 
     async def who_has(self, block: str) -> list[PeerAddress]:
         """Ask only the agents the location index names, keep those that confirm in time."""
+        claimed, _proven = await self.locate(block)
+        return claimed
+
+    async def locate(self, block: str) -> tuple[list[PeerAddress], list[PeerAddress]]:
+        """Who has `block`: the agents the location index names that confirm in time (claims),
+        and those of them that proved the part within the proof freshness (replicas)."""
         self.stats["who-has"] += 1
         candidates = self.registry.candidates(block, self.now())
         if not candidates:
             self.metrics.asked_who_has(block=block, holders=0, now=self.now())
-            return []
+            return [], []
         results = await defer.DeferredList(
             [self._ask(rec, block) for rec in candidates], consumeErrors=True
         )
@@ -160,8 +165,11 @@ class DiscoveryServer:
         for ok, value in results:
             if ok and value is not None:
                 addresses.append(value)
-        self.metrics.asked_who_has(block=block, holders=len(addresses), now=self.now())
-        return addresses
+        now = self.now()
+        fresh = {r.address for r in self.registry.proven_holders(block, now, self.config.proof_freshness)}
+        proven = [a for a in addresses if a in fresh]
+        self.metrics.asked_who_has(block=block, holders=len(addresses), now=now)
+        return addresses, proven
 
     def _ask(self, rec: AgentRecord, block: str) -> defer.Deferred[PeerAddress | None]:
         conn: AgentConnection = rec.handle
@@ -170,6 +178,7 @@ class DiscoveryServer:
         def answered(reply: wc.Reply) -> PeerAddress | None:
             if isinstance(reply, wc.Bit) and reply.value:
                 if self.registry.is_live(rec, self.now()) and rec.address is not None:
+                    self.auditor.claimed(rec, [block])  # a "yes" is a claim: audited soon
                     return rec.address
                 return None
             if isinstance(reply, wc.Bit):
@@ -284,6 +293,42 @@ class DiscoveryServer:
         self.relays.authorize(client, entry[1], now)
         return entry[1]
 
+    async def audit_claims(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Audit each (part, agent id) now, or take a pass of the last RECENT_PROOF seconds;
+        one answer per item: whether the agent proved it holds the part, and its size."""
+
+        async def one(block: str, agent_id: str) -> dict[str, Any]:
+            answer: dict[str, Any] = {"hash": block, "agent": agent_id, "proven": False, "size": None}
+            rec = self.registry.get(agent_id)
+            now = self.now()
+            if rec is None or not self.registry.is_live(rec, now):
+                why = "disqualified" if self.reputation.is_disqualified(agent_id) else "not connected"
+                answer["error"] = f"agent {why}"
+                return answer
+            at = rec.proven.get(block)
+            if at is not None and now - at <= RECENT_PROOF:
+                answer.update(proven=True, size=self.registry.size_of(block))
+                return answer
+            outcome = await self.auditor.audit_now(rec, block)
+            if outcome.verdict is Verdict.PASSED:
+                answer.update(proven=True, size=outcome.size)
+            else:
+                answer["error"] = outcome.reason
+            return answer
+
+        return list(await defer.gatherResults(
+            [defer.ensureDeferred(one(b, a)) for b, a in items], consumeErrors=True))
+
+    def disqualify(self, rec: AgentRecord, reason: str) -> None:
+        """Drop an agent that failed its audits: its claims go (its parts are repaired), it gets
+        no placements, and it may not register again while the server runs."""
+        self.reputation.disqualify(rec.agent_id, self.now())
+        self.auditor.stats["disqualified"] += 1
+        log.warn("agent {agent} is disqualified: {reason}", agent=rec.agent_id[:16], reason=reason)
+        if self.registry.unregister(rec.handle) is not None:
+            self.auditor.left(rec)
+        rec.handle.close()
+
     def info(self) -> dict[str, Any]:
         return {
             "version": dsss.__version__,
@@ -309,6 +354,9 @@ class DiscoveryServer:
             summary["live"] = self.registry.is_live(rec, now)
             relayed = rec.address is not None and self.relays.recently_relayed(rec.address, now)
             summary["reached"] = "relayed" if relayed else "direct"
+            record = self.reputation.get(rec.agent_id)
+            if record is not None:
+                summary["audits"] = record.to_dict()
             agents.append(summary)
         return {
             "server": {
@@ -331,6 +379,7 @@ class DiscoveryServer:
             "activity": {**self.stats, **self.metrics.activity(),
                          "relay-dropped-bytes": self.relays.dropped_bytes},
             "repair": self.repairer.status() if self.repairer is not None else None,
+            "audit": self.auditor.status(),
         }
 
     # --- housekeeping --------------------------------------------------------------------------
@@ -341,6 +390,7 @@ class DiscoveryServer:
         for rec in self.registry.dead(now):
             log.info("agent {agent} timed out", agent=rec.agent_id[:16])
             self.registry.unregister(rec.handle)
+            self.auditor.left(rec)
             rec.handle.close()
         for conn in list(self.connections):
             if conn.record is not None:
@@ -374,6 +424,9 @@ class ServerService(MultiService):
         placement = TimerService(REFRESH / 4, self.server.refresh_placement)
         placement.clock = reactor
         placement.setServiceParent(self)
+        audit = TimerService(AUDIT_TICK, self.server.auditor.tick)
+        audit.clock = reactor
+        audit.setServiceParent(self)
         if self.server.repairer is not None:
             repair = TimerService(max(1.0, min(config.heartbeat, config.repair_after)), self.server.repairer.tick)
             repair.clock = reactor

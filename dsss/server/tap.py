@@ -54,6 +54,26 @@ def _repair_after(text: str) -> float:
     return value
 
 
+def _audit_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.01 <= value <= 100_000:
+        raise usage.UsageError("--audit-rate must be a number of audits per second, from 0.01 to 100000")
+    return value
+
+
+def _proof_freshness(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= 365 * 86400:
+        raise usage.UsageError("--proof-freshness must be a number of seconds, from 1 to 31536000 (a year)")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run a DSSS discovery server: HTTP API, agent control channel and UDP punch socket."
@@ -80,6 +100,8 @@ class Options(usage.Options):
          "A part's copies go to agents on distinct networks: IPv4,IPv6 prefix lengths that make one "
          "network (24,48; 32,128: each IP address its own), or 'off' (each agent its own: all "
          "agents on one machine or behind one NAT)."],
+        ["audit-rate", None, "100", "Audits per second the server sends on its own (new claims first, then a sweep of all claims)."],
+        ["proof-freshness", None, "604800", "Seconds a holder's last passed audit of a part counts: only such copies are replicas (default 7 days)."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -156,6 +178,8 @@ class Options(usage.Options):
             agent_connections=self.plan.control_total,
             agents_per_ip=_count(self["agents-per-ip"], "--agents-per-ip") or 1,
             distinct_networks=networks,
+            audit_rate=_audit_rate(self["audit-rate"]),
+            proof_freshness=_proof_freshness(self["proof-freshness"]),
         )
 
 

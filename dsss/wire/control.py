@@ -288,7 +288,7 @@ def parse_line(line: bytes) -> Message:
         if not text:
             raise RemoteProtocolError("empty line")
         raise RemoteProtocolError("words must be separated by single spaces")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if not text.isprintable():  # ASCII here: false exactly for 0x00-0x1F and 0x7F, in C
         raise RemoteProtocolError("control character in line")
     words = text.split(" ")
     verb, args = words[0], words[1:]

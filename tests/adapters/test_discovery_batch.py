@@ -380,3 +380,77 @@ def test_a_bad_local_address_is_refused(server: Any) -> None:
     for bad in ("0.0.0.0:7000", "10.0.0.1", "[ff02::1]:7000", "x"):
         code, body = get(stub, f"/api/introduce-me?to=127.0.0.1:1&hash={HASH}&size=0&from={ME}&local={bad}")[0]
         assert code == 400, (bad, body)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["auditing-server", "older-server"])
+def test_audit_and_locate_against_the_real_api(server: Any, older: bool) -> None:
+    from tests.adapters.test_server_audit import DATA, PART, audits, proof_line
+
+    class Older(CountingHTTP):
+        def get(self, url: str, **kw: Any) -> Any:
+            if "/api/audit" in url:
+                url = "http://server/api/no-such-endpoint"
+            return super().get(url, **kw)
+
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    http = (Older if older else CountingHTTP)(stub)
+    client = DiscoveryClient("http://server", reactor=server.clock, http=http)
+    holder, dropper = FakeAgent(server, 5001), FakeAgent(server, 5002)
+    for a in (holder, dropper):
+        a.reply(f"HAVE {PART}:{len(DATA)}")
+        a.sent()
+    d = defer.ensureDeferred(client.audit([(PART, holder.rec.agent_id), (PART, dropper.rec.agent_id)]))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    if not older:
+        ((_, nonce),) = audits(holder)
+        holder.reply(proof_line(DATA, nonce))
+        assert audits(dropper)
+        dropper.reply("ERROR not-found gone")
+        for _ in range(3):
+            stub.flush()
+    (result,) = outcomes([d])
+    if older:
+        assert result is None and client.audits is False
+        return
+    assert [(r.agent, r.proven, r.size) for r in result] == [
+        (holder.rec.agent_id, True, len(DATA)), (dropper.rec.agent_id, False, None)]
+    assert result[1].error == "does not have it"
+    d = defer.ensureDeferred(client.locate(PART))
+    for _ in range(3):
+        server.clock.advance(0)
+        stub.flush()
+    assert holder.sent() == [f"WHO_HAS {PART}"] and dropper.sent() == []  # its claim was dropped
+    holder.reply("1")
+    stub.flush()
+    (located,) = outcomes([d])
+    assert located == ([holder.address], [holder.address])
+
+
+def test_audit_asks_again_while_the_server_warms_up_and_the_agent_re_registers() -> None:
+    from tests.adapters.test_server_audit import DATA, PART, audits, proof_line
+
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2), rng=random.Random(1))
+    assert server.warming()  # just (re)started
+    stub = StubTreq(DiscoveryAPI(server).resource())
+    client = DiscoveryClient("http://server", reactor=clock, http=CountingHTTP(stub))
+    agent = FakeAgent(server, 5001)
+    agent_id = agent.rec.agent_id
+    server.registry.unregister(agent.proto)  # not re-registered yet
+    d = defer.ensureDeferred(client.audit([(PART, agent_id)]))
+    stub.flush()
+    assert not d.called  # "agent not connected" while warming: asked again shortly
+    rec, _ = server.registry.register(agent_id=agent_id, seq=2, capacity=10_000, free=10_000,
+                                      version="1.0", handle=agent.proto, now=clock.seconds())
+    agent.proto.record = rec
+    server.registry.heard_udp(rec.token, agent.address, clock.seconds())
+    clock.advance(0.5)
+    stub.flush()
+    ((_, nonce),) = audits(agent)
+    agent.reply(proof_line(DATA, nonce))
+    stub.flush()
+    (result,) = outcomes([d])
+    assert [(r.proven, r.size) for r in result] == [(True, len(DATA))]

@@ -128,7 +128,7 @@ def test_who_has_asks_only_indexed_candidates(server):
     agents[3].reply("0")
     treq.flush()
     code, doc = decoded(results)
-    assert code == 200 and doc == {"addresses": ["127.0.0.1:4001"]}
+    assert code == 200 and doc == {"addresses": ["127.0.0.1:4001"], "proven": []}
 
 
 def test_introduce_me_relays_the_agents_key(server):
@@ -301,7 +301,7 @@ def test_answers_say_when_they_are_not_final_yet():
     server = DiscoveryServer(clock, ServerConfig(heartbeat=1.0, replicas=2, distinct_networks=ONE_MACHINE))
     treq = StubTreq(DiscoveryAPI(server).resource())
     code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
-    assert (code, doc) == (200, {"addresses": [], "warming": True})
+    assert (code, doc) == (200, {"addresses": [], "proven": [], "warming": True})
     results = []
     d = treq.get("http://server/api/where-to-upload?size=1")
     d.addCallback(lambda r: results.append((r.code, r.headers.getRawHeaders(b"retry-after"))))
@@ -309,4 +309,4 @@ def test_answers_say_when_they_are_not_final_yet():
     assert results == [(503, [b"1"])]
     clock.advance(10)
     code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
-    assert (code, doc) == (200, {"addresses": []})
+    assert (code, doc) == (200, {"addresses": [], "proven": []})

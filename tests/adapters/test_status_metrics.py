@@ -357,3 +357,29 @@ def test_status_and_metrics_have_their_own_rate_limit(server):
     assert fetch(treq, f"/api/who-has?q={HASH}")[0][0] == 200  # the API's bucket is apart
     server.clock.advance(1)
     assert fetch(treq, "/metrics")[0][0] == 200
+
+
+def test_audit_metrics_count_results_and_proven_copies():
+    from tests.adapters.test_server_audit import DATA, PART, audits, proof_line, tick
+    from tests.adapters.test_server_api import FakeAgent
+    from dsss.server.service import DiscoveryServer, ServerConfig
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, replicas=2, audit_rate=1000))
+    clock.advance(60)
+    honest, liar = FakeAgent(server, 4001), FakeAgent(server, 4002)
+    for a in (honest, liar):
+        a.reply(f"HAVE {PART}:{len(DATA)}")
+        a.sent()
+    tick(server)
+    ((_, nonce),) = audits(honest)
+    honest.reply(proof_line(DATA, nonce))
+    tick(server)
+    assert audits(liar)
+    liar.reply("ERROR not-found gone")
+    value = server.metrics.registry.get_sample_value
+    assert value("dsss_audits_total", {"result": "passed"}) == 1
+    assert value("dsss_audits_total", {"result": "failed"}) == 1
+    assert value("dsss_parts_proven") == 1 and value("dsss_agents_disqualified") == 0

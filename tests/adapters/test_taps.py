@@ -179,3 +179,16 @@ def test_agent_refuses_a_store_of_format_2(tmp_path):
         agent_tap.Options().parseOptions(["--storage", str(store)])
     assert (store / "FORMAT").read_text() == "dsss-store 2 blake3\n"
     assert sorted(p.name for p in store.iterdir()) == ["FORMAT", "blocks"]
+
+
+def test_server_audit_options_have_documented_defaults_and_refuse_nonsense():
+    opts = server_tap.Options()
+    opts.parseOptions([])
+    assert (opts.config.audit_rate, opts.config.proof_freshness) == (100.0, 7 * 86400.0)
+    opts = server_tap.Options()
+    opts.parseOptions(["--audit-rate", "2.5", "--proof-freshness", "3600"])
+    assert (opts.config.audit_rate, opts.config.proof_freshness) == (2.5, 3600.0)
+    for args in (["--audit-rate", "0"], ["--audit-rate", "fast"], ["--proof-freshness", "0.5"],
+                 ["--proof-freshness", str(400 * 86400)]):
+        with pytest.raises(usage.UsageError, match=args[0]):
+            server_tap.Options().parseOptions(args)

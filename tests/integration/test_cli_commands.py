@@ -371,7 +371,7 @@ def test_check_and_repair_after_an_agent_is_gone(make_network, tmp_path):
     blocks = [address, *parts]
 
     r = alice.cli("check", address)
-    assert "manifest" in r.stdout and "7 of 7 blocks have 3 replicas; 0 below" in r.stdout
+    assert "manifest" in r.stdout and "7 of 7 blocks have 3 replicas (proven); 0 below" in r.stdout
     assert r.stdout.count("3/3") == 7
 
     # A corrupt copy: who-has still counts it, --verify does not; repair --verify replaces it.
@@ -397,7 +397,7 @@ def test_check_and_repair_after_an_agent_is_gone(make_network, tmp_path):
     r = alice.cli("check", address, check=False)
     assert r.returncode == EXIT_DEGRADED
     assert r.stdout.count("2/3") == len(lost)
-    assert f"{len(lost)} block(s) in 1 file(s) have fewer than 3 healthy replicas" in r.stderr
+    assert f"{len(lost)} block(s) in 1 file(s) have fewer than 3 proven replicas" in r.stderr
     doc = alice.json("check", address, check=False)
     assert doc["ok"] is False
     assert sorted(b["hash"] for b in doc["files"][0]["blocks"] if b["replicas"] == 2) == sorted(lost)

@@ -73,7 +73,7 @@ def test_erasure_coded_file_survives_two_lost_agents_and_repair_rebuilds_their_s
     r = alice.cli("check", address, check=False)
     assert r.returncode == EXIT_DEGRADED, r.stderr
     assert r.stdout.count("0/1") == 12 and r.stdout.count("1/1") == 12
-    assert "have fewer than 3 healthy replicas (a share: fewer than 1)" in r.stderr
+    assert "have fewer than 3 proven replicas (a share: fewer than 1)" in r.stderr
     doc = alice.json("repair", address)
     rebuilt = [b for b in doc["files"][0]["repaired"] if b["block"] == "share"]
     assert doc["ok"] is True and sorted(b["hash"] for b in rebuilt) == lost_shares

@@ -711,3 +711,117 @@ def test_bytes_under_an_older_address_are_refused_as_such() -> None:
         net.agents[h][block_hash(b"x")] = data
     with pytest.raises(IntegrityError, match="corrupt on every replica"):
         result_of(fetch_block(net.session(), block_hash(b"x")))
+
+
+# --- copies count once proven ------------------------------------------------------------------
+
+
+class AuditedNetwork(FakeNetwork):
+    """A server that audits: `droppers` acknowledge uploads, claim them, and keep nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.droppers: set[Any] = set()
+        self.claims: dict[Any, set[str]] = {}
+        self.audited: list[tuple[str, str]] = []
+
+    @staticmethod
+    def agent_id(address: Any) -> str:
+        return f"{address.port:064x}"
+
+    async def introduce_me(self, to: Any, block: str, size: int, from_: Any) -> Introduction:
+        return Introduction("k" * 32, self.agent_id(to), to)
+
+    async def upload(self, intro: Introduction, block: str, data: bytes) -> None:
+        self.claims.setdefault(intro.address, set()).add(block)
+        if intro.address in self.droppers:
+            self.uploads.append((intro.address, block))
+            return  # acknowledged (a valid receipt), nothing kept
+        await FakeNetwork.upload(self, intro, block, data)
+
+    async def locate(self, block: str) -> tuple[list[Any], list[Any]]:
+        claimed = [a for a in sorted(self.live) if block in self.agents[a] or block in self.claims.get(a, ())]
+        return claimed, [a for a in claimed if block in self.agents[a]]
+
+    async def who_has(self, block: str) -> list[Any]:
+        return (await self.locate(block))[0]
+
+    async def audit(self, items: list[tuple[str, str]]) -> list[Any]:
+        from dsss.client.discovery import AuditResult
+
+        by_id = {self.agent_id(a): a for a in self.agents}
+        self.audited += items
+        out = []
+        for block, agent in items:
+            held = block in self.agents[by_id[agent]]
+            out.append(AuditResult(block, agent, held, None, None if held else "does not have it"))
+        return out
+
+
+def test_a_put_counts_only_proven_copies_and_stores_the_others_elsewhere(tmp_path: Path) -> None:
+    net = AuditedNetwork()
+    agents = net.add_agents(5)
+    net.droppers = {agents[0], agents[2]}
+    paths, datas = write_files(tmp_path, [3 * PART + 7])
+    ended = put_all(net, paths)
+    address = ended[0]
+    assert isinstance(address, str)
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    for block in [address, *(p.hash for p in manifest.parts)]:
+        holders = [a for a in agents if block in net.agents[a]]
+        assert len(holders) == 3 and not set(holders) & net.droppers
+        # every copy on a dropper was audited and replaced
+        assert {a for a, b in net.uploads if b == block} & net.droppers
+    assert {net.agent_id(a) for a in net.droppers} <= {agent for _, agent in net.audited}
+    assert fetch(net, address) == datas[0]
+
+
+def test_a_put_fails_clearly_when_too_few_agents_prove_their_copies(tmp_path: Path) -> None:
+    from dsss.client.flows import ReplicationError
+
+    net = AuditedNetwork()
+    agents = net.add_agents(4)
+    net.droppers = set(agents[:2])  # two honest agents for three replicas
+    paths, _ = write_files(tmp_path, [100])
+    ended = put_all(net, paths)
+    assert isinstance(ended[0], ReplicationError)
+    assert "stored a part on 2 of 3 agents" in str(ended[0])
+    assert "did not prove its copy" in str(ended[0])
+
+
+def test_a_coded_put_counts_only_proven_shares() -> None:
+    net = AuditedNetwork()
+    agents = net.add_agents(6)
+    net.droppers = {agents[1]}
+    address = put_coded(net, os.urandom(2 * PART))
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    for ref in manifest.parts:
+        for h in ref.shares:
+            (holder,) = [a for a in agents if h in net.agents[a]]
+            assert holder not in net.droppers
+
+
+def test_check_shows_claimed_and_proven_apart() -> None:
+    from dsss.client.maintenance import survey
+
+    net = AuditedNetwork()
+    agents = net.add_agents(4)
+    address = result_of(put_stream_plain(net, os.urandom(2 * PART)))
+    # An agent that dropped its copy after proving it still claims it.
+    manifest, _ = open_manifest(blob_of(net, address), OWNER)
+    part = manifest.parts[0].hash
+    holder = next(a for a in agents if part in net.agents[a])
+    del net.agents[holder][part]
+    health = result_of(survey(net.session(), address, OWNER))
+    block = health.blocks[1]
+    assert block.holders != block.healthy and holder in block.holders and holder not in block.healthy
+    doc = block.to_dict()
+    assert doc["claimed"] == 3 and doc["replicas"] == 2 and str(holder) not in doc["proven"]
+    assert not health.ok and health.short == [block] and health.lost == []
+
+
+def put_stream_plain(net: FakeNetwork, data: bytes) -> Any:
+    from dsss.client.flows import put_stream
+
+    return put_stream(net.session(), io.BytesIO(data), name="f.bin", size=len(data),
+                      owner=OWNER.public_key, part_size=PART)

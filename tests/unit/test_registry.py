@@ -299,6 +299,7 @@ def test_summary(registry: Registry) -> None:
         "free": 30,
         "used": 70,
         "parts": 2,
+        "proven": 0,
         "version": "0.1.0",
         "last-heartbeat": 4.0,
     }
@@ -384,3 +385,56 @@ def test_generation_changes_on_join_leave_and_move(registry: Registry) -> None:
     assert g3 != g2
     registry.unregister(rec.handle)
     assert registry.generation != g3
+
+
+# --- claims and proofs ------------------------------------------------------------------------
+
+
+def test_a_claim_counts_as_a_replica_only_while_freshly_proven(registry: Registry) -> None:
+    a, b = live_agent(registry, 1), live_agent(registry, 2)
+    registry.have(a, [H1], [100])
+    registry.have(b, [H1], [100])
+    assert registry.holders(H1) == {a.agent_id, b.agent_id}
+    assert registry.proven_holders(H1, 1.0, freshness=60) == []
+    registry.proved(a, H1, 100, 1.0)
+    assert registry.proven_holders(H1, 1.0, freshness=60) == [a]
+    assert registry.proven_at(a.agent_id, H1) == 1.0 and registry.proven_at(b.agent_id, H1) is None
+    assert registry.proven_holders(H1, 21.0, freshness=20) == [a]
+    assert registry.proven_holders(H1, 21.5, freshness=20) == []  # live, but proven too long ago
+
+
+def test_a_proven_size_is_the_truth_and_a_conflicting_claim_changes_nothing(registry: Registry) -> None:
+    a, b = live_agent(registry, 1), live_agent(registry, 2)
+    registry.have(a, [H1], [100])
+    registry.proved(a, H1, 100, 1.0)
+    assert registry.have(b, [H1, H2], [999, 5]) == [H1]
+    assert registry.size_of(H1) == 100 and registry.size_proven(H1)
+    assert registry.holders(H1) == {a.agent_id}  # b's claim was not recorded
+    assert registry.holders(H2) == {b.agent_id}
+
+
+def test_an_unproven_size_is_not_overwritten_and_a_proof_settles_it(registry: Registry) -> None:
+    liar, honest = live_agent(registry, 1), live_agent(registry, 2)
+    registry.have(liar, [H1], [7])  # first, with a wrong size
+    registry.have(honest, [H1], [100])
+    assert registry.size_of(H1) == 7 and not registry.size_proven(H1)
+    registry.proved(honest, H1, 100, 2.0)
+    assert registry.size_of(H1) == 100 and registry.size_proven(H1)
+
+
+def test_a_proof_of_an_unclaimed_part_makes_a_proven_claim(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    registry.proved(a, H1, 10, 1.0)
+    assert registry.is_claimed(a.agent_id, H1) and registry.claims_of(a.agent_id) == {H1}
+
+
+def test_a_dropped_claim_and_a_departed_agent_forget_their_proofs(registry: Registry) -> None:
+    a, b = live_agent(registry, 1), live_agent(registry, 2)
+    registry.proved(a, H1, 10, 1.0)
+    registry.proved(b, H1, 10, 1.0)
+    registry.gone(a, [H1])
+    assert registry.proven_at(a.agent_id, H1) is None and not registry.is_claimed(a.agent_id, H1)
+    assert registry.size_proven(H1)
+    registry.unregister(b.handle)
+    assert registry.holders(H1) == set() and registry.size_of(H1) is None
+    assert not registry.size_proven(H1)

@@ -20,6 +20,28 @@ class Unvetted:
         return False
 
 
+class FakeConfig:
+    query_timeout = 5.0
+    proof_freshness = 1000.0
+
+
+class FakeAuditor:
+    """Answers the repairer's audits as told: per agent id, True (proves it) or False (fails:
+    the claim is dropped, as the real auditor does)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.verdicts: dict[str, bool] = {}
+        self.asked: list[tuple[str, str]] = []
+
+    async def audit_now(self, rec, block, *, charge=False):
+        self.asked.append((rec.agent_id, block))
+        if self.verdicts.get(rec.agent_id, False):
+            self.server.registry.proved(rec, block, 100, self.server.t)
+        else:
+            self.server.registry.gone(rec, [block])
+
+
 class FakeServer:
     replicas = 3
 
@@ -28,9 +50,17 @@ class FakeServer:
         # "off": the agents here share public addresses (one NAT), each its own network.
         self.placer = Placer(NetworkRule.parse(networks), Unvetted(), rng=random.Random(5))
         self.t = 100.0
+        self.config = FakeConfig()
+        self.auditor = FakeAuditor(self)
 
     def now(self):
         return self.t
+
+
+def prove(server, agents, blocks, size=100):
+    for a in agents:
+        for b in blocks:
+            server.registry.proved(a, b, size, server.t)
 
 
 def live_agent(server, n):
@@ -51,9 +81,8 @@ def advance(server, seconds, agents):
 def test_parts_short_for_long_enough_are_due_once():
     server = FakeServer()
     agents = [live_agent(server, i) for i in range(3)]
-    for a in agents:
-        server.registry.have(a, [B1], [100])
-    server.registry.have(agents[0], [B2], [100])  # B2 was only ever stored once... still short
+    prove(server, agents, [B1])
+    prove(server, agents[:1], [B2])  # B2 was only ever stored once... still short
     r = Repairer(server, repair_after=10)
     assert r.plan(server.t) == []  # B2 noticed short at t=100
     server.registry.unregister(agents[2].handle)  # B1 drops to two holders
@@ -71,12 +100,11 @@ def test_parts_short_for_long_enough_are_due_once():
 def test_a_part_that_recovers_is_forgotten():
     server = FakeServer()
     agents = [live_agent(server, i) for i in range(3)]
-    for a in agents[:2]:
-        server.registry.have(a, [B1], [100])
+    prove(server, agents[:2], [B1])
     r = Repairer(server, repair_after=10)
     r.plan(server.t)
     assert B1 in r.short_since
-    server.registry.have(agents[2], [B1], [100])
+    prove(server, agents[2:], [B1])
     advance(server, 20, agents)
     assert r.plan(server.t) == [] and r.short_since == {}
 
@@ -106,8 +134,8 @@ def test_wanted_holders_is_one_for_a_share_and_the_replicas_for_a_plain_part():
 def test_a_share_with_one_live_holder_is_never_copied_but_a_plain_part_is():
     server = FakeServer()
     agents = [live_agent(server, i) for i in range(3)]
-    server.registry.have(agents[0], [S1, S2, B1], [100] * 3)
-    server.registry.have(agents[1], [S2], [100])  # stored twice by mistake: still not short
+    prove(server, agents[:1], [S1, S2, B1])
+    prove(server, agents[1:2], [S2])  # stored twice by mistake: still not short
     r = Repairer(server, repair_after=10)
     assert r.plan(server.t) == []
     for _ in range(3):
@@ -160,7 +188,6 @@ def test_a_copy_between_agents_behind_one_nat_goes_across_their_lan(lan):
     from twisted.internet import defer
 
     server = FakeServer()
-    server.config = type("Config", (), {"query_timeout": 5.0})()
     agents = []
     for n in range(2):
         rec, _ = server.registry.register(agent_id=f"{n:064x}", seq=1, capacity=10**6, free=10**6,
@@ -170,7 +197,7 @@ def test_a_copy_between_agents_behind_one_nat_goes_across_their_lan(lan):
             rec.local = PeerAddress(f"10.20.0.{2 + n}", 8472)
         agents.append(rec)
     source, target = agents
-    server.registry.have(source, [B1], [100])
+    prove(server, [source], [B1])
     asked = []
 
     async def introduce(to, client, size, block):
@@ -197,7 +224,6 @@ def test_a_repair_copy_never_goes_to_a_holders_network():
     from twisted.internet import defer
 
     server = FakeServer(networks="24,48")
-    server.config = type("Config", (), {"query_timeout": 5.0})()
     hosts = ["192.0.2.1", "192.0.2.2", "198.51.100.1", "198.51.100.2"]
     recs = []
     for n, host in enumerate(hosts):
@@ -205,7 +231,7 @@ def test_a_repair_copy_never_goes_to_a_holders_network():
                                           version="1", handle=RecordingHandle(), now=server.t)
         server.registry.heard_udp(rec.token, PeerAddress(host, 4000 + n), server.t)
         recs.append(rec)
-    server.registry.have(recs[0], [B1], [100])
+    prove(server, recs[:1], [B1])
     asked = []
 
     async def introduce(to, client, size, block):
@@ -219,8 +245,80 @@ def test_a_repair_copy_never_goes_to_a_holders_network():
         assert d.called
     assert asked and set(asked) <= {recs[2].address, recs[3].address}
     # Holders on both networks: no target, nothing asked.
-    server.registry.have(recs[2], [B1], [100])
+    prove(server, recs[2:3], [B1])
     del asked[:]
     started = r.started
     d = defer.ensureDeferred(r._repair(B1))
     assert d.called and asked == [] and r.started == started
+
+
+def test_claims_alone_are_short_and_true_claims_are_audited_not_copied():
+    """Holders that claim a part without a fresh proof are audited first; when they prove it,
+    nothing is copied."""
+    from twisted.internet import defer
+
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    prove(server, agents[:1], [B1])
+    for a in agents[1:]:
+        server.registry.have(a, [B1], [100])
+    r = Repairer(server, repair_after=0)
+    assert r.plan(server.t) == [B1]  # one proven replica, two claims
+    server.auditor.verdicts = {a.agent_id: True for a in agents}
+
+    async def introduce(*args):
+        raise AssertionError("nothing is copied when the claims are true")
+
+    server.introduce = introduce
+    d = defer.ensureDeferred(r._repair(B1))
+    assert d.called and r.started == 0
+    assert sorted(server.auditor.asked) == sorted((a.agent_id, B1) for a in agents[1:])
+    assert r.plan(server.t) == []
+
+
+def test_a_lying_holder_is_audited_dropped_and_the_part_copied_from_a_proven_one():
+    from twisted.internet import defer
+
+    server = FakeServer()
+    agents = []
+    for n in range(4):
+        rec, _ = server.registry.register(agent_id=f"{n:064x}", seq=1, capacity=10**6, free=10**6,
+                                          version="1", handle=RecordingHandle(), now=server.t)
+        server.registry.heard_udp(rec.token, PeerAddress("127.0.0.1", 4000 + n), server.t)
+        agents.append(rec)
+    honest, liar, other_honest, spare = agents
+    prove(server, [honest, other_honest], [B1])
+    server.registry.have(liar, [B1], [100])  # claims it, holds nothing
+    asked = []
+
+    async def introduce(to, client, size, block):
+        asked.append((to, client, size, block))
+        return {"introduction-key": "ab" * 16}
+
+    server.introduce = introduce
+    r = Repairer(server, repair_after=0)
+    assert r.plan(server.t) == [B1]
+    d = defer.ensureDeferred(r._repair(B1))
+    assert d.called and r.started == 1
+    assert server.auditor.asked == [(liar.agent_id, B1)]
+    assert liar.agent_id not in server.registry.holders(B1)
+    # Copied from a proven holder to the one agent that claims nothing.
+    assert asked == [(spare.address, asked[0][1], 100, B1)]
+    assert asked[0][1] in (honest.address, other_honest.address)
+
+
+def test_a_part_whose_size_was_only_claimed_is_not_copied():
+    from twisted.internet import defer
+
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    server.registry.have(agents[0], [B1], [100])
+    server.auditor.verdicts = {}  # its audit fails: nothing proven is left
+
+    async def introduce(*args):
+        raise AssertionError("never copied without a proven holder")
+
+    server.introduce = introduce
+    r = Repairer(server, repair_after=0)
+    d = defer.ensureDeferred(r._repair(B1))
+    assert d.called and r.started == 0 and server.registry.holders(B1) == set()
