@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
-from dsss.harness import AgentProc, LocalNetwork
+from tools.harness import AgentProc, LocalNetwork
 from dsss.model import is_block_id
 
 pytestmark = [pytest.mark.integration]
