@@ -15,6 +15,8 @@ it, so that the claimant gets a strike) and changes nothing.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -62,6 +64,12 @@ class AgentRecord:
         }
 
 
+SEQ_MEMORY = 7 * 86400.0
+"""Seconds the registration number of an identity that left is remembered."""
+MAX_SEQ_MEMORY = 1_000_000
+"""Most identities remembered; beyond, the oldest that are not registered are forgotten."""
+
+
 class Registry:
     def __init__(
         self,
@@ -74,7 +82,8 @@ class Registry:
         self._by_token: dict[str, AgentRecord] = {}
         self._by_address: dict[PeerAddress, AgentRecord] = {}
         self._by_handle: dict[int, AgentRecord] = {}
-        self._last_seq: dict[str, int] = {}
+        # The last registration number of each identity, and when it registered, oldest first.
+        self._last_seq: OrderedDict[str, tuple[int, float]] = OrderedDict()
         # Changes whenever an agent joins, leaves or moves (dsss.server.placement rebuilds its
         # candidate table on it).
         self.generation = 0
@@ -101,10 +110,12 @@ class Registry:
         replaces (the caller closes that connection). Raises ReplayError for a sequence number not
         above the last one seen from this agent.
         """
-        last = self._last_seq.get(agent_id)
+        entry = self._last_seq.get(agent_id)
+        last = entry[0] if entry is not None else None
         if last is not None and seq <= last:
             raise ReplayError(f"registration seq {seq} is not newer than {last} (replay?)")
-        self._last_seq[agent_id] = seq
+        self._last_seq[agent_id] = (seq, now)
+        self._last_seq.move_to_end(agent_id)
         old = self._agents.get(agent_id)
         old_handle = None
         if old is not None:
@@ -126,6 +137,29 @@ class Registry:
         self._by_token[rec.token] = rec
         self._by_handle[id(handle)] = rec
         return rec, old_handle
+
+    def forget_stale(self, now: float, older_than: float = SEQ_MEMORY, keep: int = MAX_SEQ_MEMORY) -> int:
+        """Forget the registration numbers of identities that are not registered and last
+        registered more than `older_than` seconds ago, and of the oldest such beyond `keep`;
+        returns how many were forgotten. Safe against replay: a REGISTER is signed over the
+        connection's fresh session challenge, so an old one cannot be sent again; the number
+        only orders the registrations of one identity while the server remembers it."""
+        forgotten = 0
+        for agent_id in list(self._last_seq):
+            seq_at = self._last_seq[agent_id][1]
+            if now - seq_at <= older_than and len(self._last_seq) <= keep:
+                break  # oldest first: the rest are newer
+            if agent_id in self._agents:
+                # Registered now: kept, as if it had registered now.
+                self._last_seq[agent_id] = (self._last_seq[agent_id][0], now)
+                self._last_seq.move_to_end(agent_id)
+                continue
+            del self._last_seq[agent_id]
+            forgotten += 1
+        return forgotten
+
+    def remembered_identities(self) -> int:
+        return len(self._last_seq)
 
     def unregister(self, handle: Any) -> AgentRecord | None:
         """Forget the agent whose control connection this was (if it still is)."""

@@ -387,6 +387,7 @@ class DiscoveryServer:
     def tick(self) -> None:
         """Every heartbeat: ping agents over TCP, drop those not heard within the bound."""
         now = self.now()
+        self.registry.forget_stale(now)
         for rec in self.registry.dead(now):
             log.info("agent {agent} timed out", agent=rec.agent_id[:16])
             self.registry.unregister(rec.handle)

@@ -438,3 +438,29 @@ def test_a_dropped_claim_and_a_departed_agent_forget_their_proofs(registry: Regi
     registry.unregister(b.handle)
     assert registry.holders(H1) == set() and registry.size_of(H1) is None
     assert not registry.size_proven(H1)
+
+
+# --- registration numbers of identities that left --------------------------------------------
+
+
+def test_registration_numbers_of_identities_long_gone_are_forgotten(registry: Registry) -> None:
+    gone, _ = register(registry, 1, seq=5, now=0.0)
+    registry.unregister(gone.handle)
+    staying, _ = register(registry, 2, seq=7, now=0.0)
+    assert registry.forget_stale(100.0, older_than=1000.0) == 0
+    with pytest.raises(ReplayError):
+        register(registry, 1, seq=5, now=100.0)  # still remembered: an old number is refused
+    assert registry.forget_stale(2000.0, older_than=1000.0) == 1
+    assert registry.remembered_identities() == 1  # the registered one is kept
+    register(registry, 1, seq=1, now=2000.0)  # forgotten: any number is taken again
+    with pytest.raises(ReplayError):
+        register(registry, 2, seq=7, now=2000.0)  # the registered one's number still holds
+    assert registry.get(staying.agent_id) is not None
+
+
+def test_remembered_identities_are_bounded(registry: Registry) -> None:
+    for n in range(1, 11):
+        rec, _ = register(registry, n, now=float(n))
+        registry.unregister(rec.handle)
+    assert registry.forget_stale(20.0, older_than=1e9, keep=4) == 6
+    assert registry.remembered_identities() == 4
