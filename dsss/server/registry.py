@@ -293,6 +293,10 @@ class Registry:
     def size_proven(self, block: str) -> bool:
         return block in self._size_proven
 
+    def indexed_parts(self) -> list[str]:
+        """Every indexed part, as a list (a copy: the index may change while it is used)."""
+        return list(self._index)
+
     def indexed(self) -> Iterable[tuple[str, set[str]]]:
         """(part, ids of the agents that claim it), for every indexed part."""
         return self._index.items()

@@ -20,6 +20,7 @@ only: its redundancy is the part's other shares, so it is never copied (`wanted_
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any, Protocol
 
@@ -69,6 +70,10 @@ def wanted_holders(block: str, replicas: int) -> int:
     return 1 if is_share_id(block) else replicas
 
 
+PLAN_BATCH = 20_000
+"""Parts of the index one tick of the repairer looks at (and short parts it considers)."""
+
+
 class Repairer:
     def __init__(self, server: RepairingServer, repair_after: float, max_in_flight: int = 8,
                  rng: random.Random | None = None) -> None:
@@ -79,6 +84,9 @@ class Repairer:
         self.short_since: dict[str, float] = {}
         self.last_try: dict[str, float] = {}
         self.in_flight: set[str] = set()
+        # The sweep over the index: a copy of its keys and how far plan() has come.
+        self._sweep: list[str] = []
+        self._sweep_at = 0
         self.started = 0
         self.failed = 0
         self.audits = 0
@@ -92,30 +100,45 @@ class Repairer:
 
     def plan(self, now: float) -> list[str]:
         """Note the parts below the replica count in proven holders (`wanted_holders`: never a
-        share) that some live agent still claims; return those due for an audit or a copy."""
+        share) that some live agent still claims; return those due for an audit or a copy.
+
+        Bounded: each call looks at the next PLAN_BATCH parts of a sweep over the index (a copy
+        of its keys, taken when a sweep starts) and at the PLAN_BATCH parts longest short, so no
+        tick walks the whole index; a part is noticed within one sweep."""
         registry = self.server.registry
         replicas = self.server.replicas
-        due = []
-        short = {}
-        for block, holders in registry.indexed():
+        if self._sweep_at >= len(self._sweep):
+            self._sweep = list(registry.indexed_parts())
+            self._sweep_at = 0
+            for block in [b for b in self.short_since if not registry.holders(b)]:
+                self._forget(block)
+        chunk = self._sweep[self._sweep_at : self._sweep_at + PLAN_BATCH]
+        self._sweep_at += len(chunk)
+        for block in chunk:
             wanted = wanted_holders(block, replicas)
-            if wanted < 2:
-                continue  # a share (or replicas 1): one live holder is all it wants
-            recs = [registry.get(i) for i in holders]
+            recs = [registry.get(i) for i in registry.holders(block)]
             live = sum(1 for r in recs if r is not None and registry.is_live(r, now))
             proven = sum(1 for r in recs if self._proven(r, block, now))
-            if live > 0 and proven < wanted:
-                since = self.short_since.get(block, now)
-                short[block] = since
-                if (
-                    now - since >= self.repair_after
-                    and block not in self.in_flight
-                    and now - self.last_try.get(block, float("-inf")) >= self.repair_after
-                ):
-                    due.append(block)
-        self.short_since = short
-        self.last_try = {b: t for b, t in self.last_try.items() if b in short}
-        return due[: max(0, self.max_in_flight - len(self.in_flight))]
+            if wanted >= 2 and live > 0 and proven < wanted:
+                self.short_since.setdefault(block, now)
+            else:
+                self._forget(block)
+        due = []
+        room = max(0, self.max_in_flight - len(self.in_flight))
+        for block, since in itertools.islice(self.short_since.items(), PLAN_BATCH):
+            if len(due) >= room:
+                break
+            if (
+                now - since >= self.repair_after
+                and block not in self.in_flight
+                and now - self.last_try.get(block, float("-inf")) >= self.repair_after
+            ):
+                due.append(block)
+        return due
+
+    def _forget(self, block: str) -> None:
+        self.short_since.pop(block, None)
+        self.last_try.pop(block, None)
 
     def tick(self) -> None:
         now = self.server.now()

@@ -322,3 +322,32 @@ def test_a_part_whose_size_was_only_claimed_is_not_copied():
     r = Repairer(server, repair_after=0)
     d = defer.ensureDeferred(r._repair(B1))
     assert d.called and r.started == 0 and server.registry.holders(B1) == set()
+
+
+def test_each_plan_looks_at_a_bounded_slice_of_the_index(monkeypatch):
+    """No tick walks the whole index: plan() takes PLAN_BATCH parts of a sweep at a time, and a
+    short part is still noticed (and due) within one sweep."""
+    import dsss.server.repair as repair
+
+    monkeypatch.setattr(repair, "PLAN_BATCH", 10)
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    blocks = [f"{i:064x}" for i in range(1, 46)]
+    prove(server, agents, blocks)
+    short = blocks[37]
+    server.registry.gone(agents[2], [short])  # now two proven holders of three
+    looked: list[int] = []
+    real_holders = server.registry.holders
+
+    def counting_holders(block):
+        looked[-1] += 1
+        return real_holders(block)
+
+    server.registry.holders = counting_holders
+    r = Repairer(server, repair_after=0)
+    due = []
+    for _ in range(5):  # 45 parts, 10 a call: one sweep
+        looked.append(0)
+        due += r.plan(server.t)
+    assert max(looked) <= 10
+    assert set(due) == {short}  # found within the sweep (and due until a tick tries it)
