@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import Any, Protocol
 
@@ -21,6 +22,13 @@ from dsss.server.reputation import Reputation
 from dsss.wire import control as wc
 
 log = Logger()
+
+
+class ServerConfigView(Protocol):
+    @property
+    def claims_per_network(self) -> int: ...
+    @property
+    def allowed_agents(self) -> frozenset[str] | None: ...
 
 
 class ControlServer(Protocol):
@@ -43,6 +51,10 @@ class ControlServer(Protocol):
     @property
     def agent_budget(self) -> ConnectionBudget: ...
 
+    @property
+    def config(self) -> ServerConfigView: ...
+    @property
+    def claims_by_network(self) -> dict[str, int]: ...
     @property
     def auditor(self) -> Auditor: ...
     @property
@@ -68,6 +80,9 @@ class AgentConnection(ControlLineProtocol):
         self.peer_host: str | None = None
         self.opened_at = server.clock.seconds()  # again once connected
         self.counted_as_agent = False
+        # What this connection's agent counts for in the server's claims per network.
+        self._network: str | None = None
+        self._claims_counted = 0
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -79,6 +94,7 @@ class AgentConnection(ControlLineProtocol):
     def connectionLost(self, reason: object = None) -> None:
         super().connectionLost(reason)  # type: ignore[arg-type]
         self.server.connections.discard(self)
+        self._uncount_claims()
         if self.peer_host is not None:
             self.server.control_budget.release(self.peer_host)
             if self.counted_as_agent:
@@ -90,6 +106,37 @@ class AgentConnection(ControlLineProtocol):
         if rec is not None:
             self.server.auditor.left(rec)
             log.info("agent {agent} disconnected", agent=rec.agent_id[:16])
+
+    @property
+    def network(self) -> str | None:
+        """The network this connection comes from (IPv4 /24, IPv6 /48), for the claims bound."""
+        if self._network is None and self.peer_host not in (None, "local"):
+            try:
+                prefix = 24 if ipaddress.ip_address(self.peer_host).version == 4 else 48
+                self._network = str(ipaddress.ip_network(f"{self.peer_host}/{prefix}", strict=False))
+            except ValueError:
+                return None
+        return self._network
+
+    def _count_claims(self) -> None:
+        """Bring the server's count of claims from this connection's network up to date."""
+        if self.record is None or self.network is None:
+            return
+        now_held = len(self.record.blocks)
+        counts = self.server.claims_by_network
+        counts[self.network] = counts.get(self.network, 0) + now_held - self._claims_counted
+        self._claims_counted = now_held
+
+    def _uncount_claims(self) -> None:
+        if self.network is None or not self._claims_counted:
+            return
+        counts = self.server.claims_by_network
+        left = counts.get(self.network, 0) - self._claims_counted
+        if left > 0:
+            counts[self.network] = left
+        else:
+            counts.pop(self.network, None)
+        self._claims_counted = 0
 
     def trusted(self) -> bool:
         return self.record is not None
@@ -113,8 +160,15 @@ class AgentConnection(ControlLineProtocol):
             if len(self.record.blocks) + len(msg.blocks) > MAX_PARTS_PER_AGENT:
                 # Bounds the location index: one agent cannot make the server grow forever.
                 return wc.Error("too-many", f"at most {MAX_PARTS_PER_AGENT} parts per agent are indexed")
+            self._count_claims()
+            limit = self.server.config.claims_per_network
+            if (self.server.config.allowed_agents is None and self.network is not None
+                    and self.server.claims_by_network.get(self.network, 0) + len(msg.blocks) > limit):
+                # Across identities: agents on one network cannot make the server index more.
+                return wc.Error("too-many", f"at most {limit} parts are indexed for agents on {self.network}")
             rec = self.record
             conflicts = registry.have(rec, msg.blocks, msg.sizes)
+            self._count_claims()
             if conflicts:
                 # One part, one size: a claim against a proven size is a strike, nothing more.
                 sizes = dict(zip(msg.blocks, msg.sizes or ()))
@@ -127,6 +181,7 @@ class AgentConnection(ControlLineProtocol):
             return wc.Ok()
         if isinstance(msg, wc.Gone):
             registry.gone(self.record, msg.blocks)
+            self._count_claims()
             return wc.Ok()
         if isinstance(msg, wc.Space):
             registry.space(self.record, msg.capacity, msg.free)

@@ -79,6 +79,9 @@ class ServerConfig:
 
     # Audits per second the server sends on its own (new claims, then the sweep), and how
     # recently a holder must have proven a part for its copy to count (see docs/operations.md).
+    # Parts indexed for all the agents of one network (IPv4 /24, IPv6 /48) together, without
+    # --agents: more identities on one network do not buy a larger index.
+    claims_per_network: int = 4_000_000
     audit_rate: float = 100.0
     proof_freshness: float = 7 * 86400.0
 
@@ -97,6 +100,7 @@ class DiscoveryServer:
         self.placer = Placer(config.distinct_networks, self.reputation, rng=rng)
         self.auditor = Auditor(self, rate=config.audit_rate, freshness=config.proof_freshness)
         self.connections: set[AgentConnection] = set()
+        self.claims_by_network: dict[str, int] = {}  # parts indexed per source network
         # Separate budgets for the two TCP ports, so that a flood of one cannot take the other's
         # descriptors: HTTP connections; control connections in all, not yet registered per
         # source, and registered agents per source.

@@ -100,6 +100,8 @@ class Options(usage.Options):
          "A part's copies go to agents on distinct networks: IPv4,IPv6 prefix lengths that make one "
          "network (24,48; 32,128: each IP address its own), or 'off' (each agent its own: all "
          "agents on one machine or behind one NAT)."],
+        ["claims-per-network", None, "4000000",
+         "Parts indexed for all agents of one network (IPv4 /24, IPv6 /48) together; not applied with --agents."],
         ["audit-rate", None, "100", "Audits per second the server sends on its own (new claims first, then a sweep of all claims)."],
         ["proof-freshness", None, "604800", "Seconds a holder's last passed audit of a part counts: only such copies are replicas (default 7 days)."],
         LOG_FORMAT_OPTION,
@@ -178,6 +180,7 @@ class Options(usage.Options):
             agent_connections=self.plan.control_total,
             agents_per_ip=_count(self["agents-per-ip"], "--agents-per-ip") or 1,
             distinct_networks=networks,
+            claims_per_network=_count(self["claims-per-network"], "--claims-per-network") or 1,
             audit_rate=_audit_rate(self["audit-rate"]),
             proof_freshness=_proof_freshness(self["proof-freshness"]),
         )

@@ -310,3 +310,50 @@ def test_answers_say_when_they_are_not_final_yet():
     clock.advance(10)
     code, doc = decoded(get(treq, f"/api/who-has?q={HASH}"))
     assert (code, doc) == (200, {"addresses": [], "proven": []})
+
+
+def _agent_from(server, host: str, port: int) -> FakeAgent:
+    """A FakeAgent whose control connection comes from `host`."""
+    from twisted.internet.address import IPv4Address
+
+    agent = FakeAgent.__new__(FakeAgent)
+    agent.proto = AgentConnectionFactory(server).buildProtocol(IPv4Address("TCP", host, 40000 + port))
+    agent.t = StringTransportWithDisconnection()
+    agent.t.protocol = agent.proto
+    agent.proto.makeConnection(agent.t)
+    session = agent.t.value().decode().split()[1]
+    agent.t.clear()
+    key = SigningKey.generate()
+    msg = wc.Register(key.verify_key.encode().hex(), 1, 10_000, 10_000, "1.0", "")
+    sig = key.sign(msg.signed_bytes(session)).signature.hex()
+    agent.proto.dataReceived(wc.encode(wc.Register(**{**msg.__dict__, "signature": sig})) + b"\n")
+    agent.t.clear()
+    agent.rec = agent.proto.record
+    agent.address = PeerAddress(host, port)
+    server.registry.heard_udp(agent.rec.token, agent.address, server.clock.seconds())
+    return agent
+
+
+def _have(agent, blocks) -> str:
+    agent.proto.dataReceived(b"HAVE " + " ".join(blocks).encode() + b"\n")
+    return agent.sent()[-1]
+
+
+def test_identities_on_one_network_share_one_bound_on_what_they_index():
+    clock = Clock()
+    clock.advance(10)
+    server = DiscoveryServer(clock, ServerConfig(heartbeat=5.0, claims_per_network=60), rng=random.Random(1))
+    blocks = [f"{i:064x}" for i in range(200)]
+    a, b = _agent_from(server, "10.1.2.3", 1), _agent_from(server, "10.1.2.77", 2)
+    other = _agent_from(server, "10.9.9.9", 3)
+    assert _have(a, blocks[:40]) == "OK"
+    assert _have(b, blocks[40:80]).startswith("ERROR too-many at most 60 parts are indexed for agents on 10.1.2.0/24")
+    assert len(server.registry.holders(blocks[50])) == 0  # nothing of the refused line was indexed
+    assert _have(b, blocks[40:60]) == "OK"  # within what is left
+    assert _have(other, blocks[100:148]) == "OK"  # another network has its own bound
+    a.proto.dataReceived(b"GONE " + " ".join(blocks[:30]).encode() + b"\n")
+    assert a.sent()[-1] == "OK"
+    assert _have(b, blocks[60:90]) == "OK"  # room given back by GONE
+    b.t.loseConnection()
+    assert server.claims_by_network["10.1.2.0/24"] == 10  # a's remaining claims
+    assert _have(_agent_from(server, "10.1.2.5", 4), blocks[150:198]) == "OK"
