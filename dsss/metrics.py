@@ -35,11 +35,24 @@ from dsss.storage.blockstore import BlockStore
 log = Logger()
 
 
+class _AuditStats(Protocol):
+    @property
+    def stats(self) -> dict[str, int]: ...
+
+
+class _ReputationCounts(Protocol):
+    def counts(self) -> dict[str, int]: ...
+
+
 class ServerState(Protocol):
     """What the server's gauges read (dsss.server.service.DiscoveryServer)."""
 
     @property
     def registry(self) -> Registry: ...
+    @property
+    def auditor(self) -> _AuditStats: ...
+    @property
+    def reputation(self) -> _ReputationCounts: ...
 
     def now(self) -> float: ...
 
@@ -277,15 +290,13 @@ class _ServerStateCollector(Collector):
                     sum(max(0, r.capacity - r.free) for r in live))
         yield gauge("dsss_parts_proven", "Part copies on live agents that their agent proved (passed an audit of).",
                     sum(len(r.proven) for r in live))
-        auditor = getattr(server, "auditor", None)
-        if auditor is not None:
-            audits = CounterMetricFamily("dsss_audits", "Audits of agents' claims answered, by result.",
-                                         labels=["result"])
-            for result in ("passed", "failed", "unanswered"):
-                audits.add_metric([result], auditor.stats[result])
-            yield audits
-            yield gauge("dsss_agents_disqualified", "Agent identities disqualified for failing audits.",
-                        server.reputation.counts()["disqualified"])
+        audits = CounterMetricFamily("dsss_audits", "Audits of agents' claims answered, by result.",
+                                     labels=["result"])
+        for result in ("passed", "failed", "unanswered"):
+            audits.add_metric([result], server.auditor.stats[result])
+        yield audits
+        yield gauge("dsss_agents_disqualified", "Agent identities disqualified for failing audits.",
+                    server.reputation.counts()["disqualified"])
         info = GaugeMetricFamily("dsss_server_info", "The server's version.", labels=["version"])
         info.add_metric([dsss.__version__], 1)
         yield info

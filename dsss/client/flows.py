@@ -264,10 +264,9 @@ async def _proven(
     """The copies (block, agent address) whose agents proved them to the server just now (one
     audit each, `/api/audit`); the others' agents are added to `failed`, with why to `errors`.
     A server without /api/audit cannot audit: every copy is taken on its receipt then."""
-    audit = getattr(session.discovery, "audit", None)
-    if audit is None or not copies:
+    if not copies:
         return list(copies)
-    results = await audit([(block, agents[a]) for block, a in copies])
+    results = await session.discovery.audit([(block, agents[a]) for block, a in copies])
     if results is None:
         return list(copies)
     proven = []

@@ -202,13 +202,8 @@ async def _verify_holder(session: Session, block: str, holder: PeerAddress) -> t
 async def _survey_block(
     session: Session, block: str, index: int | None, target: int, share: int | None, *, verify: bool
 ) -> BlockHealth:
-    locate = getattr(session.discovery, "locate", None)
-    proven: list[PeerAddress] | None
-    if locate is not None:
-        holders, proven = await locate(block)
-        holders = sorted(holders)
-    else:
-        holders, proven = sorted(await session.discovery.who_has(block)), None
+    holders, proven = await session.discovery.locate(block)
+    holders = sorted(holders)
     health = BlockHealth(block, index, holders, target=target, share=share, proven=proven)
     if verify:
         verdicts = await bounded(2, [partial(_verify_holder, session, block, h) for h in holders])

@@ -343,6 +343,14 @@ class FakeNetwork:
                             exclude: list[PeerAddress] | None = None) -> None:
         return None
 
+    # As DiscoveryClient's against a server that does not audit: no list of proven holders,
+    # and no audits (every copy is taken on its receipt).
+    async def locate(self, block: str) -> tuple[list[PeerAddress], None]:
+        return await self.who_has(block), None
+
+    async def audit(self, items: list[tuple[str, str]]) -> None:
+        return None
+
     # PeerNetwork
     public_address = PeerAddress("127.0.0.1", 1)
 
