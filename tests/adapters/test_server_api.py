@@ -8,6 +8,7 @@ import random
 import pytest
 from nacl.signing import SigningKey
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
@@ -27,8 +28,10 @@ ONE_MACHINE = NetworkRule.parse("off")
 class FakeAgent:
     """A registered agent connection whose replies the test writes."""
 
-    def __init__(self, server, port, free=10_000, host="127.0.0.1"):
-        self.proto = AgentConnectionFactory(server).buildProtocol(None)
+    def __init__(self, server, port, free=10_000, host="127.0.0.1", source=None):
+        # `source`: where the control connection comes from (None: not an IP connection).
+        peer = None if source is None else IPv4Address("TCP", source, 40000 + port)
+        self.proto = AgentConnectionFactory(server).buildProtocol(peer)
         self.t = StringTransportWithDisconnection()
         self.t.protocol = self.proto
         self.proto.makeConnection(self.t)
@@ -314,24 +317,7 @@ def test_answers_say_when_they_are_not_final_yet():
 
 def _agent_from(server, host: str, port: int) -> FakeAgent:
     """A FakeAgent whose control connection comes from `host`."""
-    from twisted.internet.address import IPv4Address
-
-    agent = FakeAgent.__new__(FakeAgent)
-    agent.proto = AgentConnectionFactory(server).buildProtocol(IPv4Address("TCP", host, 40000 + port))
-    agent.t = StringTransportWithDisconnection()
-    agent.t.protocol = agent.proto
-    agent.proto.makeConnection(agent.t)
-    session = agent.t.value().decode().split()[1]
-    agent.t.clear()
-    key = SigningKey.generate()
-    msg = wc.Register(key.verify_key.encode().hex(), 1, 10_000, 10_000, "1.0", "")
-    sig = key.sign(msg.signed_bytes(session)).signature.hex()
-    agent.proto.dataReceived(wc.encode(wc.Register(**{**msg.__dict__, "signature": sig})) + b"\n")
-    agent.t.clear()
-    agent.rec = agent.proto.record
-    agent.address = PeerAddress(host, port)
-    server.registry.heard_udp(agent.rec.token, agent.address, server.clock.seconds())
-    return agent
+    return FakeAgent(server, port, host=host, source=host)
 
 
 def _have(agent, blocks) -> str:
