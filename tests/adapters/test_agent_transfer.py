@@ -176,8 +176,11 @@ def test_download_of_a_missing_or_corrupt_part(rig):
     assert upload(rig, rig.key(block, len(data)), block, data) == wt.Done()
     path = rig.agent.store.path_of(block)
     path.write_bytes(b"C" + data[1:])
+    reported_gone: list[str] = []
+    rig.agent.lost = reported_gone.append  # what the agent tells the server (GONE)
     reply, body = download(rig, rig.key(block, 0), block)
     assert reply.code == "integrity" and body == b""
+    assert reported_gone == [block]  # the server learns the copy is gone
     assert not rig.agent.store.has(block)
     assert len(list((rig.agent.store.root / "quarantine").iterdir())) == 1
 

@@ -383,3 +383,27 @@ async def test_real_sockets_a_gso_run_is_relayed_whole():
         client.close()
         agent.close()
         await port.stopListening()
+
+
+def test_control_datagrams_from_one_source_are_rate_limited():
+    """The server answers at most a burst of 40 PINGs from one address, then 20 a second; other
+    addresses are answered meanwhile (a flood from one source cannot make it reflect more)."""
+    from dsss.wire.datagram import DPing
+
+    clock = Clock()
+    clock.advance(100)
+    server = DiscoveryServer(clock, ServerConfig())
+    proto = DiscoveryDatagramProtocol(server)
+    proto.transport = SocketTransport(RecordingSocket())
+    ping = encode_datagram(DPing("-"))
+    flooder, other = ("10.7.0.1", 5000), ("10.7.0.2", 5000)
+    for _ in range(100):
+        proto.datagramReceived(ping, flooder)
+    answered = [addr for _, addr in proto.transport.written]
+    assert answered.count(flooder) == 40
+    proto.datagramReceived(ping, other)
+    assert [addr for _, addr in proto.transport.written].count(other) == 1
+    clock.advance(1)
+    for _ in range(100):
+        proto.datagramReceived(ping, flooder)
+    assert [addr for _, addr in proto.transport.written].count(flooder) == 60
