@@ -79,15 +79,17 @@ class Options(usage.Options):
             scrub_rate = parse_size(self["scrub-rate"])
         except BadRequest as e:
             raise usage.UsageError(f"--scrub-rate: {e}") from None
-        try:
-            min_rate = parse_size(self["upload-min-rate"])
-            per_source = parse_size(self["reserve-per-source"])
-        except BadRequest as e:
-            raise usage.UsageError(f"--upload-min-rate/--reserve-per-source: {e}") from None
-        if min_rate < 1 or per_source < MAX_PART:
-            raise usage.UsageError(
-                f"--upload-min-rate must be at least 1 and --reserve-per-source at least {MAX_PART} (one part)"
-            )
+        sizes = {}
+        for name in ("upload-min-rate", "reserve-per-source"):
+            try:
+                sizes[name] = parse_size(self[name])
+            except BadRequest as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
+        min_rate, per_source = sizes["upload-min-rate"], sizes["reserve-per-source"]
+        if min_rate < 1:
+            raise usage.UsageError("--upload-min-rate must be at least 1 (byte per second)")
+        if per_source < MAX_PART:
+            raise usage.UsageError(f"--reserve-per-source must be at least {MAX_PART} (one part of the largest size)")
         dsize = self["datagram-size"]
         if not is_decimal(str(dsize)) or not 1200 <= int(dsize) <= 65000:
             raise usage.UsageError("--datagram-size must be an integer from 1200 to 65000")

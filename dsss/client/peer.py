@@ -329,12 +329,11 @@ class PeerNetwork:
         self.copies_made += count
         return count
 
-    async def download(self, intro: Introduction, block: str, max_size: int = wt.MAX_PART,
-                       *, verify: bool = True) -> bytes:
-        """The part's bytes from the introduced agent, checked against `block` (with
-        `verify=False` the caller checks them, e.g. off the reactor thread: `check_matches`)."""
-        header = wt.encode_request(wt.Download(intro.key, block))
-        raw = await self._request(intro, header, wt.MAX_HEADER + 1 + max_size)
+    async def _reply(self, intro: Introduction, header: bytes,
+                     max_response: int) -> tuple[wt.TransferReply, bytes]:
+        """Send a request that carries no body; its parsed reply line and what followed it.
+        A refusal is raised as its error."""
+        raw = await self._request(intro, header, max_response)
         line, nl, body = raw.partition(b"\n")
         if not nl:
             raise PeerError(f"agent {intro.address} sent no reply header")
@@ -344,6 +343,14 @@ class PeerNetwork:
             raise PeerError(f"agent {intro.address} answered badly: {e}") from None
         if isinstance(reply, wt.Refused):
             raise self._refused(reply, intro)
+        return reply, body
+
+    async def download(self, intro: Introduction, block: str, max_size: int = wt.MAX_PART,
+                       *, verify: bool = True) -> bytes:
+        """The part's bytes from the introduced agent, checked against `block` (with
+        `verify=False` the caller checks them, e.g. off the reactor thread: `check_matches`)."""
+        header = wt.encode_request(wt.Download(intro.key, block))
+        reply, body = await self._reply(intro, header, wt.MAX_HEADER + 1 + max_size)
         if not isinstance(reply, wt.Done) or reply.size is None or reply.size != len(body):
             raise PeerError(f"agent {intro.address} sent a truncated part, or no part")
         if verify:
@@ -359,16 +366,7 @@ class PeerNetwork:
         reached or answers out of the protocol."""
         nonce = os.urandom(proofs.NONCE_SIZE) if nonce is None else nonce
         header = wt.encode_request(wt.Audit(intro.key, block, nonce))
-        raw = await self._request(intro, header, wt.MAX_HEADER + 1 + wt.MAX_PROOF)
-        line, nl, body = raw.partition(b"\n")
-        if not nl:
-            raise PeerError(f"agent {intro.address} sent no reply header")
-        try:
-            reply = wt.parse_reply(line)
-        except RemoteProtocolError as e:
-            raise PeerError(f"agent {intro.address} answered badly: {e}") from None
-        if isinstance(reply, wt.Refused):
-            raise self._refused(reply, intro)
+        reply, body = await self._reply(intro, header, wt.MAX_HEADER + 1 + wt.MAX_PROOF)
         if not isinstance(reply, wt.ProofReply) or reply.length != len(body):
             raise PeerError(f"agent {intro.address} answered an audit without a whole proof")
         try:

@@ -44,34 +44,28 @@ def _check_endpoint(description: str, what: str) -> None:
         ) from None
 
 
-def _repair_after(text: str) -> float:
+def _number(text: str, lo: float, hi: float, error: str) -> float:
+    """`text` as a number within [lo, hi], else a usage error saying `error`."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value <= 30 * 86400:
-        raise usage.UsageError("--repair-after must be a number of seconds (0 to disable)")
+        value = float("nan")
+    if not lo <= value <= hi:
+        raise usage.UsageError(error)
     return value
+
+
+def _repair_after(text: str) -> float:
+    return _number(text, 0, 30 * 86400, "--repair-after must be a number of seconds (0 to disable)")
 
 
 def _audit_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0.01 <= value <= 100_000:
-        raise usage.UsageError("--audit-rate must be a number of audits per second, from 0.01 to 100000")
-    return value
+    return _number(text, 0.01, 100_000, "--audit-rate must be a number of audits per second, from 0.01 to 100000")
 
 
 def _proof_freshness(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 1 <= value <= 365 * 86400:
-        raise usage.UsageError("--proof-freshness must be a number of seconds, from 1 to 31536000 (a year)")
-    return value
+    return _number(text, 1, 365 * 86400,
+                   "--proof-freshness must be a number of seconds, from 1 to 31536000 (a year)")
 
 
 class Options(usage.Options):
@@ -175,12 +169,12 @@ class Options(usage.Options):
             relay_limit=relay_limit,
             repair_after=_repair_after(self["repair-after"]),
             http_connections=self.plan.http_total,
-            http_connections_per_ip=_count(self["http-connections-per-ip"], "--http-connections-per-ip") or 1,
+            http_connections_per_ip=_count(self["http-connections-per-ip"], "--http-connections-per-ip") or 128,
             http_header_timeout=_positive_float(self["http-header-timeout"], "--http-header-timeout", minimum=0.1),
             agent_connections=self.plan.control_total,
-            agents_per_ip=_count(self["agents-per-ip"], "--agents-per-ip") or 1,
+            agents_per_ip=_count(self["agents-per-ip"], "--agents-per-ip") or 256,
             distinct_networks=networks,
-            claims_per_network=_count(self["claims-per-network"], "--claims-per-network") or 1,
+            claims_per_network=_count(self["claims-per-network"], "--claims-per-network") or 4_000_000,
             audit_rate=_audit_rate(self["audit-rate"]),
             proof_freshness=_proof_freshness(self["proof-freshness"]),
         )
