@@ -234,10 +234,14 @@ class LocalNetwork:
             f"--datagram-size={self.datagram_size}",
             *extra,
         ]
+        return self._run_agent(name, args, wait, program=program, storage=storage, extra=list(extra))
+
+    def _run_agent(self, name: str, args: list[str], wait: bool, **spawn_kw: Any) -> AgentProc:
+        """Start (or restart, replacing the old entry) agent `name`; with `wait`, until its
+        readiness line, whose id and address it records."""
         existing = [a for a in self.agents if a.name == name]
         offset = len(existing[0].log()) if existing else 0
-        proc: AgentProc = self._spawn(name, args, AgentProc, program=program, storage=storage,
-                                      extra=list(extra))
+        proc: AgentProc = self._spawn(name, args, AgentProc, **spawn_kw)
         if existing:
             self.agents[self.agents.index(existing[0])] = proc
         else:

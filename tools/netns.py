@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from tools.harness import AGENT_READY, AgentProc, LocalNetwork, child_env
+from tools.harness import AgentProc, LocalNetwork, child_env
 
 T = TypeVar("T")
 
@@ -494,18 +494,8 @@ class NatNetwork(LocalNetwork):
             f"--datagram-size={self.datagram_size}",
             *extra,
         ]
-        existing = [a for a in self.agents if a.name == name]
-        offset = len(existing[0].log()) if existing else 0
-        proc: AgentProc = self._spawn(name, args, AgentProc, prefix=self.lab.exec_prefix(host),
-                                      storage=storage, extra=list(extra))
-        if existing:
-            self.agents[self.agents.index(existing[0])] = proc
-        else:
-            self.agents.append(proc)
-        if wait:
-            m = proc.wait_for(AGENT_READY, after=offset)
-            proc.agent_id, proc.address = m.group(1), m.group(2)
-        return proc
+        return self._run_agent(name, args, wait, prefix=self.lab.exec_prefix(host),
+                               storage=storage, extra=list(extra))
 
     def http(self, path: str) -> tuple[int, Any]:
         def get() -> tuple[int, Any]:
