@@ -33,21 +33,17 @@ from dsss.server.auditor import Auditor
 from dsss.server.chains import hop_addresses
 from dsss.server.placement import Placer
 from dsss.server.registry import AgentRecord, Registry
+from dsss.server.settings import ProofSettings
 from dsss.wire import control as wc
 
 log = Logger()
-
-
-class _QueryTimeout(Protocol):
-    @property
-    def query_timeout(self) -> float: ...
 
 
 class RepairingServer(Protocol):
     """What re-replication uses of the server (dsss.server.service.DiscoveryServer)."""
 
     @property
-    def config(self) -> _QueryTimeout: ...
+    def config(self) -> ProofSettings: ...
     @property
     def registry(self) -> Registry: ...
     @property
@@ -123,7 +119,7 @@ class Repairer:
                 self.short_since.setdefault(block, now)
             else:
                 self._forget(block)
-        due = []
+        due: list[str] = []
         room = max(0, self.max_in_flight - len(self.in_flight))
         for block, since in itertools.islice(self.short_since.items(), PLAN_BATCH):
             if len(due) >= room:
@@ -149,7 +145,7 @@ class Repairer:
             self.last_try[block] = now
             d = defer.ensureDeferred(self._repair(block))
             d.addErrback(lambda f: log.failure("repair failed", f))
-            d.addBoth(lambda _, b=block: self.in_flight.discard(b))
+            d.addBoth(lambda _, b: self.in_flight.discard(b), block)
 
     async def _repair(self, block: str) -> None:
         server = self.server
