@@ -81,6 +81,13 @@ class ReplicationError(Unavailable):
     code = "replication"
 
 
+class Sink(Protocol):
+    """Where `get_to_stream` writes a file's bytes, in order: an open file, stdout, an HTTP
+    response."""
+
+    def write(self, data: bytes, /) -> Any: ...
+
+
 @dataclass
 class Progress:
     """Callbacks the CLI uses to draw progress; all optional."""
@@ -653,7 +660,7 @@ async def fetch_manifest(session: Session, address: str, key: PrivateKey) -> tup
 async def get_to_stream(
     session: Session,
     address: str,
-    out: BinaryIO,
+    out: Sink,
     *,
     key: PrivateKey,
     progress: Progress | None = None,
@@ -672,7 +679,7 @@ async def get_to_stream(
 
 
 async def _write_file(
-    session: Session, manifest: Manifest, file_key: bytes, out: BinaryIO, progress: Progress,
+    session: Session, manifest: Manifest, file_key: bytes, out: Sink, progress: Progress,
     drain: Callable[[], defer.Deferred[None] | None] | None = None,
 ) -> None:
     """Fetch, verify and decrypt the parts of an opened manifest into `out`, in order."""
@@ -705,7 +712,7 @@ async def _write_file(
     while next_write < len(parts):
         while next_start < len(parts) and next_start < next_write + window:
             d = defer.ensureDeferred(fetch(next_start))
-            d.addErrback(lambda f: errors.append(f.value))
+            d.addErrback(_keep_error, errors)
             in_flight[next_start] = d
             next_start += 1
         await in_flight.pop(next_write)
@@ -724,6 +731,11 @@ async def _write_file(
 
 
 # --- many files in one session -------------------------------------------------------------------
+
+
+def _keep_error(failure: Failure, errors: list[BaseException]) -> None:
+    if failure.value is not None:
+        errors.append(failure.value)
 
 
 def files_in_flight(session: Session) -> int:
