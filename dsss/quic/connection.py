@@ -1,9 +1,8 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-One QUIC connection on an endpoint (client or server side): its streams, its
-handshake and its end, and the peer's pinned Ed25519 key.
+One QUIC connection on an endpoint: its streams, handshake and end, and the peer's pinned key.
 
-It turns qh3's events into L{QuicStream} callbacks, arms one C{callLater} from
+Client or server side alike, it turns qh3's events into L{QuicStream} callbacks, arms one C{callLater} from
 C{get_timer()}, and asks its endpoint to send (once per reactor turn) whenever
 something changed.  Identity: servers present a self-signed certificate for
 their Ed25519 key (see L{dsss.crypto.certs}); clients do not check it against a

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-One UDP socket carrying QUIC connections and DSSS control datagrams: the
-demultiplexer, the connection table, relay routing, and the sends of a turn.
+One UDP socket carrying QUIC connections and DSSS control datagrams, and their connection table.
 
+It demultiplexes what arrives, routes relayed packets and sends what each reactor turn produced.
 A datagram whose first byte is C{0x00} is DSSS control (PING, PONG, PUNCH,
 ...), C{0x01} a packet relayed by the discovery server (unwrapped here, then
 routed like any other), anything else QUIC.  QUIC v1/v2 packets always have the
