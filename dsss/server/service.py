@@ -340,6 +340,7 @@ class DiscoveryServer:
             "udp-port": self.udp_port,
             "heartbeat": self.heartbeat,
             "warming": self.warming(),
+            "agents": len(self.registry.live(self.now())),
             "public-key": bytes(self.box_key.public_key).hex(),
             "clients-restricted": self.verifier is not None,
         }
