@@ -50,7 +50,7 @@ NAME_MAX = 255
 def register(sub: Any) -> None:
     put = add_command(sub, "put", "store files; prints `ADDRESS FILE` for each", f"""examples:
   {PROG} put photo.jpg notes.txt       # one line per file: ADDRESS FILE
-  {PROG} put --part-size 1M backup.tar > addresses.txt
+  {PROG} put --part-size 4M backup.tar > addresses.txt
   {PROG} --json put *.pdf              # one JSON object per line, one per file
 
 Each file is also recorded in the catalog beside the key (see `ls`). On a terminal, progress
