@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_client_journal,tests.integration.test_interrupts -*-
-"""The put journal: what an unfinished put of a file has stored, so that putting the same file
-again sends only the parts not yet stored.
+"""The put journal: what an unfinished put stored, so that the same put sends only the rest.
 
-One journal file per source file, in `<key file>.journal/` beside the catalog (mode 0700; each
+Putting the same file again after an interruption sends only the parts not yet stored. One
+journal file per source file, in `<key file>.journal/` beside the catalog (mode 0700; each
 file 0600, since it holds the file's key until the put completes). Its first line is a header:
 
     {"v": 1, "path": "/abs/big.bin", "size": N, "mtime-ns": T, "part-size": P,
