@@ -240,6 +240,9 @@ async def store_block(
                 targets = await session.discovery.where_to_upload(len(data), exclude=avoid)
                 picked = [(t, None) for t in targets]
         except TooFewAgents as e:
+            if failed:  # agents failed: they are why too few are left, say what they did
+                errors.append(str(e))
+                break
             raise TooFewAgents(f"{_unprefixed(e)} (stored {len(stored)} of the {wanted} copies a block needs)") from None
         except Unavailable as e:
             errors.append(str(e))
@@ -406,6 +409,9 @@ async def store_shares(
                 targets = await session.discovery.where_to_upload(size, exclude=exclude, count=len(todo))
                 picked = [(t, None) for t in targets]
         except TooFewAgents as e:
+            if failed:  # agents failed: they are why too few are left, say what they did
+                errors.append(str(e))
+                break
             raise TooFewAgents(f"{_unprefixed(e)} (stored {len(placed)} of a part's {len(shares)} "
                                f"shares, each needs an agent of its own)") from None
         except Unavailable as e:

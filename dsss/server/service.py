@@ -137,7 +137,7 @@ class DiscoveryServer:
             "lan-introductions": 0,  # clients introduced to an agent across their LAN
         }
         self.metrics = ServerMetrics(self)
-        # Agents that left (timed out, disconnected, disqualified): on the status page as down
+        # Agents that left (timed out, disconnected; not the disqualified): on the status page as down
         # until they register again, for DEPARTED_MEMORY seconds, at most MAX_DEPARTED of them.
         self.departed: OrderedDict[str, tuple[AgentRecord, float, str]] = OrderedDict()
 
@@ -338,7 +338,6 @@ class DiscoveryServer:
         log.warn("agent {agent} is disqualified: {reason}", agent=rec.agent_id[:16], reason=reason)
         if self.registry.unregister(rec.handle) is not None:
             self.auditor.left(rec)
-            self.agent_left(rec, "disqualified")
         rec.handle.close()
 
     def agent_left(self, rec: AgentRecord, why: str) -> None:
