@@ -109,3 +109,18 @@ class Busy(DSSSError):
     http_status = 503
     exit_code = 4
     code = "busy"
+
+
+class Offline(Unavailable):
+    """The file is known to be stored (the server has holder records, or the catalog says we
+    stored it) but no agent holding it is online now."""
+
+    exit_code = 8
+    code = "offline"
+
+
+class TooFewAgents(Unavailable):
+    """Fewer live agents than the copies (or shares) a part needs."""
+
+    exit_code = 9
+    code = "too-few-agents"

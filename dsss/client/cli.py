@@ -14,14 +14,19 @@ object on stdout. A traceback is printed only for a bug.
 from __future__ import annotations
 
 import argparse
-import traceback
+import os
+import signal
+import sys
 from typing import Any, Sequence
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
+import dsss
 from dsss.client.commands import files, health, keys, serve, transfer
-from dsss.client.commands.common import PROG, SHORT, CommandLineError, fail
+from dsss.client.commands.common import INTERRUPT, PROG, SHORT, CommandLineError, Interrupted, fail
 from dsss.client.config import MAX_PARALLEL, settings_from
+from dsss.client.session import DEFAULT_WAIT, MAX_WAIT
 from dsss.client.render import dump_json
 from dsss.errors import DSSSError
 
@@ -29,6 +34,9 @@ from dsss.errors import DSSSError
 # keygen, pubkey, ls, config and --help start quickly.
 
 __all__ = ["CommandLineError", "build_parser", "main", "run", "wants_json"]
+
+EXIT_BROKEN_PIPE = 141
+"""The exit code when the reader of stdout went away (as for a process killed by SIGPIPE)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,16 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "chain that passes it on, instead of sending every copy from here "
                         "(default: chain unless the server is on loopback, where there is no "
                         "uplink to save)")
+    p.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                   help=f"keep trying a server that cannot be reached at the start for this long, "
+                        f"with backoff, before giving up with exit code 4 (default {DEFAULT_WAIT:g}; 0: "
+                        f"give up at once)")
     p.add_argument("-v", "--verbose", action="store_true", default=False,
-                   help="also say on stderr which path reached each agent (direct or relay)")
+                   help="also say on stderr which path reached each agent (direct or relay) and "
+                        "how many bytes were uploaded")
+    p.add_argument("--version", action="version", version=f"dsss {dsss.__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (keys, transfer, files, health, serve):
         group.register(sub)
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= MAX_WAIT:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_WAIT:g} seconds")
+    return value
+
+
 async def run(reactor: Any, argv: Sequence[str]) -> int:
+    """Parse `argv` and run its command (no signal handling: see `main`)."""
     args = build_parser().parse_args(list(argv))
+    return await dispatch(reactor, args)
+
+
+async def dispatch(reactor: Any, args: argparse.Namespace) -> int:
     settings = settings_from(
         config_option=args.config,
         server=args.server,
@@ -114,26 +144,113 @@ def wants_json(argv: Sequence[str]) -> bool:
     return "--json" in args
 
 
-def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
-    json_mode = wants_json(argv)
+GRACE = 10.0
+"""Seconds an interrupted command gets to stop cleanly (close its connections, say what it
+stored) before the process leaves anyway; a second signal leaves at once."""
 
-    async def go() -> None:
+
+def _interrupt_message(signum: int, detail: str) -> str:
+    name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signal.Signals(signum), str(signum))
+    return f"interrupted ({name}){': ' + detail if detail else ''}"
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away (`dsss ls | head`): send what is left nowhere, so that no
+    later write or flush fails again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
+    """Run the command in `argv` under `react`. SIGINT and SIGTERM cancel a running command
+    (put, get, ...: it says what was and was not stored, then exit code 130 or 143); the
+    gateway keeps Twisted's own handling (a clean stop, exit code 0)."""
+    json_mode = wants_json(argv)
+    INTERRUPT.signum = None
+    outer: defer.Deferred[None] = defer.Deferred()
+    command: list[defer.Deferred[int]] = []
+    reported: list[bool] = []
+
+    def report(code: int, message: str, kind: str) -> int:
+        if not reported:
+            reported.append(True)
+            fail(message, code, json_mode=json_mode, kind=kind)
+        return code
+
+    def interrupted(detail: str) -> int:
+        signum = INTERRUPT.signum or signal.SIGINT
+        message = _interrupt_message(signum, detail)
+        if not reported:
+            reported.append(True)
+            print(f"dsss: {message}", file=sys.stderr, flush=True)
+            if json_mode:
+                dump_json({"error": message, "code": "interrupted", "exit-code": 128 + signum})
+        return 128 + signum
+
+    def finish(code: int) -> None:
+        if not outer.called:
+            if code:
+                outer.errback(SystemExit(code))
+            else:
+                outer.callback(None)
+
+    def interrupt(signum: int) -> None:
+        if INTERRUPT.signum is not None:  # a second signal: leave now
+            finish(interrupted(""))
+            return
+        INTERRUPT.signum = signum
+        if command and not command[0].called:
+            command[0].cancel()
+        reactor.callLater(GRACE, lambda: finish(interrupted("")))
+
+    def on_signal(signum: int, _frame: Any = None) -> None:
+        reactor.callFromThread(interrupt, signum)
+
+    async def go() -> int:
         try:
-            code = await run(reactor, argv)
+            args = build_parser().parse_args(list(argv))
+            if not getattr(args, "own_signals", False):
+                # The reactor installs these as its SIGINT and SIGTERM handlers when it starts
+                # (instead of stopping itself, which would end the command with exit code 0).
+                reactor.sigInt = reactor.sigTerm = on_signal
+            d = defer.ensureDeferred(dispatch(reactor, args))
+            command.append(d)
+            return await d
+        except Interrupted as e:
+            return interrupted(str(e))
+        except defer.CancelledError:
+            if INTERRUPT.signum is None:
+                raise
+            return interrupted("")
         except DSSSError as e:
-            code = fail(str(e), e.exit_code, json_mode=json_mode, kind=e.code)
+            if INTERRUPT.signum is not None:
+                return interrupted(str(e))
+            return report(e.exit_code, str(e), e.code)
+        except BrokenPipeError:
+            # The reader of our output went away (`| head`): not an error to report.
+            _quiet_stdout()
+            return EXIT_BROKEN_PIPE
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            code = fail(f"{e.strerror or e}{where}", 1, json_mode=json_mode, kind="os")
-        except SystemExit as e:
-            raise e
-        except Exception:
-            traceback.print_exc()
+            return report(1, f"{e.strerror or e}{where}", "os")
+
+    def done(result: Any) -> None:
+        if isinstance(result, Failure):
+            if isinstance(result.value, SystemExit):  # --help, --version
+                code = result.value.code
+                finish(0 if code is None else code if isinstance(code, int) else 1)
+                return
+            result.printTraceback()
             if json_mode:
                 dump_json({"error": "unexpected error (a bug); see the traceback on stderr",
                            "code": "bug", "exit-code": 70})
-            code = 70
-        if code:
-            raise SystemExit(code)
+            finish(70)
+            return
+        finish(int(result))
 
-    return defer.ensureDeferred(go())
+    defer.ensureDeferred(go()).addBoth(done)
+    return outer

@@ -10,7 +10,14 @@ from urllib.parse import urlencode, urlsplit
 
 import treq
 from twisted.internet import defer
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    NoRouteError,
+    TCPTimedOutError,
+)
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
@@ -26,6 +33,7 @@ from dsss.errors import (
     NotFound,
     RemoteProtocolError,
     Timeout,
+    TooFewAgents,
     Unavailable,
 )
 from dsss.model import PeerAddress, check_block_id
@@ -50,8 +58,37 @@ _BY_STATUS: dict[int, type[DSSSError]] = {
 }
 
 
+_BY_CODE: dict[str, type[DSSSError]] = {
+    "too-few-agents": TooFewAgents,
+}
+
+
 class ServerUnreachable(Unavailable):
     code = "server-unreachable"
+
+
+def connect_failure_words(error: BaseException, url: str) -> str:
+    """Why a connection to the server at `url` failed, in words, with what to try."""
+    host = urlsplit(url).hostname or url
+    if isinstance(error, DNSLookupError):
+        return f"cannot find the host {host!r} (a typo in --server, or no network?)"
+    if isinstance(error, ConnectionRefusedError):
+        return (f"nothing is listening at {url} (connection refused): is the server running, "
+                f"and is this its HTTP port (8470 by default)?")
+    if isinstance(error, (TCPTimedOutError, ConnectingCancelledError)):
+        return f"{url} did not accept a connection in time (a firewall, or the wrong address?)"
+    if isinstance(error, NoRouteError):
+        return f"no route to {host} (is the network up?)"
+    return f"cannot connect to {url} ({getattr(error, 'osError', None) or 'connection failed'})"
+
+
+def not_http_words(url: str, error: BaseException) -> str:
+    """The server at `url` accepted a connection but did not answer in HTTP."""
+    text = str(error)
+    if "BadStatusLine" in text or "ParseError" in text or "wrong status" in text.lower():
+        return (f"{url} answered, but not in HTTP: is that the server's agent (control) port? "
+                f"The discovery server's HTTP port is 8470 by default")
+    return f"{url} closed the connection without an answer: is it a DSSS discovery server's HTTP port?"
 
 
 class _Retryable(Exception):
@@ -92,6 +129,8 @@ class ServerInfo:
     replicas: int
     udp_port: int
     version: str
+    agents: int | None = None  # live agents now; None from a server that does not say
+    warming: bool = False  # just started: agents may still be registering
 
 
 class _Collector:
@@ -117,6 +156,8 @@ class DiscoveryClient:
         timeout: float = 15.0,
         retry_for: float = 30.0,
         key: PrivateKey | None = None,
+        first_wait: float = 2.0,
+        on_wait: Any = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -127,6 +168,10 @@ class DiscoveryClient:
         self.http = http if http is not None else treq
         self.timeout = timeout
         self.retry_for = retry_for
+        # How long a server never reached in this session is retried (it may be starting or
+        # restarting); `on_wait(message)` is called once when the first try fails.
+        self.first_wait = first_wait
+        self.on_wait = on_wait
         self._reached = False
         # With a key, requests are signed for servers that admit only listed clients.
         self.key = key
@@ -159,15 +204,22 @@ class DiscoveryClient:
         backoff for up to `retry_for` seconds; any other answer is final."""
         # A server never reached in this session is reported quickly; one that answered before
         # and went away (a restart) is waited for.
-        patience = self.retry_for if self._reached else min(self.retry_for, 2.0)
+        first = not self._reached
+        patience = self.retry_for if self._reached else self.first_wait
         deadline = self.reactor.seconds() + patience
         delay = 0.25
+        told = False
         while True:
             try:
                 return await self._get_once(path, params)
             except _Retryable as e:
                 if self.reactor.seconds() + delay > deadline:
+                    if first and patience > 0 and isinstance(e.error, ServerUnreachable):
+                        raise ServerUnreachable(f"{e.error} (tried for {patience:g} s)") from None
                     raise e.error from None
+                if first and not told and self.on_wait is not None and patience > 1:
+                    told = True
+                    self.on_wait(f"{e.error}; trying again for up to {patience:g} s")
                 await deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 2.0)
 
@@ -181,25 +233,32 @@ class DiscoveryClient:
             response = await self.http.get(url, headers=headers, reactor=self.reactor, timeout=self.timeout)
             collector = _Collector(MAX_RESPONSE)
             await treq.collect(response, collector)
-        except (ConnectionRefusedError, ConnectError, DNSLookupError) as e:
-            raise _Retryable(
-                ServerUnreachable(f"cannot reach the discovery server at {self.base_url}: {e.__class__.__name__}")
-            ) from None
+        except (ConnectError, DNSLookupError) as e:
+            raise _Retryable(ServerUnreachable(
+                f"cannot reach the discovery server: {connect_failure_words(e, self.base_url)}"
+            )) from None
         except defer.CancelledError:
             raise _Retryable(
                 Timeout(f"the discovery server at {self.base_url} did not answer in time")
             ) from None
-        except (ResponseFailed, ResponseNeverReceived):
-            raise _Retryable(ServerUnreachable(f"the connection to {self.base_url} failed")) from None
+        except (ResponseFailed, ResponseNeverReceived) as e:
+            reasons = getattr(e, "reasons", None) or []
+            detail = " ".join(repr(r.value) for r in reasons if hasattr(r, "value")) or repr(e)
+            raise _Retryable(ServerUnreachable(not_http_words(self.base_url, Exception(detail)))) from None
         self._reached = True
         body = b"".join(collector.chunks)
         try:
             doc = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise RemoteProtocolError(f"the server answered {path} with something that is not JSON") from None
+            raise RemoteProtocolError(
+                f"{self.base_url} answered {path} with something that is not JSON "
+                f"(HTTP {response.code}): is it a DSSS discovery server?"
+            ) from None
         if response.code != 200:
             message = doc.get("error") if isinstance(doc, dict) else None
-            cls = _BY_STATUS.get(response.code, DSSSError)
+            code = doc.get("code") if isinstance(doc, dict) else None
+            cls = _BY_CODE.get(code) if isinstance(code, str) else None
+            cls = cls or _BY_STATUS.get(response.code, DSSSError)
             error = cls(f"server: {message or response.code}")
             if response.headers.hasHeader(b"retry-after"):
                 raise _Retryable(error)
@@ -225,7 +284,10 @@ class DiscoveryClient:
     async def info(self) -> ServerInfo:
         doc = await self._get("/api/info", {})
         try:
-            info = ServerInfo(int(doc["replicas"]), int(doc["udp-port"]), str(doc["version"]))
+            agents = doc.get("agents")
+            info = ServerInfo(int(doc["replicas"]), int(doc["udp-port"]), str(doc["version"]),
+                              agents if isinstance(agents, int) and not isinstance(agents, bool) else None,
+                              doc.get("warming") is True)
             # Sign only for a server that admits listed clients: elsewhere a signature would
             # just tell the server (and any observer) who we are.
             if doc.get("clients-restricted") and "public-key" in doc:

@@ -18,13 +18,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dsss.client.discovery import DiscoveryClient, Introduction
+from dsss.client.journal import JournalChanged, PutJournal, new_journal, open_journal, part_ident
 from dsss.client.peer import PeerNetwork
 from dsss.crypto.manifest import Manifest, PartRef, clean_name, open_manifest, seal_manifest
 from dsss.crypto.parts import FILE_ID_BYTES, KEY_BYTES, TAG_BYTES, decrypt_part, encrypt_part
 from dsss.erasure import Coding
 from dsss.erasure import decode as decode_shares
 from dsss.erasure import encode as encode_shares
-from dsss.errors import DSSSError, IntegrityError, NotFound, OldAddress, Unavailable
+from dsss.errors import DSSSError, IntegrityError, NotFound, Offline, OldAddress, TooFewAgents, Unavailable
 from dsss.model import PeerAddress, block_hash, check_matches, share_id
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
@@ -122,6 +123,21 @@ class Session:
     # Store new files' parts erasure-coded (k-of-n shares, one agent each) instead of as
     # `replicas` whole copies.
     erasure: Coding | None = None
+    # Live agents when the session opened, as the server said (None: it did not say).
+    agents: int | None = None
+
+    def agents_needed(self) -> int:
+        """Distinct agents a new file needs: the replica count (its manifest), or more for the
+        shares of an erasure coding."""
+        return max(self.replicas, self.erasure.n if self.erasure is not None else 0)
+
+    def check_enough_agents(self) -> None:
+        """TooFewAgents if the server said it has fewer live agents than a new file needs."""
+        need = self.agents_needed()
+        if self.agents is not None and self.agents < need:
+            what = (f"{self.replicas} copies of each block" if self.erasure is None
+                    else f"{self.erasure.n} shares of each part, each on its own agent")
+            raise TooFewAgents(f"too few agents (have {self.agents}, need {need}): a new file needs {what}")
 
     def chaining(self) -> bool:
         """Whether to ask for a replication chain now: chosen, and not paused."""
@@ -223,6 +239,11 @@ async def store_block(
             if picked is None:
                 targets = await session.discovery.where_to_upload(len(data), exclude=avoid)
                 picked = [(t, None) for t in targets]
+        except TooFewAgents as e:
+            if failed:  # agents failed: they are why too few are left, say what they did
+                errors.append(str(e))
+                break
+            raise TooFewAgents(f"{_unprefixed(e)} (stored {len(stored)} of the {wanted} copies a block needs)") from None
         except Unavailable as e:
             errors.append(str(e))
             break
@@ -262,6 +283,11 @@ async def store_block(
             f"stored a part on {len(stored)} of {wanted} agents ({detail})"
         )
     return stored
+
+
+def _unprefixed(error: DSSSError) -> str:
+    """An error from the server without its `server: ` prefix."""
+    return str(error).removeprefix("server: ")
 
 
 async def _proven(
@@ -382,6 +408,12 @@ async def store_shares(
             if picked is None:
                 targets = await session.discovery.where_to_upload(size, exclude=exclude, count=len(todo))
                 picked = [(t, None) for t in targets]
+        except TooFewAgents as e:
+            if failed:  # agents failed: they are why too few are left, say what they did
+                errors.append(str(e))
+                break
+            raise TooFewAgents(f"{_unprefixed(e)} (stored {len(placed)} of a part's {len(shares)} "
+                               f"shares, each needs an agent of its own)") from None
         except Unavailable as e:
             errors.append(str(e))
             break
@@ -418,7 +450,7 @@ async def fetch_shares(session: Session, ref: PartRef, coding: Coding, *, what: 
     got: dict[int, bytes] = {}
     candidates = list(range(coding.n))
     errors: list[str] = []
-    corrupt = 0
+    corrupt = offline = 0
 
     async def one(number: int) -> bytes:
         return await fetch_block(session, ref.shares[number], what=f"share {number} of {what}")
@@ -429,6 +461,8 @@ async def fetch_shares(session: Session, ref: PartRef, coding: Coding, *, what: 
             detail = errors[-1] if errors else "no share left to try"
             if corrupt and corrupt + len(got) >= coding.n:
                 raise IntegrityError(f"{what} has only {len(got)} good shares of the {coding.k} it needs ({detail})")
+            if offline and offline + len(got) + corrupt >= coding.n:
+                raise Offline(f"{what}: {len(got)} of the {coding.k} shares it needs are online now")
             raise Unavailable(f"{what}: fetched {len(got)} of the {coding.k} shares it needs ({detail})")
         results = await defer.DeferredList(
             [defer.ensureDeferred(one(i)) for i in batch], consumeErrors=True
@@ -442,6 +476,8 @@ async def fetch_shares(session: Session, ref: PartRef, coding: Coding, *, what: 
                     value.raiseException()
                 if value.check(IntegrityError):
                     corrupt += 1
+                elif value.check(Offline):
+                    offline += 1
                 elif not value.check(DSSSError):
                     value.raiseException()
                 errors.append(value.getErrorMessage())
@@ -455,7 +491,10 @@ async def fetch_block(session: Session, block: str, *, what: str = "part") -> by
     """Fetch a block from any holder, verifying its hash; tries every holder before failing."""
     holders = await session.discovery.who_has(block)
     if not holders:
-        raise NotFound(f"no agent has {what} {block}")
+        if what == "file":
+            raise NotFound(f"no agent has {what} {block}")
+        # The manifest names it, so it was stored: its holders are offline (or lost it).
+        raise Offline(f"no agent holding {what} {block[:16]}... is online now")
     session.rng.shuffle(holders)
     holders.sort(key=lambda h: session.fetching.get(h, 0))  # the least busy first; ties shuffled
     me = session.peers.public_address
@@ -505,13 +544,22 @@ async def put_stream(
     owner: PublicKey,
     part_size: int = DEFAULT_PART_SIZE,
     progress: Progress | None = None,
+    journal: PutJournal | None = None,
 ) -> str:
-    """Encrypt and store a file read from `stream` (`size` bytes); returns its address."""
+    """Encrypt and store a file read from `stream` (`size` bytes); returns its address.
+
+    With a `journal` (dsss.client.journal), the file's key and id are the journal's, every part
+    is recorded as it is sent and stored, and a part the journal lists as stored that the
+    network still holds is not sent again (JournalChanged if a part differs from what the
+    journal recorded: the file changed)."""
     if not 1 <= part_size <= MAX_PART_SIZE:
         raise DSSSError(f"part size must be between 1 and {MAX_PART_SIZE} bytes")
     progress = progress or Progress()
-    file_key = secrets.token_bytes(KEY_BYTES)
-    file_id = secrets.token_bytes(FILE_ID_BYTES)
+    if journal is not None:
+        file_key, file_id = journal.file_key, journal.file_id
+    else:
+        file_key = secrets.token_bytes(KEY_BYTES)
+        file_id = secrets.token_bytes(FILE_ID_BYTES)
     if is_inline(size, part_size):
         return await _put_inline(session, stream, name=name, size=size, owner=owner,
                                  part_size=part_size, file_key=file_key, file_id=file_id,
@@ -529,13 +577,18 @@ async def put_stream(
             if coding is None:
                 ciphertext, h = await session.run(seal_part, file_key, file_id, index, plaintext)
                 del plaintext  # only the ciphertext stays in memory while it is stored
-                await store_block(session, h, ciphertext)
-                refs[index] = PartRef(h, len(ciphertext), plain_size)
+                ref = PartRef(h, len(ciphertext), plain_size)
+                if not await _already_stored(session, journal, index, ref):
+                    await store_block(session, h, ciphertext)
             else:
                 size, shares = await session.run(seal_and_code_part, file_key, file_id, index, plaintext, coding)
                 del plaintext  # only the shares stay in memory while they are stored
-                await store_shares(session, shares)
-                refs[index] = PartRef("", size, plain_size, tuple(h for h, _ in shares))
+                ref = PartRef("", size, plain_size, tuple(h for h, _ in shares))
+                if not await _already_stored(session, journal, index, ref):
+                    await store_shares(session, shares)
+            if journal is not None and journal.stored.get(index) != ref:
+                journal.record_stored(index, ref)
+            refs[index] = ref
             progress.advance(plain_size)
         except BaseException as e:
             failure.append(e)
@@ -572,6 +625,29 @@ async def put_stream(
     )
     # Stored last: until this succeeds no address exists, so no half file is ever reachable.
     return await _store_manifest(session, manifest, file_key, owner)
+
+
+async def _already_stored(session: Session, journal: PutJournal | None, index: int, ref: PartRef) -> bool:
+    """With a journal: whether part `index` (encrypted to `ref`) was stored by an earlier,
+    unfinished put of this file and the network still holds it (every replica proven, or for
+    an erasure-coded part every share held), so that it need not be sent again. Records the
+    part as sent otherwise, before it is. JournalChanged if the part differs from the record."""
+    if journal is None:
+        return False
+    journal.check(index, part_ident(ref))
+    if journal.stored.get(index) == ref:
+        if ref.shares:
+            found = await defer.gatherResults(
+                [defer.ensureDeferred(session.discovery.who_has(h)) for h in ref.shares])
+            present = all(found)
+        else:
+            claimed, proven = await session.discovery.locate(ref.hash)
+            present = len(proven if proven is not None else claimed) >= session.replicas
+        if present:
+            journal.skipped(ref.plain)
+            return True
+    journal.record_sent(index, part_ident(ref))
+    return False
 
 
 async def _store_manifest(
@@ -635,15 +711,42 @@ async def put_file(
     owner: PublicKey,
     part_size: int = DEFAULT_PART_SIZE,
     progress: Progress | None = None,
+    journals: Path | None = None,
+    on_journal: Callable[[PutJournal], None] | None = None,
 ) -> str:
+    """Store the file at `path`. With `journals` (a directory), a file of several parts is
+    journaled there (dsss.client.journal): an unfinished put of the same file is continued."""
     path = Path(path)
     # The manifest keeps the name for `get` to show; control characters are not kept.
     name = clean_name(path.name)
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return await put_stream(
-            session, f, name=name, size=size, owner=owner, part_size=part_size, progress=progress
-        )
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        if journals is None or is_inline(size, part_size):
+            return await put_stream(
+                session, f, name=name, size=size, owner=owner, part_size=part_size, progress=progress
+            )
+        erasure = str(session.erasure) if session.erasure is not None else None
+        journal = open_journal(journals, path, size=size, mtime_ns=st.st_mtime_ns,
+                               part_size=part_size, erasure=erasure)
+        if on_journal is not None:
+            on_journal(journal)
+        try:
+            address = await put_stream(session, f, name=name, size=size, owner=owner,
+                                       part_size=part_size, progress=progress, journal=journal)
+        except JournalChanged:
+            # Changed since the unfinished put: start over with a new key (never the old key
+            # and nonces for different bytes).
+            log.info("{path} changed since its unfinished put; storing it anew", path=str(path))
+            journal = new_journal(journals, path, size=size, mtime_ns=st.st_mtime_ns,
+                                  part_size=part_size, erasure=erasure)
+            if on_journal is not None:
+                on_journal(journal)
+            f.seek(0)
+            address = await put_stream(session, f, name=name, size=size, owner=owner,
+                                       part_size=part_size, progress=progress, journal=journal)
+        journal.remove()
+        return address
 
 
 # --- get -----------------------------------------------------------------------------------------
@@ -674,15 +777,43 @@ async def get_to_stream(
     manifest, file_key = await fetch_manifest(session, address, key)
     if on_manifest is not None:
         on_manifest(manifest)
-    await _write_file(session, manifest, file_key, out, progress, drain)
+    await write_file(session, manifest, file_key, out, progress, drain)
     return manifest
 
 
-async def _write_file(
+async def verified_parts(
+    session: Session, manifest: Manifest, file_key: bytes, partial: BinaryIO
+) -> int:
+    """How many of the file's first parts `partial` (a file opened for reading at its start)
+    holds intact: each whole part read back is encrypted again (the same key, file id and index
+    give the same ciphertext) and checked against the manifest; the count stops at the first
+    that differs."""
+    if manifest.inline is not None:
+        return 0
+    good = 0
+    for index, ref in enumerate(manifest.parts):
+        plaintext = partial.read(ref.plain)
+        if len(plaintext) != ref.plain:
+            break
+        if manifest.erasure is None:
+            _, h = await session.run(seal_part, file_key, manifest.file_id, index, plaintext)
+            same = h == ref.hash
+        else:
+            _, shares = await session.run(seal_and_code_part, file_key, manifest.file_id, index,
+                                          plaintext, manifest.erasure)
+            same = tuple(h for h, _ in shares) == ref.shares
+        if not same:
+            break
+        good += 1
+    return good
+
+
+async def write_file(
     session: Session, manifest: Manifest, file_key: bytes, out: Sink, progress: Progress,
-    drain: Callable[[], defer.Deferred[None] | None] | None = None,
+    drain: Callable[[], defer.Deferred[None] | None] | None = None, *, start: int = 0,
 ) -> None:
-    """Fetch, verify and decrypt the parts of an opened manifest into `out`, in order."""
+    """Fetch, verify and decrypt the parts of an opened manifest into `out`, in order, from
+    part `start` on (the parts before it are already there)."""
     if manifest.inline is not None:
         data = decrypt_part(file_key, manifest.file_id, 0, manifest.inline)
         out.write(data)
@@ -694,7 +825,7 @@ async def _write_file(
     # whole parts (a 1 GiB get at 2/4 peaked at 127 MB RSS with 2 parts in flight, 141 with 4).
     coding = manifest.erasure
     window = max(1, session.parallel if coding is None else session.parallel // coding.k)
-    next_write = 0
+    next_write = start
     in_flight: dict[int, defer.Deferred[None]] = {}
     errors: list[BaseException] = []
 
@@ -708,7 +839,7 @@ async def _write_file(
             raise IntegrityError(f"part {index} has the wrong size")
         results[index] = await session.run(decrypt_part, file_key, manifest.file_id, index, ciphertext)
 
-    next_start = 0
+    next_start = start
     while next_write < len(parts):
         while next_start < len(parts) and next_start < next_write + window:
             d = defer.ensureDeferred(fetch(next_start))
@@ -796,6 +927,8 @@ async def put_files(
     part_size: int = DEFAULT_PART_SIZE,
     progress_for: Callable[[int], Progress] | None = None,
     on_done: Callable[[int, str | None, BaseException | None], None],
+    journals: Path | None = None,
+    on_journal: Callable[[int, PutJournal], None] | None = None,
 ) -> None:
     """Store several files, up to `files_in_flight(session)` at once (a file of several parts
     is stored alone, with the usual window of parts). `on_done(i, address, error)` is called
@@ -806,8 +939,9 @@ async def put_files(
     async def one(i: int) -> None:
         progress = progress_for(i) if progress_for is not None else None
         try:
-            address = await put_file(session, paths[i], owner=owner, part_size=part_size,
-                                     progress=progress)
+            address = await put_file(
+                session, paths[i], owner=owner, part_size=part_size, progress=progress, journals=journals,
+                on_journal=(lambda j: on_journal(i, j)) if on_journal is not None else None)
         except BaseException as e:  # reported to the caller, which decides what is a bug
             failed.append(e)
             on_done(i, None, e)
@@ -853,7 +987,7 @@ async def get_files(
                 await big.acquire()
             try:
                 with open_output(i, manifest) as out:
-                    await _write_file(session, manifest, file_key, out, Progress())
+                    await write_file(session, manifest, file_key, out, Progress())
             finally:
                 if heavy:
                     big.release()

@@ -213,10 +213,16 @@ async def _survey_block(
     return health
 
 
-async def survey(session: Session, address: str, key: PrivateKey, *, verify: bool = False) -> FileHealth:
+async def survey(
+    session: Session, address: str, key: PrivateKey, *, verify: bool = False, source: str | None = None
+) -> FileHealth:
     """Open the file's manifest, then ask who holds the manifest and each part (at most a few
-    lookups at a time). With `verify`, every holder's copy is also downloaded and hash-checked."""
-    manifest, _file_key = await fetch_manifest(session, address, key)
+    lookups at a time). With `verify`, every holder's copy is also downloaded and hash-checked.
+
+    `source`: for a share this key made (whose manifest is sealed to its recipient), the
+    address of the file it was shared from; its manifest, which this key opens, names the same
+    parts. The share's own manifest block is surveyed as the file's manifest."""
+    manifest, _file_key = await fetch_manifest(session, source or address, key)
     target = session.replicas
     blocks: list[tuple[str, int | None, int, int | None]] = [(address, None, target, None)]
     for i, ref in enumerate(manifest.parts):

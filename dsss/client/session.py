@@ -12,7 +12,7 @@ import ipaddress
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
     from dsss.client.config import Settings
     from dsss.client.flows import Session
+
+DEFAULT_WAIT = 10.0
+"""Seconds a command keeps trying to reach a server that does not answer at its start."""
+MAX_WAIT = 3600.0
 
 NON_LOOPBACK_DATAGRAM_SIZE = 1452
 """The largest QUIC datagram towards a server that is not on loopback: fits a 1500-byte
@@ -47,6 +51,9 @@ class SessionOptions:
     # The key file whose path cache (agents reached directly or by relay) the session keeps;
     # None: no cache.
     key_path: Path | None = None
+    # Seconds to keep trying a server that cannot be reached at the start (it may be starting
+    # or restarting), with backoff, before giving up.
+    wait: float = DEFAULT_WAIT
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SessionOptions:
@@ -99,9 +106,14 @@ def print_paths(paths: dict[str, str]) -> None:
         print(f"dsss: path {address} {path}", file=sys.stderr)
 
 
-async def open_session(reactor: Any, options: SessionOptions, key: PrivateKey) -> Session:
+async def open_session(
+    reactor: Any, options: SessionOptions, key: PrivateKey, *, on_wait: Callable[[str], None] | None = None
+) -> Session:
     """Ask the server for its info, start the peer network (UDP socket, punch) and return the
-    Session the flows run on. Close it with `await session.peers.close()`."""
+    Session the flows run on. Close it with `await session.peers.close()`.
+
+    A server that cannot be reached is tried again with backoff for `options.wait` seconds;
+    `on_wait(message)` is called once when the first try has failed."""
     from twisted.internet.threads import deferToThreadPool
 
     from dsss.client.discovery import DiscoveryClient
@@ -111,7 +123,10 @@ async def open_session(reactor: Any, options: SessionOptions, key: PrivateKey) -
 
     collect_garbage_again()
     # With the key, requests are signed when the server admits only listed clients.
-    discovery = DiscoveryClient(options.server, reactor=reactor, key=key)
+    if not 0 <= options.wait <= MAX_WAIT:
+        raise LocalUsageError(f"--wait must be from 0 to {MAX_WAIT:g} seconds")
+    discovery = DiscoveryClient(options.server, reactor=reactor, key=key, first_wait=options.wait,
+                                on_wait=on_wait)
     info = await discovery.info()
     host = await resolve_host(reactor, urlsplit(options.server).hostname or "127.0.0.1")
     bind = "::" if ":" in host else "0.0.0.0"
@@ -138,4 +153,5 @@ async def open_session(reactor: Any, options: SessionOptions, key: PrivateKey) -
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=options.parallel,
-                   chain=chain, offload=offload, erasure=options.erasure)
+                   chain=chain, offload=offload, erasure=options.erasure,
+                   agents=None if info.warming else info.agents)

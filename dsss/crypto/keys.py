@@ -43,14 +43,27 @@ def generate_key_file(path: str | os.PathLike[str]) -> PrivateKey:
     return key
 
 
+MAX_KEY_FILE = 4096
+"""The largest file read as a key file (one is about 150 bytes)."""
+
+
 def load_key_file(path: str | os.PathLike[str]) -> PrivateKey:
     path = Path(path)
     try:
-        text = path.read_text(encoding="ascii")
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY_FILE + 1)
     except FileNotFoundError:
         raise KeyFileError(f"no key at {path}; create one with `python -m dsss.client keygen`") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KeyFileError(f"cannot read key {path}: {e}") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{path} is a directory, not a DSSS key file") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read key {path}: {e.strerror or e}") from None
+    if len(data) > MAX_KEY_FILE:
+        raise KeyFileError(f"{path} is not a DSSS key file (larger than {MAX_KEY_FILE} bytes); check --key")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path} is not a DSSS key file (not text); check --key") from None
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -64,7 +77,7 @@ def load_key_file(path: str | os.PathLike[str]) -> PrivateKey:
             if len(raw) == 32:
                 return PrivateKey(raw)
         break
-    raise KeyFileError(f"{path} is not a DSSS key file")
+    raise KeyFileError(f"{path} is not a DSSS key file; check --key")
 
 
 def public_key_hex(key: PrivateKey | PublicKey) -> str:

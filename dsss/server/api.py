@@ -218,7 +218,7 @@ class DiscoveryAPI:
         if err.http_status == 429 or (err.http_status in (404, 503) and self.server.warming()):
             # Just (re)started: agents are still registering, so this answer may change soon.
             request.setHeader(b"retry-after", b"1")
-        return _json(request, {"error": str(err)}, err.http_status)
+        return _json(request, {"error": str(err), "code": err.code}, err.http_status)
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Any) -> bytes:

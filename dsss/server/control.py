@@ -56,6 +56,8 @@ class ControlServer(Protocol):
 
     def agent_allowed(self, agent_id: str) -> bool: ...
 
+    def agent_left(self, rec: AgentRecord, why: str) -> None: ...
+
 
 MAX_PARTS_PER_AGENT = 4_000_000
 
@@ -100,6 +102,7 @@ class AgentConnection(ControlLineProtocol):
         rec = self.server.registry.unregister(self)
         if rec is not None:
             self.server.auditor.left(rec)
+            self.server.agent_left(rec, "disconnected")
             log.info("agent {agent} disconnected", agent=rec.agent_id[:16])
 
     @property

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Protocol, Sequence, TypeVar
 
-from dsss.errors import Unavailable
+from dsss.errors import TooFewAgents, Unavailable
 from dsss.model import PeerAddress
 
 CAP_FACTOR = 2
@@ -420,7 +420,15 @@ class Placer:
         return self._agent_in(pool, n, req)
 
     def _refuse(self, table: CandidateTable, req: _Request, count: int, excluded_networks: int) -> None:
-        """Raise the reason nothing could be placed."""
+        """Raise the reason nothing could be placed: too few live agents for the copies asked
+        for (`TooFewAgents`), none with room (`Unavailable`), or too few networks."""
+        need = count + excluded_networks
+        # Copies on distinct agents: the ones asked for and those the excluded agents hold.
+        need_agents = count + len(req.excluded)
+        live = [rec for rec in req.source.live(req.now)
+                if rec.address is not None and not self.reputation.is_disqualified(rec.agent_id)]
+        if len(live) < need_agents:
+            raise TooFewAgents(f"too few agents (have {len(live)}, need {need_agents})")
         with_room: set[str] = set()
         for pool in (table.vetted, table.unvetted):
             for rec in pool.agents:
@@ -430,7 +438,6 @@ class Placer:
                     with_room.add(self.rule.key(rec.address))
         if not with_room:
             raise Unavailable(f"no live agent has room for {req.size} bytes")
-        need = count + excluded_networks
         if self.rule.off:
             raise TooFewNetworks(f"too few agents with room for {req.size} bytes "
                                  f"(have {len(with_room)}, need {need})")

@@ -52,6 +52,10 @@ INTRODUCTION_TTL = 60.0
 MAX_ISSUED = 200_000
 # /api/audit answers with a pass at most this old instead of auditing again.
 RECENT_PROOF = 5.0
+DEPARTED_MEMORY = 3600.0
+"""Seconds an agent that left is still shown (as down) on the status page."""
+MAX_DEPARTED = 1000
+"""Most departed agents remembered for the status page; the oldest are forgotten first."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,9 @@ class DiscoveryServer:
             "lan-introductions": 0,  # clients introduced to an agent across their LAN
         }
         self.metrics = ServerMetrics(self)
+        # Agents that left (timed out, disconnected; not the disqualified): on the status page as down
+        # until they register again, for DEPARTED_MEMORY seconds, at most MAX_DEPARTED of them.
+        self.departed: OrderedDict[str, tuple[AgentRecord, float, str]] = OrderedDict()
 
     def warming(self) -> bool:
         """True while agents may still be re-registering after a (re)start: answers such as
@@ -345,6 +352,20 @@ class DiscoveryServer:
             self.auditor.left(rec)
         rec.handle.close()
 
+    def agent_left(self, rec: AgentRecord, why: str) -> None:
+        """Remember an agent that left, for the status page."""
+        self.departed[rec.agent_id] = (rec, self.now(), why)
+        self.departed.move_to_end(rec.agent_id)
+        while len(self.departed) > MAX_DEPARTED:
+            self.departed.popitem(last=False)
+
+    def _departed_now(self, now: float) -> list[tuple[AgentRecord, float, str]]:
+        """The departed agents still remembered that have not registered again."""
+        for agent_id, (_, at, _why) in list(self.departed.items()):
+            if now - at > DEPARTED_MEMORY or self.registry.get(agent_id) is not None:
+                del self.departed[agent_id]
+        return list(self.departed.values())
+
     def info(self) -> dict[str, Any]:
         return {
             "version": dsss.__version__,
@@ -352,6 +373,7 @@ class DiscoveryServer:
             "udp-port": self.udp_port,
             "heartbeat": self.heartbeat,
             "warming": self.warming(),
+            "agents": len(self.registry.live(self.now())),
             "public-key": bytes(self.box_key.public_key).hex(),
             "clients-restricted": self.verifier is not None,
         }
@@ -362,12 +384,17 @@ class DiscoveryServer:
         now = self.now()
         records = self.registry.all()
         live = [r for r in records if self.registry.is_live(r, now)]
-        page = heapq.nsmallest(limit + 1, (r for r in records if r.agent_id > after), key=lambda r: r.agent_id)
+        departed = {rec.agent_id: (at, why) for rec, at, why in self._departed_now(now)}
+        everyone = [*records, *(rec for rec, _, _ in self.departed.values())]
+        page = heapq.nsmallest(limit + 1, (r for r in everyone if r.agent_id > after), key=lambda r: r.agent_id)
         more = len(page) > limit
         agents = []
         for rec in page[:limit]:
             summary = rec.summary(now, self.heartbeat)
-            summary["live"] = self.registry.is_live(rec, now)
+            gone = departed.get(rec.agent_id) if self.registry.get(rec.agent_id) is not rec else None
+            summary["live"] = gone is None and self.registry.is_live(rec, now)
+            if gone is not None:
+                summary["left"], summary["left-at"] = gone[1], round(gone[0], 3)
             relayed = rec.address is not None and self.relays.recently_relayed(rec.address, now)
             summary["reached"] = "relayed" if relayed else "direct"
             record = self.reputation.get(rec.agent_id)
@@ -386,6 +413,7 @@ class DiscoveryServer:
             "totals": {
                 "agents": len(records),
                 "live": len(live),
+                "departed": len(departed),
                 "capacity": sum(r.capacity for r in live),
                 "free": sum(r.free for r in live),
                 "used": sum(max(0, r.capacity - r.free) for r in live),
@@ -406,7 +434,8 @@ class DiscoveryServer:
         self.registry.forget_stale(now)
         for rec in self.registry.dead(now):
             log.info("agent {agent} timed out", agent=rec.agent_id[:16])
-            self.registry.unregister(rec.handle)
+            if self.registry.unregister(rec.handle) is not None:
+                self.agent_left(rec, "timed out")
             self.auditor.left(rec)
             rec.handle.close()
         for conn in list(self.connections):

@@ -109,7 +109,10 @@ def test_where_to_upload_puts_one_copy_per_network_by_default():
         assert str(other.address) in doc["addresses"]
         assert sum(1 for a in same if str(a.address) in doc["addresses"]) == 1
     code, doc = decoded(get(treq, f"/api/where-to-upload?size=100&exclude={same[0].address},{other.address}"))
-    assert code == 503 and doc["error"].startswith("too few distinct networks (have 2, need 5)"), doc
+    assert code == 503 and doc == {"error": "too few agents (have 4, need 5)", "code": "too-few-agents"}, doc
+    code, doc = decoded(get(treq, f"/api/where-to-upload?size=100&count=2&exclude={same[0].address},{other.address}"))
+    assert code == 503 and doc["error"].startswith("too few distinct networks (have 2, need 4)"), doc
+    assert doc["code"] == "networks"
     code, doc = decoded(get(treq, f"/api/where-to-upload?size=100000&exclude={same[0].address}"))
     assert code == 503 and doc["error"] == "no live agent has room for 100000 bytes"
     # upload-to counts the copies it is asked for.
@@ -195,7 +198,7 @@ def test_upload_to_places_and_introduces_in_one_request(server):
     treq = StubTreq(DiscoveryAPI(server).resource())
     url = f"/api/upload-to?size=77&hash={HASH}&from=127.0.0.1:9999"
     code, doc = decoded(get(treq, url))
-    assert code == 503 and "no live agent has room" in doc["error"]
+    assert code == 503 and doc == {"error": "too few agents (have 0, need 2)", "code": "too-few-agents"}
     agents = {4950 + i: FakeAgent(server, 4950 + i) for i in range(3)}
     results = get(treq, url + "&exclude=127.0.0.1:4950")
     asked = {port: a.sent() for port, a in agents.items()}

@@ -101,7 +101,7 @@ def test_status_reports_agents_totals_and_activity(server):
     assert (first["capacity"], first["free"], first["used"]) == (20_000, 10_000, 10_000)
     assert first["last-heartbeat"] == 1.5
     assert doc["totals"] == {
-        "agents": 2, "live": 2, "capacity": 24_000, "free": 14_000, "used": 10_000,
+        "agents": 2, "live": 2, "departed": 0, "capacity": 24_000, "free": 14_000, "used": 10_000,
         "parts": 1, "parts-indexed": 1,
     }  # b answered "0" to WHO_HAS, so the server forgot that it holds the part
     activity = doc["activity"]
@@ -117,6 +117,35 @@ def test_status_reports_agents_totals_and_activity(server):
     assert activity["recent"][-1]["part"] == HASH[:16]
     assert activity["recent"][-1]["time"] == 1_700_000_000.004  # when the agent answered
     assert doc["server"]["time"] == server.now() and doc["server"]["replicas"] == 2
+
+
+def test_an_agent_that_timed_out_or_left_is_shown_as_down_until_it_comes_back(server):
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    a, b, c = (FakeAgent(server, 4001 + i) for i in range(3))
+    # a stops answering: after the liveness bound the server drops it, and says so.
+    for _ in range(8):
+        server.clock.advance(server.heartbeat)
+        for agent in (b, c):
+            agent.rec.last_tcp = server.now()
+            server.registry.heard_udp(agent.rec.token, agent.address, server.now())
+        server.tick()
+    assert server.registry.get(a.rec.agent_id) is None
+    c.proto.transport.loseConnection()  # c disconnects
+    doc = json.loads(fetch(treq, "/api/status")[0][2])
+    shown = {g["id"]: g for g in doc["agents"]}
+    assert shown[a.rec.agent_id]["live"] is False and shown[a.rec.agent_id]["left"] == "timed out"
+    assert shown[a.rec.agent_id]["address"] == "127.0.0.1:4001"
+    assert shown[c.rec.agent_id]["live"] is False and shown[c.rec.agent_id]["left"] == "disconnected"
+    assert shown[b.rec.agent_id]["live"] is True and "left" not in shown[b.rec.agent_id]
+    assert (doc["totals"]["agents"], doc["totals"]["live"], doc["totals"]["departed"]) == (1, 1, 2)
+    page = fetch(treq, "/")[0][2].decode()
+    assert f'data-agent="{a.rec.agent_id}"' in page and page.count(">down<") == 2
+    # Remembered for DEPARTED_MEMORY seconds.
+    server.clock.advance(3601)
+    b.rec.last_tcp = server.now()
+    server.registry.heard_udp(b.rec.token, b.address, server.now())
+    doc = json.loads(fetch(treq, "/api/status")[0][2])
+    assert [g["id"] for g in doc["agents"]] == [b.rec.agent_id] and doc["totals"]["departed"] == 0
 
 
 def test_recent_activity_is_bounded(server):

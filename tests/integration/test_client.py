@@ -100,7 +100,7 @@ def test_unknown_address_and_bad_input(shared_network, tmp_path):
         r = net.client("get", bad, "-o", str(tmp_path / "x"), check=False)
         assert r.returncode == 2 and "not a file address" in r.stderr.decode()
     r = net.client("put", str(tmp_path / "missing"), check=False)
-    assert r.returncode == 2 and "not a readable file" in r.stderr.decode()
+    assert r.returncode == 2 and "no such file" in r.stderr.decode()
 
 
 def test_server_unreachable_is_one_clear_line(shared_network, tmp_path):
@@ -164,7 +164,8 @@ def test_get_survives_a_killed_agent_and_corrupt_replicas(make_network, tmp_path
     err = r.stderr.decode()
     # Either the corrupt manifest is refused now, or it was already quarantined during the
     # previous get (and reported gone), leaving no holder at all.
-    assert "corrupt on every replica" in err or "no file is stored" in err, err
+    # (A file this key's catalog records as stored, with no holder left, is "offline": exit 8.)
+    assert "corrupt on every replica" in err or "no agent holding it is online now" in err, err
     assert len(err.strip().splitlines()) == 1
     assert not out3.exists()
     quarantined = [p.name.split(".")[0] for p in (net.agents[1].storage / "quarantine").iterdir()]
@@ -226,8 +227,15 @@ def test_get_many_addresses_into_a_directory(shared_network, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "note.txt").write_bytes(b"an older note, replaced")
+    # An existing file is not replaced without --force; nothing else is written then.
+    r = net.client("get", *addresses, "-o", str(out), check=False)
+    assert r.returncode == 2 and f"{out / 'note.txt'} exists; give --force to replace it" in r.stderr.decode()
+    assert (out / "note.txt").read_bytes() == b"an older note, replaced"
+    for n in names:
+        if n != "note.txt":
+            (out / n).unlink()
     # An address given twice is fetched once.
-    r = net.client("get", *addresses, addresses[0], "-o", str(out))
+    r = net.client("get", *addresses, addresses[0], "-o", str(out), "--force")
     assert r.stderr == b""
     assert r.stdout.decode().splitlines() == [f"{a} {out / n}" for a, n in zip(addresses, names)]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary file left
@@ -269,7 +277,7 @@ def test_get_many_reports_each_failure_and_writes_only_whole_files(shared_networ
     assert (out / "mine.txt").read_bytes() == mine.read_bytes()
 
     # --json: the failures are objects too, after the files fetched.
-    r = net.client("--json", "get", unknown, a_mine, "-o", str(out), check=False)
+    r = net.client("--json", "get", unknown, a_mine, "-o", str(out), "--force", check=False)
     docs = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert r.returncode == 3 and docs[0]["address"] == a_mine
     assert docs[1] == {"address": unknown, "error": f"no file is stored at {unknown} (unknown address)",
@@ -296,7 +304,7 @@ def test_get_many_reports_each_failure_and_writes_only_whole_files(shared_networ
     assert r.returncode == 2 and "not a file address" in r.stderr.decode()
 
 
-def test_put_of_several_files_names_the_one_that_failed(make_network, tmp_path):
+def test_put_with_too_few_agents_is_refused_at_once(make_network, tmp_path):
     # Two agents for three replicas: no file can be stored.
     net = start_network(make_network(heartbeat=0.5, replicas=3), agents=2)
     net.client("keygen")
@@ -307,8 +315,7 @@ def test_put_of_several_files_names_the_one_that_failed(make_network, tmp_path):
         files.append(str(f))
     r = net.client("put", *files, check=False)
     err = r.stderr.decode().strip()
-    assert r.returncode == 4 and r.stdout == b""
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"dsss: error: {files[0]}: stored a part on 2 of 3 agents")
-    assert err.endswith("; stored 0 of 3 files"), err
+    # Refused at once, before anything is sent: the server says how many agents are live.
+    assert r.returncode == 9 and r.stdout == b""
+    assert err == "dsss: error: too few agents (have 2, need 3): a new file needs 3 copies of each block"
     assert not net.key.with_name(net.key.name + ".catalog").exists()

@@ -104,8 +104,8 @@ def test_erasure_coded_put_needs_an_agent_per_share(shared_network, tmp_path: Pa
     src = tmp_path / "f.bin"
     src.write_bytes(os.urandom(3 * 64 * 1024))
     r = alice.cli("put", "--part-size", "64K", "--erasure", "2/6", str(src), check=False)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "of a part's 6 shares, each needs an agent of its own" in r.stderr
+    assert r.returncode == 9 and "Traceback" not in r.stderr
+    assert "too few agents (have 4, need 6): a new file needs 6 shares of each part" in r.stderr
     r = alice.cli("put", "--erasure", "4/2", str(src), check=False)
     assert r.returncode == 2 and "2 <= K < N" in r.stderr
     # Small files travel inside their manifest, coded or not; the config file may ask for coding.

@@ -27,7 +27,7 @@ from dsss.client.flows import (
     put_files,
 )
 from dsss.crypto.manifest import open_manifest
-from dsss.errors import NotFound, Unavailable, WrongKey
+from dsss.errors import NotFound, Offline, Unavailable, WrongKey
 from dsss.model import PeerAddress, block_hash
 from tests.unit.test_client_catalog_config import FakeNetwork, result_of
 
@@ -529,7 +529,7 @@ def test_an_erasure_coded_file_survives_losing_n_minus_k_agents_and_no_more() ->
     # A third agent lost: a part cannot be rebuilt from one share.
     third = next(a for a in agents if a not in gone and a != keep_manifest[0])
     net.live.discard(third)
-    with pytest.raises(Unavailable, match="fetched 1 of the 2 shares"):
+    with pytest.raises(Offline, match="1 of the 2 shares it needs are online now"):
         fetch(net, address)
 
 

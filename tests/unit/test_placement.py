@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsss.errors import Unavailable
+from dsss.errors import TooFewAgents, Unavailable
 from dsss.model import PeerAddress
 from dsss.server.placement import (
     CAP_FACTOR,
@@ -141,6 +141,10 @@ def test_placement_rules_hold(specs: list[tuple[int, int, int, bool, bool, bool]
                    and net_of(r) not in excluded_nets}
     try:
         chosen = net.place(count, exclude=exclude)  # type: ignore[arg-type]
+    except TooFewAgents:
+        assert not usable_nets
+        assert sum(1 for r, live, dq in recs if live and not dq) < count + len(set(exclude))
+        return
     except TooFewNetworks:
         assert not usable_nets
         assert any(live and not dq and r.free >= SIZE for r, live, dq in recs)
@@ -279,18 +283,23 @@ def test_a_vetted_and_an_unvetted_agent_of_one_network_get_one_copy() -> None:
 # --- errors ------------------------------------------------------------------------------------
 
 
-def test_no_room_and_too_few_networks_are_told_apart() -> None:
+def test_too_few_agents_no_room_and_too_few_networks_are_told_apart() -> None:
     net = Net()
-    with pytest.raises(Unavailable) as e:
+    with pytest.raises(TooFewAgents) as e:
         net.place(3)
-    assert not isinstance(e.value, TooFewNetworks) and "no live agent has room for 1000 bytes" in str(e.value)
+    assert str(e.value) == "too few agents (have 0, need 3)" and e.value.http_status == 503
     a = net.add("192.0.2.1", 10)
+    b = net.add("192.0.2.2", 10)
+    with pytest.raises(TooFewAgents) as e:  # too few comes first, whatever their room
+        net.place(3)
+    assert str(e.value) == "too few agents (have 2, need 3)"
+    c = net.add("198.51.100.7", 10)
     with pytest.raises(Unavailable) as e:
         net.place(3)
-    assert not isinstance(e.value, TooFewNetworks)
-    net.registry.space(a, 10**6, 10**6)
-    b = net.add("192.0.2.2")
-    c = net.add("198.51.100.7")
+    assert not isinstance(e.value, (TooFewNetworks, TooFewAgents))
+    assert "no live agent has room for 1000 bytes" in str(e.value)
+    for rec in (a, b, c):
+        net.registry.space(rec, 10**6, 10**6)
     assert len(net.place(3)) == 2  # fewer than asked: the list is shorter
     with pytest.raises(TooFewNetworks) as e:
         net.place(1, exclude=[a.address, c.address])  # type: ignore[list-item]
@@ -305,9 +314,14 @@ def test_off_makes_every_agent_its_own_network() -> None:
     for _ in range(50):
         chosen = net.place(3)
         assert len({id(r) for r in chosen}) == 3
-    with pytest.raises(TooFewNetworks) as e:
+    with pytest.raises(TooFewAgents) as e:
         net.place(1, exclude=[r.address for r in recs])  # type: ignore[misc]
-    assert str(e.value).startswith("too few agents with room for 1000 bytes (have 4, need 5)")
+    assert str(e.value) == "too few agents (have 4, need 5)"
+    for rec in recs[1:]:
+        net.registry.space(rec, 2 * SIZE, SIZE - 1)
+    with pytest.raises(TooFewNetworks) as e:
+        net.place(2, exclude=[recs[0].address])  # type: ignore[list-item]
+    assert str(e.value).startswith("too few agents with room for 1000 bytes (have 1, need 3)")
 
 
 def test_count_zero_places_nothing() -> None:

@@ -232,8 +232,8 @@ def test_upload_to_answers_the_first_hashes_when_fewer_agents_have_room(server: 
     assert code == 200 and len(doc["introductions"]) == 3
     assert len({i["address"] for i in doc["introductions"]}) == 3
     code, doc = answer(treq, url + "&exclude=" + ",".join(str(a.address) for a in everyone))
-    # Every agent with room is excluded: 5 more networks are needed than there are.
-    assert code == 503 and "too few agents with room for 77 bytes (have 3, need 8)" in doc["error"]
+    # Every agent with room is excluded: five shares more than the five live agents can take.
+    assert code == 503 and doc["error"] == "too few agents (have 5, need 8)"
 
 
 def test_upload_to_with_one_share_and_copies_1_picks_one_agent(server: Any) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
+
 from dsss.client import catalog
-from dsss.client.render import dump_json, utc_iso
-from dsss.errors import LocalUsageError
+from dsss.client.render import dump_json, human_size, local_date, utc_iso
+from dsss.errors import DSSSError, LocalUsageError, Offline
 from dsss.model import is_block_id, is_share_id
 
 if TYPE_CHECKING:
@@ -31,6 +34,28 @@ class CommandLineError(LocalUsageError):
     """A bad command line (exit code 2)."""
 
     exit_code = 2
+
+
+class Interrupted(Exception):
+    """The command was stopped by SIGINT or SIGTERM; the message says what was and was not
+    done (exit code 128 + the signal: 130, 143)."""
+
+
+@dataclass
+class InterruptState:
+    """The signal that interrupted the running command, if one did."""
+
+    signum: int | None = None
+
+
+INTERRUPT = InterruptState()
+
+
+def check_interrupted() -> None:
+    """Raise CancelledError if the command was interrupted (for a flow that went on
+    regardless: its parts swallow their cancellation)."""
+    if INTERRUPT.signum is not None:
+        raise defer.CancelledError()
 
 
 def add_command(sub: Any, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
@@ -62,9 +87,50 @@ def fail(message: str, code: int = 1, *, json_mode: bool = False, kind: str = "e
 
 
 def check_address(text: str) -> str:
-    if not is_block_id(text) or is_share_id(text):
-        raise CommandLineError(f"not a file address (64 lowercase hex characters): {text!r}")
-    return text
+    """A file address as given (upper or lower case hex), in lower case."""
+    address = text.strip().lower() if isinstance(text, str) else text
+    if not is_block_id(address) or is_share_id(address):
+        raise CommandLineError(f"not a file address (64 hex characters): {text!r}")
+    return address
+
+
+def printable(text: str) -> str:
+    """`text` for a one-line output: a backslash, and control characters (a newline, a tab, an
+    escape) written as Python escapes (`\\`, `\n`, `\t`, `\x1b`), so that each file stays on one
+    line and a name cannot move the cursor. Other text, any script, is kept as it is."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def catalog_entry(settings: Settings, address: str) -> catalog.Entry | None:
+    """The latest catalog entry for `address` (stored or shared by this key), if any."""
+    try:
+        entries, _ = catalog.read(catalog.catalog_path(settings.key))
+    except OSError:
+        return None
+    found = [e for e in catalog.latest(entries) if e.address == address]
+    return found[-1] if found else None
+
+
+def offline_if_known(settings: Settings, address: str, error: DSSSError) -> DSSSError:
+    """For a file no online agent has: Offline (exit 8) if the catalog says this key stored or
+    shared it (so it was stored, and its holders are offline or lost it), else `error`."""
+    entry = catalog_entry(settings, address)
+    if entry is None:
+        return error
+    when = local_date(entry.created)
+    return Offline(f"{address} was stored ({entry.name}, {human_size(entry.size)}, on {when} "
+                   f"by your catalog), but no agent holding it is online now; try again later, "
+                   f"when they are back")
 
 
 def record(settings: Settings, entry: catalog.Entry) -> None:
@@ -93,10 +159,16 @@ async def session_for(reactor: Any, args: argparse.Namespace, settings: Settings
     """The session a command runs on: the settings, with the global options of its command line."""
     from dsss.client.session import SessionOptions, open_session
 
-    options = SessionOptions.from_settings(
-        settings,
-        datagram_size=getattr(args, "datagram_size", None),
-        chain=getattr(args, "chain", None),
-        verbose=bool(getattr(args, "verbose", False)),
-    )
-    return await open_session(reactor, options, key)
+    overrides: dict[str, Any] = {
+        "datagram_size": getattr(args, "datagram_size", None),
+        "chain": getattr(args, "chain", None),
+        "verbose": bool(getattr(args, "verbose", False)),
+    }
+    if getattr(args, "wait", None) is not None:
+        overrides["wait"] = args.wait
+    options = SessionOptions.from_settings(settings, **overrides)
+
+    def waiting(message: str) -> None:
+        print(f"dsss: {message}", file=sys.stderr, flush=True)
+
+    return await open_session(reactor, options, key, on_wait=waiting)

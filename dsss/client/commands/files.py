@@ -17,8 +17,10 @@ from dsss.client.commands.common import (
     SHORT,
     CommandLineError,
     add_command,
+    catalog_entry,
     check_address,
     manifest_doc,
+    offline_if_known,
     record,
     session_for,
     warn,
@@ -26,7 +28,7 @@ from dsss.client.commands.common import (
 from dsss.client.config import Settings
 from dsss.client.render import dump_json, human_size, local_date, table, utc_iso
 from dsss.crypto.keys import load_key_file, parse_public_key, public_key_hex
-from dsss.errors import LocalUsageError
+from dsss.errors import LocalUsageError, NotFound
 
 
 def register(sub: Any) -> None:
@@ -88,9 +90,13 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
 
     address = check_address(args.address)
     key = load_key_file(settings.key)
+    entry = catalog_entry(settings, address)
+    source = entry.source if entry is not None and entry.shared else None
     session = await session_for(reactor, args, settings, key)
     try:
-        health = await survey(session, address, key)
+        health = await survey(session, address, key, source=source)
+    except NotFound as e:
+        raise offline_if_known(settings, address, e) from None
     finally:
         await session.peers.close()
     m = health.manifest

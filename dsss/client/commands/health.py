@@ -18,12 +18,13 @@ from dsss.client.commands.common import (
     add_command,
     check_address,
     error_line,
+    offline_if_known,
     session_for,
 )
 from dsss.client.config import Settings
 from dsss.client.render import dump_json, table
 from dsss.crypto.keys import load_key_file
-from dsss.errors import DSSSError
+from dsss.errors import DSSSError, NotFound
 
 if TYPE_CHECKING:
     from dsss.client.flows import Session
@@ -33,7 +34,7 @@ _HELP = {
     "check": ("count the healthy replicas of a file's manifest and parts", f"""examples:
   {PROG} check {SHORT}
   {PROG} check --verify {SHORT}          # also download and hash every copy
-  {PROG} check --all                    # every file in your catalog
+  {PROG} check --all                    # every file and share in your catalog
 
 Exit code 0 when every block has the server's replica count, {EXIT_DEGRADED} when some have fewer.
 """),
@@ -41,7 +42,8 @@ Exit code 0 when every block has the server's replica count, {EXIT_DEGRADED} whe
   {PROG} repair {SHORT}
   {PROG} repair --verify --all
 
-Blocks are copied from a healthy holder to agents that do not hold them yet.
+Blocks are copied from a healthy holder to agents that do not hold them yet. A share you made
+(`share`) is checked and repaired like a file: its own manifest, and the parts it shares.
 """),
 }
 
@@ -51,22 +53,28 @@ def register(sub: Any) -> None:
         c = add_command(sub, name, *_HELP[name])
         c.add_argument("addresses", nargs="*", metavar="ADDRESS")
         c.add_argument("--all", action="store_true",
-                       help="every file stored with `put` in this key's catalog")
+                       help="every file stored with `put`, and every share made with `share`, in this "
+                            "key's catalog")
         c.add_argument("--verify", action="store_true",
                        help="download every holder's copy and check its hash (slower)")
         c.set_defaults(func=func)
 
 
-def _targets(args: argparse.Namespace, settings: Settings) -> list[str]:
+def _targets(args: argparse.Namespace, settings: Settings) -> list[tuple[str, str | None]]:
+    """The files to check or repair, each as (address, source): `source` is, for a share this
+    key made, the address it was shared from (see `maintenance.survey`)."""
+    entries, _ = catalog.read(catalog.catalog_path(settings.key))
+    latest = catalog.latest(entries)
+    sources = {e.address: e.source for e in latest if e.shared and e.source is not None}
+    given = list(map(check_address, args.addresses))
     if args.all:
-        entries, _ = catalog.read(catalog.catalog_path(settings.key))
-        found = [e.address for e in catalog.latest(entries) if not e.shared]
-        if not found and not args.addresses:
+        found = [e.address for e in latest if not e.shared or e.source is not None]
+        if not found and not given:
             raise CommandLineError(f"--all: no file in the catalog {catalog.catalog_path(settings.key)}")
-        return list(dict.fromkeys([*map(check_address, args.addresses), *found]))
-    if not args.addresses:
+        given += found
+    elif not given:
         raise CommandLineError(f"give at least one ADDRESS, or --all (see `{PROG} {args.command} --help`)")
-    return list(dict.fromkeys(map(check_address, args.addresses)))
+    return [(a, sources.get(a)) for a in dict.fromkeys(given)]
 
 
 def _wanted(health: FileHealth) -> str:
@@ -104,17 +112,20 @@ async def _each_file(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
     """Run `work(session, key, address)` for every address; collect per-file errors as
     (message, exit code)."""
-    addresses = _targets(args, settings)
+    targets = _targets(args, settings)
     key = load_key_file(settings.key)
     session = await session_for(reactor, args, settings, key)
     docs: list[dict[str, Any]] = []
     errors: list[tuple[str, int]] = []
     try:
-        for address in addresses:
+        for address, source in targets:
             try:
-                docs.append(await work(session, key, address))
+                try:
+                    docs.append(await work(session, key, address, source))
+                except NotFound as e:
+                    raise offline_if_known(settings, address, e) from None
             except DSSSError as e:
-                message = f"{address}: {e}" if len(addresses) > 1 else str(e)
+                message = f"{address}: {e}" if len(targets) > 1 else str(e)
                 errors.append((message, e.exit_code))
                 docs.append({"address": address, "ok": False, "error": message, "code": e.code})
     finally:
@@ -128,9 +139,9 @@ async def cmd_check(reactor: Any, args: argparse.Namespace, settings: Settings) 
     target = 0
     coded = False
 
-    async def work(session: Session, key: PrivateKey, address: str) -> dict[str, Any]:
+    async def work(session: Session, key: PrivateKey, address: str, source: str | None) -> dict[str, Any]:
         nonlocal target, coded
-        health = await survey(session, address, key, verify=args.verify)
+        health = await survey(session, address, key, verify=args.verify, source=source)
         target = health.target
         coded = coded or health.manifest.erasure is not None
         if not args.json:
@@ -170,9 +181,9 @@ async def cmd_repair(reactor: Any, args: argparse.Namespace, settings: Settings)
     problems: list[tuple[str, list[Repaired]]] = []
     target = 0
 
-    async def work(session: Session, key: PrivateKey, address: str) -> dict[str, Any]:
+    async def work(session: Session, key: PrivateKey, address: str, source: str | None) -> dict[str, Any]:
         nonlocal target
-        health = await survey(session, address, key, verify=args.verify)
+        health = await survey(session, address, key, verify=args.verify, source=source)
         target = health.target
         results = await repair(session, health)
         failed = [r for r in results if r.error]

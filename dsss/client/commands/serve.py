@@ -39,7 +39,7 @@ beside the key (made on first start, mode 0600). Runs until interrupted (SIGINT,
     gw.add_argument("--erasure", default=None, metavar="K/N",
                     help="store files' parts as N shares, any K of which give a part back, or off "
                          "(default: config or off; see `put --help`)")
-    gw.set_defaults(func=cmd_gateway)
+    gw.set_defaults(func=cmd_gateway, own_signals=True)  # Ctrl-C stops it cleanly, exit 0
 
 
 async def cmd_gateway(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
