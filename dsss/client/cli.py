@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from twisted.internet import defer
 
-from dsss.client.commands import files, health, keys, serve, transfer
+from dsss.client.commands import catalog, files, health, keys, serve, transfer
 from dsss.client.commands.common import PROG, SHORT, CommandLineError, fail
 from dsss.client.config import MAX_PARALLEL, settings_from
 from dsss.client.render import dump_json
@@ -44,10 +44,12 @@ EPILOG = f"""commands:
   share    let another key read a file        check    count each part's replicas
   repair   restore missing replicas           config   show the settings in force
   gateway  serve put and get over HTTP on this machine (a long-running client)
+  catalog  back up the catalog to the network, or restore it
 
 examples:
   {PROG} keygen
   {PROG} put photo.jpg notes.txt
+  {PROG} put -r photos/                  # a whole tree: one address
   {PROG} get {SHORT} -o photo.jpg
   {PROG} --json ls
   {PROG} share {SHORT} --to bob.pub
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=False,
                    help="also say on stderr which path reached each agent (direct or relay)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (keys, transfer, files, health, serve):
+    for group in (keys, transfer, files, health, serve, catalog):
         group.register(sub)
     return p
 

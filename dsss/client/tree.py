@@ -14,8 +14,8 @@ Restoring: every directory of the tree is fetched and checked first (each name o
 component, names distinct, no directory twice, depth bounded), then the paths are checked
 against what is on disk (nothing is written if a file exists and `force` is not given, or if a
 directory of the tree is a file or a link on disk), then the files are fetched into temporary
-files beside their final names and linked into place (replaced with `force`), and the modes and
-times of the directories made are set last, deepest first.
+files beside their final names and linked into place (replaced with `force`), and the times of
+the tree's directories (and the modes of those it made) are set last, deepest first.
 """
 
 from __future__ import annotations
@@ -488,12 +488,14 @@ async def get_tree(
         on_file(where, error)
 
     await get_files(session, addresses, key=key, open_output=open_output, on_done=done)
-    # Modes and times of the directories made, deepest first: writing into a directory changes
-    # its time, and a read-only mode would have stopped the writes.
+    # Times of the tree's directories, and modes of those made, deepest first: writing into a
+    # directory changes its time, and a read-only mode would have stopped the writes. A
+    # directory that existed keeps its mode; the target itself, if it existed, is left as it is.
     made = set(to_make)
     for path, _a, d in reversed(tree.dirs):
         where = target.joinpath(*path)
         if where in made:
             os.chmod(where, d.mode)
-            os.utime(where, ns=(d.mtime, d.mtime))
+        if where in made or path:
+            os.utime(where, ns=(d.mtime, d.mtime), follow_symlinks=False)
     return result

@@ -283,7 +283,7 @@ def open_manifest(blob: bytes, private_key: PrivateKey) -> tuple[Manifest, bytes
     header = len(MAGIC) + SEALED_KEY_BYTES + NONCE_BYTES
     refuse_old(blob)
     if blob.startswith(DIRECTORY_MAGIC):
-        raise IsDirectory("this address holds a directory, not a file (use -r: `get -r ADDRESS`; "
+        raise IsDirectory("this address is a directory (use -r: `get -r ADDRESS -o DIR`; "
                           "`ls ADDRESS` lists it)")
     if len(blob) < header + TAG_BYTES or not blob.startswith(MAGIC):
         raise IntegrityError("this address does not hold a DSSS manifest")

@@ -46,13 +46,15 @@ ODD_NAMES = [
     ".hidden", "...", "quote\"back\\slash", "emoji 🎉", "percent%2F", "star*?[x]",
 ]
 
+DIR_NAMES = ["ünïcødé dir", "-dash dir", " spaced dir ", "日本 dir"]
+
 
 def build_tree(root: Path, files: int, rng: random.Random) -> None:
     """`files` small files in nested folders (three levels), with the odd names, empty files,
     an empty directory, and assorted modes and nanosecond times."""
     dirs = [root]
     for i in range(8):
-        top = root / (ODD_NAMES[i] if i < 4 else f"dir {i}")
+        top = root / (DIR_NAMES[i] if i < len(DIR_NAMES) else f"dir {i}")
         dirs.append(top)
         for j in range(3):
             sub = top / f"sub-{j}" / ("deeper" if j == 1 else "-x")
@@ -62,8 +64,9 @@ def build_tree(root: Path, files: int, rng: random.Random) -> None:
     (root / "empty directory").mkdir()
     names = iter(ODD_NAMES)
     for n in range(files):
-        d = dirs[n % len(dirs)]
-        name = next(names, None) or f"file {n:04d}.bin"
+        name = next(names, None)
+        d = root if name is not None else dirs[n % len(dirs)]
+        name = name or f"file {n:04d}.bin"
         data = b"" if n % 50 == 0 else rng.randbytes(rng.randrange(1, 300))
         path = d / name
         path.write_bytes(data)
@@ -107,7 +110,7 @@ def test_a_tree_of_a_thousand_files_round_trips(one_copy_network: LocalNetwork, 
     assert listing["type"] == "directory" and listing["name"] == "src"
     top = {e["name"]: e for e in listing["entries"]}
     assert "a link" not in top and top["empty directory"]["type"] == "directory"
-    assert top[ODD_NAMES[0]]["type"] == "directory" and top[ODD_NAMES[0]]["mode"] == 0o755
+    assert top[DIR_NAMES[0]]["type"] == "directory" and top[DIR_NAMES[0]]["mode"] == 0o755
     text = user.cli("ls", address).stdout
     assert "empty directory/" in text and "new\\nline" in text  # control characters escaped
 
@@ -119,16 +122,14 @@ def test_a_tree_of_a_thousand_files_round_trips(one_copy_network: LocalNetwork, 
     assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(src).st_mode)
     assert os.stat(out).st_mtime_ns == 1_650_000_000_000_000_000
 
-    # Again into the same place: refused, nothing changed; with --force, replaced.
-    victim = out / ODD_NAMES[0] / "sub-0" / "-x"
-    some = next(p for p in victim.iterdir() if p.is_file())
+    # Again into the same place: refused before anything is written (--force is tested on a
+    # small tree below).
+    some = next(p for p in (out / DIR_NAMES[0] / "sub-0" / "-x").iterdir() if p.is_file())
     os.chmod(some, 0o600)
     some.write_bytes(b"changed")
     r = user.cli("get", "-r", address, "-o", str(out), check=False)
     assert r.returncode == 1 and "exist" in r.stderr and "--force" in r.stderr
     assert some.read_bytes() == b"changed"
-    user.cli("get", "-r", address, "-o", str(out), "--force")
-    assert snapshot(out) == before
 
     # A file command given the directory says so; `put DIR` without -r too.
     r = user.cli("get", address, "-o", str(tmp_path / "x"), check=False)
@@ -142,6 +143,32 @@ def test_a_tree_of_a_thousand_files_round_trips(one_copy_network: LocalNetwork, 
     file_address = next(e["address"] for e in listing["entries"] if e["type"] == "file")
     r = user.cli("get", "-r", file_address, "-o", str(tmp_path / "y"), check=False)
     assert r.returncode == 2 and "is a file" in r.stderr and not (tmp_path / "y").exists()
+
+
+def test_get_r_replaces_existing_files_only_when_forced(one_copy_network: LocalNetwork, tmp_path: Path) -> None:
+    user = User(one_copy_network, tmp_path, "force")
+    src = tmp_path / "src"
+    build_tree(src, 40, random.Random(3))
+    before = snapshot(src)
+    address = user.cli("put", "-r", str(src)).stdout.split()[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ODD_NAMES[0]).write_bytes(b"mine")
+    (out / "unrelated").write_bytes(b"kept")
+    r = user.cli("get", "-r", address, "-o", str(out), check=False)
+    assert r.returncode == 1 and "nothing was written" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([ODD_NAMES[0], "unrelated"])
+    doc = user.json("get", "-r", address, "-o", str(out), "--force")
+    assert doc["replaced"] == 1 and doc["files"] == 40 and doc["failed"] == []
+    assert snapshot(out) == {**before, "unrelated": snapshot(out)["unrelated"]}
+    assert (out / "unrelated").read_bytes() == b"kept"
+    # A directory of the tree that is a file on disk is never replaced, even with --force.
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    (out2 / DIR_NAMES[0]).write_bytes(b"a file")
+    r = user.cli("get", "-r", address, "-o", str(out2), "--force", check=False)
+    assert r.returncode == 1 and "not a directory" in r.stderr
+    assert [p.name for p in out2.iterdir()] == [DIR_NAMES[0]]
 
 
 def store_blobs(net: LocalNetwork, user: User, blobs: list[bytes], tmp_path: Path) -> list[str]:
@@ -210,10 +237,9 @@ def test_put_reads_stdin(one_copy_network: LocalNetwork, tmp_path: Path) -> None
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["name"] == "stdin" and doc["size"] == 0
     # A name that is a path is refused before anything is read or stored.
-    r = user.cli("put", "-", "--name", "a/b", check=False)
-    assert r.returncode == 2 and "one path component" in r.stderr
-    r = user.cli("put", "-", str(out), check=False)
-    assert r.returncode == 2
+    bad = user.cli("put", "-", "--name", "a/b", check=False)
+    assert bad.returncode == 2 and "one path component" in bad.stderr
+    assert user.cli("put", "-", str(out), check=False).returncode == 2
 
 
 def test_the_catalog_is_backed_up_and_restored(one_copy_network: LocalNetwork, tmp_path: Path) -> None:

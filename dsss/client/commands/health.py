@@ -60,7 +60,8 @@ def register(sub: Any) -> None:
 def _targets(args: argparse.Namespace, settings: Settings) -> list[str]:
     if args.all:
         entries, _ = catalog.read(catalog.catalog_path(settings.key))
-        found = [e.address for e in catalog.latest(entries) if not e.shared]
+        # A directory (put -r) is not a file: `check` surveys files' manifests and parts.
+        found = [e.address for e in catalog.latest(entries) if not e.shared and not e.directory]
         if not found and not args.addresses:
             raise CommandLineError(f"--all: no file in the catalog {catalog.catalog_path(settings.key)}")
         return list(dict.fromkeys([*map(check_address, args.addresses), *found]))

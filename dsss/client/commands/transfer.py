@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from nacl.public import PrivateKey
 
 from dsss.client import catalog
+from dsss.client.commands import tree
 from dsss.client.commands.common import (
     PROG,
     SHORT,
@@ -45,8 +46,17 @@ def register(sub: Any) -> None:
 
 Each file is also recorded in the catalog beside the key (see `ls`). On a terminal, progress
 bars (overall and per file) and a summary line are drawn on stderr.
+
+  {PROG} put -r photos/                # ADDRESS photos/: the whole tree, one address
+  tar -c src | {PROG} put - --name src.tar
 """)
-    put.add_argument("files", nargs="+", metavar="FILE")
+    put.add_argument("files", nargs="+", metavar="FILE",
+                     help="files to store; with -r, directories; `-` reads stdin")
+    put.add_argument("-r", "--recursive", action="store_true",
+                     help="store each DIR as a tree (every file, then a directory manifest for each "
+                          "directory): prints one address per tree; links and special files are skipped")
+    put.add_argument("--name", default=None, metavar="NAME",
+                     help="with `-`: the name to store stdin under (default: stdin)")
     put.add_argument("--part-size", default=None, metavar="SIZE",
                      help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 4M)")
     put.add_argument("--erasure", default=None, metavar="K/N",
@@ -68,6 +78,11 @@ is written to a temporary file and renamed when complete, so a failed one leaves
 Failures are listed on stderr, one line per address, and the exit code is that of the first.
 """)
     get.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    get.add_argument("-r", "--recursive", action="store_true",
+                     help="ADDRESS is a directory (stored with put -r): restore the tree into OUT "
+                          "(made if missing), with names, modes and times")
+    get.add_argument("--force", action="store_true",
+                     help="with -r: replace files that exist already (default: refuse, writing nothing)")
     get.add_argument("-o", "--output", required=True, metavar="OUT",
                      help="output file, or - for stdout; for several addresses, a directory "
                           "(each file gets the name it was stored with)")
@@ -77,7 +92,15 @@ Failures are listed on stderr, one line per address, and the exit code is that o
 async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
     from dsss.client.flows import Progress, part_count, put_files
 
+    if args.recursive:
+        return await tree.cmd_put_tree(reactor, args, settings)
+    if "-" in args.files:
+        return await tree.cmd_put_stdin(reactor, args, settings)
+    if args.name is not None:
+        raise CommandLineError("--name goes with `-` (stdin); a file is stored under its own name")
     for name in args.files:
+        if os.path.isdir(name):
+            raise CommandLineError(f"{name} is a directory (use put -r to store it as a tree)")
         if not os.path.isfile(name):
             raise CommandLineError(f"{name}: not a readable file")
     key = load_key_file(settings.key)
@@ -152,6 +175,9 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
 
 async def cmd_get(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
     from dsss.client.flows import get_to_stream
+
+    if args.recursive:
+        return await tree.cmd_get_tree(reactor, args, settings)
 
     addresses = list(dict.fromkeys(map(check_address, args.addresses)))
     if args.json and args.output == "-":

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable
 
 from dsss.client import catalog
 from dsss.client.commands.common import (
@@ -31,6 +31,7 @@ from dsss.crypto.manifest import safe_name
 from dsss.errors import DSSSError
 
 if TYPE_CHECKING:
+    from dsss.client.tree import LocalFile
     from dsss.crypto.manifest import Manifest
 
 STDIN_NAME = "stdin"
@@ -79,9 +80,13 @@ async def cmd_put_tree(reactor: Any, args: argparse.Namespace, settings: Setting
                 warn(f"... and {len(skipped) - SKIPPED_SHOWN} more not stored")
             count = _count_files(top)
             advance, close = count_bar(count, shown(top.name or given))
+
+            def stored(_f: LocalFile, _size: int, step: Callable[[int], None] = advance) -> None:
+                step(1)
+
             try:
                 result = await put_tree(session, top, owner=key.public_key, part_size=settings.part_size,
-                                        on_file=lambda f, size: advance(1))
+                                        on_file=stored)
             finally:
                 close()
             record(settings, catalog.Entry(address=result.address, name=top.name or str(given),
@@ -111,10 +116,10 @@ def _count_files(top: Any) -> int:
 # --- put - -----------------------------------------------------------------------------------------
 
 
-def spool(stream: IO[bytes]) -> IO[bytes]:
+def spool(stream: IO[bytes]) -> BinaryIO:
     """Everything `stream` gives, in an unnamed temporary file (in $TMPDIR), rewound: `put`
     must know a file's size before it stores its first part."""
-    out = tempfile.TemporaryFile(prefix="dsss-stdin-")
+    out: BinaryIO = tempfile.TemporaryFile(prefix="dsss-stdin-")
     try:
         while True:
             chunk = stream.read(SPOOL_CHUNK)
@@ -189,7 +194,7 @@ async def cmd_get_tree(reactor: Any, args: argparse.Namespace, settings: Setting
             close()
     finally:
         await session.peers.close()
-    for path, error in result.failures:
+    for _path, error in result.failures:
         if not isinstance(error, (DSSSError, OSError)):
             raise error  # a bug: the traceback
     for path, error in result.failures[:SKIPPED_SHOWN]:
