@@ -70,6 +70,10 @@ class AgentState(Protocol):
     def version(self) -> str: ...
     @property
     def welcome(self) -> object | None: ...
+    @property
+    def audits_proven(self) -> int: ...
+    @property
+    def audits_corrupt(self) -> int: ...
 
 
 class TransferCounts(Protocol):
@@ -85,6 +89,8 @@ class TransferCounts(Protocol):
     def forwards(self) -> int: ...
     @property
     def forward_failures(self) -> int: ...
+    @property
+    def expired(self) -> int: ...
 
 RECENT_EVENTS = 50
 PART_PREFIX = 16
@@ -281,12 +287,13 @@ class _CountingResource(Resource):
         self.endpoint_of = endpoint_of
 
     def render(self, request: IRequest) -> Any:
-        endpoint = self.endpoint_of(request.path.decode("latin-1"))  # type: ignore[attr-defined]
+        endpoint = self.endpoint_of(request.path.decode("latin-1"))
 
         def finished(_: object) -> None:
             self.metrics.http_finished(endpoint, request.code)  # type: ignore[attr-defined]
 
-        request.notifyFinish().addBoth(finished)
+        # twisted.web hands resources http.Request, which has it; IRequest does not declare it.
+        request.notifyFinish().addBoth(finished)  # type: ignore[attr-defined]
         return self.wrapped.render(request)
 
 

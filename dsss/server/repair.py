@@ -34,21 +34,17 @@ from dsss.server.auditor import Auditor
 from dsss.server.chains import hop_addresses
 from dsss.server.placement import Placer
 from dsss.server.registry import SHARDS, AgentRecord, Registry
+from dsss.server.settings import ProofSettings
 from dsss.wire import control as wc
 
 log = Logger()
-
-
-class _QueryTimeout(Protocol):
-    @property
-    def query_timeout(self) -> float: ...
 
 
 class RepairingServer(Protocol):
     """What re-replication uses of the server (dsss.server.service.DiscoveryServer)."""
 
     @property
-    def config(self) -> _QueryTimeout: ...
+    def config(self) -> ProofSettings: ...
     @property
     def registry(self) -> Registry: ...
     @property
@@ -154,7 +150,7 @@ class Repairer:
             self._look_at(self._suspects.popleft(), now)
         for block in self._next_of_sweep(PLAN_BATCH):
             self._look_at(block, now)
-        due = []
+        due: list[str] = []
         gone = []
         room = max(0, self.max_in_flight - len(self.in_flight))
         for block, since in itertools.islice(self.short_since.items(), PLAN_BATCH):
@@ -185,7 +181,7 @@ class Repairer:
             self.last_try[block] = now
             d = defer.ensureDeferred(self._repair(block))
             d.addErrback(lambda f: log.failure("repair failed", f))
-            d.addBoth(lambda _, b=block: self.in_flight.discard(b))
+            d.addBoth(lambda _, b: self.in_flight.discard(b), block)
 
     async def _repair(self, block: str) -> None:
         server = self.server

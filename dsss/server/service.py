@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -19,7 +20,7 @@ import dsss
 from nacl.public import PrivateKey
 
 from dsss.clientauth import RequestVerifier
-from dsss.endpoints import EndpointService, UDPService
+from dsss.endpoints import EndpointService, UDPService, where
 from dsss.ratelimit import RateLimiter
 from dsss.server.chains import lan_hop
 from dsss.server.relay import RelayTable
@@ -457,19 +458,20 @@ class ServerService(MultiService):
     def startService(self) -> None:
         super().startService()
         assert self.udp.port is not None
-        self.server.udp_port = self.udp.port.getHost().port
+        udp = self.udp.port.getHost()
+        assert isinstance(udp, (IPv4Address, IPv6Address))
+        self.server.udp_port = udp.port
         d = defer.gatherResults(
             [self.http.whenListening(), self.control.whenListening()], consumeErrors=True
         )
 
         def ready(ports: list[Any]) -> None:
-            http, control = (p.getHost() for p in ports)
-            udp = self.udp.port.getHost() if self.udp.port else None
+            http, control = (where(p.getHost()) for p in ports)
             log.info(
                 "DSSS server ready http={http} control={control} udp={udp}",
-                http=f"{http.host}:{http.port}",
-                control=f"{control.host}:{control.port}",
-                udp=f"{udp.host}:{udp.port}" if udp else "-",
+                http=http,
+                control=control,
+                udp=where(self.udp.port.getHost()) if self.udp.port else "-",
             )
 
         def failed(f: Any) -> None:
