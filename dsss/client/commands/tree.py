@@ -64,6 +64,8 @@ async def cmd_put_tree(reactor: Any, args: argparse.Namespace, settings: Setting
     """`put -r DIR...`: each directory stored as a tree; one line (or JSON object) per tree."""
     from dsss.client.tree import put_tree, scan_tree
 
+    if args.name is not None:
+        raise CommandLineError("--name goes with `-` (stdin); put -r keeps every name as it is")
     for name in args.files:
         if name == "-":
             raise CommandLineError("put -r takes directories; `-` (stdin) is a file: put it without -r")
@@ -169,8 +171,8 @@ async def cmd_put_stdin(reactor: Any, args: argparse.Namespace, settings: Settin
 
 
 async def cmd_get_tree(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    """`get -r ADDRESS [-o DIR] [--force]`: the tree at ADDRESS into DIR (made if missing;
-    default: the tree's stored name in the current directory)."""
+    """`get -r ADDRESS -o DIR [--force]`: the tree at ADDRESS into DIR (made if missing). With
+    no -o (where the parser allows it), into the tree's stored name in the current directory."""
     from dsss.client.tree import fetch_tree, get_tree
 
     addresses = list(dict.fromkeys(map(check_address, args.addresses)))
