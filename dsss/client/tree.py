@@ -294,6 +294,11 @@ async def put_tree(
 async def fetch_directory(session: Session, address: str, key: PrivateKey) -> Directory:
     """The directory at `address`, its continuations fetched and checked; NotDirectory if the
     address holds a file."""
+    return (await _fetch_directory(session, address, key))[0]
+
+
+async def _fetch_directory(session: Session, address: str, key: PrivateKey) -> tuple[Directory, tuple[str, ...]]:
+    """The directory at `address` and the addresses of its continuation blobs."""
     try:
         blob = await fetch_block(session, address, what="directory")
     except NotFound:
@@ -311,7 +316,7 @@ async def fetch_directory(session: Session, address: str, key: PrivateKey) -> Di
         chunks[i] = dirfmt.open_continuation(data, key)
 
     await _bounded(list(range(len(head.more))), one, limit=files_in_flight(session))
-    return dirfmt.assemble(head, chunks)
+    return dirfmt.assemble(head, chunks), head.more
 
 
 async def fetch_entry(session: Session, address: str, key: PrivateKey) -> Directory | Manifest:
@@ -334,6 +339,12 @@ class RemoteTree:
 
     address: str
     dirs: list[tuple[tuple[str, ...], str, Directory]]  # (path, address, directory)
+    continuations: list[str] = field(default_factory=list)  # of every directory, in no order
+
+    def blobs(self) -> list[str]:
+        """Every directory blob of the tree (heads and continuations), root first: with the
+        files' addresses, what keeps the tree (for leases, rm, check)."""
+        return [a for _p, a, _d in self.dirs] + self.continuations
 
     @property
     def root(self) -> Directory:
@@ -351,7 +362,8 @@ async def fetch_tree(session: Session, address: str, key: PrivateKey) -> RemoteT
     """Every directory below `address`, level by level. RemoteProtocolError if a directory
     appears twice in the tree (a well-formed tree never does: each blob is sealed afresh) or
     the tree is deeper than MAX_DEPTH."""
-    root = await fetch_directory(session, address, key)
+    root, more = await _fetch_directory(session, address, key)
+    continuations = list(more)
     out: list[tuple[tuple[str, ...], str, Directory]] = [((), address, root)]
     seen = {address}
     level: list[tuple[tuple[str, ...], Directory]] = [((), root)]
@@ -370,12 +382,13 @@ async def fetch_tree(session: Session, address: str, key: PrivateKey) -> RemoteT
         got: dict[str, Directory] = {}
 
         async def one(item: tuple[tuple[str, ...], str], got: dict[str, Directory] = got) -> None:
-            got[item[1]] = await fetch_directory(session, item[1], key)
+            got[item[1]], more = await _fetch_directory(session, item[1], key)
+            continuations.extend(more)
 
         await _bounded(wanted, one, limit=files_in_flight(session))
         level = [(path, got[a]) for path, a in wanted]
         out.extend((path, a, got[a]) for path, a in wanted)
-    return RemoteTree(address, out)
+    return RemoteTree(address, out, continuations)
 
 
 # --- get -r --------------------------------------------------------------------------------------

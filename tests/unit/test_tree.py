@@ -76,6 +76,10 @@ def test_a_tree_round_trips_with_names_sizes_modes_and_times(tmp_path: Path) -> 
     before = snapshot(root)
     stored = put(net, root)
     assert stored.files == 5 and stored.directories == 5 and stored.bytes == 3 + 5000 + 40_000 + 9
+    remote = result_of(tree.fetch_tree(net.session(), stored.address, OWNER))
+    assert sorted(remote.blobs()) == sorted(stored.blobs) and len(stored.blobs) == 5
+    assert sorted("/".join(p) for p, _e in remote.files()) == sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     out = tmp_path / "out"
     got = get(net, stored.address, out)
     assert not got.failures and got.files == 5 and got.directories == 5
@@ -146,6 +150,8 @@ def test_large_directories_are_split_and_restored(tmp_path: Path) -> None:
         (root / f"f{i:02d}").write_bytes(bytes([i]) * i)
     stored = put(net, root, per_blob=5)
     assert len(stored.blobs) == 5  # one head and four continuations
+    remote = result_of(tree.fetch_tree(net.session(), stored.address, OWNER))
+    assert sorted(remote.blobs()) == sorted(stored.blobs) and remote.blobs()[0] == stored.address
     out = tmp_path / "out"
     assert get(net, stored.address, out).files == 23
     assert snapshot(out) == snapshot(root)
