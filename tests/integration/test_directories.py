@@ -1,5 +1,5 @@
 """Directories on the network through the real CLI against real twistd processes: a tree of
-1,000 files with odd names round-trips (`put -r`, `ls ADDRESS`, `get -r`), a hostile directory
+1,000 files with odd names (and a directory of 1,000 entries) round-trips (`put -r`, `ls ADDRESS`, `get -r`), a hostile directory
 manifest is refused without writing anything, `put -` reads stdin, the catalog is backed up and
 restored, and the gateway refuses a path where a name is expected."""
 
@@ -49,9 +49,10 @@ ODD_NAMES = [
 DIR_NAMES = ["ünïcødé dir", "-dash dir", " spaced dir ", "日本 dir"]
 
 
-def build_tree(root: Path, files: int, rng: random.Random) -> None:
+def build_tree(root: Path, files: int, rng: random.Random, *, crowded: int = 0) -> None:
     """`files` small files in nested folders (three levels), with the odd names, empty files,
-    an empty directory, and assorted modes and nanosecond times."""
+    an empty directory, and assorted modes and nanosecond times. With `crowded`, the directory
+    `crowded` holds that many entries: the files from the 101st on, and empty directories."""
     dirs = [root]
     for i in range(8):
         top = root / (DIR_NAMES[i] if i < len(DIR_NAMES) else f"dir {i}")
@@ -62,10 +63,14 @@ def build_tree(root: Path, files: int, rng: random.Random) -> None:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     (root / "empty directory").mkdir()
+    if crowded:
+        (root / "crowded").mkdir()
+        for i in range(crowded - (files - 100)):
+            (root / "crowded" / f"empty {i:03d}").mkdir()
     names = iter(ODD_NAMES)
     for n in range(files):
         name = next(names, None)
-        d = root if name is not None else dirs[n % len(dirs)]
+        d = root if name is not None else (root / "crowded" if crowded and n >= 100 else dirs[n % len(dirs)])
         name = name or f"file {n:04d}.bin"
         data = b"" if n % 50 == 0 else rng.randbytes(rng.randrange(1, 300))
         path = d / name
@@ -73,6 +78,8 @@ def build_tree(root: Path, files: int, rng: random.Random) -> None:
         os.chmod(path, (0o600, 0o644, 0o755, 0o400, 0o640)[n % 5])
         os.utime(path, ns=(0, 1_700_000_000_000_000_000 + n * 1_000_003_007))
     os.chmod(dirs[3], 0o750)
+    if crowded:
+        dirs.append(root / "crowded")
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         os.utime(d, ns=(0, 1_600_000_000_123_456_789 + len(str(d))))
 
@@ -93,7 +100,7 @@ def test_a_tree_of_a_thousand_files_round_trips(one_copy_network: LocalNetwork, 
     user = User(one_copy_network, tmp_path, "alice")
     src = tmp_path / "src"
     src.mkdir()
-    build_tree(src, 1000, random.Random(7))
+    build_tree(src, 1000, random.Random(7), crowded=1000)
     (src / "a link").symlink_to(tmp_path)  # not followed, not stored
     os.utime(src, ns=(0, 1_650_000_000_000_000_000))
     before = snapshot(src)
@@ -110,6 +117,8 @@ def test_a_tree_of_a_thousand_files_round_trips(one_copy_network: LocalNetwork, 
     assert listing["type"] == "directory" and listing["name"] == "src"
     top = {e["name"]: e for e in listing["entries"]}
     assert "a link" not in top and top["empty directory"]["type"] == "directory"
+    crowded = user.json("ls", top["crowded"]["address"])["entries"]
+    assert len(crowded) == 1000 and sum(e["type"] == "file" for e in crowded) == 900
     assert top[DIR_NAMES[0]]["type"] == "directory" and top[DIR_NAMES[0]]["mode"] == 0o755
     text = user.cli("ls", address).stdout
     assert "empty directory/" in text and "new\\nline" in text  # control characters escaped
