@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.unit.test_tree,tests.integration.test_directories -*-
-"""Directory trees on the network: `put -r` (walk, store every file, then the directory
-manifests bottom-up) and `get -r` (fetch the directories, check every name and path, then the
-files). No parsing, no output: the commands in dsss/client/commands/tree.py print.
+"""Directory trees on the network: the put -r and get -r flows. No parsing, no output.
+
+`put -r` walks a tree, stores every file, then the directory manifests bottom-up; `get -r`
+fetches the directories, checks every name and path, then the files. The commands in
+dsss/client/commands/tree.py print.
 
 Storing: the walk (`scan_tree`) never follows a symbolic link below the directory given; links,
 FIFOs, sockets and devices are not stored and are listed as skipped. A name that cannot be

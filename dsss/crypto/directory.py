@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.unit.test_directory -*-
-"""The directory manifest: a directory's entries (names, sizes, modes, times, addresses),
-encrypted, and stored on the network like a file's manifest.
+"""The directory manifest: a directory's entries, encrypted and stored like a file's manifest.
+
+Each entry has a name, size, mode, modification time and address (a file's or a
+sub-directory's).
 
 Stored form ("blob"), laid out as a file's manifest but with its own magic:
 

@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.integration.test_directories -*-
-"""`catalog backup` (the local catalog stored on the network, for this key only) and
-`catalog restore ADDRESS` (a backup's entries added to the local catalog)."""
+"""The catalog commands: `catalog backup` and `catalog restore ADDRESS`.
+
+`backup` stores the local catalog on the network, sealed to this key only; `restore` adds a
+backup's entries to the local catalog."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.integration.test_directories -*-
-"""The directory and stdin forms of the transfer commands: `put -r DIR`, `get -r ADDRESS -o DIR`,
-`ls ADDRESS` and `put - --name NAME`. `put`, `get` and `ls` (commands/transfer.py, files.py)
-hand over to these when given -r, an address or `-`."""
+"""The tree and stdin forms of put, get and ls: `put -r`, `get -r`, `ls ADDRESS`, `put -`.
+
+`put`, `get` and `ls` (commands/transfer.py, files.py) hand over to these when given -r, an
+address or `-`."""
 
 from __future__ import annotations
 
