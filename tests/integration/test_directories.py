@@ -229,7 +229,7 @@ def test_put_reads_stdin(one_copy_network: LocalNetwork, tmp_path: Path) -> None
     user = User(one_copy_network, tmp_path, "stdin")
     data = os.urandom(200_000)
     r = subprocess.run([sys.executable, "-m", "dsss.client", "--server", one_copy_network.url, "--key", str(user.key),
-                        "put", "-", "--name", "notes.bin", "--part-size", "64K"], input=data,
+                        "put", "-", "--name", "notes\t.bin", "--part-size", "64K"], input=data,
                        env=child_env({"HOME": str(user.home)}), capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     address, dash = r.stdout.decode().split()
@@ -238,7 +238,8 @@ def test_put_reads_stdin(one_copy_network: LocalNetwork, tmp_path: Path) -> None
     user.cli("get", address, "-o", str(out))
     assert out.read_bytes() == data
     files = user.json("ls")["files"]
-    assert files[-1]["name"] == "notes.bin" and files[-1]["size"] == len(data) and files[-1]["parts"] == 4
+    # A control character in the name is kept as `?`, as for any stored file's name.
+    assert files[-1]["name"] == "notes?.bin" and files[-1]["size"] == len(data) and files[-1]["parts"] == 4
     # Without --name the file is called `stdin`; an empty stdin is an empty file.
     r = subprocess.run([sys.executable, "-m", "dsss.client", "--server", one_copy_network.url, "--key", str(user.key),
                         "--json", "put", "-"], input=b"", env=child_env({"HOME": str(user.home)}),

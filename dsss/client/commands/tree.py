@@ -28,7 +28,7 @@ from dsss.client.config import Settings
 from dsss.client.render import count_bar, dump_json, human_size, local_date, table, utc_iso
 from dsss.crypto.directory import BadName, Directory, Entry, check_name
 from dsss.crypto.keys import load_key_file
-from dsss.crypto.manifest import safe_name
+from dsss.crypto.manifest import clean_name, safe_name
 from dsss.errors import DSSSError
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ async def cmd_put_tree(reactor: Any, args: argparse.Namespace, settings: Setting
                                         on_file=stored)
             finally:
                 close()
-            record(settings, catalog.Entry(address=result.address, name=top.name or str(given),
+            record(settings, catalog.Entry(address=result.address, name=clean_name(top.name or str(given)),
                                            size=result.bytes, parts=result.files,
                                            created=int(time.time()), directory=True))
             if args.json:
@@ -144,9 +144,9 @@ async def cmd_put_stdin(reactor: Any, args: argparse.Namespace, settings: Settin
 
     if args.files != ["-"]:
         raise CommandLineError("`-` (stdin) is stored on its own: put it in a command of its own")
-    name = args.name if args.name is not None else STDIN_NAME
     try:
-        check_name(name)
+        # One path component; control characters become `?`, as in a file's stored name.
+        name = clean_name(check_name(args.name if args.name is not None else STDIN_NAME))
     except BadName as e:
         raise CommandLineError(f"--name: {e}") from None
     key = load_key_file(settings.key)
