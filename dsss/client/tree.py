@@ -48,7 +48,7 @@ from dsss.client.flows import (
 from dsss.crypto import directory as dirfmt
 from dsss.crypto.directory import BadName, Directory, Entry, NotDirectory, check_name
 from dsss.crypto.manifest import MAGIC as FILE_MAGIC
-from dsss.crypto.manifest import Manifest, clean_name
+from dsss.crypto.manifest import Manifest, clean_name, safe_name
 from dsss.errors import DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.model import block_hash
 
@@ -97,6 +97,12 @@ class Skipped:
     why: str  # "symbolic link", "FIFO", "socket", "device"
 
 
+def printable(text: object) -> str:
+    """A name or path as printed on a terminal: control and formatting characters escaped
+    (`\\n`, `\\x1b`, `\\u202e`), everything else as it is."""
+    return "".join(c if safe_name(c) else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def _kind_of(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symbolic link"
@@ -115,7 +121,7 @@ def _name_of(parent: Path, name: str) -> str:
     except BadName:
         shown = os.fsencode(name).decode("utf-8", "backslashreplace")
         raise UnstorableTree(
-            f"{parent / shown}: this name cannot be stored (names are stored as UTF-8, at most "
+            f"{printable(parent / shown)}: this name cannot be stored (names are stored as UTF-8, at most "
             f"255 bytes); rename it. Nothing was stored"
         ) from None
 
@@ -126,7 +132,7 @@ def scan_tree(root: str | os.PathLike[str]) -> tuple[LocalDir, list[Skipped]]:
     root = Path(root)
     st = os.stat(root)
     if not stat.S_ISDIR(st.st_mode):
-        raise UnstorableTree(f"{root}: not a directory")
+        raise UnstorableTree(f"{printable(root)}: not a directory")
     name = Path(os.path.abspath(root)).name
     try:
         check_name(name)
@@ -138,12 +144,12 @@ def scan_tree(root: str | os.PathLike[str]) -> tuple[LocalDir, list[Skipped]]:
     while todo:
         here = todo.pop()
         if here.depth >= MAX_DEPTH:
-            raise UnstorableTree(f"{here.path}: more than {MAX_DEPTH} levels of directories; nothing was stored")
+            raise UnstorableTree(f"{printable(here.path)}: more than {MAX_DEPTH} levels of directories; nothing was stored")
         try:
             with os.scandir(here.path) as it:
                 found = sorted(it, key=lambda e: os.fsencode(e.name))
         except OSError as e:
-            raise UnstorableTree(f"cannot read the directory {here.path}: {e.strerror or e}; "
+            raise UnstorableTree(f"cannot read the directory {printable(here.path)}: {e.strerror or e}; "
                                  f"nothing was stored") from None
         for item in found:
             name = _name_of(here.path, item.name)
@@ -151,7 +157,7 @@ def scan_tree(root: str | os.PathLike[str]) -> tuple[LocalDir, list[Skipped]]:
             st = item.stat(follow_symlinks=False)
             if stat.S_ISREG(st.st_mode):
                 if not os.access(path, os.R_OK):
-                    raise UnstorableTree(f"cannot read {path}: permission denied; nothing was stored")
+                    raise UnstorableTree(f"cannot read {printable(path)}: permission denied; nothing was stored")
                 here.files.append(LocalFile(path, name, st.st_size))
             elif stat.S_ISDIR(st.st_mode):
                 sub = LocalDir(path, name, stat.S_IMODE(st.st_mode) & dirfmt.MAX_MODE, st.st_mtime_ns,
@@ -165,7 +171,7 @@ def scan_tree(root: str | os.PathLike[str]) -> tuple[LocalDir, list[Skipped]]:
 
 def _about(path: Path, error: DSSSError) -> DSSSError:
     """`error` with the path it concerns in front, and the same exit code."""
-    named = DSSSError(f"{path}: {error}")
+    named = DSSSError(f"{printable(path)}: {error}")
     named.exit_code, named.code, named.http_status = error.exit_code, error.code, error.http_status
     return named
 
@@ -248,11 +254,11 @@ async def put_tree(
         try:
             fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
-            raise DSSSError(f"cannot read {f.path}: {e.strerror or e}") from None
+            raise DSSSError(f"cannot read {printable(f.path)}: {e.strerror or e}") from None
         with os.fdopen(fd, "rb") as stream:
             st = os.fstat(stream.fileno())
             if not stat.S_ISREG(st.st_mode):
-                raise DSSSError(f"{f.path} is no longer a regular file")
+                raise DSSSError(f"{printable(f.path)} is no longer a regular file")
             try:
                 address = await put_stream(session, stream, name=clean_name(f.name), size=st.st_size,
                                            owner=owner, part_size=part_size)
@@ -419,7 +425,7 @@ def plan_restore(tree: RemoteTree, target: Path, *, force: bool) -> tuple[list[P
     directory on disk, or (without `force`) a file of the tree exists."""
     st = _on_disk(target)
     if st is not None and not os.path.isdir(target):
-        raise PathExists(f"{target} exists and is not a directory; nothing was written")
+        raise PathExists(f"{printable(target)} exists and is not a directory; nothing was written")
     to_make: list[Path] = [] if st is not None else [target]
     for path, _a, _d in tree.dirs[1:]:
         where = target.joinpath(*path)
@@ -428,7 +434,7 @@ def plan_restore(tree: RemoteTree, target: Path, *, force: bool) -> tuple[list[P
             to_make.append(where)
         elif not stat.S_ISDIR(st.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise PathExists(f"{where} is {what} on disk, and a directory in the tree; nothing was written")
+            raise PathExists(f"{printable(where)} is {what} on disk, and a directory in the tree; nothing was written")
     existing = []
     for path, _e in tree.files():
         where = target.joinpath(*path)
@@ -436,11 +442,11 @@ def plan_restore(tree: RemoteTree, target: Path, *, force: bool) -> tuple[list[P
         if st is None:
             continue
         if stat.S_ISDIR(st.st_mode):
-            raise PathExists(f"{where} is a directory on disk, and a file in the tree; nothing was written")
+            raise PathExists(f"{printable(where)} is a directory on disk, and a file in the tree; nothing was written")
         existing.append(where)
     if existing and not force:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise PathExists(f"{existing[0]}{more} exist(s) already; nothing was written "
+        raise PathExists(f"{printable(existing[0])}{more} exist(s) already; nothing was written "
                          f"(--force replaces existing files)")
     return to_make, len(existing)
 
@@ -486,7 +492,7 @@ async def get_tree(
                 try:
                     os.link(tmp, final)  # never replaces: fails if the name appeared meanwhile
                 except FileExistsError:
-                    raise PathExists(f"{final} appeared while it was being fetched; kept as it is") from None
+                    raise PathExists(f"{printable(final)} appeared while it was being fetched; kept as it is") from None
         finally:
             try:
                 os.unlink(tmp)

@@ -28,7 +28,8 @@ from dsss.client.config import Settings
 from dsss.client.render import count_bar, dump_json, human_size, local_date, table, utc_iso
 from dsss.crypto.directory import BadName, Directory, Entry, check_name
 from dsss.crypto.keys import load_key_file
-from dsss.crypto.manifest import clean_name, safe_name
+from dsss.client.tree import printable as shown
+from dsss.crypto.manifest import clean_name
 from dsss.errors import DSSSError
 
 if TYPE_CHECKING:
@@ -39,14 +40,6 @@ STDIN_NAME = "stdin"
 """The name `put -` stores when no --name is given."""
 SPOOL_CHUNK = 1024 * 1024
 SKIPPED_SHOWN = 10
-
-
-def shown(name: str) -> str:
-    """A name as printed on a terminal: control and formatting characters escaped."""
-    if safe_name(name):
-        return name
-    return name.encode("unicode_escape").decode("ascii") if name.isascii() else "".join(
-        c if safe_name(c) else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def _mode_string(kind: str, mode: int) -> str:
