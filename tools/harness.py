@@ -37,17 +37,20 @@ AGENT_READY = re.compile(r"DSSS agent ready id=([0-9a-f]{64}) udp=(\S+)")
 T = TypeVar("T")
 
 
-def wait_until(what: str, check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
+def wait_until(what: str, check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1,
+               detail: Callable[[], object] | None = None) -> T:
     """Poll `check` until it returns something true, and return that; an AssertionError naming
-    `what` after `timeout` seconds. For an event another process makes happen (a log line, a
-    status counter, a file), never as a pause to see that nothing happens."""
+    `what` (and what `detail()` then says) after `timeout` seconds. For an event another process
+    makes happen (a log line, a status counter, a file), never as a pause to see that nothing
+    happens."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+            more = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}{more}")
         time.sleep(interval)
 
 

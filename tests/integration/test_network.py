@@ -87,7 +87,8 @@ def test_restarted_server_gets_its_agents_back(net):
     net.server.kill()
     net.start_server(reuse_ports=True)
     wait_until("every agent is back with the new server",
-               lambda: {a["id"] for a in net.status()["agents"] if a["live"]} == before, timeout=20)
+               lambda: {a["id"] for a in net.status()["agents"] if a["live"]} == before, timeout=20,
+               detail=net.status)
     code, doc = net.http("/api/where-to-upload?size=10")
     assert code == 200 and len(doc["addresses"]) == 3
 

@@ -34,7 +34,8 @@ def test_lost_replicas_come_back_without_a_client(make_network, tmp_path):
         found = {b: net.http(f"/api/who-has?q={b}")[1]["addresses"] for b in blocks}
         return found if all(len(h) == 3 for h in found.values()) else None
 
-    restored = wait_until("every part has three holders again", holders, timeout=45, interval=0.5)
+    restored = wait_until("every part has three holders again", holders, timeout=45, interval=0.5,
+                          detail=lambda: net.status().get("repair"))
     assert all(set(h) <= survivors for h in restored.values())
     # Two more agents gone: every part still has a copy on the last one.
     for agent in [a for a in net.agents if a is not victim][:2]:

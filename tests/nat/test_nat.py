@@ -322,7 +322,7 @@ def test_restarted_agent_gets_a_new_public_port_and_still_serves(
     for a in agents[1:]:
         a.stop()
     wait_until("only the restarted agent is live", lambda: net.live_addresses() == {new}, timeout=15,
-               interval=0.2)
+               interval=0.2, detail=net.status)
     out = tmp_path / "out.bin"
     get_paths, _ = get(net, address, out, client)
     assert sha256(out) == sha256(src)
