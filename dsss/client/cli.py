@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 import dsss
-from dsss.client.commands import files, health, keys, serve, transfer
+from dsss.client.commands import catalog, files, health, keys, serve, transfer
 from dsss.client.commands.common import INTERRUPT, PROG, SHORT, CommandLineError, Interrupted, fail
 from dsss.client.config import MAX_PARALLEL, settings_from
 from dsss.client.session import DEFAULT_WAIT, MAX_WAIT
@@ -53,10 +53,12 @@ EPILOG = f"""commands:
   share    let another key read a file        check    count each part's replicas
   repair   restore missing replicas           config   show the settings in force
   gateway  serve put and get over HTTP on this machine (a long-running client)
+  catalog  back up the catalog to the network, or restore it
 
 examples:
   {PROG} keygen
   {PROG} put photo.jpg notes.txt
+  {PROG} put -r photos/                  # a whole tree: one address
   {PROG} get {SHORT} -o photo.jpg
   {PROG} --json ls
   {PROG} share {SHORT} --to bob.pub
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dsss {dsss.__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (keys, transfer, files, health, serve):
+    for group in (keys, transfer, files, health, serve, catalog):
         group.register(sub)
     return p
 

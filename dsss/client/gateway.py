@@ -13,14 +13,16 @@ cannot make the browser store or fetch files through it.
 
     PUT /files[?name=NAME]   the request body is the file: encrypted and stored as `put` does
                              (recorded in the key's catalog); 201 and JSON
-                             {"address", "name", "size", "parts"}
+                             {"address", "name", "size", "parts"}. NAME is one path component:
+                             a path (`photos/2024/a.jpg`, `../x`), `.`, `..`, NUL or more than
+                             255 bytes is refused with 400 and nothing is stored
     GET /files/ADDRESS       the file's bytes, streamed as its parts arrive and are verified
                              (Content-Length from the manifest); an error before the first byte
                              is a JSON error with the status below, one after it closes the
                              connection short of Content-Length
     GET /info                {"version", "server", "replicas", "erasure", "public-key"}
 
-Errors: 400 bad address or parameter, 401 no or wrong token, 403 not your file (wrong key),
+Errors: 400 bad address or parameter (`is-a-directory` for a directory's address), 401 no or wrong token, 403 not your file (wrong key),
 404 unknown address, 422 corrupt data, 503 not enough agents, 504 timeout, 507 full agents.
 """
 
@@ -46,6 +48,7 @@ from zope.interface import implementer
 
 import dsss
 from dsss.client import catalog
+from dsss.crypto.directory import BadName, check_name
 from dsss.crypto.manifest import Manifest, clean_name
 from dsss.httpjson import http_error, unexpected_error
 from dsss.httpjson import json_body as _json
@@ -333,6 +336,18 @@ def _disposition(name: str) -> bytes:
             f"filename*=UTF-8''{quote(name, safe='')}").encode("ascii")
 
 
+def _one_component(name: str) -> str:
+    """A PUT's `name`: empty, or one path component (see dsss.crypto.directory.check_name). A
+    path such as `photos/2024/a.jpg` is refused, never stored under a name no `get` could write."""
+    if name:
+        try:
+            check_name(name)
+        except BadName as e:
+            raise BadRequest(f"parameter 'name' must be one path component, not a path ({e}); "
+                             f"store a directory tree with `put -r`") from None
+    return name
+
+
 class Gateway:
     """The HTTP API over one long-lived client Session."""
 
@@ -394,7 +409,7 @@ class Gateway:
             if len(raw) > 1:
                 raise BadRequest("parameter 'name' given more than once")
             try:
-                name = clean_name(raw[0].decode("utf-8"))
+                name = clean_name(_one_component(raw[0].decode("utf-8")))
             except UnicodeDecodeError:
                 raise BadRequest("parameter 'name' is not UTF-8") from None
             if isinstance(body, BodyPipe):

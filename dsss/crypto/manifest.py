@@ -40,6 +40,8 @@ from nacl import bindings
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
+from dsss.crypto.directory import MAGIC as DIRECTORY_MAGIC
+from dsss.crypto.directory import IsDirectory
 from dsss.crypto.parts import CIPHER, FILE_ID_BYTES, KEY_BYTES, TAG_BYTES
 from dsss.errors import DSSSError, IntegrityError, RemoteProtocolError, WrongKey
 from dsss.erasure import Coding, CodingError
@@ -280,6 +282,9 @@ def open_manifest(blob: bytes, private_key: PrivateKey) -> tuple[Manifest, bytes
     """Return the manifest and the file key; WrongKey if this key cannot open it."""
     header = len(MAGIC) + SEALED_KEY_BYTES + NONCE_BYTES
     refuse_old(blob)
+    if blob.startswith(DIRECTORY_MAGIC):
+        raise IsDirectory("this address is a directory (use -r: `get -r ADDRESS -o DIR`; "
+                          "`ls ADDRESS` lists it)")
     if len(blob) < header + TAG_BYTES or not blob.startswith(MAGIC):
         raise IntegrityError("this address does not hold a DSSS manifest")
     sealed = blob[len(MAGIC) : len(MAGIC) + SEALED_KEY_BYTES]

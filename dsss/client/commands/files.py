@@ -12,6 +12,7 @@ from typing import Any
 from nacl.public import PublicKey
 
 from dsss.client import catalog
+from dsss.client.commands import tree
 from dsss.client.commands.common import (
     PROG,
     SHORT,
@@ -32,13 +33,18 @@ from dsss.errors import LocalUsageError, NotFound
 
 
 def register(sub: Any) -> None:
-    add_command(sub, "ls", "list the files this key has stored or shared (from the local catalog)", f"""examples:
+    ls = add_command(sub, "ls", "list the files this key has stored or shared (from the local catalog), "
+                     "or a stored directory's entries", f"""examples:
   {PROG} ls
   {PROG} ls --json | jq -r '.files[].address'
+  {PROG} ls ADDRESS                    # a directory stored with put -r: its entries
 
 The catalog is `<key file>.catalog`, written by put and share on this machine. It is not rebuilt
-from the network: keep it (and the key) backed up.
-""").set_defaults(func=cmd_ls)
+from the network: back it up with `{PROG} catalog backup` (and keep the key).
+""")
+    ls.add_argument("address", nargs="?", default=None, metavar="ADDRESS",
+                    help="list this directory's entries (from the network) instead of the catalog")
+    ls.set_defaults(func=cmd_ls)
     info = add_command(sub, "info", "show a file's manifest and how many replicas each part has now", f"""examples:
   {PROG} info {SHORT}
   {PROG} --json info {SHORT}
@@ -61,6 +67,8 @@ Prints `NEW-ADDRESS NAME`. Give the recipient NEW-ADDRESS; they fetch it with th
 
 
 async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    if args.address is not None:
+        return await tree.cmd_ls_address(reactor, args, settings)
     path = catalog.catalog_path(settings.key)
     entries, skipped = catalog.read(path)
     entries = catalog.latest(entries)
@@ -78,7 +86,8 @@ async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
         return 0
     rows = []
     for e in entries:
-        name = e.name if not e.shared else f"{e.name} ({e.kind.replace('-', ' ')})"
+        name = e.name + ("/" if e.directory else "")
+        name = name if not e.shared else f"{name} ({e.kind.replace('-', ' ')})"
         rows.append([name, human_size(e.size), local_date(e.created), e.address])
     for line in table(["NAME", "SIZE", "DATE", "ADDRESS"], rows, right=[1]):
         print(line)

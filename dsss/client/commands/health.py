@@ -68,7 +68,9 @@ def _targets(args: argparse.Namespace, settings: Settings) -> list[tuple[str, st
     sources = {e.address: e.source for e in latest if e.shared and e.source is not None}
     given = list(map(check_address, args.addresses))
     if args.all:
-        found = [e.address for e in latest if not e.shared or e.source is not None]
+        # A directory (put -r) is not a file: `check` surveys files' manifests and parts.
+        found = [e.address for e in latest
+                 if (not e.shared or e.source is not None) and not e.directory]
         if not found and not given:
             raise CommandLineError(f"--all: no file in the catalog {catalog.catalog_path(settings.key)}")
         given += found

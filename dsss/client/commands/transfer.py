@@ -17,6 +17,7 @@ from nacl.public import PrivateKey
 from twisted.internet import defer
 
 from dsss.client import catalog
+from dsss.client.commands import tree
 from dsss.client.commands.common import (
     INTERRUPT,
     PROG,
@@ -60,8 +61,17 @@ backslash and control characters in a file's name are written as escapes (\\\\, 
 Interrupted (Ctrl-C, SIGTERM), put exits with 130 (143) and says which files were not stored.
 Putting the same unchanged file again sends only the parts not yet stored; it says how many it
 skipped. The record of such an unfinished put is kept in <key file>.journal/.
+
+  {PROG} put -r photos/                # ADDRESS photos/: the whole tree, one address
+  tar -c src | {PROG} put - --name src.tar
 """)
-    put.add_argument("files", nargs="+", metavar="FILE")
+    put.add_argument("files", nargs="+", metavar="FILE",
+                     help="files to store; with -r, directories; `-` reads stdin")
+    put.add_argument("-r", "--recursive", action="store_true",
+                     help="store each DIR as a tree (every file, then a directory manifest for each "
+                          "directory): prints one address per tree; links and special files are skipped")
+    put.add_argument("--name", default=None, metavar="NAME",
+                     help="with `-`: the name to store stdin under (default: stdin)")
     put.add_argument("--part-size", default=None, metavar="SIZE",
                      help="plaintext bytes per part, e.g. 4096, 512K, 4M (default: config or 4M)")
     put.add_argument("--erasure", default=None, metavar="K/N",
@@ -90,11 +100,15 @@ rest is fetched. Any other failure removes it. Failures are listed on stderr, on
 address, and the exit code is that of the first.
 """)
     get.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    get.add_argument("-r", "--recursive", action="store_true",
+                     help="ADDRESS is a directory (stored with put -r): restore the tree into OUT "
+                          "(made if missing), with names, modes and times")
     get.add_argument("-o", "--output", default=None, metavar="OUT",
                      help="output file, or - for stdout, or a directory (each file gets the name "
                           "it was stored with); default: the stored name, in the current directory")
     get.add_argument("--force", action="store_true",
-                     help="replace a file that exists already")
+                     help="replace a file that exists already (with -r: files of the tree; default: "
+                          "refuse, writing nothing)")
     get.set_defaults(func=cmd_get)
 
 
@@ -102,6 +116,12 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
     from dsss.client.flows import Progress, part_count, put_files
     from dsss.client.journal import PutJournal, journal_dir
 
+    if args.recursive:
+        return await tree.cmd_put_tree(reactor, args, settings)
+    if "-" in args.files:
+        return await tree.cmd_put_stdin(reactor, args, settings)
+    if args.name is not None:
+        raise CommandLineError("--name goes with `-` (stdin); a file is stored under its own name")
     for name in args.files:
         check_source(name)
     key = load_key_file(settings.key)
@@ -206,7 +226,7 @@ def check_source(name: str) -> None:
     except OSError as e:
         raise CommandLineError(f"{name}: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise CommandLineError(f"{name}: is a directory")
+        raise CommandLineError(f"{name}: is a directory (use put -r to store it as a tree)")
     if not stat.S_ISREG(st.st_mode):
         raise CommandLineError(f"{name}: not a regular file (a pipe, a device or a socket)")
     if not os.access(name, os.R_OK):
@@ -258,6 +278,9 @@ def partial_path(out: Path, address: str) -> Path:
 
 async def cmd_get(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
     from dsss.client.flows import get_to_stream
+
+    if args.recursive:
+        return await tree.cmd_get_tree(reactor, args, settings)
 
     addresses = list(dict.fromkeys(map(check_address, args.addresses)))
     if args.json and args.output == "-":
