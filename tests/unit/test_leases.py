@@ -340,7 +340,7 @@ class Collection(RuleBasedStateMachine):
     @invariant()
     def newest_record_kept(self) -> None:
         for j in range(3):
-            for i, record in self.accepted[j].items():
+            for record in self.accepted[j].values():
                 assert self.tables[j].entries[B1][record.owner].record == record
 
 
