@@ -69,6 +69,18 @@ class LeaseError(RemoteProtocolError):
     code = "bad-lease"
 
 
+_DURATION = re.compile(r"\A([0-9]{1,9})([smhdwy]?)\Z")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration such as `90d`, `12h`, `30m`, `45s`, `2w`, `1y` or `3600`."""
+    m = _DURATION.match(text.strip().lower())
+    if m is None:
+        raise ValueError(f"not a duration (e.g. 90d, 12h, 30m, 3600): {text[:40]!r}")
+    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def lease_signing_key(key: PrivateKey) -> SigningKey:
     """The user's lease key: an Ed25519 key whose seed is BLAKE2b-256 of the user's Curve25519
     private key, personalized "dsss-lease-v1" (docs/crypto.md). One-way: the lease key tells

@@ -70,6 +70,16 @@ class AgentState(Protocol):
     def version(self) -> str: ...
     @property
     def welcome(self) -> object | None: ...
+    @property
+    def leases_applied(self) -> int: ...
+    @property
+    def leases_refused(self) -> int: ...
+    @property
+    def collected_parts(self) -> int: ...
+    @property
+    def collected_bytes(self) -> int: ...
+
+    def lease_totals(self) -> tuple[int, int]: ...
 
 
 class TransferCounts(Protocol):
@@ -392,6 +402,20 @@ class _AgentStateCollector(Collector):
         yield counter("dsss_agent_audits_corrupt",
                       "Audits that found this agent's copy corrupt (quarantined, reported gone).",
                       agent.audits_corrupt)
+        leased, expired = agent.lease_totals()
+        yield gauge("dsss_agent_leased_bytes", "Bytes of stored parts kept by a live lease (or an upload's hold).",
+                    leased)
+        yield gauge("dsss_agent_expired_bytes",
+                    "Bytes of stored parts whose leases all ended, waiting to be collected.", expired)
+        yield counter("dsss_agent_collected_bytes", "Bytes freed by collecting parts without a live lease.",
+                      agent.collected_bytes)
+        yield counter("dsss_agent_collected_parts", "Parts collected for having no live lease.",
+                      agent.collected_parts)
+        yield counter("dsss_agent_leases_applied", "Lease records taken (leases taken, renewed, released).",
+                      agent.leases_applied)
+        yield counter("dsss_agent_leases_refused",
+                      "Lease records refused (forged, replayed, too long, for parts not stored here).",
+                      agent.leases_refused)
         info = GaugeMetricFamily("dsss_agent_info", "This agent's id and version.",
                                  labels=["agent", "version"])
         info.add_metric([agent.identity.agent_id, agent.version], 1)
