@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dsss.client import leasing
 from dsss.client.discovery import DiscoveryClient, Introduction
 from dsss.client.peer import PeerNetwork
 from dsss.crypto.manifest import Manifest, PartRef, clean_name, open_manifest, seal_manifest
@@ -25,6 +26,7 @@ from dsss.erasure import Coding
 from dsss.erasure import decode as decode_shares
 from dsss.erasure import encode as encode_shares
 from dsss.errors import DSSSError, IntegrityError, NotFound, OldAddress, Unavailable
+from dsss.leases import INITIAL_LEASE, LeaseRecord, LeaseSigner
 from dsss.model import PeerAddress, block_hash, check_matches, share_id
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
@@ -115,6 +117,27 @@ class Session:
     # Store new files' parts erasure-coded (k-of-n shares, one agent each) instead of as
     # `replicas` whole copies.
     erasure: Coding | None = None
+    # Signs the leases of what this session stores (dsss/leases.py); None: uploads carry no
+    # lease (agents then keep them for their initial hold only).
+    leases: LeaseSigner | None = None
+    # Seconds an upload's own lease runs: until the put's leases for --keep are taken.
+    initial_lease: int = INITIAL_LEASE
+    # Seconds a put's leases run once its manifest is stored (None: only the initial lease).
+    keep: int | None = None
+    # Where this session stored each block, and the introduction each agent was reached with
+    # (the put takes its leases there: dsss.client.leasing).
+    holders: dict[str, set[PeerAddress]] = field(default_factory=dict)
+    introduced: dict[PeerAddress, Introduction] = field(default_factory=dict)
+
+    def upload_lease(self, block: str) -> LeaseRecord | None:
+        """The lease an upload of `block` carries: the initial one, signed now."""
+        if self.leases is None:
+            return None
+        return self.leases.sign(block, int(time.time()) + self.initial_lease)
+
+    def stored_at(self, block: str, intro: Introduction) -> None:
+        self.holders.setdefault(block, set()).add(intro.address)
+        self.introduced[intro.address] = intro
 
     def chaining(self) -> bool:
         """Whether to ask for a replication chain now: chosen, and not paused."""
@@ -317,9 +340,11 @@ async def _upload_chain(
         hops.append(hop)
     chain = [head] + [h.address for h in hops]
     try:
-        count = await session.peers.upload(intro, block, data, tuple(hops))
+        count = await session.peers.upload(intro, block, data, tuple(hops), lease=session.upload_lease(block))
     except DSSSError as e:
         return [], [head], [f"{head}: {e}"]
+    for i in (intro, *hops)[:count]:
+        session.stored_at(block, i)
     stored = chain[:count]
     if count == 0:
         return [], [head], [f"{head}: gave no valid receipt"]
@@ -340,7 +365,8 @@ async def _upload_one(
         me = session.peers.public_address
         assert me is not None
         intro = await session.discovery.introduce_me(target, block, len(data), me)
-    await session.peers.upload(intro, block, data)
+    await session.peers.upload(intro, block, data, lease=session.upload_lease(block))
+    session.stored_at(block, intro)
     return intro.agent_id
 
 
@@ -576,7 +602,28 @@ async def _store_manifest(
         raise DSSSError("file has too many parts for one manifest; use a larger --part-size")
     address = block_hash(blob)
     await store_block(session, address, blob)
+    await lease_stored(session, leasing.manifest_blocks(address, manifest))
     return address
+
+
+async def lease_stored(session: Session, blocks: list[str]) -> None:
+    """Take the session's `keep` leases on blocks it just stored, on every holder; raises
+    LeaseIncomplete (naming them) if some block could not be leased anywhere."""
+    if session.leases is None or session.keep is None:
+        return
+    try:
+        report = await leasing.take_leases(session, blocks, session.keep)
+    finally:
+        for b in blocks:
+            session.holders.pop(b, None)
+    leasing.check_report(report, "lease")
+
+
+async def file_blocks(session: Session, address: str, key: PrivateKey) -> list[str]:
+    """The blocks of the file at `address`: its manifest (fetched, opened with `key`) and
+    every part's block or shares."""
+    manifest, _ = await fetch_manifest(session, address, key)
+    return leasing.manifest_blocks(address, manifest)
 
 
 async def _put_inline(
