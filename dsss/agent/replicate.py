@@ -31,9 +31,9 @@ class ReplicatingAgent(Protocol):
     @property
     def quic(self) -> Any: ...
     @property
-    def clock(self) -> Any: ...
-    @property
     def leases(self) -> LeaseStore: ...
+
+    def lease_now(self) -> float: ...
 
     def lost(self, block: str) -> None: ...
 
@@ -74,7 +74,7 @@ async def replicate(agent: ReplicatingAgent, msg: wc.Replicate) -> bool:
 async def _carry_leases(agent: ReplicatingAgent, conn: Any, msg: wc.Replicate) -> None:
     """Give the new holder the owners' live leases on the part (it verifies each signature):
     the copy lives as long as the original."""
-    records = agent.leases.table.live_records(msg.block, agent.clock.seconds())
+    records = agent.leases.table.live_records(msg.block, agent.lease_now())
     for start in range(0, len(records), MAX_BATCH):
         batch = records[start : start + MAX_BATCH]
         try:

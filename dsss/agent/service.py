@@ -111,7 +111,7 @@ class StorageAgent:
         self.audits_proven = 0
         self.audits_corrupt = 0
         self.leases = LeaseStore(config.storage, LeaseTable(skew=config.lease_skew, grace=config.gc_grace))
-        self.leases.start(self.store.blocks(), clock.seconds(), config.legacy_hold)
+        self.leases.start(self.store.blocks(), self.lease_now(), config.legacy_hold)
         self.leases_applied = 0  # records that changed a lease (taken, renewed, released)
         self.leases_refused = 0  # records refused (forged, stale, too long, for absent parts)
         self.collected_parts = 0
@@ -121,16 +121,20 @@ class StorageAgent:
 
     # --- leases and collection -----------------------------------------------------------------
 
+    def lease_now(self) -> float:
+        """The time leases are judged by (unix seconds): the agent's clock."""
+        return float(self.clock.seconds())
+
     def check_lease(self, record: LeaseRecord) -> None:
         """Raise LeaseError unless `record` may be applied (signed by its owner, not too long)."""
-        why = self.leases.table.check(record, self.clock.seconds())
+        why = self.leases.table.check(record, self.lease_now())
         if why is not None:
             self.leases_refused += 1
             raise LeaseError(f"the upload's lease is refused: {why}")
 
     def leased_upload(self, block: str, record: LeaseRecord | None) -> None:
         """A block was uploaded (or uploaded again): keep its lease, or hold it for a while."""
-        now = self.clock.seconds()
+        now = self.lease_now()
         if record is None:
             self.leases.hold(block, now + self.config.initial_hold, now)
         else:
@@ -140,7 +144,7 @@ class StorageAgent:
 
     def take_leases(self, records: list[LeaseRecord | None]) -> list[Outcome]:
         """Apply a LEASE message's records (verified here); one outcome per record, in order."""
-        now = self.clock.seconds()
+        now = self.lease_now()
         outcomes: list[Outcome | None] = []
         valid: list[LeaseRecord] = []
         for record in records:
@@ -177,7 +181,7 @@ class StorageAgent:
         limit = int(self._gc_budget)
         if limit < 1:
             return 0
-        now = self.clock.seconds()
+        now = self.lease_now()
         due = self.leases.table.due(now, limit, self.store.has)
         for block in due:
             freed = self.store.remove(block)
@@ -198,7 +202,7 @@ class StorageAgent:
     def lease_totals(self) -> tuple[int, int]:
         """Bytes stored here under a live lease (or hold), and bytes whose leases all ended
         (waiting to be collected)."""
-        now = self.clock.seconds()
+        now = self.lease_now()
         table = self.leases.table
         leased = expired = 0
         for block in self.store.blocks():

@@ -16,6 +16,13 @@ for a proof that the agent holds the part (dsss/proofs.py) instead of the part i
 `nonce` is 32 lowercase hex digits (16 bytes); the reply carries the part's size and the proof
 bytes for the leaf the nonce selects, `len` being `proofs.proof_length(size, index)`.
 
+An upload may carry its uploader's signed lease on the part (`lease <record>` after the size,
+dsss/leases.py), kept with the part once it is stored. Leases are taken, renewed and released
+with LEASE, which needs no introduction key (each record is signed by its owner) and carries
+1 to MAX_BATCH records, one per line, after its header:
+
+    LEASE <count>\n<record>\n...              ->  Leases <count>\n<outcome>\n... | ERROR ...
+
 A chained upload (replication down a chain of agents, as GFS and HDFS pipelines do) says
 `chain` and names the agents that store the next copies (none for the last agent of a chain),
 each as `<host:port>/<agent id>/<introduction key>`, the key being one the server had that agent
