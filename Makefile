@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test typecheck bench clean
 
 $(VENV)/.installed: setup.cfg setup.py
 	python3 -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# Static type check of dsss/ (settings in setup.cfg's [mypy]); CI runs it before the tests.
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
 
 # The benchmark against Tahoe-LAFS (root, about 12 to 28 minutes; see docs/performance.md).
 bench: $(VENV)/.installed

@@ -10,8 +10,9 @@ from typing import Any, Callable
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
+from twisted.internet.protocol import DatagramProtocol
 
 from dsss.errors import BadRequest
 from dsss.model import PeerAddress, is_decimal
@@ -30,6 +31,13 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def where(addr: IAddress) -> str:
+    """Where a port listens, for log lines: HOST:PORT, or another address (a UNIX socket) as is."""
+    if isinstance(addr, (IPv4Address, IPv6Address)):
+        return f"{addr.host}:{addr.port}"
+    return str(addr)
+
+
 def _stop_listening(self: Any) -> defer.Deferred[None] | None:
     """stopService for the services below: stop the port they listen on, once."""
     Service.stopService(self)
@@ -42,7 +50,7 @@ def _stop_listening(self: Any) -> defer.Deferred[None] | None:
 class EndpointService(Service):
     """Listen on an endpoint string; `whenListening` fires with the IListeningPort."""
 
-    def __init__(self, reactor: Any, description: str, factory: Factory) -> None:
+    def __init__(self, reactor: Any, description: str, factory: IProtocolFactory) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory

@@ -114,7 +114,7 @@ class ControlLineProtocol(LineReceiver):
         super().dataReceived(data)
         # LineReceiver holds lines to MAX_LENGTH, the PROOF limit; an unfinished line that is
         # not a PROOF is cut off as soon as it passes MAX_LINE, as it was before PROOF existed.
-        pending: bytes = self._buffer  # type: ignore[has-type]
+        pending: bytes = self._buffer
         if (
             len(pending) > wc.MAX_LINE + 1
             and not self.closed
@@ -144,7 +144,7 @@ class ControlLineProtocol(LineReceiver):
             self.bad_input(str(e), fatal=not self.trusted())
             return
         self.heard()
-        if wc.is_reply(msg):
+        if isinstance(msg, wc.REPLY_TYPES):
             if not self._pending:
                 # Not answered with ERROR: that would itself be a reply nobody asked for.
                 self.close()

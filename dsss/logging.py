@@ -65,7 +65,7 @@ def json_logger() -> ILogObserver:
     else:
         log_file = LogFile.fromFullPath(logfile or "twistd.log")
         _rotate_on_sigusr1(log_file)
-        out = log_file  # type: ignore[assignment]
+        out = log_file
     return json_observer(out)
 
 

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sized
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -71,6 +71,10 @@ class AgentState(Protocol):
     @property
     def welcome(self) -> object | None: ...
     @property
+    def audits_proven(self) -> int: ...
+    @property
+    def audits_corrupt(self) -> int: ...
+    @property
     def leases_applied(self) -> int: ...
     @property
     def leases_refused(self) -> int: ...
@@ -95,11 +99,17 @@ class TransferCounts(Protocol):
     def forwards(self) -> int: ...
     @property
     def forward_failures(self) -> int: ...
+    @property
+    def expired(self) -> int: ...
 
 RECENT_EVENTS = 50
 PART_PREFIX = 16
 # Introductions are one control-channel round trip to an agent: milliseconds on a LAN, up to
 # the query timeout (2 s by default) when an agent is slow.
+LAG_PERIOD = 0.05
+"""Seconds between the calls of the reactor-lag timer."""
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -197,6 +207,19 @@ class ServerMetrics:
             "Bytes the server relayed between clients and agents that could not reach each other directly.",
             registry=self.registry,
         )
+        self.reactor_lag = Histogram(
+            "dsss_reactor_lag_seconds",
+            f"How late a timer due every {LAG_PERIOD}s ran: the reactor's stalls (work done on it "
+            "that kept everything else waiting).",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.reactor_lag_max = Gauge(
+            "dsss_reactor_lag_max_seconds", "The longest reactor stall since the server started.",
+            registry=self.registry,
+        )
+        self._lag_due: float | None = None
+        self.lag_max = 0.0
         for kind in ("put", "get"):
             for outcome in ("ok", "error"):
                 self.introductions.labels(kind, outcome)
@@ -241,6 +264,16 @@ class ServerMetrics:
         if status >= 400:
             self.http_errors.labels(endpoint).inc()
 
+    def lag_tick(self, now: float) -> None:
+        """From a timer every LAG_PERIOD seconds: record how late this call came."""
+        if self._lag_due is not None:
+            lag = max(0.0, now - self._lag_due)
+            self.reactor_lag.observe(lag)
+            if lag > self.lag_max:
+                self.lag_max = lag
+                self.reactor_lag_max.set(lag)
+        self._lag_due = now + LAG_PERIOD
+
     # --- views -----------------------------------------------------------------------------------
 
     def activity(self) -> dict[str, Any]:
@@ -264,12 +297,13 @@ class _CountingResource(Resource):
         self.endpoint_of = endpoint_of
 
     def render(self, request: IRequest) -> Any:
-        endpoint = self.endpoint_of(request.path.decode("latin-1"))  # type: ignore[attr-defined]
+        endpoint = self.endpoint_of(request.path.decode("latin-1"))
 
         def finished(_: object) -> None:
             self.metrics.http_finished(endpoint, request.code)  # type: ignore[attr-defined]
 
-        request.notifyFinish().addBoth(finished)
+        # twisted.web hands resources http.Request, which has it; IRequest does not declare it.
+        request.notifyFinish().addBoth(finished)  # type: ignore[attr-defined]
         return self.wrapped.render(request)
 
 

@@ -88,7 +88,7 @@ def challenge_index(size: int, nonce: bytes) -> int:
     return int.from_bytes(nonce, "big") % leaf_count(size)
 
 
-def _path(counts: list[int], index: int) -> list[tuple[int, int, int]]:
+def _path(counts: list[int], index: int) -> list[tuple[int, int, bool]]:
     """(level, sibling's index on that level, whether the sibling is on the left) for every level
     whose node on `index`'s path has a sibling, bottom up."""
     steps = []

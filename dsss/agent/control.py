@@ -149,8 +149,7 @@ class ServerConnection(ControlLineProtocol):
             if isinstance(reply, wc.Error):
                 log.warn("server refused {msg}: {reply}", msg=type(msg).__name__, reply=reply)
 
-        d.addCallbacks(check, lambda f: None)
-        return d
+        return d.addCallbacks(check, lambda f: None)
 
     def report_have(self, blocks: list[str]) -> defer.Deferred[None]:
         """Tell the server we store `blocks`; fires once it has taken them in (or failed)."""

@@ -336,7 +336,8 @@ class _StreamRequest:
                 self.agent.leased_upload(writer.block, self.upload.lease if self.upload else None)
                 indexed = self._indexed(writer.block)
                 if forward is not None:
-                    both = defer.gatherResults([forward.done, indexed])
+                    waits: list[defer.Deferred[Any]] = [forward.done, indexed]
+                    both = defer.gatherResults(waits)
                     both.addCallback(lambda results: self._stored_down_the_chain(results[0]))
                 elif writer_chained:
                     indexed.addCallback(lambda _: self._stored_down_the_chain(()))
@@ -405,13 +406,14 @@ class _StreamRequest:
         whoever stored it finds it with who-has as soon as the upload is answered (at most
         HAVE_WAIT seconds: a slow or absent server does not hold uploads up)."""
         d: defer.Deferred[None] = defer.Deferred()
-        timer = self.agent.clock.callLater(HAVE_WAIT, lambda: d.called or d.callback(None))
 
         def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
             if not d.called:
                 d.callback(None)
+
+        timer = self.agent.clock.callLater(HAVE_WAIT, done, None)
 
         reported = self.agent.stored(block)
         if reported is None:

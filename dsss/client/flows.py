@@ -83,6 +83,13 @@ class ReplicationError(Unavailable):
     code = "replication"
 
 
+class Sink(Protocol):
+    """Where `get_to_stream` writes a file's bytes, in order: an open file, stdout, an HTTP
+    response."""
+
+    def write(self, data: bytes, /) -> Any: ...
+
+
 @dataclass
 class Progress:
     """Callbacks the CLI uses to draw progress; all optional."""
@@ -700,7 +707,7 @@ async def fetch_manifest(session: Session, address: str, key: PrivateKey) -> tup
 async def get_to_stream(
     session: Session,
     address: str,
-    out: BinaryIO,
+    out: Sink,
     *,
     key: PrivateKey,
     progress: Progress | None = None,
@@ -719,7 +726,7 @@ async def get_to_stream(
 
 
 async def _write_file(
-    session: Session, manifest: Manifest, file_key: bytes, out: BinaryIO, progress: Progress,
+    session: Session, manifest: Manifest, file_key: bytes, out: Sink, progress: Progress,
     drain: Callable[[], defer.Deferred[None] | None] | None = None,
 ) -> None:
     """Fetch, verify and decrypt the parts of an opened manifest into `out`, in order."""

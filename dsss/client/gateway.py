@@ -40,7 +40,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
-from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
@@ -60,6 +59,10 @@ if TYPE_CHECKING:
     from dsss.client.flows import Session
 
 log = Logger()
+
+HTTPRequest = Any
+"""What Klein hands a route and an error handler: a twisted.web Request providing IRequest
+(a zope interface, which mypy does not take as a type without a plugin)."""
 
 DEFAULT_LISTEN = "tcp:8472:interface=127.0.0.1"
 TOKEN_FILE_NAME = "gateway.token"
@@ -96,12 +99,11 @@ def load_or_make_token(path: Path) -> str:
     return token
 
 
-def _bearer(request: Request) -> str | None:
-    value = request.getHeader(b"authorization")
-    if value is None:
+def _bearer(request: HTTPRequest) -> str | None:
+    raw = request.getHeader(b"authorization")
+    if raw is None:
         return None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
+    value = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 
@@ -230,10 +232,10 @@ class GatewayRequest(Request):
         if self.authorized() and length is not None and length >= STREAM_BODY_FROM and line is not None:
             command, path, version = line
             if command == b"PUT" and path.split(b"?", 1)[0] == b"/files":
-                channel = self.channel
-                self.body_pipe = BodyPipe(length, channel.transport)
-                self.content = self.body_pipe
-                channel.transport.bufferSize = BODY_READ_SIZE  # FileDescriptor.bufferSize: read size
+                transport: Any = self.channel.transport  # a TCP transport: FileDescriptor
+                self.body_pipe = BodyPipe(length, transport)
+                self.content: Any = self.body_pipe  # Request.content is typed as None in Twisted
+                transport.bufferSize = BODY_READ_SIZE  # FileDescriptor.bufferSize: read size
                 super().requestReceived(command, path, version)  # dispatched now
                 return
         if not self.authorized():
@@ -246,15 +248,15 @@ class GatewayRequest(Request):
                      command=command.decode("ascii", "replace"),
                      path=path[:200].decode("ascii", "replace"),
                      peer=getattr(peer, "host", "?"))
-            transport = self.channel.transport if self.channel is not None else None
-            if transport is not None:
+            refused: Any = self.channel.transport if self.channel is not None else None
+            if refused is not None:
                 body = b'{"error": "this gateway needs its token: Authorization: Bearer TOKEN"}\n'
-                transport.write(
+                refused.write(
                     b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
                     b"WWW-Authenticate: Bearer\r\nConnection: close\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
                 )
-                transport.loseConnection()
+                refused.loseConnection()
             return
         super().gotLength(length)
 
@@ -289,7 +291,7 @@ class ResponseStream:
     `drain()` is a Deferred to wait on while the HTTP client reads slower than parts arrive
     (Twisted pauses us as a producer), so memory stays bounded by the window of parts."""
 
-    def __init__(self, request: IRequest) -> None:
+    def __init__(self, request: HTTPRequest) -> None:
         self._request = request
         self._paused: defer.Deferred[None] | None = None
         self.gone = False
@@ -349,29 +351,29 @@ class Gateway:
         self.stored = 0
         self.served = 0
 
-    def _check(self, request: IRequest) -> None:
+    def _check(self, request: HTTPRequest) -> None:
         # GatewayRequest has refused requests without the token already; this covers a site
         # built with another request factory.
         if not (isinstance(request, GatewayRequest) and request.authorized()):
             raise TokenRequired("this gateway needs its token: Authorization: Bearer TOKEN")
 
     @app.handle_errors(DSSSError)
-    def _dsss_error(self, request: IRequest, failure: Any) -> bytes:
+    def _dsss_error(self, request: HTTPRequest, failure: Any) -> bytes:
         err = failure.value
         if err.http_status == 401:
             request.setHeader(b"www-authenticate", b"Bearer")
         return _json(request, {"error": str(err), "code": err.code}, err.http_status)
 
     @app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Any) -> bytes:
+    def _http_error(self, request: HTTPRequest, failure: Any) -> bytes:
         return http_error(request, failure)
 
     @app.handle_errors(Exception)
-    def _unexpected(self, request: IRequest, failure: Any) -> bytes:
+    def _unexpected(self, request: HTTPRequest, failure: Any) -> bytes:
         return unexpected_error(request, failure)
 
     @app.route("/info", methods=["GET"])
-    def info(self, request: IRequest) -> bytes:
+    def info(self, request: HTTPRequest) -> bytes:
         self._check(request)
         return _json(request, {
             "version": dsss.__version__,
@@ -382,13 +384,13 @@ class Gateway:
         })
 
     @app.route("/files", methods=["PUT", "POST"])
-    async def put(self, request: IRequest) -> bytes:
+    async def put(self, request: HTTPRequest) -> bytes:
         from dsss.client.flows import part_count, put_stream
 
-        body = request.content  # type: ignore[attr-defined]
+        body = request.content
         try:
             self._check(request)
-            raw = request.args.get(b"name", [b""])  # type: ignore[attr-defined]
+            raw = request.args.get(b"name", [b""])
             if len(raw) > 1:
                 raise BadRequest("parameter 'name' given more than once")
             try:
@@ -421,7 +423,7 @@ class Gateway:
         return _json(request, {"address": address, "name": name, "size": size, "parts": parts}, 201)
 
     @app.route("/files/<address>", methods=["GET"])
-    async def get(self, request: IRequest, address: str) -> bytes:
+    async def get(self, request: HTTPRequest, address: str) -> bytes:
         from dsss.client.flows import get_to_stream
 
         self._check(request)
@@ -486,7 +488,10 @@ def gateway_log_observer(out: Any) -> Any:
             return PredicateResult.no
         return PredicateResult.maybe
 
-    return FilteringLogObserver(textFileLogObserver(out), [levels, not_chatter])
+    # zope interfaces are not types to mypy: the observer and the predicates provide them.
+    observer: Any = textFileLogObserver(out)
+    predicates: list[Any] = [levels, not_chatter]
+    return FilteringLogObserver(observer, predicates)
 
 
 class GatewayChannel(HTTPChannel):
@@ -508,7 +513,7 @@ def gateway_site(gateway: Gateway, token: str) -> Any:
     """The twisted.web Site serving `gateway`, refusing requests without `token` early."""
     from twisted.web.server import Site
 
-    site = Site(gateway.app.resource())
+    site: Any = Site(gateway.app.resource())  # its factories are typed narrower than they are
     site.protocol = GatewayChannel
     site.requestFactory = type("TokenRequest", (GatewayRequest,), {"token": token})
     site.displayTracebacks = False

@@ -91,6 +91,7 @@ _CONNECTION_PRIVATE = (
     "_session_ticket_handler",
     "_set_version",
     "_create_core",
+    "_require_core",
     "_create_tls",
     "_call_core",
     "_drain_core",
@@ -225,6 +226,7 @@ class Connection(QuicConnection):
             self._create_tls(remote_source_cid=None)
         elif self._receive_version_negotiation(data, address, now):
             return
+        core = self._require_core()
         # Packets one by one, as qh3 does (TLS installs the keys a coalesced packet
         # after an Initial needs), the last with the padding.
         offset = 0
@@ -233,7 +235,7 @@ class Connection(QuicConnection):
             if end >= padding:
                 end = len(data)
             packet = data[offset:end]
-            report = self._call_core(self._core.receive_datagram, packet, address, now, len(data))
+            report = self._call_core(core.receive_datagram, packet, address, now, len(data))
             if report[2]:
                 self._log_packet("packet_received", packet, end - offset)
                 self._learn_remote_source_cid(packet)
@@ -266,7 +268,8 @@ class Connection(QuicConnection):
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = _TlsBridge(
             self._configuration,
-            version=self._version,
+            # qh3 sets the version before it creates TLS (its own _create_tls passes the same).
+            version=self._version,  # type: ignore[arg-type]
             local_initial_source_connection_id=self.host_cid,
             remote_initial_source_connection_id=remote_source_cid,
             original_destination_connection_id=self._original_destination_connection_id,

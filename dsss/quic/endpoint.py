@@ -535,7 +535,7 @@ class QuicEndpoint(DatagramProtocol):
             # certificate's key; DSSS identities are Ed25519 keys.
             configuration.signature_algorithms = [SignatureAlgorithm.ED25519]
         else:
-            assert self._server_identity is not None
+            assert self._native_identity is not None  # set with the server identity
             configuration.certificate, configuration.private_key = self._native_identity
         return configuration
 

@@ -197,7 +197,7 @@ class QuicStream:
 
     # sending
 
-    def write(self, data: bytes, end: bool = False) -> Deferred[None]:
+    def write(self, data: bytes | bytearray | memoryview, end: bool = False) -> Deferred[None]:
         """
         Queue C{data} on the stream, and end our side if C{end}.
 

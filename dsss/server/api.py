@@ -74,7 +74,7 @@ _AGENT_ID = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 def _arg(request: IRequest, name: str, *, required: bool = True) -> str | None:
-    values = request.args.get(name.encode("ascii"), [])  # type: ignore[attr-defined]
+    values = request.args.get(name.encode("ascii"), [])
     if not values:
         if required:
             raise BadRequest(f"missing parameter {name!r}")
@@ -107,7 +107,7 @@ def _count(text: str | None) -> int | None:
 
 def _hashes(request: IRequest) -> list[str]:
     """`hash` (may repeat, at most MAX_COUNT times): distinct part IDs, in the order given."""
-    raw = request.args.get(b"hash", [])  # type: ignore[attr-defined]
+    raw = request.args.get(b"hash", [])
     if not raw:
         raise BadRequest("missing parameter 'hash'")
     if len(raw) > MAX_COUNT:
@@ -121,7 +121,7 @@ def _hashes(request: IRequest) -> list[str]:
 def _exclude(request: IRequest) -> list[PeerAddress]:
     """`exclude` (may repeat): comma-separated agent addresses."""
     exclude = []
-    for raw in request.args.get(b"exclude", []):  # type: ignore[attr-defined]
+    for raw in request.args.get(b"exclude", []):
         for part in raw.decode("utf-8", "replace").split(","):
             if part:
                 exclude.append(PeerAddress.parse(part))
@@ -264,7 +264,7 @@ class DiscoveryAPI:
 
     @app.route("/api/introduce-many", methods=["GET"])
     async def introduce_many(self, request: IRequest) -> bytes:
-        raw = request.args.get(b"i", [])  # type: ignore[attr-defined]
+        raw = request.args.get(b"i", [])
         self._admit(request, cost=max(1, min(len(raw), MAX_INTRODUCTIONS)))
         if not raw:
             raise BadRequest("missing parameter 'i'")
@@ -336,7 +336,7 @@ class DiscoveryAPI:
                 raise BadRequest(f"copies must be a whole number from 1 to {replicas}")
             copies = int(raw_copies)
         # Several hashes (the shares of an erasure-coded part): an agent and an introduction each.
-        given = len(request.args.get(b"hash", []))  # type: ignore[attr-defined]
+        given = len(request.args.get(b"hash", []))
         if given > MAX_COUNT:
             self._admit(request)
             raise BadRequest(f"at most {MAX_COUNT} hashes per request")
@@ -409,7 +409,7 @@ class DiscoveryAPI:
     async def audit(self, request: IRequest) -> bytes:
         """Audit named holders of parts now: `i=HASH,AGENTID` (may repeat, at most MAX_AUDITS).
         Each answer says whether that agent proved it holds the part (and its size)."""
-        raw = request.args.get(b"i", [])  # type: ignore[attr-defined]
+        raw = request.args.get(b"i", [])
         self._admit(request, cost=1 + min(len(raw), MAX_AUDITS))
         if not raw:
             raise BadRequest("missing parameter 'i'")

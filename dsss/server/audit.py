@@ -9,8 +9,9 @@ Every claim (HAVE, or a WHO_HAS "1") is audited:
 
 1. **New claims first**: each agent has a queue of the claims it made since its last audit
    (at most `MAX_NEW_PER_AGENT`; claims beyond it are left to the sweep).
-2. **Then a sweep**: each agent's claims are walked in rounds. A round takes a snapshot of the
-   agent's claims and audits every one not proven since the round started; a new round starts
+2. **Then a sweep**: each agent's claims are walked in rounds. A round walks a snapshot of the
+   agent's claims, taken a bucket at a time (`Claims`: a large agent's claims are never copied
+   all at once), and audits every one not proven since the round started; a new round starts
    no sooner than `freshness / 2` after the previous one started. While the rate suffices to
    finish a round within `freshness / 2`, every claim is therefore proven again within
    `freshness` (the gap between two audits of a claim is at most the round period plus the
@@ -31,16 +32,26 @@ import heapq
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Protocol
+from typing import Callable, Protocol
 
 MAX_NEW_PER_AGENT = 1024
 SCAN_PER_AUDIT = 64
 
 
+class Claims(Protocol):
+    """One agent's claims, walked a bucket at a time (dsss.server.registry.ClaimSet)."""
+
+    def __len__(self) -> int: ...
+    def bucket_count(self) -> int: ...
+    def bucket(self, i: int) -> list[str]:
+        """The claims in bucket `i` (a copy); empty past the last bucket."""
+        ...
+
+
 class ClaimSource(Protocol):
     """The location index as the scheduler sees it (dsss.server.registry.Registry)."""
 
-    def claims_of(self, agent_id: str) -> Collection[str]:
+    def claims_of(self, agent_id: str) -> Claims:
         """The parts the agent claims now (empty if it is not registered)."""
         ...
 
@@ -62,7 +73,8 @@ class AuditJob:
 @dataclass
 class _Agent:
     new: deque[str] = field(default_factory=deque)
-    snapshot: list[str] = field(default_factory=list)
+    snapshot: list[str] = field(default_factory=list)  # the bucket of claims being walked
+    bucket: int = 0x7FFFFFFF  # which bucket that is (past the last: the next walk starts a round)
     pos: int = 0
     round_start: float = float("-inf")
     next_round: float = float("-inf")
@@ -234,16 +246,25 @@ class AuditScheduler:
         scanned = 0
         while scanned < budget:
             if st.pos >= len(st.snapshot):
-                if now < st.next_round:
-                    return None, scanned, False
-                st.snapshot = list(self.claims.claims_of(agent_id))
+                claims = self.claims.claims_of(agent_id)
+                st.bucket += 1
+                if st.bucket >= claims.bucket_count():
+                    # A new round, from the first bucket.
+                    if now < st.next_round:
+                        return None, scanned, False
+                    st.bucket = 0
+                    first = st.round_start == float("-inf")
+                    st.round_start = st.joined if first else now
+                    st.next_round = now + self.freshness / 2
+                    self.rounds += 1
+                    if not claims:
+                        st.bucket = claims.bucket_count()
+                        st.snapshot, st.pos = [], 0
+                        return None, scanned, False
+                st.snapshot = claims.bucket(st.bucket)
                 st.pos = 0
-                first = st.round_start == float("-inf")
-                st.round_start = st.joined if first else now
-                st.next_round = now + self.freshness / 2
-                self.rounds += 1
-                if not st.snapshot:
-                    return None, scanned, False
+                scanned += 1  # copying a bucket costs like looking at a claim
+                continue
             block = st.snapshot[st.pos]
             st.pos += 1
             scanned += 1

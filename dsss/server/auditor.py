@@ -36,21 +36,17 @@ from dsss.server.audit import (
 )
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.reputation import Reputation
+from dsss.server.settings import QuerySettings
 from dsss.wire import control as wc
 from dsss.wire.transfer import MAX_PART
 
-
-
-class _QueryTimeout(Protocol):
-    @property
-    def query_timeout(self) -> float: ...
 
 
 class AuditingServer(Protocol):
     """What the auditor uses of the server (dsss.server.service.DiscoveryServer)."""
 
     @property
-    def config(self) -> _QueryTimeout: ...
+    def config(self) -> QuerySettings: ...
     @property
     def registry(self) -> Registry: ...
     @property
@@ -159,7 +155,7 @@ class Auditor:
                 self.scheduler.finished(job.agent_id)
                 continue
             d = self._audit(rec, job.block, job.nonce)
-            d.addBoth(lambda _, a=job.agent_id: self.scheduler.finished(a))
+            d.addBoth(lambda _, a: self.scheduler.finished(a), job.agent_id)
 
     async def audit_now(self, rec: AgentRecord, block: str, *, charge: bool = False) -> Outcome:
         """Audit one claim at once (for /api/audit and the repairer); an audit of the same

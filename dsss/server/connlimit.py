@@ -11,11 +11,13 @@ an idle timeout alone (reset by every byte) would keep it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from dsss.budget import ConnectionBudget
@@ -65,19 +67,20 @@ class BudgetedConnection(ProtocolWrapper):
     def _too_slow(self) -> None:
         self._deadline = None
         self.factory.slow_closed += 1
-        self.transport.abortConnection()
+        # The deadline is armed only once connected; TCP and UNIX stream transports can abort.
+        cast(ITCPTransport, self.transport).abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
         self.headers_complete()
         self.factory.budget.release(self.source)
         super().connectionLost(reason)
 
 
-class BudgetedFactory(WrappingFactory):
+class BudgetedFactory(WrappingFactory[BudgetedConnection]):
     """Wraps a server factory (the HTTP Site) with a ConnectionBudget and the header deadline."""
 
-    protocol = BudgetedConnection  # type: ignore[assignment]
+    protocol = BudgetedConnection
 
     def __init__(
         self, wrapped: Any, budget: ConnectionBudget, clock: IReactorTime, header_timeout: float, what: str = "HTTP"

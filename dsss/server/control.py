@@ -85,6 +85,7 @@ class AgentConnection(ControlLineProtocol):
         self._claims_counted = 0
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.opened_at = self.clock.seconds()

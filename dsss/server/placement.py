@@ -39,7 +39,7 @@ import socket
 from array import array
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence, TypeVar
 
 from dsss.errors import Unavailable
 from dsss.model import PeerAddress
@@ -81,18 +81,22 @@ class Candidate(Protocol):
     def free(self) -> int: ...
 
 
-class AgentSource(Protocol):
-    """Where placement finds agents (dsss.server.registry.Registry is one). `generation` changes
-    whenever an agent joins, leaves or changes address."""
+AgentT = TypeVar("AgentT", bound=Candidate)
+
+
+class AgentSource(Protocol[AgentT]):
+    """Where placement finds agents (dsss.server.registry.Registry is one, of AgentRecords).
+    `generation` changes whenever an agent joins, leaves or changes address; `is_live` is asked
+    only about agents `live` or `get` returned."""
 
     @property
     def generation(self) -> int: ...
 
-    def live(self, now: float) -> Sequence[Candidate]: ...
+    def live(self, now: float) -> Sequence[AgentT]: ...
 
-    def is_live(self, rec: Candidate, now: float) -> bool: ...
+    def is_live(self, rec: AgentT, now: float) -> bool: ...
 
-    def get(self, agent_id: str) -> Candidate | None: ...
+    def get(self, agent_id: str) -> AgentT | None: ...
 
 
 class TooFewNetworks(Unavailable):
@@ -264,7 +268,7 @@ class CandidateTable:
 class _Request:
     """One placement in progress: what disqualifies an agent for it."""
 
-    source: AgentSource
+    source: AgentSource[Any]
     size: int
     now: float
     excluded: set[PeerAddress]
@@ -285,7 +289,7 @@ class Placer:
         self._table: CandidateTable | None = None
         self.rebuilds = 0
 
-    def refresh(self, source: AgentSource, now: float) -> bool:
+    def refresh(self, source: AgentSource[Any], now: float) -> bool:
         """Rebuild the table if it is due: `REFRESH` seconds old, or the membership changed and
         the hold-off for its size (`REBUILD_PER_AGENT`) has passed. The server calls this from
         a timer every `REFRESH / 4` seconds, so that placements seldom pay for a rebuild.
@@ -300,7 +304,7 @@ class Placer:
         self._rebuild(source, now)
         return True
 
-    def table(self, source: AgentSource, now: float) -> CandidateTable:
+    def table(self, source: AgentSource[Any], now: float) -> CandidateTable:
         """The candidate table for a placement now. Rebuilt here only when no timer did it in
         time (older than twice `REFRESH`), or after a membership change for a table of at most
         `REBUILD_AT_ONCE` agents (cheap, and a small network's newest agent is placed on at
@@ -319,13 +323,13 @@ class Placer:
         rebuilding never takes more than a small share of the server's time."""
         return max(self.refresh_every, t.size * REBUILD_PER_AGENT)
 
-    def _rebuild(self, source: AgentSource, now: float) -> CandidateTable:
+    def _rebuild(self, source: AgentSource[Any], now: float) -> CandidateTable:
         generation = source.generation
         self._table = CandidateTable.build(source.live(now), self.rule, self.reputation, now, generation)
         self.rebuilds += 1
         return self._table
 
-    def place(self, source: AgentSource, size: int, count: int, now: float,
+    def place(self, source: AgentSource[Any], size: int, count: int, now: float,
               exclude: Iterable[PeerAddress] = ()) -> list[Candidate]:
         """Up to `count` agents for a part of `size` bytes, on distinct networks, none of them
         at an excluded address or on an excluded address's network.

@@ -11,24 +11,100 @@ dsss.server.audit); only a claim proven within the freshness counts as a replica
 (`proven_holders`). A part has one size: the first size claimed is kept until an audit proves
 one, and a proven size is the truth: a later claim of another size is refused (`have` returns
 it, so that the claimant gets a strike) and changes nothing.
+
+Costs are bounded per call, whatever the index holds. The index is split into `SHARDS` buckets
+(by the part's hash), so a sweep over it (the repairer's) copies one bucket at a time, never the
+whole index. The agent's own claim set (`AgentRecord.blocks`) is the truth and the index a
+reverse map to it: a holder is reported only while it still claims the part. So an agent that
+leaves is forgotten at once, and its entries are taken out of the index in batches afterwards
+(`drain`), each batch small; the parts it held come back from `drain` so that the repairer can
+look at them first. An index entry holds the one id of its only holder as a string, and a tuple
+of ids for a few, not a set: about half the memory of a claim.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Set as AbstractSet
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Union
 
 from dsss.errors import AccessDenied
 from dsss.model import PeerAddress
 
 LIVENESS_FACTOR = 3
 
+SHARDS = 4096
+"""Buckets of the location index (a power of two)."""
+
+_Holders = Union[str, tuple[str, ...]]
+
 
 class ReplayError(AccessDenied):
     code = "replay"
+
+
+class ClaimSet(AbstractSet[str]):
+    """One agent's claims: a set of part ids that can be walked a bucket at a time.
+
+    Small (up to SPLIT_AT parts) it is one set; past that it splits, once, into BUCKETS sets by
+    the part's hash, so that a walk over a large agent's claims (the audit sweep) copies a few
+    tens of thousands of ids at a time, never all of them at once."""
+
+    __slots__ = ("_buckets", "_mask", "_len")
+
+    SPLIT_AT = 65_536
+    BUCKETS = 64
+
+    def __init__(self, parts: Iterable[str] = ()) -> None:
+        self._buckets: list[set[str]] = [set()]
+        self._mask = 0
+        self._len = 0
+        for part in parts:
+            self.add(part)
+
+    def add(self, part: str) -> None:
+        bucket = self._buckets[hash(part) & self._mask]
+        if part not in bucket:
+            bucket.add(part)
+            self._len += 1
+            if self._len > self.SPLIT_AT and self._mask == 0:
+                self._split()
+
+    def _split(self) -> None:
+        (whole,) = self._buckets
+        self._mask = self.BUCKETS - 1
+        self._buckets = [set() for _ in range(self.BUCKETS)]
+        for part in whole:
+            self._buckets[hash(part) & self._mask].add(part)
+
+    def discard(self, part: str) -> None:
+        bucket = self._buckets[hash(part) & self._mask]
+        if part in bucket:
+            bucket.remove(part)
+            self._len -= 1
+
+    def __contains__(self, part: object) -> bool:
+        return isinstance(part, str) and part in self._buckets[hash(part) & self._mask]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[str]:
+        for bucket in self._buckets:
+            yield from bucket
+
+    def bucket_count(self) -> int:
+        return len(self._buckets)
+
+    def bucket(self, i: int) -> list[str]:
+        """The claims in bucket `i` (a copy); empty past the last bucket."""
+        return list(self._buckets[i]) if i < len(self._buckets) else []
 
 
 @dataclass(eq=False)
@@ -46,7 +122,7 @@ class AgentRecord:
     address: PeerAddress | None = None
     # The address it listens at on its own network (LOCAL), for agents behind the same NAT.
     local: PeerAddress | None = None
-    blocks: set[str] = field(default_factory=set)
+    blocks: ClaimSet = field(default_factory=ClaimSet)
     # When this agent last passed an audit of each part it claims (parts never proven are absent).
     proven: dict[str, float] = field(default_factory=dict)
 
@@ -87,9 +163,12 @@ class Registry:
         # Changes whenever an agent joins, leaves or moves (dsss.server.placement rebuilds its
         # candidate table on it).
         self.generation = 0
-        self._index: dict[str, set[str]] = {}
+        self._index: list[dict[str, _Holders]] = [{} for _ in range(SHARDS)]
+        self._indexed = 0
         self._sizes: dict[str, int] = {}
         self._size_proven: set[str] = set()
+        # Claims of agents that left, still to be taken out of the index: (agent id, its parts).
+        self._draining: deque[tuple[str, Iterator[str]]] = deque()
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -178,19 +257,78 @@ class Registry:
             del self._by_address[rec.address]
         if self._by_handle.get(id(rec.handle)) is rec:
             del self._by_handle[id(rec.handle)]
-        for block in rec.blocks:
-            self._unindex(rec, block)
-        rec.blocks = set()
+        if rec.blocks:
+            # Taken out of the index by `drain`, a batch at a time: until then the entries are
+            # not reported (the agent is gone, or a new registration of it claims anew).
+            self._draining.append((rec.agent_id, iter(rec.blocks)))
+        rec.blocks = ClaimSet()
         rec.proven = {}
 
-    def _unindex(self, rec: AgentRecord, block: str) -> None:
-        holders = self._index.get(block)
-        if holders is not None:
-            holders.discard(rec.agent_id)
-            if not holders:
-                del self._index[block]
-                self._sizes.pop(block, None)
-                self._size_proven.discard(block)
+    def drain(self, budget: int) -> list[str]:
+        """Take up to `budget` claims of agents that left out of the index; returns the parts
+        that lost a holder and still have others (they may be short of copies now)."""
+        touched: list[str] = []
+        while budget > 0 and self._draining:
+            agent_id, blocks = self._draining[0]
+            current = self._agents.get(agent_id)
+            for block in blocks:
+                budget -= 1
+                if current is None or block not in current.blocks:
+                    if self._unindex(agent_id, block):
+                        touched.append(block)
+                if budget <= 0:
+                    break
+            else:
+                self._draining.popleft()
+        return touched
+
+    def draining(self) -> int:
+        """Agents that left whose claims are still being taken out of the index."""
+        return len(self._draining)
+
+    def _shard(self, block: str) -> dict[str, _Holders]:
+        return self._index[hash(block) & (SHARDS - 1)]
+
+    def _index_add(self, block: str, agent_id: str) -> None:
+        shard = self._shard(block)
+        holders = shard.get(block)
+        if holders is None:
+            shard[block] = agent_id
+            self._indexed += 1
+        elif isinstance(holders, str):
+            if holders != agent_id:
+                shard[block] = (holders, agent_id)
+        elif agent_id not in holders:
+            shard[block] = holders + (agent_id,)
+
+    def _unindex(self, agent_id: str, block: str) -> bool:
+        """Take one holder out of a part's entry; True if the part still has others."""
+        shard = self._shard(block)
+        holders = shard.get(block)
+        if holders is None:
+            return False
+        if isinstance(holders, str):
+            left: tuple[str, ...] = () if holders == agent_id else (holders,)
+        else:
+            left = tuple(h for h in holders if h != agent_id)
+        if not left:
+            del shard[block]
+            self._indexed -= 1
+            self._sizes.pop(block, None)
+            self._size_proven.discard(block)
+            return False
+        shard[block] = left[0] if len(left) == 1 else left
+        return True
+
+    def _claimants(self, block: str) -> Iterator[AgentRecord]:
+        """The registered agents that claim `block` now."""
+        holders = self._shard(block).get(block)
+        if holders is None:
+            return
+        for agent_id in (holders,) if isinstance(holders, str) else holders:
+            rec = self._agents.get(agent_id)
+            if rec is not None and block in rec.blocks:
+                yield rec
 
     def by_handle(self, handle: Any) -> AgentRecord | None:
         rec = self._by_handle.get(id(handle))
@@ -266,13 +404,15 @@ class Registry:
         """Record the agent's claims. A claim whose size contradicts the part's proven size is
         not recorded; those parts are returned (a strike against the claimant)."""
         blocks = list(blocks)
-        conflicts = []
+        conflicts: list[str] = []
+        if self._agents.get(rec.agent_id) is not rec:
+            return conflicts  # it left: nothing of it is indexed any more
         for block, size in zip(blocks, sizes if sizes is not None else [None] * len(blocks)):
             if size is not None and block in self._size_proven and self._sizes.get(block) != size:
                 conflicts.append(block)
                 continue
             rec.blocks.add(block)
-            self._index.setdefault(block, set()).add(rec.agent_id)
+            self._index_add(block, rec.agent_id)
             if size is not None and block not in self._sizes:
                 self._sizes[block] = size  # the claimed size, until an audit proves one
         return conflicts
@@ -280,8 +420,10 @@ class Registry:
     def proved(self, rec: AgentRecord, block: str, size: int, now: float) -> None:
         """The agent passed an audit of `block`, which proved its size: a claim (made now if the
         agent had not claimed it), proven now, and the part's size from now on."""
+        if self._agents.get(rec.agent_id) is not rec:
+            return  # it left while the audit was under way
         rec.blocks.add(block)
-        self._index.setdefault(block, set()).add(rec.agent_id)
+        self._index_add(block, rec.agent_id)
         rec.proven[block] = now
         self._sizes[block] = size
         self._size_proven.add(block)
@@ -293,24 +435,27 @@ class Registry:
     def size_proven(self, block: str) -> bool:
         return block in self._size_proven
 
-    def indexed_parts(self) -> list[str]:
-        """Every indexed part, as a list (a copy: the index may change while it is used)."""
-        return list(self._index)
-
-    def indexed(self) -> Iterable[tuple[str, set[str]]]:
-        """(part, ids of the agents that claim it), for every indexed part."""
-        return self._index.items()
+    def shard_parts(self, shard: int) -> list[str]:
+        """The parts in one bucket of the index (a copy), for a sweep over it a bucket at a time."""
+        return list(self._index[shard])
 
     def holders(self, block: str) -> set[str]:
-        """Ids of the agents that claim `block` (empty if none)."""
-        return set(self._index.get(block, ()))
+        """Ids of the registered agents that claim `block` (empty if none)."""
+        return {rec.agent_id for rec in self._claimants(block)}
+
+    def is_indexed(self, block: str) -> bool:
+        """Whether some registered agent claims `block`."""
+        return next(self._claimants(block), None) is not None
+
+    def claimants(self, block: str) -> list[AgentRecord]:
+        """The registered agents that claim `block`, live or not."""
+        return list(self._claimants(block))
 
     def proven_holders(self, block: str, now: float, freshness: float) -> list[AgentRecord]:
         """Live agents that claim `block` and proved it within `freshness` seconds."""
         found = []
-        for agent_id in self._index.get(block, ()):
-            rec = self._agents.get(agent_id)
-            if rec is None or not self.is_live(rec, now):
+        for rec in self._claimants(block):
+            if not self.is_live(rec, now):
                 continue
             at = rec.proven.get(block)
             if at is not None and now - at <= freshness:
@@ -322,13 +467,13 @@ class Registry:
         for block in blocks:
             rec.blocks.discard(block)
             rec.proven.pop(block, None)
-            self._unindex(rec, block)
+            self._unindex(rec.agent_id, block)
 
     # --- claims, as the audit scheduler sees them (dsss.server.audit.ClaimSource) ---------------
 
-    def claims_of(self, agent_id: str) -> set[str]:
+    def claims_of(self, agent_id: str) -> ClaimSet:
         rec = self._agents.get(agent_id)
-        return rec.blocks if rec is not None else set()
+        return rec.blocks if rec is not None else ClaimSet()
 
     def is_claimed(self, agent_id: str, block: str) -> bool:
         rec = self._agents.get(agent_id)
@@ -344,9 +489,7 @@ class Registry:
 
     def candidates(self, block: str, now: float) -> list[AgentRecord]:
         """Live agents that reported storing this part (to be confirmed with WHO_HAS)."""
-        ids = self._index.get(block, ())
-        recs = [self._agents[i] for i in ids if i in self._agents]
-        return [r for r in recs if self.is_live(r, now)]
+        return [r for r in self._claimants(block) if self.is_live(r, now)]
 
     def counts(self) -> dict[str, int]:
-        return {"agents": len(self._agents), "indexed-parts": len(self._index)}
+        return {"agents": len(self._agents), "indexed-parts": self._indexed}

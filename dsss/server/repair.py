@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any, Protocol
+from collections import deque
+from typing import Any, Iterable, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -32,22 +33,18 @@ from dsss.model import PeerAddress, is_share_id
 from dsss.server.auditor import Auditor
 from dsss.server.chains import hop_addresses
 from dsss.server.placement import Placer
-from dsss.server.registry import AgentRecord, Registry
+from dsss.server.registry import SHARDS, AgentRecord, Registry
+from dsss.server.settings import ProofSettings
 from dsss.wire import control as wc
 
 log = Logger()
-
-
-class _QueryTimeout(Protocol):
-    @property
-    def query_timeout(self) -> float: ...
 
 
 class RepairingServer(Protocol):
     """What re-replication uses of the server (dsss.server.service.DiscoveryServer)."""
 
     @property
-    def config(self) -> _QueryTimeout: ...
+    def config(self) -> ProofSettings: ...
     @property
     def registry(self) -> Registry: ...
     @property
@@ -70,8 +67,9 @@ def wanted_holders(block: str, replicas: int) -> int:
     return 1 if is_share_id(block) else replicas
 
 
-PLAN_BATCH = 20_000
-"""Parts of the index one tick of the repairer looks at (and short parts it considers)."""
+PLAN_BATCH = 2_000
+"""Parts one tick of the repairer looks at: from the parts that just lost a holder, from the
+sweep over the index, and from those already short (each at most this many)."""
 
 
 class Repairer:
@@ -84,9 +82,13 @@ class Repairer:
         self.short_since: dict[str, float] = {}
         self.last_try: dict[str, float] = {}
         self.in_flight: set[str] = set()
-        # The sweep over the index: a copy of its keys and how far plan() has come.
+        # Parts that lost a holder (an agent left): looked at before the sweep.
+        self._suspects: deque[str] = deque()
+        # The sweep over the index, a bucket at a time: the bucket being walked and the rest of it.
+        self._shard = -1
         self._sweep: list[str] = []
         self._sweep_at = 0
+        self.sweeps = 0
         self.started = 0
         self.failed = 0
         self.audits = 0
@@ -98,42 +100,72 @@ class Repairer:
         at = rec.proven.get(block)
         return at is not None and now - at <= self.server.config.proof_freshness
 
+    def suspect(self, blocks: Iterable[str]) -> None:
+        """These parts lost a holder: the next ticks look at them before the sweep does."""
+        self._suspects.extend(blocks)
+
+    def _next_of_sweep(self, budget: int) -> list[str]:
+        """Up to `budget` parts from the sweep over the index, a bucket copied at a time."""
+        registry = self.server.registry
+        taken: list[str] = []
+        buckets = 0
+        while len(taken) < budget and buckets <= SHARDS:
+            if self._sweep_at >= len(self._sweep):
+                self._shard = (self._shard + 1) % SHARDS
+                if self._shard == 0:
+                    self.sweeps += 1
+                self._sweep = registry.shard_parts(self._shard)
+                self._sweep_at = 0
+                buckets += 1
+            chunk = self._sweep[self._sweep_at : self._sweep_at + budget - len(taken)]
+            self._sweep_at += len(chunk)
+            taken.extend(chunk)
+        return taken
+
+    def _look_at(self, block: str, now: float) -> None:
+        registry = self.server.registry
+        wanted = wanted_holders(block, self.server.replicas)
+        freshness = self.server.config.proof_freshness
+        live = proven = 0
+        for rec in registry.claimants(block):
+            if registry.is_live(rec, now):
+                live += 1
+                at = rec.proven.get(block)
+                if at is not None and now - at <= freshness:
+                    proven += 1
+        if wanted >= 2 and live > 0 and proven < wanted:
+            self.short_since.setdefault(block, now)
+        else:
+            self._forget(block)
+
     def plan(self, now: float) -> list[str]:
         """Note the parts below the replica count in proven holders (`wanted_holders`: never a
         share) that some live agent still claims; return those due for an audit or a copy.
 
-        Bounded: each call looks at the next PLAN_BATCH parts of a sweep over the index (a copy
-        of its keys, taken when a sweep starts) and at the PLAN_BATCH parts longest short, so no
-        tick walks the whole index; a part is noticed within one sweep."""
-        registry = self.server.registry
-        replicas = self.server.replicas
-        if self._sweep_at >= len(self._sweep):
-            self._sweep = list(registry.indexed_parts())
-            self._sweep_at = 0
-            for block in [b for b in self.short_since if not registry.holders(b)]:
-                self._forget(block)
-        chunk = self._sweep[self._sweep_at : self._sweep_at + PLAN_BATCH]
-        self._sweep_at += len(chunk)
-        for block in chunk:
-            wanted = wanted_holders(block, replicas)
-            recs = [registry.get(i) for i in registry.holders(block)]
-            live = sum(1 for r in recs if r is not None and registry.is_live(r, now))
-            proven = sum(1 for r in recs if self._proven(r, block, now))
-            if wanted >= 2 and live > 0 and proven < wanted:
-                self.short_since.setdefault(block, now)
-            else:
-                self._forget(block)
-        due = []
+        Bounded: each call looks at up to PLAN_BATCH parts that just lost a holder, the next
+        PLAN_BATCH parts of a sweep over the index (one bucket copied at a time) and the
+        PLAN_BATCH parts longest short, so no tick walks the whole index; a part that loses a
+        holder is looked at within a few ticks, any other within one sweep."""
+        for _ in range(min(PLAN_BATCH, len(self._suspects))):
+            self._look_at(self._suspects.popleft(), now)
+        for block in self._next_of_sweep(PLAN_BATCH):
+            self._look_at(block, now)
+        due: list[str] = []
+        gone = []
         room = max(0, self.max_in_flight - len(self.in_flight))
         for block, since in itertools.islice(self.short_since.items(), PLAN_BATCH):
             if len(due) >= room:
                 break
-            if (
+            if not self.server.registry.is_indexed(block):
+                gone.append(block)
+            elif (
                 now - since >= self.repair_after
                 and block not in self.in_flight
                 and now - self.last_try.get(block, float("-inf")) >= self.repair_after
             ):
                 due.append(block)
+        for block in gone:
+            self._forget(block)
         return due
 
     def _forget(self, block: str) -> None:
@@ -149,7 +181,7 @@ class Repairer:
             self.last_try[block] = now
             d = defer.ensureDeferred(self._repair(block))
             d.addErrback(lambda f: log.failure("repair failed", f))
-            d.addBoth(lambda _, b=block: self.in_flight.discard(b))
+            d.addBoth(lambda _, b: self.in_flight.discard(b), block)
 
     async def _repair(self, block: str) -> None:
         server = self.server
@@ -157,8 +189,7 @@ class Repairer:
         now = server.now()
         if is_share_id(block):
             return  # never copied: a share lives on one agent
-        live = [r for r in (registry.get(i) for i in registry.holders(block))
-                if r is not None and registry.is_live(r, now) and r.address]
+        live = [r for r in registry.claimants(block) if registry.is_live(r, now) and r.address]
         unproven = [r for r in live if not self._proven(r, block, now)]
         # Never copied to an agent that claims it (proven or not), nor to one that just failed
         # its audit of it.
@@ -173,8 +204,7 @@ class Repairer:
                 for r in unproven[:missing]
             ])
             now = server.now()
-            live = [r for r in (registry.get(i) for i in registry.holders(block))
-                    if r is not None and registry.is_live(r, now) and r.address]
+            live = [r for r in registry.claimants(block) if registry.is_live(r, now) and r.address]
         proven = [r for r in live if self._proven(r, block, now)]
         if len(proven) >= wanted_holders(block, server.replicas):
             return  # its claims were true
@@ -215,4 +245,5 @@ class Repairer:
 
     def status(self) -> dict[str, Any]:
         return {"short": len(self.short_since), "in-flight": len(self.in_flight),
-                "started": self.started, "failed": self.failed, "audits": self.audits}
+                "sweeps": self.sweeps, "suspects": len(self._suspects), "started": self.started,
+                "failed": self.failed, "audits": self.audits}

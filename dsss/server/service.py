@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -19,13 +20,13 @@ import dsss
 from nacl.public import PrivateKey
 
 from dsss.clientauth import RequestVerifier
-from dsss.endpoints import EndpointService, UDPService
+from dsss.endpoints import EndpointService, UDPService, where
 from dsss.ratelimit import RateLimiter
 from dsss.server.chains import lan_hop
 from dsss.server.relay import RelayTable
 from dsss.server.repair import Repairer
 from dsss.errors import DSSSError, NotFound, Timeout, Unavailable
-from dsss.metrics import ServerMetrics
+from dsss.metrics import LAG_PERIOD, ServerMetrics
 from dsss.model import PeerAddress
 from dsss.budget import ConnectionBudget
 from dsss.server.api import BoundedRequest, DiscoveryAPI
@@ -41,6 +42,10 @@ from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
 
 log = Logger()
+
+DRAIN_BATCH = 5_000
+"""Claims of departed agents taken out of the index per DRAIN_TICK (a few milliseconds' work)."""
+DRAIN_TICK = 0.1
 
 # How long the server honours an introduction key for relaying: the agents' key lifetime.
 INTRODUCTION_TTL = 60.0
@@ -205,6 +210,13 @@ class DiscoveryServer:
         chosen = self.placer.place(self.registry, size, self.replicas if count is None else count,
                                    self.now(), exclude)
         return [r.address for r in chosen if r.address is not None]
+
+    def drain_index(self) -> None:
+        """From a timer: take a batch of departed agents' claims out of the index; the parts
+        that lost a holder go to the repairer first."""
+        touched = self.registry.drain(DRAIN_BATCH)
+        if touched and self.repairer is not None:
+            self.repairer.suspect(touched)
 
     def refresh_placement(self) -> None:
         """From a timer: rebuild placement's candidate table when it is due."""
@@ -429,6 +441,12 @@ class ServerService(MultiService):
         placement = TimerService(REFRESH / 4, self.server.refresh_placement)
         placement.clock = reactor
         placement.setServiceParent(self)
+        lag = TimerService(LAG_PERIOD, lambda: self.server.metrics.lag_tick(reactor.seconds()))
+        lag.clock = reactor
+        lag.setServiceParent(self)
+        drain = TimerService(DRAIN_TICK, self.server.drain_index)
+        drain.clock = reactor
+        drain.setServiceParent(self)
         audit = TimerService(AUDIT_TICK, self.server.auditor.tick)
         audit.clock = reactor
         audit.setServiceParent(self)
@@ -440,19 +458,20 @@ class ServerService(MultiService):
     def startService(self) -> None:
         super().startService()
         assert self.udp.port is not None
-        self.server.udp_port = self.udp.port.getHost().port
+        udp = self.udp.port.getHost()
+        assert isinstance(udp, (IPv4Address, IPv6Address))
+        self.server.udp_port = udp.port
         d = defer.gatherResults(
             [self.http.whenListening(), self.control.whenListening()], consumeErrors=True
         )
 
         def ready(ports: list[Any]) -> None:
-            http, control = (p.getHost() for p in ports)
-            udp = self.udp.port.getHost() if self.udp.port else None
+            http, control = (where(p.getHost()) for p in ports)
             log.info(
                 "DSSS server ready http={http} control={control} udp={udp}",
-                http=f"{http.host}:{http.port}",
-                control=f"{control.host}:{control.port}",
-                udp=f"{udp.host}:{udp.port}" if udp else "-",
+                http=http,
+                control=control,
+                udp=where(self.udp.port.getHost()) if self.udp.port else "-",
             )
 
         def failed(f: Any) -> None:

@@ -73,8 +73,11 @@ class DiscoveryDatagramProtocol(DatagramProtocol):
         self._sender = SegmentedSender(enabled=True)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        transport = self.transport
+        if transport is None:
+            return  # no longer listening: nothing to send from
         try:
-            self.transport.write(data, addr)
+            transport.write(data, addr)
         except OSError as e:  # a full socket buffer drops it; QUIC or the next PING recovers
             log.debug("datagram to {addr} not sent: {e}", addr=addr, e=e)
 

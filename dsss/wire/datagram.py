@@ -78,7 +78,7 @@ _ADDRESSES: dict[bytes, tuple[str, int]] = {}
 _CACHE_MAX = 4096
 
 
-def _remember(cache: dict, key: object, value: object) -> None:  # type: ignore[type-arg]
+def _remember(cache: dict, key: object, value: object) -> None:
     if len(cache) >= _CACHE_MAX:
         cache.clear()
     cache[key] = value

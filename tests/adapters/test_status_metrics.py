@@ -203,6 +203,21 @@ def test_metrics_after_known_activity(server):
     assert m[("dsss_http_requests_total", (("endpoint", "/api/who-has"), ("status", "200")))] == 2
 
 
+def test_reactor_stalls_are_measured_and_the_longest_is_kept(server):
+    from dsss.metrics import LAG_PERIOD
+
+    metrics = server.metrics
+    metrics.lag_tick(10.0)  # the first call only sets when the next is due
+    metrics.lag_tick(10.0 + LAG_PERIOD)  # on time
+    metrics.lag_tick(10.0 + 2 * LAG_PERIOD + 0.3)  # 0.3 s late: a stall
+    metrics.lag_tick(10.0 + 3 * LAG_PERIOD + 0.3 + 0.02)
+    treq = StubTreq(DiscoveryAPI(server).resource())
+    m = samples(fetch(treq, "/metrics")[0][2].decode())
+    assert m[("dsss_reactor_lag_seconds_count", ())] == 3
+    assert m[("dsss_reactor_lag_seconds_bucket", (("le", "0.25"),))] == 2
+    assert m[("dsss_reactor_lag_max_seconds", ())] == pytest.approx(0.3)
+
+
 def test_metrics_in_openmetrics_when_asked(server):
     treq = StubTreq(DiscoveryAPI(server).resource())
     code, headers, body = fetch(

@@ -67,6 +67,28 @@ def test_server_options_are_honoured():
     assert svc.server.replicas == 2
 
 
+def test_server_on_unix_sockets_says_where_it_listens(tmp_path):
+    """The 'ready' line names every listener, also one that is not an IP address."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    http, control = tmp_path / "http.sock", tmp_path / "control.sock"
+    opts = server_tap.Options()
+    opts.parseOptions(["--http", f"unix:{http}", "--control", f"unix:{control}", "--udp", "127.0.0.1:9002"])
+    reactor = UDPMemoryReactor()
+    svc = ServerService(reactor, opts.config)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        svc.startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "log_failure" in e] == []
+    ready = [formatEvent(e) for e in events if e.get("log_format", "").startswith("DSSS server ready")]
+    assert len(ready) == 1
+    assert str(http) in ready[0] and str(control) in ready[0] and "udp=127.0.0.1:9002" in ready[0]
+    svc.stopService()
+
+
 @pytest.mark.parametrize("value, rule", [(None, "24,48"), ("32,128", "32,128"), ("off", "off"),
                                          ("16,32", "16,32")])
 def test_server_distinct_networks_option(value, rule):

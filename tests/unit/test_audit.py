@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from dsss.server.registry import ClaimSet
 from dsss.server.audit import (
     MAX_NEW_PER_AGENT,
     SCAN_PER_AUDIT,
@@ -30,7 +31,7 @@ class Claims:
             d.setdefault(b, None)
 
     def claims_of(self, agent):
-        return list(self.claims.get(agent, {}))
+        return ClaimSet(self.claims.get(agent, {}))
 
     def is_claimed(self, agent, block):
         self.looked += 1

@@ -17,7 +17,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from dsss.client import catalog
-from dsss.client.cli import CommandLineError, _recipient, build_parser, wants_json
+from dsss.client.cli import CommandLineError, build_parser, wants_json
+from dsss.client.commands.files import parse_recipient
 from dsss.client.config import (
     DEFAULT_SERVER,
     ConfigError,
@@ -257,19 +258,19 @@ def test_json_flag_before_or_after_the_command() -> None:
 def test_recipient_from_hex_or_file(tmp_path: Path) -> None:
     pk = PrivateKey.generate().public_key
     hexkey = bytes(pk).hex()
-    assert _recipient(hexkey) == pk
+    assert parse_recipient(hexkey) == pk
     f = tmp_path / "bob.pub"
     f.write_text(f"# Bob\n{hexkey}\n")
-    assert _recipient(str(f)) == pk
+    assert parse_recipient(str(f)) == pk
     priv = tmp_path / "key"
     priv.write_text("# DSSS private key\ndsss-key-v1 " + "11" * 32 + "\n")
     with pytest.raises(CommandLineError, match="private key file"):
-        _recipient(str(priv))
+        parse_recipient(str(priv))
     with pytest.raises(CommandLineError, match="neither a public key"):
-        _recipient("g" * 64)
+        parse_recipient("g" * 64)
     f.write_text("hello\n")
     with pytest.raises(CommandLineError, match="does not hold a public key"):
-        _recipient(str(f))
+        parse_recipient(str(f))
 
 
 def test_human_sizes_and_tables() -> None:

@@ -825,3 +825,53 @@ def put_stream_plain(net: FakeNetwork, data: bytes) -> Any:
 
     return put_stream(net.session(), io.BytesIO(data), name="f.bin", size=len(data),
                       owner=OWNER.public_key, part_size=PART)
+
+
+class AnswersStored(FakeNetwork):
+    """One agent answers a DOWNLOAD with an upload's `Stored` reply; the client's real
+    PeerNetwork.download reads what it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confused: PeerAddress | None = None
+        self.asked: list[PeerAddress] = []
+
+    async def download(self, intro: Introduction, block: str, *, verify: bool = True) -> bytes:
+        from twisted.internet.task import Clock
+
+        from dsss.client.peer import PeerNetwork
+        from dsss.wire import transfer as wt
+
+        self.asked.append(intro.address)
+        if intro.address != self.confused:
+            return await super().download(intro, block, verify=verify)
+        peers = PeerNetwork(Clock(), ("198.51.100.1", 8471))
+
+        async def request(intro: Introduction, data: Any, max_response: int) -> bytes:
+            return wt.encode_reply(wt.Stored(("ab" * 64,)))
+
+        peers._request = request  # type: ignore[method-assign]
+        return await peers.download(intro, block, verify=verify)
+
+
+def test_an_agent_answering_a_download_with_stored_is_passed_over_for_another() -> None:
+    from dsss.client.peer import PeerError
+
+    net = AnswersStored()
+    holders = net.add_agents(2)
+    data = os.urandom(100)
+    block = block_hash(data)
+    net.store(block, data, holders)
+    net.confused = holders[0]
+    intro = Introduction("cd" * 16, "ab" * 32, holders[0])
+    with pytest.raises(PeerError, match="no part"):
+        result_of(net.download(intro, block))
+    firsts = set()
+    for seed in range(8):  # either holder asked first
+        net.asked.clear()
+        session = net.session()
+        session.rng = random.Random(seed)
+        assert result_of(fetch_block(session, block)) == data
+        firsts.add(net.asked[0])
+        assert net.asked in ([holders[0], holders[1]], [holders[1]])
+    assert firsts == set(holders)

@@ -104,6 +104,11 @@ def test_unregister(registry: Registry) -> None:
     assert registry.by_address(addr(1)) is None
     assert registry.heard_udp(rec.token, addr(1), 1.0) is None
     assert registry.candidates(H1, 0.0) == []
+    assert registry.holders(H1) == set()
+    # Its claims leave the index in batches; the part had no other holder.
+    assert registry.draining() == 1
+    assert registry.drain(10) == []
+    assert registry.draining() == 0
     assert registry.counts() == {"agents": 0, "indexed-parts": 0}
     assert registry.unregister(rec.handle) is None
 
@@ -436,7 +441,9 @@ def test_a_dropped_claim_and_a_departed_agent_forget_their_proofs(registry: Regi
     assert registry.proven_at(a.agent_id, H1) is None and not registry.is_claimed(a.agent_id, H1)
     assert registry.size_proven(H1)
     registry.unregister(b.handle)
-    assert registry.holders(H1) == set() and registry.size_of(H1) is None
+    assert registry.holders(H1) == set()
+    registry.drain(10)
+    assert registry.size_of(H1) is None
     assert not registry.size_proven(H1)
 
 
@@ -464,3 +471,62 @@ def test_remembered_identities_are_bounded(registry: Registry) -> None:
         registry.unregister(rec.handle)
     assert registry.forget_stale(20.0, older_than=1e9, keep=4) == 6
     assert registry.remembered_identities() == 4
+
+
+def test_a_departed_agents_claims_leave_the_index_in_bounded_batches(registry: Registry) -> None:
+    a, b = live_agent(registry, 1), live_agent(registry, 2)
+    parts = [f"{i:064x}" for i in range(12)]
+    registry.have(a, parts)
+    registry.have(b, parts[:4])  # the first four have another holder
+    registry.unregister(a.handle)
+    # Gone at once for every reader, whatever is left to drain.
+    assert all(registry.holders(p) == ({b.agent_id} if p in parts[:4] else set()) for p in parts)
+    touched = []
+    for _ in range(3):
+        batch = registry.drain(5)
+        assert len(batch) <= 5
+        touched += batch
+    assert registry.draining() == 0
+    # The parts that lost a holder but kept another come back (for the repairer), once each.
+    assert sorted(touched) == parts[:4]
+    assert registry.counts()["indexed-parts"] == 4
+
+
+def test_an_agent_that_registers_again_keeps_what_it_claims_anew(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    registry.have(a, [H1, H2])
+    again, _ = registry.register(agent_id=agent_id(1), seq=2, capacity=1, free=1, version="0.1.0",
+                                 handle=Handle("again"), now=1.0)
+    assert registry.holders(H1) == set()  # the old registration's claims do not count
+    registry.have(again, [H1])
+    registry.drain(100)
+    assert registry.holders(H1) == {agent_id(1)}
+    assert registry.holders(H2) == set() and registry.counts()["indexed-parts"] == 1
+
+
+def test_a_claim_from_a_registration_that_was_replaced_is_not_indexed(registry: Registry) -> None:
+    a = live_agent(registry, 1)
+    registry.register(agent_id=agent_id(1), seq=2, capacity=1, free=1, version="0.1.0",
+                      handle=Handle("again"), now=1.0)
+    registry.have(a, [H1])
+    registry.proved(a, H2, 10, 1.0)
+    assert registry.holders(H1) == set() and registry.holders(H2) == set()
+    assert registry.counts()["indexed-parts"] == 0
+
+
+def test_a_claim_set_splits_into_buckets_that_a_walk_covers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsss.server.registry import ClaimSet
+
+    monkeypatch.setattr(ClaimSet, "SPLIT_AT", 100)
+    claims = ClaimSet()
+    parts = [f"{i:064x}" for i in range(1000)]
+    for p in parts + parts[:10]:  # repeats change nothing
+        claims.add(p)
+    claims.discard(parts[0])
+    claims.discard("f" * 64)  # not there: nothing happens
+    assert len(claims) == 999 and parts[0] not in claims and parts[1] in claims
+    assert claims.bucket_count() == ClaimSet.BUCKETS
+    walked = [p for i in range(claims.bucket_count()) for p in claims.bucket(i)]
+    assert sorted(walked) == parts[1:]
+    assert max(len(claims.bucket(i)) for i in range(claims.bucket_count())) < 100
+    assert claims == set(parts[1:]) and claims.bucket(claims.bucket_count()) == []

@@ -351,3 +351,26 @@ def test_each_plan_looks_at_a_bounded_slice_of_the_index(monkeypatch):
         due += r.plan(server.t)
     assert max(looked) <= 10
     assert set(due) == {short}  # found within the sweep (and due until a tick tries it)
+
+
+def test_parts_that_lost_a_holder_are_looked_at_before_the_sweep_and_every_tick_is_bounded():
+    from dsss.server.repair import PLAN_BATCH
+
+    server = FakeServer()
+    agents = [live_agent(server, i) for i in range(3)]
+    many = [f"{i:064x}" for i in range(3 * PLAN_BATCH)]
+    for a in agents[:2]:
+        server.registry.have(a, many, [1] * len(many))  # claimed twice: short, found by the sweep
+    lost = [f"{i:063x}f" for i in range(10)]
+    prove(server, agents, lost)
+    r = Repairer(server, repair_after=10)
+    server.registry.unregister(agents[2].handle)
+    r.suspect(server.registry.drain(100))
+    r.plan(server.t)
+    # The ten parts that lost a holder are noticed on the first tick; the sweep has looked at
+    # no more than one batch of the rest.
+    assert set(lost) <= set(r.short_since)
+    assert len(r.short_since) <= len(lost) + PLAN_BATCH
+    for _ in range(3):
+        r.plan(server.t)
+    assert set(many) <= set(r.short_since)  # one sweep covers the whole index

@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.integration.test_cli_commands,tests.adapters.test_gateway -*-
+"""Open a client Session (discovery client, peer network, replication choices) from settings.
+
+The CLI and the gateway both build their session here from a `SessionOptions`, a plain value:
+nothing in this module reads a command line or the environment.
+"""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+
+from dsss.erasure import Coding
+from dsss.errors import LocalUsageError
+
+if TYPE_CHECKING:
+    from nacl.public import PrivateKey
+
+    from dsss.client.config import Settings
+    from dsss.client.flows import Session
+
+NON_LOOPBACK_DATAGRAM_SIZE = 1452
+"""The largest QUIC datagram towards a server that is not on loopback: fits a 1500-byte
+Ethernet MTU behind PPPoE and an IPv6 header."""
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a session is opened with."""
+
+    server: str
+    parallel: int
+    erasure: Coding | None = None
+    # The largest QUIC datagram; None: 65000 towards a loopback server, else 1452.
+    datagram_size: int | None = None
+    # Replicate down a chain of agents; None: chain unless the server is on loopback.
+    chain: bool | None = None
+    # On closing, say on stderr which path reached each agent and how many bytes went out.
+    verbose: bool = False
+    # The key file whose path cache (agents reached directly or by relay) the session keeps;
+    # None: no cache.
+    key_path: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SessionOptions:
+        """The options for `settings` (server, parallel, erasure, key file), with `overrides`
+        (any field, by name) taking precedence."""
+        base = cls(server=settings.server, parallel=settings.parallel, erasure=settings.erasure,
+                   key_path=settings.key)
+        return replace(base, **overrides)
+
+
+def datagram_size(requested: int | None, host: str) -> int:
+    """The largest QUIC datagram the session's socket sends to `host` (an IP address)."""
+    from dsss.quic import LOOPBACK_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
+
+    if requested is not None:
+        if not 1200 <= requested <= MAX_DATAGRAM_SIZE_LIMIT:
+            raise LocalUsageError(f"--datagram-size must be between 1200 and {MAX_DATAGRAM_SIZE_LIMIT}")
+        return int(requested)
+    return LOOPBACK_DATAGRAM_SIZE if ipaddress.ip_address(host).is_loopback else NON_LOOPBACK_DATAGRAM_SIZE
+
+
+async def resolve_host(reactor: Any, host: str) -> str:
+    """The server's IP address: UDP datagrams go to an address, not a name."""
+    from dsss.client.discovery import ServerUnreachable
+
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return str(await reactor.resolve(host))
+    except Exception:
+        raise ServerUnreachable(f"cannot resolve the server's host name {host!r}") from None
+
+
+def collect_garbage_again() -> None:
+    """`python -m dsss.client` loads its modules with the garbage collector off (see
+    `dsss.client.__main__`); once the network stack is loaded, the objects the imports made are
+    frozen (never scanned again) and collection is back on, so a long transfer's memory stays
+    bounded."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
+def print_paths(paths: dict[str, str]) -> None:
+    """One stderr line per agent reached: `dsss: path ADDRESS direct|relay`."""
+    for address, path in sorted(paths.items()):
+        print(f"dsss: path {address} {path}", file=sys.stderr)
+
+
+async def open_session(reactor: Any, options: SessionOptions, key: PrivateKey) -> Session:
+    """Ask the server for its info, start the peer network (UDP socket, punch) and return the
+    Session the flows run on. Close it with `await session.peers.close()`."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from dsss.client.discovery import DiscoveryClient
+    from dsss.client.flows import Session
+    from dsss.client.pathcache import paths_file
+    from dsss.client.peer import PeerNetwork
+
+    collect_garbage_again()
+    # With the key, requests are signed when the server admits only listed clients.
+    discovery = DiscoveryClient(options.server, reactor=reactor, key=key)
+    info = await discovery.info()
+    host = await resolve_host(reactor, urlsplit(options.server).hostname or "127.0.0.1")
+    bind = "::" if ":" in host else "0.0.0.0"
+    peers = PeerNetwork(
+        reactor, (host, info.udp_port), bind_host=bind,
+        max_datagram_size=datagram_size(options.datagram_size, host),
+        paths_file=paths_file(options.key_path) if options.key_path is not None else None,
+    )
+    if options.verbose:
+        def report(paths: dict[str, str]) -> None:
+            print_paths(paths)
+            if peers.uploaded:
+                print(f"dsss: uploaded {peers.uploaded} bytes, {peers.copies_made} copies stored",
+                      file=sys.stderr)
+
+        peers.on_close = report
+    await peers.start()
+    discovery.local_address = peers.local_address  # agents behind our NAT: across our LAN
+    chain = options.chain
+    if chain is None:
+        chain = not ipaddress.ip_address(host).is_loopback
+
+    def offload(f: Any, *a: Any) -> defer.Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+    return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=options.parallel,
+                   chain=chain, offload=offload, erasure=options.erasure)
