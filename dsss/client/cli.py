@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from twisted.internet import defer
 
-from dsss.client.commands import files, health, keys, serve, transfer
+from dsss.client.commands import files, health, keys, leases, serve, transfer
 from dsss.client.commands.common import PROG, SHORT, CommandLineError, fail
 from dsss.client.config import MAX_PARALLEL, settings_from
 from dsss.client.render import dump_json
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=False,
                    help="also say on stderr which path reached each agent (direct or relay)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (keys, transfer, files, health, serve):
+    for group in (keys, transfer, files, health, leases, serve):
         group.register(sub)
     return p
 

@@ -26,7 +26,7 @@ from dsss.erasure import Coding
 from dsss.erasure import decode as decode_shares
 from dsss.erasure import encode as encode_shares
 from dsss.errors import DSSSError, IntegrityError, NotFound, OldAddress, Unavailable
-from dsss.leases import INITIAL_LEASE, LeaseRecord, LeaseSigner
+from dsss.leases import DEFAULT_KEEP, INITIAL_LEASE, LeaseRecord, LeaseSigner
 from dsss.model import PeerAddress, block_hash, check_matches, share_id
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
@@ -130,7 +130,7 @@ class Session:
     # Seconds an upload's own lease runs: until the put's leases for --keep are taken.
     initial_lease: int = INITIAL_LEASE
     # Seconds a put's leases run once its manifest is stored (None: only the initial lease).
-    keep: int | None = None
+    keep: int | None = DEFAULT_KEEP
     # Where this session stored each block, and the introduction each agent was reached with
     # (the put takes its leases there: dsss.client.leasing).
     holders: dict[str, set[PeerAddress]] = field(default_factory=dict)

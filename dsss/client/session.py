@@ -137,5 +137,8 @@ async def open_session(reactor: Any, options: SessionOptions, key: PrivateKey) -
     def offload(f: Any, *a: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
+    from dsss.client.leasing import signer_for
+
+    # Everything the session stores is leased with the user's lease key (dsss/leases.py).
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=options.parallel,
-                   chain=chain, offload=offload, erasure=options.erasure)
+                   chain=chain, offload=offload, erasure=options.erasure, leases=signer_for(key))

@@ -61,7 +61,7 @@ Prints `NEW-ADDRESS NAME`. Give the recipient NEW-ADDRESS; they fetch it with th
 async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
     path = catalog.catalog_path(settings.key)
     entries, skipped = catalog.read(path)
-    entries = catalog.latest(entries)
+    entries = [e for e in catalog.latest(entries) if e.kind != catalog.KIND_REMOVED]
     if skipped:
         warn(f"skipped {skipped} damaged line(s) in {path}")
     if args.json:
@@ -77,8 +77,9 @@ async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
     rows = []
     for e in entries:
         name = e.name if not e.shared else f"{e.name} ({e.kind.replace('-', ' ')})"
-        rows.append([name, human_size(e.size), local_date(e.created), e.address])
-    for line in table(["NAME", "SIZE", "DATE", "ADDRESS"], rows, right=[1]):
+        expires = local_date(e.expires) if e.expires is not None else "-"
+        rows.append([name, human_size(e.size), local_date(e.created), expires, e.address])
+    for line in table(["NAME", "SIZE", "DATE", "EXPIRES", "ADDRESS"], rows, right=[1]):
         print(line)
     return 0
 
