@@ -10,7 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol, TypeVar
+from typing import Any, BinaryIO, Callable, Protocol, TypedDict, TypeVar
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
@@ -79,6 +79,12 @@ STORE_ROUNDS = 4
 in one round are replaced by others in the next."""
 
 
+class UploadLease(TypedDict, total=False):
+    """The keyword arguments an upload carries its lease in (`PeerNetwork.upload`)."""
+
+    lease: LeaseRecord
+
+
 class ReplicationError(Unavailable):
     code = "replication"
 
@@ -136,11 +142,12 @@ class Session:
     holders: dict[str, set[PeerAddress]] = field(default_factory=dict)
     introduced: dict[PeerAddress, Introduction] = field(default_factory=dict)
 
-    def upload_lease(self, block: str) -> LeaseRecord | None:
-        """The lease an upload of `block` carries: the initial one, signed now."""
+    def upload_lease(self, block: str) -> "UploadLease":
+        """What an upload of `block` carries, as `PeerNetwork.upload`'s keyword arguments: the
+        initial lease, signed now (nothing without a lease signer)."""
         if self.leases is None:
-            return None
-        return self.leases.sign(block, int(time.time()) + self.initial_lease)
+            return {}
+        return {"lease": self.leases.sign(block, int(time.time()) + self.initial_lease)}
 
     def stored_at(self, block: str, intro: Introduction) -> None:
         self.holders.setdefault(block, set()).add(intro.address)
@@ -347,7 +354,7 @@ async def _upload_chain(
         hops.append(hop)
     chain = [head] + [h.address for h in hops]
     try:
-        count = await session.peers.upload(intro, block, data, tuple(hops), lease=session.upload_lease(block))
+        count = await session.peers.upload(intro, block, data, tuple(hops), **session.upload_lease(block))
     except DSSSError as e:
         return [], [head], [f"{head}: {e}"]
     for i in (intro, *hops)[:count]:
@@ -372,7 +379,7 @@ async def _upload_one(
         me = session.peers.public_address
         assert me is not None
         intro = await session.discovery.introduce_me(target, block, len(data), me)
-    await session.peers.upload(intro, block, data, lease=session.upload_lease(block))
+    await session.peers.upload(intro, block, data, **session.upload_lease(block))
     session.stored_at(block, intro)
     return intro.agent_id
 

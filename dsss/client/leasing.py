@@ -13,22 +13,35 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol
 
 from nacl.public import PrivateKey
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dsss.client.discovery import Introduction
+from dsss.client.discovery import DiscoveryClient, Introduction
+from dsss.client.peer import PeerNetwork
 from dsss.crypto.manifest import Manifest
 from dsss.errors import DSSSError, NotFound, Unavailable
 from dsss.leases import MAX_BATCH, OK, LeaseRecord, LeaseSigner, Outcome, lease_signing_key
 from dsss.model import PeerAddress
 
-if TYPE_CHECKING:
-    from dsss.client.flows import Session
-
 log = Logger()
+
+
+class Session(Protocol):
+    """What lease operations use of a session (dsss.client.flows.Session)."""
+
+    @property
+    def discovery(self) -> DiscoveryClient: ...
+    @property
+    def peers(self) -> PeerNetwork: ...
+    @property
+    def leases(self) -> LeaseSigner | None: ...
+    @property
+    def holders(self) -> dict[str, set[PeerAddress]]: ...
+    @property
+    def introduced(self) -> dict[PeerAddress, Introduction]: ...
 
 LOOKUPS_AT_ONCE = 16
 """who-has requests a lease operation has in flight at once."""
@@ -71,7 +84,7 @@ def signer_for(key: PrivateKey) -> LeaseSigner:
     return LeaseSigner(lease_signing_key(key))
 
 
-async def _holders(session: "Session", blocks: list[str], report: LeaseReport) -> dict[str, list[PeerAddress]]:
+async def _holders(session: Session, blocks: list[str], report: LeaseReport) -> dict[str, list[PeerAddress]]:
     found: dict[str, list[PeerAddress]] = {}
     todo = [b for b in blocks if b not in session.holders]
     for b in blocks:
@@ -98,7 +111,7 @@ async def _holders(session: "Session", blocks: list[str], report: LeaseReport) -
     return found
 
 
-async def _introduction(session: "Session", agent: PeerAddress, block: str) -> Introduction:
+async def _introduction(session: Session, agent: PeerAddress, block: str) -> Introduction:
     intro = session.introduced.get(agent)
     if intro is not None:
         return intro
@@ -111,7 +124,7 @@ async def _introduction(session: "Session", agent: PeerAddress, block: str) -> I
     return intro
 
 
-async def send_records(session: "Session", records: Iterable[LeaseRecord]) -> LeaseReport:
+async def send_records(session: Session, records: Iterable[LeaseRecord]) -> LeaseReport:
     """Send each record to every holder of its block; what each holder answered."""
     report = LeaseReport()
     by_block = {r.block: r for r in records}
@@ -148,7 +161,7 @@ async def send_records(session: "Session", records: Iterable[LeaseRecord]) -> Le
     return report
 
 
-async def take_leases(session: "Session", blocks: Iterable[str], duration: int,
+async def take_leases(session: Session, blocks: Iterable[str], duration: int,
                       now: float | None = None) -> LeaseReport:
     """Lease `blocks` for `duration` seconds from now on every holder (renew: the same)."""
     assert session.leases is not None
@@ -156,7 +169,7 @@ async def take_leases(session: "Session", blocks: Iterable[str], duration: int,
     return await send_records(session, [session.leases.sign(b, expiry) for b in dict.fromkeys(blocks)])
 
 
-async def release_leases(session: "Session", blocks: Iterable[str]) -> LeaseReport:
+async def release_leases(session: Session, blocks: Iterable[str]) -> LeaseReport:
     """Drop this owner's leases on `blocks` on every holder (rm)."""
     assert session.leases is not None
     return await send_records(session, [session.leases.release(b) for b in dict.fromkeys(blocks)])
