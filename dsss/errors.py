@@ -109,3 +109,11 @@ class Busy(DSSSError):
     http_status = 503
     exit_code = 4
     code = "busy"
+
+
+class QuotaExceeded(DSSSError):
+    """A client's lease quota (bytes leased on a restricted server) is used up."""
+
+    http_status = 413
+    exit_code = 10
+    code = "quota"

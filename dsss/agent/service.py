@@ -118,6 +118,11 @@ class StorageAgent:
         self.collected_bytes = 0
         self._gc_budget = 0.0
         self._next_prune = float("-inf")
+        # Bytes each owner's leases keep here, as last reported to the server (for its quotas),
+        # whether leases changed since, and when they were last reported.
+        self._reported_leases: dict[str, int] = {}
+        self.leases_changed = True
+        self._last_lease_report = float("-inf")
 
     # --- leases and collection -----------------------------------------------------------------
 
@@ -141,6 +146,7 @@ class StorageAgent:
             outcome = self.leases.apply([record], now)[0]
             if outcome.status == "ok":
                 self.leases_applied += 1
+                self.leases_changed = True
 
     def take_leases(self, records: list[LeaseRecord | None]) -> list[Outcome]:
         """Apply a LEASE message's records (verified here); one outcome per record, in order."""
@@ -166,6 +172,7 @@ class StorageAgent:
                 o = next(applied)
                 if o.status == "ok":
                     self.leases_applied += 1
+                    self.leases_changed = True
                 else:
                     self.leases_refused += 1
             out.append(o)
@@ -191,6 +198,7 @@ class StorageAgent:
             log.info("collected {block} ({size} bytes): no live lease", block=block[:16], size=freed)
         self._gc_budget -= len(due)
         if due:
+            self.leases_changed = True
             if self.connection is not None:
                 self.connection.report_gone(due)
             self.maybe_report_space(force=True)
@@ -198,6 +206,24 @@ class StorageAgent:
             self._next_prune = now + 60.0
             self.leases.prune(now)
         return len(due)
+
+    def maybe_report_leases(self) -> None:
+        """Report each owner's leased bytes to the server when they changed: within a second
+        of a change, and every 30 s (leases also end by themselves)."""
+        if self.connection is None or self.welcome is None:
+            return
+        now = self.clock.seconds()
+        wait = 1.0 if self.leases_changed else 30.0
+        if now - self._last_lease_report < wait:
+            return
+        self._last_lease_report = now
+        self.leases_changed = False
+        totals = self.leases.table.leased_by_owner(self.store.size_of, self.lease_now())
+        changed = [(o, n) for o, n in totals.items() if self._reported_leases.get(o) != n]
+        changed += [(o, 0) for o in self._reported_leases if o not in totals]
+        self._reported_leases = totals
+        if changed:
+            self.connection.report_leased(sorted(changed))
 
     def lease_totals(self) -> tuple[int, int]:
         """Bytes stored here under a live lease (or hold), and bytes whose leases all ended
@@ -219,6 +245,8 @@ class StorageAgent:
     def registered(self, conn: ServerConnection, welcome: wc.Welcome) -> None:
         self.connection = conn
         self.welcome = welcome
+        self._reported_leases = {}  # a new connection: report every owner again
+        self.leases_changed = True
         log.info("registered with the server as {agent}", agent=self.identity.agent_id)
         target = self.server_udp_address()
         if self.quic is not None and target is not None:
@@ -439,6 +467,7 @@ class AgentService(MultiService):
         agent.maybe_report_space()
         self.transfers.expire(self.reactor.seconds())
         agent.collect(TICK)
+        agent.maybe_report_leases()
         busy = self.reactor.seconds() - self.transfers.last_active < BUSY_WINDOW
         if self._scrub_pacer.may_read(TICK, busy):
             self._scrub_pacer.spent(agent.scrubber.step(1))

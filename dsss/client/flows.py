@@ -591,6 +591,7 @@ async def put_stream(
     if running:
         await defer.DeferredList(running)
     if failure:
+        await _release_unfinished(session, [b for r in refs if r is not None for b in r.blocks])
         raise failure[0]
     if await read_some(stream, 1):
         raise DSSSError(f"{name} grew while it was being read")
@@ -631,6 +632,20 @@ async def lease_stored(session: Session, blocks: list[str]) -> None:
         for b in blocks:
             session.holders.pop(b, None)
     leasing.check_report(report, "lease")
+
+
+async def _release_unfinished(session: Session, blocks: list[str]) -> None:
+    """A put failed: release the leases its uploads carried on the blocks it stored, so that
+    they stop counting (quotas) and go at once rather than after the initial lease. Best effort:
+    what is not released goes when its initial lease ends."""
+    try:
+        if session.leases is not None and blocks:
+            await leasing.release_leases(session, blocks)
+    except DSSSError as e:
+        log.info("could not release the leases of an unfinished put: {e}", e=str(e))
+    finally:
+        for b in blocks:
+            session.holders.pop(b, None)
 
 
 async def file_blocks(session: Session, address: str, key: PrivateKey) -> list[str]:

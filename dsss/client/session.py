@@ -140,5 +140,7 @@ async def open_session(reactor: Any, options: SessionOptions, key: PrivateKey) -
     from dsss.client.leasing import signer_for
 
     # Everything the session stores is leased with the user's lease key (dsss/leases.py).
+    signer = signer_for(key)
+    discovery.lease_key = signer.owner
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=options.parallel,
-                   chain=chain, offload=offload, erasure=options.erasure, leases=signer_for(key))
+                   chain=chain, offload=offload, erasure=options.erasure, leases=signer)

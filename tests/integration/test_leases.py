@@ -264,3 +264,37 @@ def test_repair_carries_the_leases_to_the_new_holder(make_network, tmp_path):
         wait_until(f"the new holder has the owner's lease on {b[:16]}", lambda b=b: owner in records(newcomer, b),
                    timeout=30)
         assert records(newcomer, b)[owner][0] == expiry
+
+
+def test_a_quota_is_enforced_and_given_back_by_rm(make_network, tmp_path):
+    net: LocalNetwork = make_network(heartbeat=0.5)
+    probe = make_network("probe")  # only to run the CLI's keygen before the server exists
+    alice = net.base / "alice.key"
+    net.base.mkdir(parents=True, exist_ok=True)
+    alice_pub = probe.client("keygen", key=alice).stdout.decode().strip()
+    clients = net.base / "clients.txt"
+    clients.write_text(f"{alice_pub} 1M  # alice, 1 MiB\n")
+    net.start_server(f"--clients={clients}")
+    for _ in range(3):
+        net.start_agent(None, *FAST_GC)
+    net.wait_live(3)
+
+    # 3 parts of 64K and a manifest, on 3 agents each: about 600 KiB of the 1 MiB.
+    first = put(net, tmp_path, "first.bin", 3 * 65536, key=alice)
+
+    def leased() -> int:
+        return int(json.loads(net.client("usage", "--json", key=alice).stdout)["leased"])
+
+    wait_until("the agents report the leases", lambda: leased() >= 9 * 65536, timeout=30)
+    usage = json.loads(net.client("usage", "--json", key=alice).stdout)
+    assert usage["quota"] == 1024 * 1024 and usage["files"] == 1
+
+    src = tmp_path / "second.bin"
+    src.write_bytes(os.urandom(3 * 65536))
+    refused = net.client("put", "--part-size", "64K", str(src), key=alice, check=False)
+    assert refused.returncode == 10, refused.stderr
+    assert "quota exceeded" in refused.stderr.decode()
+
+    net.client("rm", first, key=alice)
+    wait_until("the released bytes are given back", lambda: leased() == 0, timeout=30)
+    net.client("put", "--part-size", "64K", str(src), key=alice)

@@ -72,12 +72,14 @@ that takes leases of your own, so the file stays when the sharer removes theirs.
     renew.add_argument("--keep", default=None, metavar="DURATION", help=KEEP_HELP)
     renew.set_defaults(func=cmd_renew)
 
-    usage = add_command(sub, "usage", "what this key keeps on the network, from its catalog", f"""examples:
+    usage = add_command(sub, "usage", "what this key keeps on the network, and its quota", f"""examples:
   {PROG} usage
   {PROG} --json usage
 
 Counts the files in this key's catalog whose leases have not ended, their size, and when the
-first lease ends (renew before then).
+first lease ends (renew before then). A server started with --clients also says how many bytes
+this key's leases keep on its agents (every replica counted) and its quota; if the server
+cannot be reached, only the catalog is shown, with a warning.
 """)
     usage.set_defaults(func=cmd_usage)
 
@@ -207,18 +209,42 @@ async def cmd_renew(reactor: Any, args: argparse.Namespace, settings: Settings) 
     return 0
 
 
+async def _server_usage(reactor: Any, settings: Settings) -> dict[str, Any] | None:
+    """What a restricted server counts for this key (bytes leased, quota); None from an open
+    server, which keeps no account of clients."""
+    from dsss.client.discovery import DiscoveryClient
+
+    discovery = DiscoveryClient(settings.server, reactor=reactor, key=load_key_file(settings.key))
+    await discovery.info()
+    if discovery._server_key is None:
+        return None
+    return await discovery.usage()
+
+
 async def cmd_usage(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        server = await _server_usage(reactor, settings)
+    except DSSSError as e:
+        warn(f"the server did not say what it counts for this key: {e}")
+        server = None
     now = int(time.time())
     kept = [e for e in _entries(settings).values()
             if e.kind != catalog.KIND_REMOVED and not e.shared and (e.expires is None or e.expires > now)]
     size = sum(e.size for e in kept)
     ends = [e.expires for e in kept if e.expires is not None]
     first = min(ends) if ends else None
+    doc: dict[str, Any] = {"files": len(kept), "bytes": size, "first-expiry": first,
+                           "catalog": str(catalog.catalog_path(settings.key))}
+    if server is not None:
+        doc["leased"], doc["quota"] = server["used"], server.get("quota")
     if args.json:
-        dump_json({"files": len(kept), "bytes": size, "first-expiry": first,
-                   "catalog": str(catalog.catalog_path(settings.key))})
+        dump_json(doc)
         return 0
     print(f"files:        {len(kept)}")
     print(f"size:         {human_size(size)} ({size} bytes, before replication)")
     print(f"first expiry: {local_date(first) if first is not None else '-'}")
+    if server is not None:
+        quota = server.get("quota")
+        limit = f" of {human_size(quota)} ({quota} bytes)" if isinstance(quota, int) else " (no quota)"
+        print(f"leased:       {human_size(server['used'])} ({server['used']} bytes, every replica){limit}")
     return 0
