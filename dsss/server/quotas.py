@@ -20,8 +20,10 @@ from dsss.errors import AccessDenied, BadRequest, QuotaExceeded
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 
-PENDING_TTL = 120.0
-"""Seconds bytes placed on an agent count against a client before that agent reports them."""
+PENDING_TTL = 30.0
+"""Seconds bytes placed on an agent count against a client unless that agent reports them
+sooner (an upload released within the agent's one-second report interval is never reported:
+it stops counting after this long)."""
 
 
 class QuotaBook:

@@ -296,5 +296,5 @@ def test_a_quota_is_enforced_and_given_back_by_rm(make_network, tmp_path):
     assert "quota exceeded" in refused.stderr.decode()
 
     net.client("rm", first, key=alice)
-    wait_until("the released bytes are given back", lambda: leased() == 0, timeout=30)
+    wait_until("the released bytes are given back", lambda: leased() == 0, timeout=60)
     net.client("put", "--part-size", "64K", str(src), key=alice)
