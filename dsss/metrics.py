@@ -44,6 +44,13 @@ class _ReputationCounts(Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
+class _QuotaCounts(Protocol):
+    @property
+    def reports(self) -> dict[str, dict[str, int]]: ...
+    @property
+    def refused(self) -> int: ...
+
+
 class ServerState(Protocol):
     """What the server's gauges read (dsss.server.service.DiscoveryServer)."""
 
@@ -53,6 +60,8 @@ class ServerState(Protocol):
     def auditor(self) -> _AuditStats: ...
     @property
     def reputation(self) -> _ReputationCounts: ...
+    @property
+    def quotas(self) -> _QuotaCounts: ...
 
     def now(self) -> float: ...
 
@@ -341,6 +350,11 @@ class _ServerStateCollector(Collector):
         yield audits
         yield gauge("dsss_agents_disqualified", "Agent identities disqualified for failing audits.",
                     server.reputation.counts()["disqualified"])
+        reports = server.quotas.reports
+        yield gauge("dsss_leased_bytes", "Bytes live agents report kept by live leases (each replica counts).",
+                    sum(sum(reports.get(r.agent_id, {}).values()) for r in live))
+        yield CounterMetricFamily("dsss_quota_refused", "Placements refused for passing a client's quota.",
+                                  value=server.quotas.refused)
         info = GaugeMetricFamily("dsss_server_info", "The server's version.", labels=["version"])
         info.add_metric([dsss.__version__], 1)
         yield info
