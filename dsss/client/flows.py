@@ -781,7 +781,7 @@ async def _write_file(
     while next_write < len(parts):
         while next_start < len(parts) and next_start < next_write + window:
             d = defer.ensureDeferred(fetch(next_start))
-            d.addErrback(lambda f: errors.append(f.value))
+            d.addErrback(_keep_error, errors)
             in_flight[next_start] = d
             next_start += 1
         await in_flight.pop(next_write)
@@ -800,6 +800,11 @@ async def _write_file(
 
 
 # --- many files in one session -------------------------------------------------------------------
+
+
+def _keep_error(failure: Failure, errors: list[BaseException]) -> None:
+    if failure.value is not None:
+        errors.append(failure.value)
 
 
 def files_in_flight(session: Session) -> int:

@@ -75,7 +75,7 @@ def stderr_is_terminal() -> bool:
 
 
 def _bar(total: int, desc: str, *, position: int = 0, leave: bool = True) -> Any:
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     # A terminal that reports no size (0x0, as some ptys do) still gets a bar: tqdm would
     # otherwise hide it for lack of rows.
@@ -89,12 +89,16 @@ def count_bar(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[]
     """A bar counting things (files) on a terminal: (advance, close); no-ops elsewhere."""
     if not stderr_is_terminal():
         return (lambda n: None), (lambda: None)
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     size = shutil.get_terminal_size((100, 24))
     bar = tqdm(total=total, unit="file", desc=desc, file=sys.stderr,
                ncols=min(size.columns or 100, 120), nrows=size.lines or 24, mininterval=0.2)
-    return bar.update, bar.close
+
+    def advance(n: int) -> None:
+        bar.update(n)
+
+    return advance, bar.close
 
 
 def byte_bar(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
@@ -132,7 +136,7 @@ class PutDisplay:
         multi = self._overall is not None
         if multi and not own_bar:
             self._overall.set_postfix_str(name, refresh=True)
-            return self._overall.update  # type: ignore[no-any-return]
+            return self._overall.update
         self._file = _bar(size, name, position=1 if multi else 0, leave=not multi)
         bars = [b for b in (self._file, self._overall) if b is not None]
 
@@ -152,7 +156,7 @@ class PutDisplay:
     def write_line(self, line: str) -> None:
         """A line on stdout that does not break the bars."""
         if self.enabled:
-            from tqdm import tqdm  # type: ignore[import-untyped]
+            from tqdm import tqdm
 
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()
