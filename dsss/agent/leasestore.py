@@ -93,6 +93,25 @@ class LeaseStore:
             self._db.execute("DELETE FROM leases WHERE block = ?", (block,))
             self._db.execute("DELETE FROM holds WHERE block = ?", (block,))
 
+    def collected(self, block: str, now: float) -> None:
+        """The block was deleted: forget its hold and records, except releases that must still
+        refuse a replayed older lease (should the same bytes be stored here again)."""
+        keep = {o for o, e in self.table.entries.get(block, {}).items()
+                if e.record.released and e.guard + self.table.skew >= now}
+        self.table.holds.pop(block, None)
+        self.table.changed.pop(block, None)
+        for owner in list(self.table.entries.get(block, {})):
+            if owner not in keep:
+                self.table.prune(block, owner)
+        with self._transaction():
+            self._db.execute("DELETE FROM holds WHERE block = ?", (block,))
+            self._db.executemany("DELETE FROM leases WHERE block = ? AND owner = ?",
+                                 [(block, o) for o in self._gone(block, keep)])
+
+    def _gone(self, block: str, keep: set[str]) -> list[str]:
+        rows = self._db.execute("SELECT owner FROM leases WHERE block = ?", (block,)).fetchall()
+        return [o for (o,) in rows if o not in keep]
+
     def prune(self, now: float, limit: int = 1000) -> int:
         """Drop released or expired records that no replay could revive (at most `limit`)."""
         gone = self.table.prunable(now)[:limit]

@@ -43,7 +43,11 @@ TIMEOUT = 60.0
 
 
 async def replicate(agent: ReplicatingAgent, msg: wc.Replicate) -> bool:
-    """Copy one part to the target; True if the target stored it."""
+    """Copy one part to the target; True if the target stored it. A part no lease keeps any
+    more (it is about to be collected) is not copied."""
+    if agent.leases.table.collectable_at(msg.block) <= agent.lease_now():
+        log.info("not replicating {block}: no live lease keeps it", block=msg.block[:16])
+        return False
     try:
         data = agent.store.get(msg.block)
     except IntegrityError:

@@ -192,7 +192,7 @@ class StorageAgent:
         due = self.leases.table.due(now, limit, self.store.has)
         for block in due:
             freed = self.store.remove(block)
-            self.leases.forget(block)
+            self.leases.collected(block, now)
             self.collected_parts += 1
             self.collected_bytes += freed
             log.info("collected {block} ({size} bytes): no live lease", block=block[:16], size=freed)

@@ -186,6 +186,20 @@ def test_store_survives_a_restart(tmp_path: Path) -> None:
     assert third.table.records(B1) == []
 
 
+def test_a_collected_blocks_release_still_refuses_a_replay(tmp_path: Path) -> None:
+    s, other = signer(1), signer(2)
+    store = LeaseStore(tmp_path, LeaseTable(skew=10, grace=5))
+    lease = s.sign(B1, int(NOW) + 100)
+    store.apply([lease, other.sign(B1, int(NOW) + 1)], NOW)
+    store.apply([s.release(B1)], NOW)
+    store.collected(B1, NOW + 20)
+    store.close()
+    again = LeaseStore(tmp_path, LeaseTable(skew=10, grace=5))
+    # The expired lease of the other owner is gone; the release stays, and a replay is stale.
+    assert [r.owner for r in again.table.records(B1)] == [s.owner]
+    assert again.apply([lease], NOW + 21)[0].status == STALE
+
+
 def test_prune_keeps_a_release_until_no_replay_could_revive(tmp_path: Path) -> None:
     s = signer(1)
     store = LeaseStore(tmp_path, LeaseTable(skew=10, grace=5))
