@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from tools.harness import AgentProc, LocalNetwork, child_env
+from tools.harness import AgentProc, LocalNetwork, child_env, wait_until
 
 from dsss.crypto.keys import load_key_file
 from dsss.leases import lease_signing_key
@@ -47,17 +47,6 @@ def blobs(agent: AgentProc) -> dict[str, int]:
 
 def all_blobs(net: LocalNetwork) -> set[str]:
     return {b for a in net.agents for b in blobs(a)}
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.2)
 
 
 def put(net: LocalNetwork, tmp_path: Path, name: str, size: int, *extra: str, key: Path | None = None) -> str:
@@ -140,7 +129,7 @@ def test_an_interrupted_put_is_collected_after_its_initial_lease(make_network, t
          "--parallel", "1", "put", "--part-size", "64K", str(big)],
         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_until("the put has stored a few parts", lambda: len(all_blobs(net) - kept_blocks) >= 3)
+        wait_until("the put has stored a few parts", lambda: len(all_blobs(net) - kept_blocks) >= 3, timeout=60)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
