@@ -178,6 +178,12 @@ class StorageAgent:
             out.append(o)
         return out
 
+    def held(self, block: str) -> list[LeaseRecord] | None:
+        """The live leases on a stored block (None if it is not stored here)."""
+        if not self.store.has(block):
+            return None
+        return self.leases.table.live_records(block, self.lease_now())
+
     def collect(self, elapsed: float) -> int:
         """Collect due blocks at no more than `gc_rate` per second (`elapsed` seconds since the
         last call); each collected block is deleted, forgotten and reported gone."""

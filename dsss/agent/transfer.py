@@ -26,7 +26,7 @@ from dsss.agent.introductions import IntroductionTable
 from dsss.agent.reservations import SourceReservations, UploadPolicy, UploadWatch
 from dsss.errors import Busy, DSSSError, IntegrityError, NotFound, RemoteProtocolError
 from dsss.leases import LeaseRecord, Outcome, parse_batch
-from dsss.model import PeerAddress
+from dsss.model import PeerAddress, is_block_id
 from dsss.storage.blockstore import BlockStore, BlockWriter
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import DPunch, encode_datagram
@@ -55,6 +55,7 @@ class TransferAgent(Protocol):
     def check_lease(self, record: LeaseRecord) -> None: ...
     def leased_upload(self, block: str, record: LeaseRecord | None) -> None: ...
     def take_leases(self, records: list[LeaseRecord | None]) -> list[Outcome]: ...
+    def held(self, block: str) -> list[LeaseRecord] | None: ...
     def stored(self, block: str) -> Any: ...
     def lost(self, block: str) -> None: ...
     def audit(self, block: str, nonce: bytes) -> Any: ...
@@ -190,7 +191,7 @@ class _StreamRequest:
         self.audit: wt.Audit | None = None
         self.forward: _Forward | None = None
         self.upload: wt.Upload | None = None
-        self.lease: wt.Lease | None = None
+        self.lease: wt.Lease | wt.Held | None = None
         self.lease_body: list[bytes] = []
         self.lease_bytes = 0
         self.discard = False  # the body is not needed (the part is stored here already)
@@ -255,8 +256,9 @@ class _StreamRequest:
                         self.forward.feed(chunk)
             elif self.lease is not None:
                 self.lease_bytes += len(chunk)
-                if self.lease_bytes > wt.MAX_LEASE_BODY:
-                    raise RemoteProtocolError(f"a LEASE body is at most {wt.MAX_LEASE_BODY} bytes")
+                limit = wt.MAX_LEASE_BODY if isinstance(self.lease, wt.Lease) else wt.MAX_HELD_BODY
+                if self.lease_bytes > limit:
+                    raise RemoteProtocolError(f"a LEASE or HELD body is at most {limit} bytes")
                 self.lease_body.append(chunk)
             elif chunk:
                 raise RemoteProtocolError("DOWNLOAD and AUDIT take no body")
@@ -265,7 +267,7 @@ class _StreamRequest:
 
     def start(self, req: wt.TransferRequest) -> None:
         now = self.agent.clock.seconds()
-        if isinstance(req, wt.Lease):
+        if isinstance(req, (wt.Lease, wt.Held)):
             self.lease = req
             return
         if isinstance(req, wt.Upload):
@@ -343,6 +345,8 @@ class _StreamRequest:
                     indexed.addCallback(lambda _: self._stored_down_the_chain(()))
                 else:
                     indexed.addCallback(lambda _: self.reply(wt.Done()))
+            elif isinstance(self.lease, wt.Held):
+                self.list_held(self.lease)
             elif self.lease is not None:
                 self.take_leases(self.lease)
             elif self.download is not None:
@@ -358,6 +362,21 @@ class _StreamRequest:
         self.handler.lease_requests += 1
         body = "".join(o.encode() + "\n" for o in outcomes).encode("ascii")
         self.reply(wt.LeasesReply(len(outcomes)), body)
+
+    def list_held(self, req: wt.Held) -> None:
+        lines = b"".join(self.lease_body).split(b"\n")
+        if lines[-1] != b"" or len(lines) - 1 != req.count:
+            raise RemoteProtocolError(f"a HELD body holds exactly {req.count} LF-terminated lines")
+        out = []
+        for raw in lines[:-1]:
+            block = raw.decode("ascii", "replace")
+            records = self.agent.held(block) if is_block_id(block) else None
+            if records is None:
+                out.append("not-found")
+                continue
+            latest = sorted(records, key=lambda r: -r.expiry)[: wt.MAX_HELD_LISTED]
+            out.append(" ".join(["ok", *(f"{r.owner}:{r.expiry}" for r in latest)]))
+        self.reply(wt.HeldReply(req.count), "".join(x + "\n" for x in out).encode("ascii"))
 
     def prove(self, req: wt.Audit) -> None:
         self.handler.audits += 1

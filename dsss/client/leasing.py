@@ -187,3 +187,18 @@ def check_report(report: LeaseReport, what: str) -> None:
         reasons = [e for b in failed for e in report.errors.get(b, {}).values()][:3]
         detail = "; ".join(reasons) or "no agent holds them now"
         raise LeaseIncomplete(f"could not {what} {len(failed)} block(s), e.g. {failed[0][:16]}… ({detail})")
+
+
+async def leases_at(session: Session, block: str) -> dict[PeerAddress, list[tuple[str, int]] | str]:
+    """Each holder of `block` (who-has) and the live leases (owner, expiry) it holds on it, or
+    why it could not say."""
+    out: dict[PeerAddress, list[tuple[str, int]] | str] = {}
+    for agent in await session.discovery.who_has(block):
+        try:
+            intro = await _introduction(session, agent, block)
+            answer = (await session.peers.held(intro, [block]))[0]
+            out[agent] = answer if answer is not None else "does not hold it"
+        except DSSSError as e:
+            session.introduced.pop(agent, None)
+            out[agent] = str(e)
+    return out

@@ -399,6 +399,36 @@ class PeerNetwork:
         except (RemoteProtocolError, UnicodeDecodeError) as e:
             raise PeerError(f"agent {intro.address} answered a LEASE badly: {e}") from None
 
+    async def held(self, intro: Introduction, blocks: list[str]) -> list[list[tuple[str, int]] | None]:
+        """The live leases (owner, expiry) the introduced agent holds on each of `blocks` (at
+        most MAX_BATCH); None for a block it does not store."""
+        header = wt.encode_request(wt.Held(len(blocks)))
+        body = "".join(b + "\n" for b in blocks).encode("ascii")
+        raw = await self._request(intro, [header, body], wt.MAX_HELD_REPLY)
+        line, _, rest = raw.partition(b"\n")
+        try:
+            reply = wt.parse_reply(line)
+            if isinstance(reply, wt.Refused):
+                raise self._refused(reply, intro)
+            lines = rest.decode("ascii").split("\n")
+            if not isinstance(reply, wt.HeldReply) or reply.count != len(blocks) or len(lines) != len(blocks) + 1:
+                raise RemoteProtocolError("no answer per part")
+            out: list[list[tuple[str, int]] | None] = []
+            for text in lines[:-1]:
+                words = text.split(" ")
+                if words == ["not-found"]:
+                    out.append(None)
+                    continue
+                if words[0] != "ok" or len(words) > 1 + wt.MAX_HELD_LISTED:
+                    raise RemoteProtocolError("bad HELD line")
+                pairs = [w.partition(":") for w in words[1:]]
+                if not all(len(o) == 64 and e.isdigit() for o, _, e in pairs):
+                    raise RemoteProtocolError("bad HELD line")
+                out.append([(o, int(e)) for o, _, e in pairs])
+            return out
+        except (RemoteProtocolError, UnicodeDecodeError) as e:
+            raise PeerError(f"agent {intro.address} answered a HELD badly: {e}") from None
+
     async def close(self) -> None:
         if self.on_close is not None:
             self.on_close(dict(self.paths))

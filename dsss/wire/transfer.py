@@ -59,6 +59,12 @@ MAX_LEASE_BODY = MAX_BATCH * (MAX_RECORD + 1)
 """Longest body of a LEASE request."""
 MAX_LEASE_REPLY = 16 + MAX_BATCH * 16
 """Longest reply to a LEASE request (its line and one outcome line per record)."""
+MAX_HELD_LISTED = 16
+"""Most leases a HELD reply lists per part (the latest-ending first)."""
+MAX_HELD_BODY = MAX_BATCH * 67
+"""Longest body of a HELD request (a hash per line)."""
+MAX_HELD_REPLY = 16 + MAX_BATCH * (3 + MAX_HELD_LISTED * 78)
+"""Longest reply to a HELD request."""
 MAX_PART = 16 * 1024 * 1024
 MAX_PROOF = proofs.LEAF_SIZE + proofs.HASH_SIZE * 64
 """Longest proof a Proof reply may announce (a leaf and the path of a tree of any size)."""
@@ -114,6 +120,22 @@ class Lease:
     """`LEASE <count>`, followed by `count` lease records (one per line): take, renew or
     release leases on parts this agent stores. Answered with `Leases <count>` and one outcome
     line per record, in order."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Held:
+    """`HELD <count>`, followed by `count` part hashes (one per line): which live leases does
+    this agent hold on each? Answered with `Held <count>` and one line per hash."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class HeldReply:
+    """`Held <count>`, followed by `count` lines: `not-found`, or `ok` and `<owner>:<expiry>`
+    for each live lease on that part."""
 
     count: int
 
@@ -179,8 +201,8 @@ class Refused:
     text: str
 
 
-TransferRequest = Union[Upload, Download, Audit, Lease]
-TransferReply = Union[Done, Stored, Refused, ProofReply, LeasesReply]
+TransferRequest = Union[Upload, Download, Audit, Lease, Held]
+TransferReply = Union[Done, Stored, Refused, ProofReply, LeasesReply, HeldReply]
 
 
 def _decode(line: bytes) -> list[str]:
@@ -204,6 +226,13 @@ def _size(text: str) -> int:
 def parse_request(line: bytes) -> TransferRequest:
     words = _decode(line)
     verb = words[0]
+    if verb == "HELD":
+        if len(words) != 2:
+            raise RemoteProtocolError("usage: HELD <count>")
+        count = _size(words[1])
+        if not 1 <= count <= MAX_BATCH:
+            raise RemoteProtocolError(f"HELD takes 1 to {MAX_BATCH} hashes")
+        return Held(count)
     if verb == "LEASE":
         if len(words) != 2:
             raise RemoteProtocolError("usage: LEASE <count>")
@@ -250,7 +279,7 @@ def parse_request(line: bytes) -> TransferRequest:
         req = Audit(words[1], words[2], bytes.fromhex(words[3]))
     else:
         raise RemoteProtocolError(f"unknown request {verb[:20]!r}")
-    assert not isinstance(req, Lease)
+    assert not isinstance(req, (Lease, Held))
     if not _KEY.match(req.key):
         raise RemoteProtocolError("bad introduction key")
     if not is_block_id(req.block):
@@ -261,6 +290,8 @@ def parse_request(line: bytes) -> TransferRequest:
 def encode_request(req: TransferRequest) -> bytes:
     if isinstance(req, Lease):
         return f"LEASE {req.count}\n".encode("ascii")
+    if isinstance(req, Held):
+        return f"HELD {req.count}\n".encode("ascii")
     if isinstance(req, Upload):
         lease = f" lease {req.lease.encode()}" if req.lease is not None else ""
         hops = " chain" + "".join(f" {h}" for h in req.chain) if req.chained else ""
@@ -282,6 +313,11 @@ def parse_reply(line: bytes) -> TransferReply:
             if n > MAX_PART:
                 raise RemoteProtocolError("reply announces a part larger than allowed")
             return Done(n)
+    elif words[0] == "Held" and len(words) == 2:
+        count = _size(words[1])
+        if not 1 <= count <= MAX_BATCH:
+            raise RemoteProtocolError("bad count in a Held reply")
+        return HeldReply(count)
     elif words[0] == "Leases" and len(words) == 2:
         count = _size(words[1])
         if not 1 <= count <= MAX_BATCH:
@@ -314,6 +350,8 @@ def encode_reply(reply: TransferReply) -> bytes:
         return f"Proof {reply.size} {reply.length}\n".encode("ascii")
     if isinstance(reply, LeasesReply):
         return f"Leases {reply.count}\n".encode("ascii")
+    if isinstance(reply, HeldReply):
+        return f"Held {reply.count}\n".encode("ascii")
     clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in reply.text)[:200]
     return f"ERROR {reply.code} {clean}\n".encode("ascii")
 

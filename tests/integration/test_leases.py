@@ -104,6 +104,13 @@ def test_rm_frees_the_space_on_every_agent(make_network, tmp_path):
         expiry = records(a, address)[owner][0]
         assert abs(expiry - (time.time() + 90 * DAY)) < 600
 
+    # info lists each holder's leases on the manifest: this key's, for 90 days.
+    held = json.loads(net.client("info", "--json", address).stdout)["leases"]
+    assert set(held) == {a.address for a in net.agents}
+    for leases in held.values():
+        assert [(lease["owner"], lease["yours"]) for lease in leases] == [(owner, True)]
+        assert abs(leases[0]["expires"] - (time.time() + 90 * DAY)) < 600
+
     r = net.client("rm", address)
     assert r.stdout.decode().startswith(f"removed {address} f.bin")
     wait_until("every agent's store is empty again", lambda: not all_blobs(net), timeout=30)
@@ -183,6 +190,11 @@ def test_a_shared_file_survives_its_sharers_rm(make_network, tmp_path):
     shared = net.client("share", address, "--to", bob_pub).stdout.decode().split()[0]
     r = net.client("renew", shared, key=bob)
     assert r.stdout.decode().startswith(f"renewed {shared}")
+    # Each holder of the shared manifest holds Bob's lease and Alice's (from share).
+    held = json.loads(net.client("info", "--json", shared, key=bob).stdout)["leases"]
+    assert len(held) == 3
+    assert all(sorted(lease["yours"] for lease in leases) == [False, True] for leases in held.values())
+    assert "1 other key(s)" in net.client("info", shared, key=bob).stdout.decode()
 
     r = net.client("rm", address)
     assert r.returncode == 0

@@ -24,6 +24,7 @@ from dsss.client.commands.common import (
     warn,
 )
 from dsss.client.config import Settings
+from dsss.client.leasing import leases_at
 from dsss.client.render import dump_json, human_size, local_date, table, utc_iso
 from dsss.crypto.keys import load_key_file, parse_public_key, public_key_hex
 from dsss.errors import LocalUsageError
@@ -92,14 +93,19 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
     session = await session_for(reactor, args, settings, key)
     try:
         health = await survey(session, address, key)
+        held = await leases_at(session, address)
     finally:
         await session.peers.close()
     m = health.manifest
     counts = health.part_counts()
     manifest_count = len(health.blocks[0].healthy)
+    mine = session.leases.owner if session.leases is not None else ""
     if args.json:
         dump_json({
             **manifest_doc(address, m),
+            "leases": {str(a): (v if isinstance(v, str) else
+                                [{"owner": o, "expires": e, "yours": o == mine} for o, e in v])
+                       for a, v in sorted(held.items(), key=lambda kv: str(kv[0]))},
             "replicas": {
                 "target": health.target,
                 "manifest": manifest_count,
@@ -134,6 +140,15 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
         ["replicas", f"manifest {manifest_count} (target {health.target}), {parts}" if m.erasure is not None
          else f"manifest {manifest_count}, {parts}; target {health.target}"],
     ]
+    for agent, leases in sorted(held.items(), key=lambda kv: str(kv[0])):
+        if isinstance(leases, str):
+            text = f"? ({leases})"
+        else:
+            yours = [e for o, e in leases if o == mine]
+            text = f"yours until {local_date(yours[0])}" if yours else "none of yours"
+            if len(leases) > len(yours):
+                text += f", {len(leases) - len(yours)} other key(s)"
+        rows.append(["lease", f"{agent}: {text}"])
     for name, value in rows:
         print(f"{name + ':':<11}{value}")
     return 0
