@@ -324,12 +324,15 @@ class LeaseTable:
         return out
 
     def leased_by_owner(self, sizes: Callable[[str], int], now: float) -> dict[str, int]:
-        """Bytes each owner holds live leases on here."""
+        """Bytes each owner holds live leases on here (`sizes` gives 0 for a block not stored)."""
         out: dict[str, int] = {}
         for block, owners in self.entries.items():
+            size = sizes(block)
+            if not size:
+                continue
             for owner, e in owners.items():
                 if self.live(e.record, now):
-                    out[owner] = out.get(owner, 0) + sizes(block)
+                    out[owner] = out.get(owner, 0) + size
         return out
 
     def prunable(self, now: float) -> list[tuple[str, str]]:

@@ -224,7 +224,9 @@ class StorageAgent:
             return
         self._last_lease_report = now
         self.leases_changed = False
-        totals = self.leases.table.leased_by_owner(self.store.size_of, self.lease_now())
+        # Blocks lost since their leases were taken (quarantined) count for nothing.
+        totals = self.leases.table.leased_by_owner(
+            lambda b: self.store.size_of(b) if self.store.has(b) else 0, self.lease_now())
         changed = [(o, n) for o, n in totals.items() if self._reported_leases.get(o) != n]
         changed += [(o, 0) for o in self._reported_leases if o not in totals]
         self._reported_leases = totals
@@ -472,8 +474,12 @@ class AgentService(MultiService):
         agent.introductions.expire(self.reactor.seconds())
         agent.maybe_report_space()
         self.transfers.expire(self.reactor.seconds())
-        agent.collect(TICK)
-        agent.maybe_report_leases()
+        try:
+            agent.collect(TICK)
+            agent.maybe_report_leases()
+        except Exception:
+            # Never let lease housekeeping stop the tick (pings, expiry, scrub).
+            log.failure("lease housekeeping failed")
         busy = self.reactor.seconds() - self.transfers.last_active < BUSY_WINDOW
         if self._scrub_pacer.may_read(TICK, busy):
             self._scrub_pacer.spent(agent.scrubber.step(1))

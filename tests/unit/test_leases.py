@@ -360,3 +360,13 @@ class Collection(RuleBasedStateMachine):
 
 Collection.TestCase.settings = settings(max_examples=300, stateful_step_count=30, deadline=None)
 TestCollection = Collection.TestCase
+
+
+def test_leased_bytes_count_only_stored_blocks() -> None:
+    t = LeaseTable(skew=10, grace=5)
+    a = signer(1)
+    t.apply(a.sign(B1, int(NOW) + 100), NOW)
+    t.apply(a.sign(B2, int(NOW) + 100), NOW)
+    # B2 was lost (quarantined) after its lease was taken: it counts for nothing.
+    assert t.leased_by_owner(lambda b: 7 if b == B1 else 0, NOW) == {a.owner: 7}
+    assert t.leased_by_owner(lambda b: 7, NOW + 200) == {}
