@@ -52,17 +52,37 @@ def sign_request(key: PrivateKey, server: PublicKey, method: str, uri: str, now:
     }
 
 
-def parse_client_list(text: str) -> frozenset[str]:
-    """One client public key (64 hex) per line; `#` starts a comment."""
-    keys = set()
+def _client_lines(text: str) -> list[tuple[str, int | None]]:
+    from dsss.errors import BadRequest
+    from dsss.model import parse_size
+
+    out = []
     for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#")[0].strip()
-        if not line:
+        words = line.split("#")[0].split()
+        if not words:
             continue
-        if not _KEY_RE.match(line):
-            raise ValueError(f"line {n}: not a client public key (64 lowercase hex): {line[:70]!r}")
-        keys.add(line)
-    return frozenset(keys)
+        if not _KEY_RE.match(words[0]) or len(words) > 2:
+            raise ValueError(f"line {n}: not a client public key (64 lowercase hex), optionally "
+                             f"followed by its quota: {line[:90]!r}")
+        quota = None
+        if len(words) == 2:
+            try:
+                quota = parse_size(words[1])
+            except BadRequest as e:
+                raise ValueError(f"line {n}: quota: {e}") from None
+        out.append((words[0], quota))
+    return out
+
+
+def parse_client_list(text: str) -> frozenset[str]:
+    """One client public key (64 hex) per line, optionally followed by its quota (a size such
+    as 10G, for `--quota`); `#` starts a comment."""
+    return frozenset(key for key, _ in _client_lines(text))
+
+
+def parse_client_quotas(text: str) -> dict[str, int]:
+    """The quotas a client list gives its clients (those that name one)."""
+    return {key: quota for key, quota in _client_lines(text) if quota is not None}
 
 
 class RequestVerifier:

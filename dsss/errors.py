@@ -124,3 +124,11 @@ class TooFewAgents(Unavailable):
 
     exit_code = 9
     code = "too-few-agents"
+
+
+class QuotaExceeded(DSSSError):
+    """A client's lease quota (bytes leased on a restricted server) is used up."""
+
+    http_status = 413
+    exit_code = 10
+    code = "quota"

@@ -44,6 +44,13 @@ class _ReputationCounts(Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
+class _QuotaCounts(Protocol):
+    @property
+    def reports(self) -> dict[str, dict[str, int]]: ...
+    @property
+    def refused(self) -> int: ...
+
+
 class ServerState(Protocol):
     """What the server's gauges read (dsss.server.service.DiscoveryServer)."""
 
@@ -53,6 +60,8 @@ class ServerState(Protocol):
     def auditor(self) -> _AuditStats: ...
     @property
     def reputation(self) -> _ReputationCounts: ...
+    @property
+    def quotas(self) -> _QuotaCounts: ...
 
     def now(self) -> float: ...
 
@@ -74,6 +83,16 @@ class AgentState(Protocol):
     def audits_proven(self) -> int: ...
     @property
     def audits_corrupt(self) -> int: ...
+    @property
+    def leases_applied(self) -> int: ...
+    @property
+    def leases_refused(self) -> int: ...
+    @property
+    def collected_parts(self) -> int: ...
+    @property
+    def collected_bytes(self) -> int: ...
+
+    def lease_totals(self) -> tuple[int, int]: ...
 
 
 class TransferCounts(Protocol):
@@ -331,6 +350,11 @@ class _ServerStateCollector(Collector):
         yield audits
         yield gauge("dsss_agents_disqualified", "Agent identities disqualified for failing audits.",
                     server.reputation.counts()["disqualified"])
+        reports = server.quotas.reports
+        yield gauge("dsss_leased_bytes", "Bytes live agents report kept by live leases (each replica counts).",
+                    sum(sum(reports.get(r.agent_id, {}).values()) for r in live))
+        yield CounterMetricFamily("dsss_quota_refused", "Placements refused for passing a client's quota.",
+                                  value=server.quotas.refused)
         info = GaugeMetricFamily("dsss_server_info", "The server's version.", labels=["version"])
         info.add_metric([dsss.__version__], 1)
         yield info
@@ -426,6 +450,20 @@ class _AgentStateCollector(Collector):
         yield counter("dsss_agent_audits_corrupt",
                       "Audits that found this agent's copy corrupt (quarantined, reported gone).",
                       agent.audits_corrupt)
+        leased, expired = agent.lease_totals()
+        yield gauge("dsss_agent_leased_bytes", "Bytes of stored parts kept by a live lease (or an upload's hold).",
+                    leased)
+        yield gauge("dsss_agent_expired_bytes",
+                    "Bytes of stored parts whose leases all ended, waiting to be collected.", expired)
+        yield counter("dsss_agent_collected_bytes", "Bytes freed by collecting parts without a live lease.",
+                      agent.collected_bytes)
+        yield counter("dsss_agent_collected_parts", "Parts collected for having no live lease.",
+                      agent.collected_parts)
+        yield counter("dsss_agent_leases_applied", "Lease records taken (leases taken, renewed, released).",
+                      agent.leases_applied)
+        yield counter("dsss_agent_leases_refused",
+                      "Lease records refused (forged, replayed, too long, for parts not stored here).",
+                      agent.leases_refused)
         info = GaugeMetricFamily("dsss_agent_info", "This agent's id and version.",
                                  labels=["agent", "version"])
         info.add_metric([agent.identity.agent_id, agent.version], 1)

@@ -185,6 +185,13 @@ class ServerConnection(ControlLineProtocol):
 
         d.addCallbacks(answered, lambda f: None)
 
+    def report_leased(self, owners: list[tuple[str, int]]) -> None:
+        """Tell the server the bytes each owner's leases keep here (for its quotas)."""
+        if self.welcome is None:
+            return
+        for start in range(0, len(owners), wc.MAX_HASHES_PER_LINE):
+            self._notify(wc.Leased(tuple(owners[start : start + wc.MAX_HASHES_PER_LINE])))
+
     def report_space(self) -> None:
         if self.welcome is None:
             return

@@ -17,11 +17,24 @@ import dsss
 from dsss.agent.control import ServerConnection, ServerConnectionFactory
 from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
+from dsss.agent.leasestore import LeaseStore
 from dsss.agent.reservations import UploadPolicy
 from dsss.agent.scrub import BUSY_WINDOW, ScrubPacer, Scrubber
 from dsss.crypto.certs import make_certificate
 from dsss import proofs
 from dsss.errors import Busy, DSSSError, IntegrityError, NotFound, StorageFull
+from dsss.leases import (
+    BAD_RECORD,
+    DEFAULT_GRACE,
+    DEFAULT_HOLD,
+    DEFAULT_KEEP,
+    DEFAULT_SKEW,
+    NOT_FOUND,
+    LeaseError,
+    LeaseRecord,
+    LeaseTable,
+    Outcome,
+)
 from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, lan_address
 from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
@@ -62,6 +75,14 @@ class AgentConfig:
     scrub_rate: int = 8 * 1024 * 1024
     # What an upload in progress must keep to (dsss.agent.reservations).
     upload_policy: UploadPolicy = UploadPolicy()
+    # Garbage collection (dsss/leases.py): blocks collected per second at most (0: never), the
+    # clock-skew bound, the grace after a block's last change, how long an upload without a
+    # lease is kept, and how long blocks stored before leases existed are kept.
+    gc_rate: float = 10.0
+    lease_skew: float = DEFAULT_SKEW
+    gc_grace: float = DEFAULT_GRACE
+    initial_hold: float = DEFAULT_HOLD
+    legacy_hold: float = float(DEFAULT_KEEP)
 
 
 class StorageAgent:
@@ -89,12 +110,151 @@ class StorageAgent:
         self.audits_in_progress = 0
         self.audits_proven = 0
         self.audits_corrupt = 0
+        self.leases = LeaseStore(config.storage, LeaseTable(skew=config.lease_skew, grace=config.gc_grace))
+        self.leases.start(self.store.blocks(), self.lease_now(), config.legacy_hold)
+        self.leases_applied = 0  # records that changed a lease (taken, renewed, released)
+        self.leases_refused = 0  # records refused (forged, stale, too long, for absent parts)
+        self.collected_parts = 0
+        self.collected_bytes = 0
+        self._gc_budget = 0.0
+        self._next_prune = float("-inf")
+        # Bytes each owner's leases keep here, as last reported to the server (for its quotas),
+        # whether leases changed since, and when they were last reported.
+        self._reported_leases: dict[str, int] = {}
+        self.leases_changed = True
+        self._last_lease_report = float("-inf")
+
+    # --- leases and collection -----------------------------------------------------------------
+
+    def lease_now(self) -> float:
+        """The time leases are judged by (unix seconds): the agent's clock."""
+        return float(self.clock.seconds())
+
+    def check_lease(self, record: LeaseRecord) -> None:
+        """Raise LeaseError unless `record` may be applied (signed by its owner, not too long)."""
+        why = self.leases.table.check(record, self.lease_now())
+        if why is not None:
+            self.leases_refused += 1
+            raise LeaseError(f"the upload's lease is refused: {why}")
+
+    def leased_upload(self, block: str, record: LeaseRecord | None) -> None:
+        """A block was uploaded (or uploaded again): keep its lease, or hold it for a while."""
+        now = self.lease_now()
+        if record is None:
+            self.leases.hold(block, now + self.config.initial_hold, now)
+        else:
+            outcome = self.leases.apply([record], now)[0]
+            if outcome.status == "ok":
+                self.leases_applied += 1
+                self.leases_changed = True
+
+    def take_leases(self, records: list[LeaseRecord | None]) -> list[Outcome]:
+        """Apply a LEASE message's records (verified here); one outcome per record, in order."""
+        now = self.lease_now()
+        outcomes: list[Outcome | None] = []
+        valid: list[LeaseRecord] = []
+        for record in records:
+            why = BAD_RECORD if record is None else None
+            if record is not None and not self.store.has(record.block):
+                why = NOT_FOUND
+            if record is not None and why is None:
+                why = self.leases.table.check(record, now)
+            if why is None and record is not None:
+                valid.append(record)
+                outcomes.append(None)
+            else:
+                self.leases_refused += 1
+                outcomes.append(Outcome(why or BAD_RECORD))
+        applied = iter(self.leases.apply(valid, now))
+        out = []
+        for o in outcomes:
+            if o is None:
+                o = next(applied)
+                if o.status == "ok":
+                    self.leases_applied += 1
+                    self.leases_changed = True
+                else:
+                    self.leases_refused += 1
+            out.append(o)
+        return out
+
+    def held(self, block: str) -> list[LeaseRecord] | None:
+        """The live leases on a stored block (None if it is not stored here)."""
+        if not self.store.has(block):
+            return None
+        return self.leases.table.live_records(block, self.lease_now())
+
+    def collect(self, elapsed: float) -> int:
+        """Collect due blocks at no more than `gc_rate` per second (`elapsed` seconds since the
+        last call); each collected block is deleted, forgotten and reported gone."""
+        rate = self.config.gc_rate
+        if rate <= 0:
+            return 0
+        self._gc_budget = min(self._gc_budget + rate * elapsed, max(1.0, rate))
+        limit = int(self._gc_budget)
+        if limit < 1:
+            return 0
+        now = self.lease_now()
+        due = self.leases.table.due(now, limit, self.store.has)
+        for block in due:
+            freed = self.store.remove(block)
+            self.leases.collected(block, now)
+            self.collected_parts += 1
+            self.collected_bytes += freed
+            log.info("collected {block} ({size} bytes): no live lease", block=block[:16], size=freed)
+        self._gc_budget -= len(due)
+        if due:
+            self.leases_changed = True
+            if self.connection is not None:
+                self.connection.report_gone(due)
+            self.maybe_report_space(force=True)
+        if now >= self._next_prune:
+            self._next_prune = now + 60.0
+            self.leases.prune(now)
+        return len(due)
+
+    def maybe_report_leases(self) -> None:
+        """Report each owner's leased bytes to the server when they changed: within a second
+        of a change, and every 30 s (leases also end by themselves)."""
+        if self.connection is None or self.welcome is None:
+            return
+        now = self.clock.seconds()
+        wait = 1.0 if self.leases_changed else 30.0
+        if now - self._last_lease_report < wait:
+            return
+        self._last_lease_report = now
+        self.leases_changed = False
+        # Blocks lost since their leases were taken (quarantined) count for nothing.
+        totals = self.leases.table.leased_by_owner(
+            lambda b: self.store.size_of(b) if self.store.has(b) else 0, self.lease_now())
+        changed = [(o, n) for o, n in totals.items() if self._reported_leases.get(o) != n]
+        changed += [(o, 0) for o in self._reported_leases if o not in totals]
+        self._reported_leases = totals
+        if changed:
+            self.connection.report_leased(sorted(changed))
+
+    def lease_totals(self) -> tuple[int, int]:
+        """Bytes stored here under a live lease (or hold), and bytes whose leases all ended
+        (waiting to be collected)."""
+        now = self.lease_now()
+        table = self.leases.table
+        leased = expired = 0
+        for block in self.store.blocks():
+            size = self.store.size_of(block)
+            live = table.holds.get(block, float("-inf")) > now or bool(table.live_records(block, now))
+            if live:
+                leased += size
+            else:
+                expired += size
+        return leased, expired
 
     # --- control channel -----------------------------------------------------------------------
 
     def registered(self, conn: ServerConnection, welcome: wc.Welcome) -> None:
         self.connection = conn
         self.welcome = welcome
+        self._reported_leases = {}  # a new connection: report every owner again
+        self.leases_changed = True
         log.info("registered with the server as {agent}", agent=self.identity.agent_id)
         target = self.server_udp_address()
         if self.quic is not None and target is not None:
@@ -314,6 +474,12 @@ class AgentService(MultiService):
         agent.introductions.expire(self.reactor.seconds())
         agent.maybe_report_space()
         self.transfers.expire(self.reactor.seconds())
+        try:
+            agent.collect(TICK)
+            agent.maybe_report_leases()
+        except Exception:
+            # Never let lease housekeeping stop the tick (pings, expiry, scrub).
+            log.failure("lease housekeeping failed")
         busy = self.reactor.seconds() - self.transfers.last_active < BUSY_WINDOW
         if self._scrub_pacer.may_read(TICK, busy):
             self._scrub_pacer.spent(agent.scrubber.step(1))

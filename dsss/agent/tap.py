@@ -13,6 +13,7 @@ from dsss.agent.reservations import UploadPolicy
 from dsss.agent.service import AgentConfig, make_agent_service
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
+from dsss.leases import parse_duration
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.model import is_decimal, parse_size
 from dsss.storage.blockstore import StoreFormatError, check_store_format
@@ -35,6 +36,10 @@ class Options(usage.Options):
         ["upload-min-rate", None, "32K",
          "Bytes per second an upload must keep up (over 10 s, after 10 s of grace), or it is dropped."],
         ["reserve-per-source", None, "256M", "Bytes that uploads from one IP address may hold reserved at once."],
+        ["gc-rate", None, "10", "Parts without a live lease collected per second at most (0: never collect)."],
+        ["gc-grace", None, "5m", "Time after a part's last lease change before it may be collected."],
+        ["lease-skew", None, "1h", "Clock-skew bound: a lease is kept this long past its expiry."],
+        ["initial-hold", None, "1h", "How long a part uploaded without a lease is kept."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -90,6 +95,18 @@ class Options(usage.Options):
             raise usage.UsageError("--upload-min-rate must be at least 1 (byte per second)")
         if per_source < MAX_PART:
             raise usage.UsageError(f"--reserve-per-source must be at least {MAX_PART} (one part of the largest size)")
+        gc = {}
+        try:
+            rate = float(self["gc-rate"])
+        except ValueError:
+            raise usage.UsageError(f"--gc-rate: not a number: {self['gc-rate'][:40]!r}") from None
+        if not 0 <= rate <= 100000:
+            raise usage.UsageError("--gc-rate must be from 0 to 100000 (parts per second)")
+        for name in ("gc-grace", "lease-skew", "initial-hold"):
+            try:
+                gc[name] = float(parse_duration(self[name]))
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
         dsize = self["datagram-size"]
         if not is_decimal(str(dsize)) or not 1200 <= int(dsize) <= 65000:
             raise usage.UsageError("--datagram-size must be an integer from 1200 to 65000")
@@ -105,6 +122,10 @@ class Options(usage.Options):
             scrub_rate=scrub_rate,
             metrics=self["metrics"],
             upload_policy=UploadPolicy(min_rate=float(min_rate), per_source=per_source),
+            gc_rate=rate,
+            gc_grace=gc["gc-grace"],
+            lease_skew=gc["lease-skew"],
+            initial_hold=gc["initial-hold"],
         )
 
 

@@ -25,7 +25,8 @@ from dsss.agent.identity import AgentIdentity
 from dsss.agent.introductions import IntroductionTable
 from dsss.agent.reservations import SourceReservations, UploadPolicy, UploadWatch
 from dsss.errors import Busy, DSSSError, IntegrityError, NotFound, RemoteProtocolError
-from dsss.model import PeerAddress
+from dsss.leases import LeaseRecord, Outcome, parse_batch
+from dsss.model import PeerAddress, is_block_id
 from dsss.storage.blockstore import BlockStore, BlockWriter
 from dsss.wire import transfer as wt
 from dsss.wire.datagram import DPunch, encode_datagram
@@ -51,6 +52,10 @@ class TransferAgent(Protocol):
     def store(self) -> BlockStore: ...
 
     def refused(self, err: Exception) -> None: ...
+    def check_lease(self, record: LeaseRecord) -> None: ...
+    def leased_upload(self, block: str, record: LeaseRecord | None) -> None: ...
+    def take_leases(self, records: list[LeaseRecord | None]) -> list[Outcome]: ...
+    def held(self, block: str) -> list[LeaseRecord] | None: ...
     def stored(self, block: str) -> Any: ...
     def lost(self, block: str) -> None: ...
     def audit(self, block: str, nonce: bytes) -> Any: ...
@@ -81,7 +86,7 @@ class _Forward:
         self.hop = hop
         self.block = upload.block
         self.pending: list[bytes] | None = [
-            wt.encode_request(wt.Upload(hop.key, upload.block, upload.size, True, rest))
+            wt.encode_request(wt.Upload(hop.key, upload.block, upload.size, True, rest, upload.lease))
         ]
         self.stream: "QuicStream | None" = None
         self.ended = False
@@ -186,6 +191,9 @@ class _StreamRequest:
         self.audit: wt.Audit | None = None
         self.forward: _Forward | None = None
         self.upload: wt.Upload | None = None
+        self.lease: wt.Lease | wt.Held | None = None
+        self.lease_body: list[bytes] = []
+        self.lease_bytes = 0
         self.discard = False  # the body is not needed (the part is stored here already)
         # While the body arrives: its progress against the upload policy, and the space it
         # holds reserved against its source.
@@ -246,6 +254,12 @@ class _StreamRequest:
                     self.writer.write(chunk)
                     if self.forward is not None:
                         self.forward.feed(chunk)
+            elif self.lease is not None:
+                self.lease_bytes += len(chunk)
+                limit = wt.MAX_LEASE_BODY if isinstance(self.lease, wt.Lease) else wt.MAX_HELD_BODY
+                if self.lease_bytes > limit:
+                    raise RemoteProtocolError(f"a LEASE or HELD body is at most {limit} bytes")
+                self.lease_body.append(chunk)
             elif chunk:
                 raise RemoteProtocolError("DOWNLOAD and AUDIT take no body")
         except DSSSError as e:
@@ -253,12 +267,18 @@ class _StreamRequest:
 
     def start(self, req: wt.TransferRequest) -> None:
         now = self.agent.clock.seconds()
+        if isinstance(req, (wt.Lease, wt.Held)):
+            self.lease = req
+            return
         if isinstance(req, wt.Upload):
             self.agent.introductions.use(
                 req.key, client=self.client(), block=req.block, now=now, upload_size=req.size
             )
+            if req.lease is not None:
+                self.agent.check_lease(req.lease)  # a forged or overlong lease: nothing stored
             self.upload = req
             if self.agent.store.has(req.block):
+                self.agent.leased_upload(req.block, req.lease)
                 # Already stored: the bytes are not needed, the answer is the same (a chain
                 # is served from the stored copy).
                 self.stream.stop_reading()
@@ -315,6 +335,7 @@ class _StreamRequest:
                         forward.fail("the upload did not verify here")
                     raise
                 self.handler.uploads += 1
+                self.agent.leased_upload(writer.block, self.upload.lease if self.upload else None)
                 indexed = self._indexed(writer.block)
                 if forward is not None:
                     waits: list[defer.Deferred[Any]] = [forward.done, indexed]
@@ -324,12 +345,38 @@ class _StreamRequest:
                     indexed.addCallback(lambda _: self._stored_down_the_chain(()))
                 else:
                     indexed.addCallback(lambda _: self.reply(wt.Done()))
+            elif isinstance(self.lease, wt.Held):
+                self.list_held(self.lease)
+            elif self.lease is not None:
+                self.take_leases(self.lease)
             elif self.download is not None:
                 self.serve(self.download.block)
             elif self.audit is not None:
                 self.prove(self.audit)
         except DSSSError as e:
             self.refuse(e)
+
+    def take_leases(self, req: wt.Lease) -> None:
+        records = parse_batch(b"".join(self.lease_body), req.count)
+        outcomes = self.agent.take_leases(records)
+        self.handler.lease_requests += 1
+        body = "".join(o.encode() + "\n" for o in outcomes).encode("ascii")
+        self.reply(wt.LeasesReply(len(outcomes)), body)
+
+    def list_held(self, req: wt.Held) -> None:
+        lines = b"".join(self.lease_body).split(b"\n")
+        if lines[-1] != b"" or len(lines) - 1 != req.count:
+            raise RemoteProtocolError(f"a HELD body holds exactly {req.count} LF-terminated lines")
+        out = []
+        for raw in lines[:-1]:
+            block = raw.decode("ascii", "replace")
+            records = self.agent.held(block) if is_block_id(block) else None
+            if records is None:
+                out.append("not-found")
+                continue
+            latest = sorted(records, key=lambda r: -r.expiry)[: wt.MAX_HELD_LISTED]
+            out.append(" ".join(["ok", *(f"{r.owner}:{r.expiry}" for r in latest)]))
+        self.reply(wt.HeldReply(req.count), "".join(x + "\n" for x in out).encode("ascii"))
 
     def prove(self, req: wt.Audit) -> None:
         self.handler.audits += 1
@@ -461,6 +508,7 @@ class TransferHandler:
         self.expired = 0  # uploads dropped for falling behind the policy
         self._next_expiry = float("-inf")
         self.audits = 0  # AUDIT streams answered (with a proof or a refusal)
+        self.lease_requests = 0  # LEASE streams answered
         # When a transfer last started or ended (the background scrub slows down after it).
         self.last_active = float("-inf")
 

@@ -35,6 +35,8 @@ from dsss.model import is_block_id
 KIND_PUT = "put"
 TYPE_FILE = "file"
 TYPE_DIRECTORY = "directory"
+KIND_LEASED = "leased"  # a file another key shared with this one, leased by this key (`renew`)
+KIND_REMOVED = "removed"  # `rm` released this key's leases on it
 SHARED_PREFIX = "shared-to "
 PUBKEY_PREFIX_HEX = 16
 MAX_LINE = 64 * 1024
@@ -71,6 +73,8 @@ class Entry:
     kind: str = KIND_PUT
     source: str | None = None  # for a share: the address it was shared from
     directory: bool = False  # the address of a directory (`put -r`), not of a file
+    # When this key's leases on the file end (unix time), as `put` or `renew` last took them.
+    expires: int | None = None
 
     def __post_init__(self) -> None:
         if not is_block_id(self.address):
@@ -80,13 +84,15 @@ class Entry:
         if not (_is_count(self.size) and _is_count(self.parts) and _is_count(self.created)):
             raise ValueError("size, parts and created are non-negative integers")
         if not isinstance(self.kind, str) or not (
-            self.kind == KIND_PUT or self.kind.startswith(SHARED_PREFIX)
+            self.kind in (KIND_PUT, KIND_LEASED, KIND_REMOVED) or self.kind.startswith(SHARED_PREFIX)
         ):
             raise ValueError(f"unknown kind {self.kind!r}")
         if self.source is not None and not is_block_id(self.source):
             raise ValueError("source is not an address")
         if not isinstance(self.directory, bool):
             raise ValueError("directory is true or false")
+        if self.expires is not None and not _is_count(self.expires):
+            raise ValueError("expires is a non-negative integer")
 
     @property
     def shared(self) -> bool:
@@ -105,6 +111,8 @@ class Entry:
             doc["source"] = self.source
         if self.directory:
             doc["type"] = TYPE_DIRECTORY
+        if self.expires is not None:
+            doc["expires"] = self.expires
         return doc
 
     def to_line(self) -> bytes:
@@ -124,6 +132,7 @@ class Entry:
                 kind=doc.get("kind", KIND_PUT),
                 source=doc.get("source"),
                 directory=_entry_type(doc.get("type", TYPE_FILE)),
+                expires=doc.get("expires"),
             )
         except KeyError as e:
             raise ValueError(f"missing {e.args[0]}") from None

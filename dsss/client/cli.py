@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 import dsss
-from dsss.client.commands import catalog, files, health, keys, serve, transfer
+from dsss.client.commands import catalog, files, health, keys, leases, serve, transfer
 from dsss.client.commands.common import INTERRUPT, PROG, SHORT, CommandLineError, Interrupted, fail
 from dsss.client.config import MAX_PARALLEL, settings_from
 from dsss.client.session import DEFAULT_WAIT, MAX_WAIT
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dsss {dsss.__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (keys, transfer, files, health, serve, catalog):
+    for group in (keys, transfer, files, health, leases, serve, catalog):
         group.register(sub)
     return p
 

@@ -31,6 +31,7 @@ from dsss.errors import (
     RateLimited,
     DSSSError,
     NotFound,
+    QuotaExceeded,
     RemoteProtocolError,
     Timeout,
     TooFewAgents,
@@ -52,6 +53,7 @@ _BY_STATUS: dict[int, type[DSSSError]] = {
     401: AccessDenied,
     403: AccessDenied,
     404: NotFound,
+    413: QuotaExceeded,
     429: RateLimited,
     503: Unavailable,
     504: Timeout,
@@ -61,6 +63,9 @@ _BY_STATUS: dict[int, type[DSSSError]] = {
 _BY_CODE: dict[str, type[DSSSError]] = {
     "too-few-agents": TooFewAgents,
 }
+
+_PLACEMENTS = frozenset({"/api/where-to-upload", "/api/upload-to", "/api/introduce-me", "/api/introduce-many"})
+"""The requests that place bytes: a restricted server with quotas wants them to name lease-key."""
 
 
 class ServerUnreachable(Unavailable):
@@ -175,6 +180,8 @@ class DiscoveryClient:
         self._reached = False
         # With a key, requests are signed for servers that admit only listed clients.
         self.key = key
+        # This user's lease public key (hex), named in placements on a restricted server.
+        self.lease_key: str | None = None
         self._server_key: PublicKey | None = None
         # Introductions waiting for the end of this reactor turn, to be asked for together;
         # False once the server has shown it has no /api/introduce-many (an older server).
@@ -224,6 +231,10 @@ class DiscoveryClient:
                 delay = min(delay * 2, 2.0)
 
     async def _get_once(self, path: str, params: dict[str, Any] | list[tuple[str, str]]) -> Any:
+        if self.lease_key is not None and self._server_key is not None and path in _PLACEMENTS:
+            # A restricted server counts quotas by the lease key its placements name.
+            items = list(params.items()) if isinstance(params, dict) else list(params)
+            params = [*items, ("lease-key", self.lease_key)]
         uri = path + ("?" + urlencode(params) if params else "")
         url = f"{self.base_url}{uri}"
         headers = {}
@@ -297,6 +308,13 @@ class DiscoveryClient:
         except (KeyError, TypeError, ValueError):
             raise RemoteProtocolError("bad /api/info answer") from None
         return info
+
+    async def usage(self) -> dict[str, Any]:
+        """This client's bytes leased and quota on a restricted server (`/api/usage`)."""
+        doc = await self._get("/api/usage", [])
+        if not isinstance(doc, dict) or not isinstance(doc.get("used"), int):
+            raise RemoteProtocolError("bad /api/usage answer")
+        return doc
 
     async def who_has(self, block: str) -> list[PeerAddress]:
         """The agents that say they hold `block` (claims: fine to download from, every

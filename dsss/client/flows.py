@@ -10,13 +10,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol, TypeVar
+from typing import Any, BinaryIO, Callable, Protocol, TypedDict, TypeVar
 
 from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dsss.client import leasing
 from dsss.client.discovery import DiscoveryClient, Introduction
 from dsss.client.journal import JournalChanged, PutJournal, new_journal, open_journal, part_ident
 from dsss.client.peer import PeerNetwork
@@ -26,6 +27,7 @@ from dsss.erasure import Coding
 from dsss.erasure import decode as decode_shares
 from dsss.erasure import encode as encode_shares
 from dsss.errors import DSSSError, IntegrityError, NotFound, Offline, OldAddress, TooFewAgents, Unavailable
+from dsss.leases import DEFAULT_KEEP, INITIAL_LEASE, LeaseRecord, LeaseSigner
 from dsss.model import PeerAddress, block_hash, check_matches, share_id
 from dsss.wire.transfer import MAX_CHAIN, MAX_PART
 
@@ -76,6 +78,12 @@ that failed (a handshake slowed by load, an agent restarting) must not stop its 
 STORE_ROUNDS = 4
 """Rounds of uploads a block's copies get: the agents that failed (or did not prove their copy)
 in one round are replaced by others in the next."""
+
+
+class UploadLease(TypedDict, total=False):
+    """The keyword arguments an upload carries its lease in (`PeerNetwork.upload`)."""
+
+    lease: LeaseRecord
 
 
 class ReplicationError(Unavailable):
@@ -138,6 +146,28 @@ class Session:
             what = (f"{self.replicas} copies of each block" if self.erasure is None
                     else f"{self.erasure.n} shares of each part, each on its own agent")
             raise TooFewAgents(f"too few agents (have {self.agents}, need {need}): a new file needs {what}")
+    # Signs the leases of what this session stores (dsss/leases.py); None: uploads carry no
+    # lease (agents then keep them for their initial hold only).
+    leases: LeaseSigner | None = None
+    # Seconds an upload's own lease runs: until the put's leases for --keep are taken.
+    initial_lease: int = INITIAL_LEASE
+    # Seconds a put's leases run once its manifest is stored (None: only the initial lease).
+    keep: int | None = DEFAULT_KEEP
+    # Where this session stored each block, and the introduction each agent was reached with
+    # (the put takes its leases there: dsss.client.leasing).
+    holders: dict[str, set[PeerAddress]] = field(default_factory=dict)
+    introduced: dict[PeerAddress, Introduction] = field(default_factory=dict)
+
+    def upload_lease(self, block: str) -> "UploadLease":
+        """What an upload of `block` carries, as `PeerNetwork.upload`'s keyword arguments: the
+        initial lease, signed now (nothing without a lease signer)."""
+        if self.leases is None:
+            return {}
+        return {"lease": self.leases.sign(block, int(time.time()) + self.initial_lease)}
+
+    def stored_at(self, block: str, intro: Introduction) -> None:
+        self.holders.setdefault(block, set()).add(intro.address)
+        self.introduced[intro.address] = intro
 
     def chaining(self) -> bool:
         """Whether to ask for a replication chain now: chosen, and not paused."""
@@ -350,9 +380,11 @@ async def _upload_chain(
         hops.append(hop)
     chain = [head] + [h.address for h in hops]
     try:
-        count = await session.peers.upload(intro, block, data, tuple(hops))
+        count = await session.peers.upload(intro, block, data, tuple(hops), **session.upload_lease(block))
     except DSSSError as e:
         return [], [head], [f"{head}: {e}"]
+    for i in (intro, *hops)[:count]:
+        session.stored_at(block, i)
     stored = chain[:count]
     if count == 0:
         return [], [head], [f"{head}: gave no valid receipt"]
@@ -373,7 +405,8 @@ async def _upload_one(
         me = session.peers.public_address
         assert me is not None
         intro = await session.discovery.introduce_me(target, block, len(data), me)
-    await session.peers.upload(intro, block, data)
+    await session.peers.upload(intro, block, data, **session.upload_lease(block))
+    session.stored_at(block, intro)
     return intro.agent_id
 
 
@@ -611,6 +644,7 @@ async def put_stream(
     if running:
         await defer.DeferredList(running)
     if failure:
+        await _release_unfinished(session, [b for r in refs if r is not None for b in r.blocks])
         raise failure[0]
     if await read_some(stream, 1):
         raise DSSSError(f"{name} grew while it was being read")
@@ -659,7 +693,42 @@ async def _store_manifest(
         raise DSSSError("file has too many parts for one manifest; use a larger --part-size")
     address = block_hash(blob)
     await store_block(session, address, blob)
+    await lease_stored(session, leasing.manifest_blocks(address, manifest))
     return address
+
+
+async def lease_stored(session: Session, blocks: list[str]) -> None:
+    """Take the session's `keep` leases on blocks it just stored, on every holder; raises
+    LeaseIncomplete (naming them) if some block could not be leased anywhere."""
+    if session.leases is None or session.keep is None:
+        return
+    try:
+        report = await leasing.take_leases(session, blocks, session.keep)
+    finally:
+        for b in blocks:
+            session.holders.pop(b, None)
+    leasing.check_report(report, "lease")
+
+
+async def _release_unfinished(session: Session, blocks: list[str]) -> None:
+    """A put failed: release the leases its uploads carried on the blocks it stored, so that
+    they stop counting (quotas) and go at once rather than after the initial lease. Best effort:
+    what is not released goes when its initial lease ends."""
+    try:
+        if session.leases is not None and blocks:
+            await leasing.release_leases(session, blocks)
+    except DSSSError as e:
+        log.info("could not release the leases of an unfinished put: {e}", e=str(e))
+    finally:
+        for b in blocks:
+            session.holders.pop(b, None)
+
+
+async def file_blocks(session: Session, address: str, key: PrivateKey) -> list[str]:
+    """The blocks of the file at `address`: its manifest (fetched, opened with `key`) and
+    every part's block or shares."""
+    manifest, _ = await fetch_manifest(session, address, key)
+    return leasing.manifest_blocks(address, manifest)
 
 
 async def _put_inline(

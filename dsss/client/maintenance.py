@@ -33,6 +33,7 @@ from dsss.client.flows import (
     fetch_block,
     fetch_manifest,
     fetch_shares,
+    lease_stored,
     store_block,
     store_shares,
 )
@@ -273,6 +274,8 @@ async def _repair_block(session: Session, health: BlockHealth, target: int) -> R
         what = "file" if health.index is None else "part"
         data = await fetch_block(session, health.hash, what=what)
         result.added = await store_block(session, health.hash, data, copies=need, exclude=health.keep)
+        # The new copies are leased like the put's (the session's --keep).
+        await lease_stored(session, [health.hash])
     except ReplicationError as e:
         result.error = f"could not add {need} more: {e}"
     except DSSSError as e:
@@ -305,6 +308,7 @@ async def _rebuild_shares(
             raise IntegrityError(f"part {index} decodes to shares that its manifest does not name")
         avoid = [a for b in part for a in b.holders]  # a part's shares each on an agent of its own
         placed = await store_shares(session, rebuilt, avoid=avoid)
+        await lease_stored(session, list(placed))
         for r in results:
             r.added = [placed[r.block.hash]]
     except ReplicationError as e:
@@ -356,4 +360,6 @@ async def share(session: Session, address: str, key: PrivateKey, recipient: Publ
     assert len(shared) <= MAX_PART
     new_address = block_hash(shared)
     await store_block(session, new_address, shared)
+    # The sharer's lease keeps the new manifest until the recipient takes leases of their own.
+    await lease_stored(session, [new_address])
     return new_address, manifest

@@ -27,6 +27,7 @@ from dsss.errors import (
     Timeout,
     Unavailable,
 )
+from dsss.leases import LeaseRecord, Outcome, encode_batch
 from dsss.model import UNSPECIFIED_HOSTS, PeerAddress, check_matches, lan_address
 from dsss.quic import PeerIdentityError, QuicEndpoint, QuicError
 from dsss.wire import transfer as wt
@@ -309,12 +310,13 @@ class PeerNetwork:
         return cls(f"agent {intro.address} refused: {reply.text}")
 
     async def upload(self, intro: Introduction, block: str, data: bytes,
-                     chain: tuple[Introduction, ...] = ()) -> int:
+                     chain: tuple[Introduction, ...] = (), *, lease: LeaseRecord | None = None) -> int:
         """Upload `data` to the introduced agent; with a `chain` (introductions each issued for
         the agent before it), that agent passes it on down the chain as it arrives. Returns how
-        many agents stored it: the first agent and the first n-1 of the chain."""
+        many agents stored it: the first agent and the first n-1 of the chain. With `lease`,
+        every agent that stores it keeps that signed lease with it."""
         hops = tuple(wt.Hop(i.via or i.address, i.agent_id, i.key) for i in chain[: wt.MAX_CHAIN])
-        header = wt.encode_request(wt.Upload(intro.key, block, len(data), bool(hops), hops))
+        header = wt.encode_request(wt.Upload(intro.key, block, len(data), bool(hops), hops, lease))
         raw = await self._request(intro, [header, data], wt.MAX_HEADER)
         line, _, _ = raw.partition(b"\n")
         try:
@@ -378,6 +380,54 @@ class PeerNetwork:
             raise proofs.ProofError(f"agent {intro.address} failed the audit of {block[:16]}: {e}") from None
         self.audits_passed += 1
         return reply.size
+
+    async def lease(self, intro: Introduction, records: list[LeaseRecord]) -> list[Outcome]:
+        """Send lease records (at most MAX_BATCH) to the introduced agent: one outcome each."""
+        header = wt.encode_request(wt.Lease(len(records)))
+        raw = await self._request(intro, [header, encode_batch(records)], wt.MAX_LEASE_REPLY)
+        line, _, body = raw.partition(b"\n")
+        try:
+            reply = wt.parse_reply(line)
+            if isinstance(reply, wt.Refused):
+                raise self._refused(reply, intro)
+            if not isinstance(reply, wt.LeasesReply) or reply.count != len(records):
+                raise RemoteProtocolError("no outcome per record")
+            lines = body.decode("ascii").split("\n")
+            if len(lines) != len(records) + 1 or lines[-1]:
+                raise RemoteProtocolError("no outcome per record")
+            return [Outcome.parse(x) for x in lines[:-1]]
+        except (RemoteProtocolError, UnicodeDecodeError) as e:
+            raise PeerError(f"agent {intro.address} answered a LEASE badly: {e}") from None
+
+    async def held(self, intro: Introduction, blocks: list[str]) -> list[list[tuple[str, int]] | None]:
+        """The live leases (owner, expiry) the introduced agent holds on each of `blocks` (at
+        most MAX_BATCH); None for a block it does not store."""
+        header = wt.encode_request(wt.Held(len(blocks)))
+        body = "".join(b + "\n" for b in blocks).encode("ascii")
+        raw = await self._request(intro, [header, body], wt.MAX_HELD_REPLY)
+        line, _, rest = raw.partition(b"\n")
+        try:
+            reply = wt.parse_reply(line)
+            if isinstance(reply, wt.Refused):
+                raise self._refused(reply, intro)
+            lines = rest.decode("ascii").split("\n")
+            if not isinstance(reply, wt.HeldReply) or reply.count != len(blocks) or len(lines) != len(blocks) + 1:
+                raise RemoteProtocolError("no answer per part")
+            out: list[list[tuple[str, int]] | None] = []
+            for text in lines[:-1]:
+                words = text.split(" ")
+                if words == ["not-found"]:
+                    out.append(None)
+                    continue
+                if words[0] != "ok" or len(words) > 1 + wt.MAX_HELD_LISTED:
+                    raise RemoteProtocolError("bad HELD line")
+                pairs = [w.partition(":") for w in words[1:]]
+                if not all(len(o) == 64 and e.isdigit() for o, _, e in pairs):
+                    raise RemoteProtocolError("bad HELD line")
+                out.append([(o, int(e)) for o, _, e in pairs])
+            return out
+        except (RemoteProtocolError, UnicodeDecodeError) as e:
+            raise PeerError(f"agent {intro.address} answered a HELD badly: {e}") from None
 
     async def close(self) -> None:
         if self.on_close is not None:

@@ -152,6 +152,11 @@ async def open_session(
     def offload(f: Any, *a: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
+    from dsss.client.leasing import signer_for
+
+    # Everything the session stores is leased with the user's lease key (dsss/leases.py).
+    signer = signer_for(key)
+    discovery.lease_key = signer.owner
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=options.parallel,
                    chain=chain, offload=offload, erasure=options.erasure,
-                   agents=None if info.warming else info.agents)
+                   agents=None if info.warming else info.agents, leases=signer)

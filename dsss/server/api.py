@@ -24,6 +24,7 @@ from dsss.model import PeerAddress, check_block_id, check_local_address, is_deci
 from dsss.ratelimit import RateLimiter
 from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
 from dsss.server.connlimit import headers_complete
+from dsss.server.quotas import QuotaBook
 from dsss.server.registry import Registry
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, STATUS_AGENTS, STATUS_MAX_AGENTS, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
@@ -46,6 +47,8 @@ class ApiServer(Protocol):
     def replicas(self) -> int: ...
     @property
     def stats(self) -> dict[str, int]: ...
+    @property
+    def quotas(self) -> QuotaBook: ...
 
     def now(self) -> float: ...
     def warming(self) -> bool: ...
@@ -192,22 +195,39 @@ class DiscoveryAPI:
     def __init__(self, server: ApiServer) -> None:
         self.server = server
 
-    def _admit(self, request: IRequest, cost: int = 1) -> None:
+    def _admit(self, request: IRequest, cost: int = 1) -> str | None:
         """Per-IP rate limit (a batch costs one request per item), then (with --clients) a
-        signed request from a listed client."""
+        signed request from a listed client, whose public key is returned."""
         server = self.server
         peer = request.getClientAddress()
         host = getattr(peer, "host", None)
         if not server.http_limiter.allow(host, server.now(), cost):
             raise RateLimited("too many requests from your address; slow down")
         if server.verifier is not None:
-            server.verifier.verify(
+            return server.verifier.verify(
                 _header(request, b"x-dsss-client"),
                 _header(request, b"x-dsss-auth"),
                 request.method.decode("ascii", "replace"),
                 request.uri.decode("ascii", "replace"),
                 server.now(),
             )
+        return None
+
+    def _charge(self, request: IRequest, client: str | None, placed: list[tuple[PeerAddress, int]]) -> None:
+        """Refuse (QuotaExceeded) placements (agent, bytes) past the client's quota."""
+        quotas = self.server.quotas
+        if client is None or not quotas.enabled:
+            return
+        placements = []
+        for address, size in placed:
+            rec = self.server.registry.by_address(address)
+            if rec is not None and size > 0:
+                placements.append((rec.agent_id, size))
+        if not placements:
+            return
+        now = self.server.now()
+        live = [r.agent_id for r in self.server.registry.live(now)]
+        quotas.check(client, _arg(request, "lease-key", required=False), placements, live, now)
 
     def resource(self) -> IResource:
         return self.server.metrics.wrap(self.app.resource(), endpoint_namer(self.app))
@@ -243,10 +263,11 @@ class DiscoveryAPI:
 
     @app.route("/api/where-to-upload", methods=["GET"])
     def where_to_upload(self, request: IRequest) -> bytes:
-        self._admit(request)
+        client = self._admit(request)
         size = _size(_arg(request, "size"))
         count = _count(_arg(request, "count", required=False))
         addresses = self.server.where_to_upload(size, _exclude(request), count)
+        self._charge(request, client, [(a, size) for a in addresses])
         return _json(
             request,
             {"addresses": [str(a) for a in addresses], "replicas": self.server.replicas},
@@ -254,10 +275,11 @@ class DiscoveryAPI:
 
     @app.route("/api/introduce-me", methods=["GET"])
     async def introduce_me(self, request: IRequest) -> bytes:
-        self._admit(request)
+        client = self._admit(request)
         to = PeerAddress.parse(_arg(request, "to") or "")
         block = check_block_id(_arg(request, "hash") or "")
         size = _size(_arg(request, "size"))
+        self._charge(request, client, [(to, size)])
         from_ = PeerAddress.parse(_arg(request, "from") or "")
         result = await self.server.introduce(to, from_, size, block, _local(request))
         return _json(request, result)
@@ -265,7 +287,7 @@ class DiscoveryAPI:
     @app.route("/api/introduce-many", methods=["GET"])
     async def introduce_many(self, request: IRequest) -> bytes:
         raw = request.args.get(b"i", [])
-        self._admit(request, cost=max(1, min(len(raw), MAX_INTRODUCTIONS)))
+        client = self._admit(request, cost=max(1, min(len(raw), MAX_INTRODUCTIONS)))
         if not raw:
             raise BadRequest("missing parameter 'i'")
         if len(raw) > MAX_INTRODUCTIONS:
@@ -277,6 +299,7 @@ class DiscoveryAPI:
             if len(fields) != 3:
                 raise BadRequest("each 'i' must be TO,HASH,SIZE")
             items.append((PeerAddress.parse(fields[0]), check_block_id(fields[1]), _size(fields[2])))
+        self._charge(request, client, [(to, size) for to, _, size in items])
         answers = await self._introductions(from_, items, _local(request))
         body: dict[str, Any] = {"introductions": answers}
         if self.server.warming():
@@ -343,7 +366,7 @@ class DiscoveryAPI:
         if given > 1 and raw_copies is not None:
             self._admit(request)
             raise BadRequest("copies cannot be combined with more than one hash")
-        self._admit(request, cost=1 + (given if given > 1 else copies))
+        client = self._admit(request, cost=1 + (given if given > 1 else copies))
         size = _size(_arg(request, "size"))
         hashes = _hashes(request)
         from_ = PeerAddress.parse(_arg(request, "from") or "")
@@ -354,12 +377,13 @@ class DiscoveryAPI:
         if len(hashes) > 1:
             if chain == "1":
                 raise BadRequest("chain=1 cannot be combined with more than one hash")
-            return await self._upload_shares(request, hashes, size, from_, client_local)
+            return await self._upload_shares(request, hashes, size, from_, client_local, client)
         lan = _arg(request, "lan", required=False)
         if lan not in (None, "0", "1"):
             raise BadRequest("lan must be 0 or 1")
         block = hashes[0]
         targets = self.server.where_to_upload(size, _exclude(request), copies)
+        self._charge(request, client, [(t, size) for t in targets])
         sources: PeerAddress | list[PeerAddress] = from_
         vias: list[PeerAddress | None] = [None] * len(targets)
         if chain == "1":
@@ -391,11 +415,12 @@ class DiscoveryAPI:
 
     async def _upload_shares(
         self, request: IRequest, hashes: list[str], size: int, from_: PeerAddress,
-        client_local: PeerAddress | None,
+        client_local: PeerAddress | None, client: str | None = None,
     ) -> bytes:
         """upload-to with several hashes: len(hashes) distinct agents from one placement, hash i
         introduced at agent i; fewer answers than hashes (the first ones) if fewer have room."""
         targets = self.server.where_to_upload(size, _exclude(request), len(hashes))
+        self._charge(request, client, [(t, size) for t in targets[: len(hashes)]])
         items = [(to, block, size) for to, block in zip(targets, hashes)]
         answers = await self._introductions(from_, items, client_local)
         for (to, _, _), answer in zip(items, answers):
@@ -404,6 +429,19 @@ class DiscoveryAPI:
         if self.server.warming():
             body["warming"] = True
         return _json(request, body)
+
+    @app.route("/api/usage", methods=["GET"])
+    def usage(self, request: IRequest) -> bytes:
+        """The signed client's bytes leased (each replica counted, as live agents report them)
+        and its quota (null: none)."""
+        client = self._admit(request)
+        if client is None:
+            raise BadRequest("only a server started with --clients counts usage")
+        quotas = self.server.quotas
+        live = [r.agent_id for r in self.server.registry.live(self.server.now())]
+        return _json(request, {"client": client, "lease-key": quotas.key_of.get(client),
+                               "used": quotas.used(client, live, self.server.now()),
+                               "quota": quotas.limit(client)})
 
     @app.route("/api/audit", methods=["GET"])
     async def audit(self, request: IRequest) -> bytes:

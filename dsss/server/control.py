@@ -17,6 +17,7 @@ from dsss.errors import AccessDenied, RemoteProtocolError
 from dsss.lineproto import ControlLineProtocol
 from dsss.server.connlimit import REFUSAL_LOG_INTERVAL, source_of
 from dsss.server.auditor import Auditor
+from dsss.server.quotas import QuotaBook
 from dsss.server.registry import AgentRecord, Registry, ReplayError
 from dsss.server.reputation import Reputation
 from dsss.server.settings import ControlSettings
@@ -53,6 +54,9 @@ class ControlServer(Protocol):
     def auditor(self) -> Auditor: ...
     @property
     def reputation(self) -> Reputation: ...
+
+    @property
+    def quotas(self) -> QuotaBook: ...
 
     def agent_allowed(self, agent_id: str) -> bool: ...
 
@@ -183,6 +187,10 @@ class AgentConnection(ControlLineProtocol):
             return wc.Ok()
         if isinstance(msg, wc.Space):
             registry.space(self.record, msg.capacity, msg.free)
+            return wc.Ok()
+        if isinstance(msg, wc.Leased):
+            for owner, leased in msg.owners:
+                self.server.quotas.report(self.record.agent_id, owner, leased)
             return wc.Ok()
         if isinstance(msg, wc.Local):
             # Used only for chain hops between agents at one public address (dsss.server.chains).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -36,6 +36,7 @@ from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentC
 from dsss.server.placement import REFRESH, NetworkRule, Placer
 from dsss.server.audit import Verdict
 from dsss.server.auditor import AUDIT_TICK, Auditor
+from dsss.server.quotas import QuotaBook
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.reputation import Reputation
 from dsss.server.udp import DiscoveryDatagramProtocol
@@ -69,6 +70,10 @@ class ServerConfig:
     query_timeout: float = 2.0
     allowed_agents: frozenset[str] | None = None
     allowed_clients: frozenset[str] | None = None
+    # Bytes a listed client may keep leased (each replica counted; dsss/server/quotas.py):
+    # the default, and per client public key. None and {}: no quotas.
+    quota: int | None = None
+    client_quotas: dict[str, int] = field(default_factory=dict)
     http_rate: float = 200.0
     relay_limit: float = 10 * 1024 * 1024
     # Seconds a part may stay below the replica count before the server copies it again
@@ -125,6 +130,7 @@ class DiscoveryServer:
             if config.allowed_clients is not None
             else None
         )
+        self.quotas = QuotaBook(config.quota, config.client_quotas)
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
         # `/`, `/api/status` and `/metrics`: limited apart from the API, per IP address.
         self.observe_limiter = RateLimiter(rate=STATUS_RATE, burst=4 * STATUS_RATE)

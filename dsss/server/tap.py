@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dsss.budget import BudgetPlan, DescriptorLimitError, plan_budgets
-from dsss.clientauth import parse_client_list
+from dsss.clientauth import parse_client_list, parse_client_quotas
 from dsss.endpoints import parse_hostport
 from dsss.errors import BadRequest
 from dsss.model import is_decimal, parse_size
@@ -79,7 +79,8 @@ class Options(usage.Options):
         ["heartbeat", None, "10", "Heartbeat interval in seconds (agents are dropped after 3)."],
         ["query-timeout", None, "2", "Seconds to wait for an agent's WHO_HAS/introduction reply."],
         ["agents", None, None, "File of allowed agent ids (hex public keys), one per line."],
-        ["clients", None, None, "File of allowed client public keys; requests must then be signed."],
+        ["clients", None, None, "File of allowed client public keys (each optionally followed by its quota, e.g. 10G); requests must then be signed."],
+        ["quota", None, None, "With --clients: bytes each client may keep leased, every replica counted, e.g. 100G (default: no quota)."],
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
         ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
         ["repair-after", None, "600", "Seconds a part may lack replicas before the server copies it again (0: never)."],
@@ -124,14 +125,25 @@ class Options(usage.Options):
                 if len(a) != 64 or any(c not in "0123456789abcdef" for c in a):
                     raise usage.UsageError(f"--agents: not an agent id: {a!r}")
         clients = None
+        client_quotas: dict[str, int] = {}
         if self["clients"]:
             try:
                 with open(self["clients"], encoding="utf-8") as f:
-                    clients = parse_client_list(f.read())
+                    text = f.read()
+                clients = parse_client_list(text)
+                client_quotas = parse_client_quotas(text)
             except OSError as e:
                 raise usage.UsageError(f"--clients: cannot read {self['clients']}: {e}") from None
             except ValueError as e:
                 raise usage.UsageError(f"--clients: {e}") from None
+        quota = None
+        if self["quota"] is not None:
+            if clients is None:
+                raise usage.UsageError("--quota needs --clients (quotas are per listed client)")
+            try:
+                quota = parse_size(self["quota"])
+            except BadRequest as e:
+                raise usage.UsageError(f"--quota: {e}") from None
         try:
             http_rate = float(self["http-rate"])
         except ValueError:
@@ -165,6 +177,8 @@ class Options(usage.Options):
             query_timeout=_positive_float(self["query-timeout"], "--query-timeout"),
             allowed_agents=allowed,
             allowed_clients=clients,
+            quota=quota,
+            client_quotas=client_quotas,
             http_rate=http_rate,
             relay_limit=relay_limit,
             repair_after=_repair_after(self["repair-after"]),

@@ -281,6 +281,21 @@ class BlockStore:
         self.outboard_path_of(block).unlink(missing_ok=True)
         self._forget(block)
 
+    def remove(self, block: str) -> int:
+        """Delete a stored part and its outboard (garbage collection); returns the bytes freed
+        (0 if it was not stored). The part goes first, then its outboard, then the directory
+        is fsynced: a crash leaves either the part whole or nothing but an outboard that the
+        next start removes."""
+        size = self._sizes.get(block)
+        if size is None:
+            return 0
+        path = self.path_of(block)
+        path.unlink(missing_ok=True)
+        self.outboard_path_of(block).unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        self._forget(block)
+        return size
+
     def _forget(self, block: str) -> None:
         size = self._sizes.pop(block, None)
         if size is not None:

@@ -89,6 +89,14 @@ class Gone:
 
 
 @dataclass(frozen=True)
+class Leased:
+    """Agent -> server: the bytes of stored blocks each lease owner's live leases keep on this
+    agent (0: none any more), for per-client quotas (dsss/server/quotas.py)."""
+
+    owners: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class Space:
     capacity: int
     free: int
@@ -191,7 +199,7 @@ class Error:
     text: str
 
 
-Request = Union[Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate, Audit]
+Request = Union[Hi, Register, Have, Gone, Leased, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate, Audit]
 Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error, Proof]
 Message = Union[Request, Reply]
 REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error, Proof)
@@ -339,6 +347,16 @@ def parse_line(line: bytes) -> Message:
         return _have(args)
     if verb == "GONE":
         return Gone(_hashes(args, "GONE"))
+    if verb == "LEASED":
+        if not 1 <= len(args) <= MAX_HASHES_PER_LINE:
+            raise RemoteProtocolError(f"LEASED takes 1 to {MAX_HASHES_PER_LINE} <owner>:<bytes>")
+        owners = []
+        for word in args:
+            owner, _, n = word.partition(":")
+            if not _HEX64.match(owner):
+                raise RemoteProtocolError("LEASED: owner is not 64 hex digits")
+            owners.append((owner, _int(n, "bytes")))
+        return Leased(tuple(owners))
     if verb == "SPACE":
         _arity(args, 2, "SPACE <capacity> <free>")
         return Space(_int(args[0], "capacity"), _int(args[1], "free"))
@@ -419,6 +437,8 @@ def encode(msg: Message) -> bytes:
         )
     elif isinstance(msg, Gone):
         text = "GONE " + " ".join(check_block_id(b) for b in msg.blocks)
+    elif isinstance(msg, Leased):
+        text = "LEASED " + " ".join(f"{o}:{n}" for o, n in msg.owners)
     elif isinstance(msg, Space):
         text = f"SPACE {msg.capacity} {msg.free}"
     elif isinstance(msg, Local):

@@ -16,6 +16,13 @@ for a proof that the agent holds the part (dsss/proofs.py) instead of the part i
 `nonce` is 32 lowercase hex digits (16 bytes); the reply carries the part's size and the proof
 bytes for the leaf the nonce selects, `len` being `proofs.proof_length(size, index)`.
 
+An upload may carry its uploader's signed lease on the part (`lease <record>` after the size,
+dsss/leases.py), kept with the part once it is stored. Leases are taken, renewed and released
+with LEASE, which needs no introduction key (each record is signed by its owner) and carries
+1 to MAX_BATCH records, one per line, after its header:
+
+    LEASE <count>\n<record>\n...              ->  Leases <count>\n<outcome>\n... | ERROR ...
+
 A chained upload (replication down a chain of agents, as GFS and HDFS pipelines do) says
 `chain` and names the agents that store the next copies (none for the last agent of a chain),
 each as `<host:port>/<agent id>/<introduction key>`, the key being one the server had that agent
@@ -40,12 +47,24 @@ from typing import Union
 
 from dsss import proofs
 from dsss.errors import DSSSError, RemoteProtocolError
+from dsss.leases import MAX_BATCH, MAX_RECORD, LeaseError, LeaseRecord
 from dsss.model import PeerAddress, is_block_id
 
 MAX_CHAIN = 4
 """Most agents an upload may name to forward to (the client stores further copies itself)."""
-MAX_HEADER = 256 + MAX_CHAIN * 160
-"""Longest request or reply line: a chain of MAX_CHAIN hops, or MAX_CHAIN + 1 receipts."""
+MAX_HEADER = 256 + MAX_CHAIN * 160 + 8 + MAX_RECORD
+"""Longest request or reply line: an upload's lease and a chain of MAX_CHAIN hops, or
+MAX_CHAIN + 1 receipts."""
+MAX_LEASE_BODY = MAX_BATCH * (MAX_RECORD + 1)
+"""Longest body of a LEASE request."""
+MAX_LEASE_REPLY = 16 + MAX_BATCH * 16
+"""Longest reply to a LEASE request (its line and one outcome line per record)."""
+MAX_HELD_LISTED = 16
+"""Most leases a HELD reply lists per part (the latest-ending first)."""
+MAX_HELD_BODY = MAX_BATCH * 67
+"""Longest body of a HELD request (a hash per line)."""
+MAX_HELD_REPLY = 16 + MAX_BATCH * (3 + MAX_HELD_LISTED * 78)
+"""Longest reply to a HELD request."""
 MAX_PART = 16 * 1024 * 1024
 MAX_PROOF = proofs.LEAF_SIZE + proofs.HASH_SIZE * 64
 """Longest proof a Proof reply may announce (a leaf and the path of a tree of any size)."""
@@ -86,10 +105,46 @@ class Upload:
     # A chained upload: answered with receipts (`Stored`), passed on to `chain[0]` if any.
     chained: bool = False
     chain: tuple[Hop, ...] = ()
+    # The uploader's signed lease on the part (dsss/leases.py), kept with it once stored.
+    lease: LeaseRecord | None = None
 
     def __post_init__(self) -> None:
         if self.chain and not self.chained:
             raise ValueError("only a chained upload has hops")
+        if self.lease is not None and self.lease.block != self.block:
+            raise ValueError("an upload's lease is for its part")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """`LEASE <count>`, followed by `count` lease records (one per line): take, renew or
+    release leases on parts this agent stores. Answered with `Leases <count>` and one outcome
+    line per record, in order."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Held:
+    """`HELD <count>`, followed by `count` part hashes (one per line): which live leases does
+    this agent hold on each? Answered with `Held <count>` and one line per hash."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class HeldReply:
+    """`Held <count>`, followed by `count` lines: `not-found`, or `ok` and `<owner>:<expiry>`
+    for each live lease on that part."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class LeasesReply:
+    """`Leases <count>`, followed by `count` outcome lines (dsss.leases.Outcome)."""
+
+    count: int
 
 
 @dataclass(frozen=True)
@@ -146,8 +201,8 @@ class Refused:
     text: str
 
 
-TransferRequest = Union[Upload, Download, Audit]
-TransferReply = Union[Done, Stored, Refused, ProofReply]
+TransferRequest = Union[Upload, Download, Audit, Lease, Held]
+TransferReply = Union[Done, Stored, Refused, ProofReply, LeasesReply, HeldReply]
 
 
 def _decode(line: bytes) -> list[str]:
@@ -171,20 +226,47 @@ def _size(text: str) -> int:
 def parse_request(line: bytes) -> TransferRequest:
     words = _decode(line)
     verb = words[0]
+    if verb == "HELD":
+        if len(words) != 2:
+            raise RemoteProtocolError("usage: HELD <count>")
+        count = _size(words[1])
+        if not 1 <= count <= MAX_BATCH:
+            raise RemoteProtocolError(f"HELD takes 1 to {MAX_BATCH} hashes")
+        return Held(count)
+    if verb == "LEASE":
+        if len(words) != 2:
+            raise RemoteProtocolError("usage: LEASE <count>")
+        count = _size(words[1])
+        if not 1 <= count <= MAX_BATCH:
+            raise RemoteProtocolError(f"LEASE takes 1 to {MAX_BATCH} records")
+        return Lease(count)
     if verb == "UPLOAD":
-        chained = len(words) > 4 and words[4] == "chain"
-        if len(words) != 4 and not (chained and len(words) <= 5 + MAX_CHAIN):
-            raise RemoteProtocolError(
-                f"usage: UPLOAD <key> <hash> <size> [chain <hop> ...] (at most {MAX_CHAIN} hops)"
-            )
+        usage = f"usage: UPLOAD <key> <hash> <size> [lease <record>] [chain <hop> ...] (at most {MAX_CHAIN} hops)"
+        if len(words) < 4:
+            raise RemoteProtocolError(usage)
         _, key, block, size = words[:4]
+        rest = words[4:]
+        lease = None
+        if rest[:1] == ["lease"]:
+            if len(rest) < 2:
+                raise RemoteProtocolError(usage)
+            try:
+                lease = LeaseRecord.parse(rest[1])
+            except LeaseError as e:
+                raise RemoteProtocolError(f"UPLOAD: {e}") from None
+            if lease.block != block:
+                raise RemoteProtocolError("UPLOAD: the lease is for another part")
+            rest = rest[2:]
+        chained = rest[:1] == ["chain"]
+        if rest and not (chained and len(rest) <= 1 + MAX_CHAIN):
+            raise RemoteProtocolError(usage)
         n = _size(size)
         if n > MAX_PART:
             raise RemoteProtocolError(f"part larger than {MAX_PART} bytes")
-        chain = tuple(Hop.parse(w) for w in words[5:])
+        chain = tuple(Hop.parse(w) for w in rest[1:])
         if len({h.agent_id for h in chain}) != len(chain):
             raise RemoteProtocolError("an agent appears twice in the chain")
-        req: TransferRequest = Upload(key, block, n, chained, chain)
+        req: TransferRequest = Upload(key, block, n, chained, chain, lease)
     elif verb == "DOWNLOAD":
         if len(words) != 3:
             raise RemoteProtocolError("usage: DOWNLOAD <key> <hash>")
@@ -197,6 +279,7 @@ def parse_request(line: bytes) -> TransferRequest:
         req = Audit(words[1], words[2], bytes.fromhex(words[3]))
     else:
         raise RemoteProtocolError(f"unknown request {verb[:20]!r}")
+    assert not isinstance(req, (Lease, Held))
     if not _KEY.match(req.key):
         raise RemoteProtocolError("bad introduction key")
     if not is_block_id(req.block):
@@ -205,9 +288,14 @@ def parse_request(line: bytes) -> TransferRequest:
 
 
 def encode_request(req: TransferRequest) -> bytes:
+    if isinstance(req, Lease):
+        return f"LEASE {req.count}\n".encode("ascii")
+    if isinstance(req, Held):
+        return f"HELD {req.count}\n".encode("ascii")
     if isinstance(req, Upload):
+        lease = f" lease {req.lease.encode()}" if req.lease is not None else ""
         hops = " chain" + "".join(f" {h}" for h in req.chain) if req.chained else ""
-        return f"UPLOAD {req.key} {req.block} {req.size}{hops}\n".encode("ascii")
+        return f"UPLOAD {req.key} {req.block} {req.size}{lease}{hops}\n".encode("ascii")
     if isinstance(req, Audit):
         if len(req.nonce) != proofs.NONCE_SIZE:
             raise ValueError("an audit nonce is 16 bytes")
@@ -225,6 +313,16 @@ def parse_reply(line: bytes) -> TransferReply:
             if n > MAX_PART:
                 raise RemoteProtocolError("reply announces a part larger than allowed")
             return Done(n)
+    elif words[0] == "Held" and len(words) == 2:
+        count = _size(words[1])
+        if not 1 <= count <= MAX_BATCH:
+            raise RemoteProtocolError("bad count in a Held reply")
+        return HeldReply(count)
+    elif words[0] == "Leases" and len(words) == 2:
+        count = _size(words[1])
+        if not 1 <= count <= MAX_BATCH:
+            raise RemoteProtocolError("bad count in a Leases reply")
+        return LeasesReply(count)
     elif words[0] == "Proof" and len(words) == 3:
         size, length = _size(words[1]), _size(words[2])
         if size > MAX_PART or length > MAX_PROOF:
@@ -250,6 +348,10 @@ def encode_reply(reply: TransferReply) -> bytes:
         return f"Stored {reply.count} {' '.join(reply.receipts)}\n".encode("ascii")
     if isinstance(reply, ProofReply):
         return f"Proof {reply.size} {reply.length}\n".encode("ascii")
+    if isinstance(reply, LeasesReply):
+        return f"Leases {reply.count}\n".encode("ascii")
+    if isinstance(reply, HeldReply):
+        return f"Held {reply.count}\n".encode("ascii")
     clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in reply.text)[:200]
     return f"ERROR {reply.code} {clean}\n".encode("ascii")
 

@@ -14,9 +14,11 @@ from dsss.agent.transfer import TransferHandler
 from dsss.client.discovery import Introduction
 from dsss.client.peer import _receipted
 from dsss.crypto.certs import make_certificate
+from dsss.leases import LeaseRecord, LeaseSigner, encode_batch, lease_signing_key
 from dsss.model import PeerAddress, block_hash
 from dsss.quic import QuicEndpoint
 from dsss.quic.testing import MemoryDatagramLink, run_until
+from nacl.public import PrivateKey
 from dsss.wire import transfer as wt
 
 CLIENT = ("127.0.0.3", 5000)
@@ -71,10 +73,10 @@ class Chain:
         return [n.key_for(src, block, size, self.clock) for n, src in zip(self.nodes, sources)]
 
     def upload(self, data: bytes, keys: list[str], *, block: str | None = None, body: bytes | None = None,
-               timeout: float = 120.0) -> wt.TransferReply:
+               timeout: float = 120.0, lease: LeaseRecord | None = None) -> wt.TransferReply:
         block = block or block_hash(data)
         chain = tuple(n.hop(k) for n, k in zip(self.nodes[1:], keys[1:]))
-        header = wt.encode_request(wt.Upload(keys[0], block, len(data), True, chain))
+        header = wt.encode_request(wt.Upload(keys[0], block, len(data), True, chain, lease))
         first = self.nodes[0]
         results: list[object] = []
         d = self.client.connect(first.addr, expected_public_key=bytes.fromhex(first.agent_id))
@@ -193,3 +195,60 @@ def test_receipts_prove_each_copy_and_a_forged_one_ends_the_count(chain: Chain) 
     other_keys = (intros[0], intros[1], Introduction("0" * 32, intros[2].agent_id, intros[2].address))
     assert _receipted(block, other_keys, tuple(r)) == 2  # another introduction key
     assert _receipted(block, intros, tuple(r[:2])) == 2  # a receipt missing
+
+
+def owner(seed: int, clock: Clock) -> LeaseSigner:
+    return LeaseSigner(lease_signing_key(PrivateKey(bytes([seed]) * 32)), clock=clock.seconds)
+
+
+def test_a_chained_uploads_lease_is_kept_by_every_agent_of_the_chain(chain: Chain) -> None:
+    data = os.urandom(70_001)
+    block = block_hash(data)
+    record = owner(1, chain.clock).sign(block, int(chain.clock.seconds()) + 3600)
+    reply = chain.upload(data, chain.keys(block, len(data)), lease=record)
+    assert isinstance(reply, wt.Stored) and reply.count == 3
+    for node in chain.nodes:
+        assert node.agent.leases.table.records(block) == [record]
+        assert block not in node.agent.leases.table.holds
+
+
+def test_an_upload_with_a_forged_lease_is_stored_nowhere(chain: Chain) -> None:
+    data = os.urandom(70_002)
+    block = block_hash(data)
+    good = owner(1, chain.clock).sign(block, int(chain.clock.seconds()) + 3600)
+    forged = LeaseRecord(owner(2, chain.clock).owner, block, good.expiry, good.serial, good.signature)
+    reply = chain.upload(data, chain.keys(block, len(data)), lease=forged)
+    assert isinstance(reply, wt.Refused) and reply.code == "bad-lease"
+    assert not any(n.has(block) for n in chain.nodes)
+
+
+def test_lease_messages_take_renew_and_release_and_refuse_replays(chain: Chain) -> None:
+    data = os.urandom(5000)
+    block = block_hash(data)
+    chain.upload(data, chain.keys(block, len(data)))  # no lease: held for the initial hold
+    node = chain.nodes[0]
+    alice, bob = owner(1, chain.clock), owner(2, chain.clock)
+    first = alice.sign(block, int(chain.clock.seconds()) + 100)
+    chain.clock.advance(1)
+    renewed = alice.sign(block, int(chain.clock.seconds()) + 1000)
+    absent = alice.sign(block_hash(b"not stored"), int(chain.clock.seconds()) + 100)
+
+    def send(records: list[LeaseRecord]) -> list[str]:
+        results: list[object] = []
+        d = chain.client.connect(node.addr, expected_public_key=bytes.fromhex(node.agent_id))
+        d.addCallback(lambda conn: conn.request(
+            [wt.encode_request(wt.Lease(len(records))), encode_batch(records)],
+            max_response=wt.MAX_LEASE_REPLY, timeout=30))
+        d.addBoth(results.append)
+        assert run_until(chain.clock, lambda: bool(results), timeout=40)
+        raw = results[0]
+        assert isinstance(raw, bytes), raw
+        line, _, body = raw.partition(b"\n")
+        assert wt.parse_reply(line) == wt.LeasesReply(len(records))
+        return body.decode().splitlines()
+
+    assert send([first, renewed, absent, bob.sign(block, int(chain.clock.seconds()) + 50)]) == [
+        "ok 0", "ok 0", "not-found 0", "ok 1"]
+    assert send([first]) == ["stale 1"]  # the older record, replayed
+    assert node.agent.leases.table.entries[block][alice.owner].record == renewed
+    assert send([alice.release(block)]) == ["ok 1"]  # Bob's lease remains

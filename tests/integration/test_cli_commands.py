@@ -98,7 +98,7 @@ def test_ls_lists_what_this_key_stored(shared_network, tmp_path):
     addr_b = alice.put(b, "--part-size", "64K")
 
     out = alice.cli("ls").stdout.splitlines()
-    assert out[0].split() == ["NAME", "SIZE", "DATE", "ADDRESS"]
+    assert out[0].split() == ["NAME", "SIZE", "DATE", "EXPIRES", "ADDRESS"]
     assert len(out) == 3
     assert out[1].startswith("a?x.txt") and "1.5 KiB" in out[1] and out[1].endswith(addr_a)
     assert out[2].startswith("b b.bin") and "192.0 KiB" in out[2] and out[2].endswith(addr_b)
@@ -109,6 +109,8 @@ def test_ls_lists_what_this_key_stored(shared_network, tmp_path):
     # 1500 bytes travel inside the manifest: no part of their own.
     assert files[addr_a]["name"] == "a?x.txt" and files[addr_a]["size"] == 1500 and files[addr_a]["parts"] == 0
     assert files[addr_b]["parts"] == 3 and files[addr_b]["kind"] == "put"
+    # Kept for put's default 90 days: when is recorded.
+    assert abs(files[addr_b]["expires"] - (files[addr_b]["created"] + 90 * 86400)) <= 5
     assert doc["skipped-lines"] == 0
 
     # A line cut short by a crash is skipped with a warning, and the next put still lands.

@@ -27,6 +27,7 @@ from dsss.client.commands.common import (
     warn,
 )
 from dsss.client.config import Settings
+from dsss.client.leasing import leases_at
 from dsss.client.render import dump_json, human_size, local_date, table, utc_iso
 from dsss.crypto.keys import load_key_file, parse_public_key, public_key_hex
 from dsss.errors import LocalUsageError, NotFound
@@ -71,7 +72,7 @@ async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
         return await tree.cmd_ls_address(reactor, args, settings)
     path = catalog.catalog_path(settings.key)
     entries, skipped = catalog.read(path)
-    entries = catalog.latest(entries)
+    entries = [e for e in catalog.latest(entries) if e.kind != catalog.KIND_REMOVED]
     if skipped:
         warn(f"skipped {skipped} damaged line(s) in {path}")
     if args.json:
@@ -88,8 +89,9 @@ async def cmd_ls(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
     for e in entries:
         name = e.name + ("/" if e.directory else "")
         name = name if not e.shared else f"{name} ({e.kind.replace('-', ' ')})"
-        rows.append([name, human_size(e.size), local_date(e.created), e.address])
-    for line in table(["NAME", "SIZE", "DATE", "ADDRESS"], rows, right=[1]):
+        expires = local_date(e.expires) if e.expires is not None else "-"
+        rows.append([name, human_size(e.size), local_date(e.created), expires, e.address])
+    for line in table(["NAME", "SIZE", "DATE", "EXPIRES", "ADDRESS"], rows, right=[1]):
         print(line)
     return 0
 
@@ -104,6 +106,7 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
     session = await session_for(reactor, args, settings, key)
     try:
         health = await survey(session, address, key, source=source)
+        held = await leases_at(session, address)
     except NotFound as e:
         raise offline_if_known(settings, address, e) from None
     finally:
@@ -111,9 +114,13 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
     m = health.manifest
     counts = health.part_counts()
     manifest_count = len(health.blocks[0].healthy)
+    mine = session.leases.owner if session.leases is not None else ""
     if args.json:
         dump_json({
             **manifest_doc(address, m),
+            "leases": {str(a): (v if isinstance(v, str) else
+                                [{"owner": o, "expires": e, "yours": o == mine} for o, e in v])
+                       for a, v in sorted(held.items(), key=lambda kv: str(kv[0]))},
             "replicas": {
                 "target": health.target,
                 "manifest": manifest_count,
@@ -148,6 +155,15 @@ async def cmd_info(reactor: Any, args: argparse.Namespace, settings: Settings) -
         ["replicas", f"manifest {manifest_count} (target {health.target}), {parts}" if m.erasure is not None
          else f"manifest {manifest_count}, {parts}; target {health.target}"],
     ]
+    for agent, leases in sorted(held.items(), key=lambda kv: str(kv[0])):
+        if isinstance(leases, str):
+            text = f"? ({leases})"
+        else:
+            yours = [e for o, e in leases if o == mine]
+            text = f"yours until {local_date(yours[0])}" if yours else "none of yours"
+            if len(leases) > len(yours):
+                text += f", {len(leases) - len(yours)} other key(s)"
+        rows.append(["lease", f"{agent}: {text}"])
     for name, value in rows:
         print(f"{name + ':':<11}{value}")
     return 0

@@ -34,6 +34,7 @@ from dsss.client.commands.common import (
     record,
     session_for,
 )
+from dsss.client.commands.leases import KEEP_HELP, keep_seconds
 from dsss.client.config import Settings
 from dsss.client.render import PutDisplay, byte_bar, count_bar, dump_json, human_size, stderr_is_terminal
 from dsss.crypto.keys import load_key_file
@@ -78,6 +79,7 @@ skipped. The record of such an unfinished put is kept in <key file>.journal/.
                      help="store each part as N shares on N agents, any K of which give it back "
                           "(say 2/4: survives 2 lost agents like 3 replicas, in twice the file's size "
                           "instead of three times); off: whole replicas (default: config or off)")
+    put.add_argument("--keep", default=None, metavar="DURATION", help=KEEP_HELP)
     put.set_defaults(func=cmd_put)
 
     get = add_command(sub, "get", "fetch files by their addresses", f"""examples:
@@ -127,12 +129,14 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
     key = load_key_file(settings.key)
     sizes = [os.path.getsize(name) for name in args.files]
     names = [clean_name(os.path.basename(name)) for name in args.files]  # as the manifest keeps them
+    keep = keep_seconds(args.keep)
     session = await session_for(reactor, args, settings, key)
     try:
         session.check_enough_agents()
     except DSSSError:
         await session.peers.close()
         raise
+    session.keep = keep  # the put's leases (dsss/client/leasing.py)
     display = PutDisplay(sizes, enabled=stderr_is_terminal())
     # Several files are stored at once; their lines are printed (and recorded in the catalog)
     # in the order given, each as soon as it and every file before it has ended.
@@ -157,8 +161,9 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
             done_files.add(i)
             name, size = args.files[i], sizes[i]
             parts = part_count(size, settings.part_size)
+            now = int(time.time())
             entry = catalog.Entry(address=address, name=names[i], size=size,
-                                  parts=parts, created=int(time.time()))
+                                  parts=parts, created=now, expires=now + keep)
             record(settings, entry)
             if args.json:
                 display.write_line(json.dumps(
