@@ -1,0 +1,630 @@
+# -*- test-case-name: tests.unit.test_store -*-
+"""What the discovery server keeps durably, behind one interface, and its three stores.
+
+The server's hot paths (who-has, where-to-upload, introductions, placement) read its in-memory
+registry (dsss.server.registry), never the store. The store keeps what must outlive the process:
+each identity's last registration number, every agent's claims (the location index, with the
+reverse index agent -> parts, proven times and part sizes), reputation, and the repair queue.
+After a restart the server reads it back, and an agent that returns proves with a digest that
+its claims are the stored ones instead of sending them all again (dsss.server.sync).
+
+Every method returns a Deferred. `MemoryStore` keeps nothing across restarts (the default for
+`make demo` and tests). `SQLStore` runs one schema and one set of statements on SQLite (embedded,
+one machine) and PostgreSQL (shared by several servers); its blocking driver runs on a thread of
+its own, never on the reactor thread, and the operations queued while one transaction runs are
+committed together in the next (group commit), in the order they were made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.internet.threads import deferToThreadPool
+
+from dsss.errors import Unavailable
+
+log = Logger()
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoredClaim:
+    """One claim as stored: the part, its size (proven or as first claimed), whether that size
+    is proven, and when this agent last proved the part (None: never)."""
+
+    part: str
+    size: int | None
+    size_proven: bool
+    proven_at: float | None
+
+
+class Store(Protocol):
+    """The durable part of the discovery server's knowledge."""
+
+    @property
+    def durable(self) -> bool:
+        """Whether what is stored outlives the server process."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last attempt to reach the store failed (and until one succeeds)."""
+
+    def open(self) -> defer.Deferred[None]: ...
+    def close(self) -> defer.Deferred[None]: ...
+
+    # identities
+    def load_identities(self) -> defer.Deferred[dict[str, tuple[int, float]]]:
+        """Every remembered identity's last registration number and when it registered."""
+    def put_identity(self, agent_id: str, seq: int, at: float) -> defer.Deferred[None]: ...
+    def forget_identities(self, agent_ids: list[str]) -> defer.Deferred[None]:
+        """Forget these identities: their registration numbers and their claims."""
+
+    # the location index
+    def add_claims(self, agent_id: str, claims: list[tuple[str, int | None]]) -> defer.Deferred[None]:
+        """The agent claims these parts (with the size it gave, or None); a part's first
+        claimed size is kept until one is proven."""
+    def proved(self, agent_id: str, part: str, size: int, at: float) -> defer.Deferred[None]:
+        """The agent proved `part` at `at` (a claim if it was none); `size` is the part's size."""
+    def drop_claims(self, agent_id: str, parts: list[str]) -> defer.Deferred[list[str]]:
+        """Withdraw these claims; returns those of the parts some other agent still claims."""
+    def drop_agent(self, agent_id: str) -> defer.Deferred[list[str]]:
+        """Withdraw all of the agent's claims (it was disqualified); returns, as drop_claims,
+        the parts others still claim (through the reverse index)."""
+    def claims_of(self, agent_id: str) -> defer.Deferred[list[StoredClaim]]: ...
+    def holders(self, part: str) -> defer.Deferred[list[str]]: ...
+    def part_size(self, part: str) -> defer.Deferred[tuple[int | None, bool]]: ...
+    def agents_with_claims(self) -> defer.Deferred[list[str]]: ...
+
+    # reputation
+    def put_reputation(self, agent_id: str, record: dict[str, Any]) -> defer.Deferred[None]: ...
+    def load_reputation(self) -> defer.Deferred[dict[str, dict[str, Any]]]: ...
+
+    # the repair queue
+    def enqueue_repairs(self, parts: list[str], due: float) -> defer.Deferred[None]:
+        """Queue parts to be looked at from `due` on (an earlier due time wins)."""
+    def claim_repairs(self, owner: str, limit: int, now: float, lease: float) -> defer.Deferred[list[str]]:
+        """Up to `limit` due parts no other owner holds, now held by `owner` until now+lease:
+        servers claiming at once get disjoint batches."""
+    def finish_repairs(self, owner: str, parts: list[str]) -> defer.Deferred[None]:
+        """Done with these parts (looked at, copied or found whole): out of the queue."""
+    def queued_repairs(self) -> defer.Deferred[int]: ...
+
+
+# --- in memory --------------------------------------------------------------------------------
+
+
+class MemoryStore:
+    """Everything in dictionaries: fast, and gone with the process."""
+
+    durable = False
+    healthy = True
+
+    def __init__(self) -> None:
+        self._identities: dict[str, tuple[int, float]] = {}
+        self._claims: dict[str, dict[str, float | None]] = {}
+        self._holders: dict[str, set[str]] = {}
+        self._sizes: dict[str, tuple[int | None, bool]] = {}
+        self._reputation: dict[str, dict[str, Any]] = {}
+        self._queue: dict[str, tuple[float, str | None, float]] = {}  # part -> (due, owner, lease end)
+
+    def open(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def load_identities(self) -> defer.Deferred[dict[str, tuple[int, float]]]:
+        return defer.succeed(dict(self._identities))
+
+    def put_identity(self, agent_id: str, seq: int, at: float) -> defer.Deferred[None]:
+        self._identities[agent_id] = (seq, at)
+        return defer.succeed(None)
+
+    def forget_identities(self, agent_ids: list[str]) -> defer.Deferred[None]:
+        for agent_id in agent_ids:
+            self._identities.pop(agent_id, None)
+            self._drop_all(agent_id)
+        return defer.succeed(None)
+
+    def add_claims(self, agent_id: str, claims: list[tuple[str, int | None]]) -> defer.Deferred[None]:
+        mine = self._claims.setdefault(agent_id, {})
+        for part, size in claims:
+            mine.setdefault(part, None)
+            self._holders.setdefault(part, set()).add(agent_id)
+            known = self._sizes.get(part)
+            if known is None or known[0] is None:
+                self._sizes[part] = (size, False)
+        return defer.succeed(None)
+
+    def proved(self, agent_id: str, part: str, size: int, at: float) -> defer.Deferred[None]:
+        self._claims.setdefault(agent_id, {})[part] = at
+        self._holders.setdefault(part, set()).add(agent_id)
+        self._sizes[part] = (size, True)
+        return defer.succeed(None)
+
+    def _drop(self, agent_id: str, parts: Iterable[str]) -> list[str]:
+        mine = self._claims.get(agent_id, {})
+        others = []
+        for part in parts:
+            if mine.pop(part, "absent") == "absent":
+                continue
+            holders = self._holders.get(part, set())
+            holders.discard(agent_id)
+            if holders:
+                others.append(part)
+            else:
+                self._holders.pop(part, None)
+                self._sizes.pop(part, None)
+        if not mine:
+            self._claims.pop(agent_id, None)
+        return others
+
+    def _drop_all(self, agent_id: str) -> list[str]:
+        return self._drop(agent_id, list(self._claims.get(agent_id, {})))
+
+    def drop_claims(self, agent_id: str, parts: list[str]) -> defer.Deferred[list[str]]:
+        return defer.succeed(self._drop(agent_id, parts))
+
+    def drop_agent(self, agent_id: str) -> defer.Deferred[list[str]]:
+        return defer.succeed(self._drop_all(agent_id))
+
+    def claims_of(self, agent_id: str) -> defer.Deferred[list[StoredClaim]]:
+        found = []
+        for part, at in self._claims.get(agent_id, {}).items():
+            size, proven = self._sizes.get(part, (None, False))
+            found.append(StoredClaim(part, size, proven, at))
+        return defer.succeed(found)
+
+    def holders(self, part: str) -> defer.Deferred[list[str]]:
+        return defer.succeed(sorted(self._holders.get(part, ())))
+
+    def part_size(self, part: str) -> defer.Deferred[tuple[int | None, bool]]:
+        return defer.succeed(self._sizes.get(part, (None, False)))
+
+    def agents_with_claims(self) -> defer.Deferred[list[str]]:
+        return defer.succeed(sorted(a for a, c in self._claims.items() if c))
+
+    def put_reputation(self, agent_id: str, record: dict[str, Any]) -> defer.Deferred[None]:
+        self._reputation[agent_id] = dict(record)
+        return defer.succeed(None)
+
+    def load_reputation(self) -> defer.Deferred[dict[str, dict[str, Any]]]:
+        return defer.succeed({a: dict(r) for a, r in self._reputation.items()})
+
+    def enqueue_repairs(self, parts: list[str], due: float) -> defer.Deferred[None]:
+        for part in parts:
+            entry = self._queue.get(part)
+            if entry is None:
+                self._queue[part] = (due, None, 0.0)
+            elif due < entry[0]:
+                self._queue[part] = (due, entry[1], entry[2])
+        return defer.succeed(None)
+
+    def claim_repairs(self, owner: str, limit: int, now: float, lease: float) -> defer.Deferred[list[str]]:
+        free = sorted((due, part) for part, (due, holder, until) in self._queue.items()
+                      if due <= now and (holder is None or until < now))
+        taken = [part for _due, part in free[:limit]]
+        for part in taken:
+            self._queue[part] = (self._queue[part][0], owner, now + lease)
+        return defer.succeed(taken)
+
+    def finish_repairs(self, owner: str, parts: list[str]) -> defer.Deferred[None]:
+        for part in parts:
+            entry = self._queue.get(part)
+            if entry is not None and entry[1] == owner:
+                del self._queue[part]
+        return defer.succeed(None)
+
+    def queued_repairs(self) -> defer.Deferred[int]:
+        return defer.succeed(len(self._queue))
+
+
+# --- SQLite and PostgreSQL --------------------------------------------------------------------
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS identities (
+        agent TEXT PRIMARY KEY, seq BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL)""",
+    # The location index: one row per claim. Its key (agent, part) is the reverse index.
+    """CREATE TABLE IF NOT EXISTS claims (
+        agent TEXT NOT NULL, part TEXT NOT NULL, proven_at DOUBLE PRECISION,
+        PRIMARY KEY (agent, part))""",
+    "CREATE INDEX IF NOT EXISTS claims_by_part ON claims (part)",
+    """CREATE TABLE IF NOT EXISTS parts (
+        part TEXT PRIMARY KEY, size BIGINT, size_proven BOOLEAN NOT NULL DEFAULT FALSE)""",
+    """CREATE TABLE IF NOT EXISTS reputation (agent TEXT PRIMARY KEY, record TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS repair_queue (
+        part TEXT PRIMARY KEY, due DOUBLE PRECISION NOT NULL, owner TEXT,
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS repair_queue_due ON repair_queue (due)",
+]
+
+_CLAIM_PART = """INSERT INTO parts (part, size, size_proven) VALUES (?, ?, FALSE)
+    ON CONFLICT (part) DO UPDATE SET size = COALESCE(parts.size, excluded.size)"""
+_CLAIM = "INSERT INTO claims (agent, part) VALUES (?, ?) ON CONFLICT (agent, part) DO NOTHING"
+_PROVE_PART = """INSERT INTO parts (part, size, size_proven) VALUES (?, ?, TRUE)
+    ON CONFLICT (part) DO UPDATE SET size = excluded.size, size_proven = TRUE"""
+_PROVE = """INSERT INTO claims (agent, part, proven_at) VALUES (?, ?, ?)
+    ON CONFLICT (agent, part) DO UPDATE SET proven_at = excluded.proven_at"""
+_UNCLAIM = "DELETE FROM claims WHERE agent = ? AND part = ?"
+_ORPHAN = "DELETE FROM parts WHERE part = ? AND NOT EXISTS (SELECT 1 FROM claims WHERE claims.part = ?)"
+_HELD = "SELECT 1 FROM claims WHERE part = ? LIMIT 1"
+_ENQUEUE = """INSERT INTO repair_queue (part, due) VALUES (?, ?)
+    ON CONFLICT (part) DO UPDATE SET due = CASE WHEN excluded.due < repair_queue.due
+    THEN excluded.due ELSE repair_queue.due END"""
+# {lock} is FOR UPDATE SKIP LOCKED on PostgreSQL: servers claiming at once skip each other's
+# rows. SQLite has one writer at a time (BEGIN IMMEDIATE), which gives the same disjointness.
+_CLAIM_REPAIRS = """UPDATE repair_queue SET owner = ?, lease_until = ? WHERE part IN (
+    SELECT part FROM repair_queue WHERE due <= ? AND (owner IS NULL OR lease_until < ?)
+    ORDER BY due LIMIT ? {lock}) RETURNING part"""
+
+
+class _Cursor(Protocol):
+    def execute(self, sql: str, params: Any = ..., /) -> Any: ...
+    def executemany(self, sql: str, params: Any, /) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchone(self) -> Any: ...
+
+
+_Op = Callable[[_Cursor], Any]
+
+
+class SQLStore:
+    """The store on SQLite (`sqlite:PATH`) or PostgreSQL (`postgresql://...`, psycopg 3).
+
+    One connection, on one thread of its own. Operations are queued in order; each transaction
+    commits everything queued when it began. If the database cannot be reached the batch stays
+    queued and is retried (`healthy` is False meanwhile): a write is never dropped, and its
+    Deferred fires once it is committed. Reads queued behind writes see them."""
+
+    durable = True
+    RETRY = 1.0
+    """Seconds between attempts while the database cannot be reached."""
+
+    def __init__(self, url: str, reactor: Any = None, retry: float | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.url = url
+        self.reactor = reactor
+        self.retry = self.RETRY if retry is None else retry
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        if not self.postgres and not url.startswith("sqlite:"):
+            raise ValueError(f"not a store URL: {url!r} (memory, sqlite:PATH or postgresql://...)")
+        self.healthy = True
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="dsss-store")
+        self._conn: Any = None
+        self._queue: deque[tuple[_Op, defer.Deferred[Any]]] = deque()
+        self._busy = False
+        self._closed = False
+        self._retry_call: Any = None
+        self.transactions = 0
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", "%s") if self.postgres else text
+
+    def _connect(self) -> Any:
+        if self.postgres:
+            import psycopg
+
+            return psycopg.connect(self.url, autocommit=False, connect_timeout=5)
+        path = self.url[len("sqlite:"):]
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _unreachable(self, e: BaseException) -> bool:
+        """Whether `e` says the database could not be reached or was busy (then the batch is
+        retried), rather than that an operation was wrong."""
+        if self.postgres:
+            import psycopg
+
+            return isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError))
+        return isinstance(e, sqlite3.OperationalError)
+
+    def _transaction(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        if self._conn is None:
+            self._conn = self._connect()
+        conn = self._conn
+        try:
+            if not self.postgres:
+                conn.execute("BEGIN IMMEDIATE")
+            cur = conn.cursor()
+            results: list[tuple[bool, Any]] = [(True, op(cur)) for op in ops]
+            if self.postgres:
+                conn.commit()
+            else:
+                conn.execute("COMMIT")
+            return results
+        except BaseException as e:
+            try:
+                if self.postgres:
+                    conn.rollback()
+                else:
+                    conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            if self.postgres and self._unreachable(e):
+                self._conn = None
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+            raise
+
+    def _run_batch(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        """On the store's thread: run `ops` in one transaction. If the database cannot be
+        reached this raises (the batch is retried); if an operation itself fails, each runs in
+        a transaction of its own and that one's Deferred fails."""
+        try:
+            return self._transaction(ops)
+        except Exception as e:
+            if self._unreachable(e) or len(ops) == 1:
+                if self._unreachable(e):
+                    raise
+                return [(False, Failure(e))]
+        results: list[tuple[bool, Any]] = []
+        for op in ops:
+            try:
+                results.extend(self._transaction([op]))
+            except Exception as e:
+                if self._unreachable(e):
+                    raise
+                results.append((False, Failure(e)))
+        return results
+
+    def _submit(self, op: _Op) -> defer.Deferred[Any]:
+        if self._closed:
+            return defer.fail(Unavailable("the store is closed"))
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._queue.append((op, d))
+        self._kick()
+        return d
+
+    def _kick(self) -> None:
+        if self._busy or not self._queue or self._retry_call is not None:
+            return
+        self._busy = True
+        batch = list(self._queue)
+        self._queue.clear()
+        d = deferToThreadPool(self.reactor, self._pool, self._run_batch, [op for op, _ in batch])
+
+        def done(results: list[tuple[bool, Any]]) -> None:
+            self._busy = False
+            self.healthy = True
+            self.transactions += 1
+            for (_op, waiter), (ok, value) in zip(batch, results):
+                if ok:
+                    waiter.callback(value)
+                else:
+                    waiter.errback(value)
+            self._kick()
+
+        def failed(f: Failure) -> None:
+            self._busy = False
+            if self._closed:
+                for _op, waiter in batch:
+                    waiter.errback(Unavailable(f"the store is closed: {f.getErrorMessage()}"))
+                return
+            if self.healthy:
+                log.warn("the store ({kind}) cannot be reached: {why}; retrying every {retry} s",
+                         kind=self.kind, why=f.getErrorMessage(), retry=self.retry)
+            self.healthy = False
+            self._queue.extendleft(reversed(batch))
+
+            def again() -> None:
+                self._retry_call = None
+                self._kick()
+
+            self._retry_call = self.reactor.callLater(self.retry, again)
+
+        d.addCallbacks(done, failed)
+
+    @property
+    def kind(self) -> str:
+        return "PostgreSQL" if self.postgres else "SQLite"
+
+    def read(self, op: Callable[[_Cursor], T]) -> defer.Deferred[T]:
+        """Run `op(cursor)` on the store's thread, in order with the writes queued before it."""
+        return self._submit(op)
+
+    def open(self) -> defer.Deferred[None]:
+        self._pool.start()
+        self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+
+        def create(cur: _Cursor) -> None:
+            for statement in SCHEMA:
+                cur.execute(statement)
+
+        return self._submit(create)
+
+    def _stop_pool(self) -> None:
+        if self._pool.started:
+            self._pool.stop()
+
+    def close(self) -> defer.Deferred[None]:
+        self._closed = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+            self._retry_call = None
+
+        def shut(_: Any = None) -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+
+        for _op, d in list(self._queue):
+            d.errback(Unavailable("the store is closed"))
+        self._queue.clear()
+        if not self._pool.started:
+            return defer.succeed(None)
+        d = deferToThreadPool(self.reactor, self._pool, shut)
+        d.addBoth(lambda _: self._stop_pool())
+        return d
+
+    # --- identities ---------------------------------------------------------------------------
+
+    def load_identities(self) -> defer.Deferred[dict[str, tuple[int, float]]]:
+        def op(cur: _Cursor) -> dict[str, tuple[int, float]]:
+            cur.execute("SELECT agent, seq, at FROM identities")
+            return {a: (int(s), float(t)) for a, s, t in cur.fetchall()}
+
+        return self.read(op)
+
+    def put_identity(self, agent_id: str, seq: int, at: float) -> defer.Deferred[None]:
+        sql = self._sql("""INSERT INTO identities (agent, seq, at) VALUES (?, ?, ?)
+            ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq, at = excluded.at""")
+        return self._submit(lambda cur: cur.execute(sql, (agent_id, seq, at)) and None)
+
+    def forget_identities(self, agent_ids: list[str]) -> defer.Deferred[None]:
+        def op(cur: _Cursor) -> None:
+            for agent_id in agent_ids:
+                cur.execute(self._sql("DELETE FROM identities WHERE agent = ?"), (agent_id,))
+                self._drop_all(cur, agent_id)
+
+        return self._submit(op)
+
+    # --- the location index -------------------------------------------------------------------
+
+    def add_claims(self, agent_id: str, claims: list[tuple[str, int | None]]) -> defer.Deferred[None]:
+        def op(cur: _Cursor) -> None:
+            cur.executemany(self._sql(_CLAIM_PART), claims)
+            cur.executemany(self._sql(_CLAIM), [(agent_id, part) for part, _ in claims])
+
+        return self._submit(op)
+
+    def proved(self, agent_id: str, part: str, size: int, at: float) -> defer.Deferred[None]:
+        def op(cur: _Cursor) -> None:
+            cur.execute(self._sql(_PROVE_PART), (part, size))
+            cur.execute(self._sql(_PROVE), (agent_id, part, at))
+
+        return self._submit(op)
+
+    def _drop(self, cur: _Cursor, agent_id: str, parts: Iterable[str]) -> list[str]:
+        others = []
+        for part in parts:
+            cur.execute(self._sql(_UNCLAIM + " RETURNING part"), (agent_id, part))
+            if cur.fetchone() is None:
+                continue
+            cur.execute(self._sql(_HELD), (part,))
+            if cur.fetchone() is not None:
+                others.append(part)
+            else:
+                cur.execute(self._sql(_ORPHAN), (part, part))
+        return others
+
+    def _drop_all(self, cur: _Cursor, agent_id: str) -> list[str]:
+        cur.execute(self._sql("SELECT part FROM claims WHERE agent = ?"), (agent_id,))
+        return self._drop(cur, agent_id, [row[0] for row in cur.fetchall()])
+
+    def drop_claims(self, agent_id: str, parts: list[str]) -> defer.Deferred[list[str]]:
+        return self._submit(lambda cur: self._drop(cur, agent_id, parts))
+
+    def drop_agent(self, agent_id: str) -> defer.Deferred[list[str]]:
+        return self._submit(lambda cur: self._drop_all(cur, agent_id))
+
+    def claims_of(self, agent_id: str) -> defer.Deferred[list[StoredClaim]]:
+        def op(cur: _Cursor) -> list[StoredClaim]:
+            cur.execute(self._sql("""SELECT c.part, p.size, p.size_proven, c.proven_at
+                FROM claims c LEFT JOIN parts p ON p.part = c.part WHERE c.agent = ?"""), (agent_id,))
+            return [StoredClaim(part, None if size is None else int(size), bool(proven), at)
+                    for part, size, proven, at in cur.fetchall()]
+
+        return self.read(op)
+
+    def holders(self, part: str) -> defer.Deferred[list[str]]:
+        def op(cur: _Cursor) -> list[str]:
+            cur.execute(self._sql("SELECT agent FROM claims WHERE part = ? ORDER BY agent"), (part,))
+            return [row[0] for row in cur.fetchall()]
+
+        return self.read(op)
+
+    def part_size(self, part: str) -> defer.Deferred[tuple[int | None, bool]]:
+        def op(cur: _Cursor) -> tuple[int | None, bool]:
+            cur.execute(self._sql("SELECT size, size_proven FROM parts WHERE part = ?"), (part,))
+            row = cur.fetchone()
+            if row is None:
+                return None, False
+            return (None if row[0] is None else int(row[0])), bool(row[1])
+
+        return self.read(op)
+
+    def agents_with_claims(self) -> defer.Deferred[list[str]]:
+        def op(cur: _Cursor) -> list[str]:
+            cur.execute("SELECT DISTINCT agent FROM claims ORDER BY agent")
+            return [row[0] for row in cur.fetchall()]
+
+        return self.read(op)
+
+    # --- reputation ---------------------------------------------------------------------------
+
+    def put_reputation(self, agent_id: str, record: dict[str, Any]) -> defer.Deferred[None]:
+        sql = self._sql("""INSERT INTO reputation (agent, record) VALUES (?, ?)
+            ON CONFLICT (agent) DO UPDATE SET record = excluded.record""")
+        text = json.dumps(record, sort_keys=True)
+        return self._submit(lambda cur: cur.execute(sql, (agent_id, text)) and None)
+
+    def load_reputation(self) -> defer.Deferred[dict[str, dict[str, Any]]]:
+        def op(cur: _Cursor) -> dict[str, dict[str, Any]]:
+            cur.execute("SELECT agent, record FROM reputation")
+            return {a: json.loads(r) for a, r in cur.fetchall()}
+
+        return self.read(op)
+
+    # --- the repair queue ---------------------------------------------------------------------
+
+    def enqueue_repairs(self, parts: list[str], due: float) -> defer.Deferred[None]:
+        sql = self._sql(_ENQUEUE)
+        return self._submit(lambda cur: cur.executemany(sql, [(p, due) for p in parts]) and None)
+
+    def claim_repairs(self, owner: str, limit: int, now: float, lease: float) -> defer.Deferred[list[str]]:
+        sql = self._sql(_CLAIM_REPAIRS.format(lock="FOR UPDATE SKIP LOCKED" if self.postgres else ""))
+
+        def op(cur: _Cursor) -> list[str]:
+            cur.execute(sql, (owner, now + lease, now, now, limit))
+            return sorted(row[0] for row in cur.fetchall())
+
+        return self._submit(op)
+
+    def finish_repairs(self, owner: str, parts: list[str]) -> defer.Deferred[None]:
+        sql = self._sql("DELETE FROM repair_queue WHERE part = ? AND owner = ?")
+        return self._submit(lambda cur: cur.executemany(sql, [(p, owner) for p in parts]) and None)
+
+    def queued_repairs(self) -> defer.Deferred[int]:
+        def op(cur: _Cursor) -> int:
+            cur.execute("SELECT COUNT(*) FROM repair_queue")
+            return int(cur.fetchone()[0])
+
+        return self.read(op)
+
+
+_PG_URL = re.compile(r"\Apostgres(ql)?://")
+
+
+def open_store(spec: str, reactor: Any = None) -> Store:
+    """The store a `--store` value names: `memory`, `sqlite:PATH` or `postgresql://...`."""
+    if spec == "memory":
+        return MemoryStore()
+    if spec.startswith("sqlite:") and len(spec) > len("sqlite:"):
+        return SQLStore(spec, reactor)
+    if _PG_URL.match(spec) and urlsplit(spec).hostname is not None or spec.startswith("postgresql:///"):
+        return SQLStore(spec, reactor)
+    raise ValueError(f"--store must be memory, sqlite:PATH or postgresql://USER@HOST:PORT/DB, not {spec!r}")
+
