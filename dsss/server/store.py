@@ -457,12 +457,22 @@ class SQLStore:
             self._pool.stop()
 
     def close(self) -> defer.Deferred[None]:
+        """Commit what is queued (unless the database is unreachable), then close."""
+        if self._closed:
+            return defer.succeed(None)
+        if self.healthy and (self._queue or self._busy) and self._pool.started:
+            flushed = self._submit(lambda cur: None)
+            flushed.addErrback(lambda f: None)
+            return flushed.addCallback(lambda _: self._close_now())
+        return self._close_now()
+
+    def _close_now(self) -> defer.Deferred[None]:
         self._closed = True
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
             self._retry_call = None
 
-        def shut(_: Any = None) -> None:
+        def shut() -> None:
             conn, self._conn = self._conn, None
             if conn is not None:
                 try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 import pytest
 
-from tests.conftest import start_network
+from tests.conftest import STORE_KINDS, start_network
 
 pytestmark = [pytest.mark.integration]
 
@@ -85,19 +86,42 @@ def test_killed_agent_leaves_answers_within_three_heartbeats(net):
         assert len(doc["addresses"]) == 2
 
 
-def test_restarted_server_gets_its_agents_back(net):
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_restarted_server_gets_its_agents_back(make_network, store_url, tmp_path, kind):
+    """After a restart, the agents come back; on a durable store they confirm their parts by
+    digest and send none of them again, and warming ends once they have."""
+    net = start_network(make_network(heartbeat=0.5, store=store_url(kind)), agents=3)
+    net.client("keygen")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(4 * 65536 + 5))
+    address = net.client("put", "--part-size", "64K", str(src)).stdout.decode().split()[0]
+    claims = sum(1 for a in net.agents for f in (a.storage / "blocks").rglob("*")
+                 if f.is_file() and not f.name.endswith(".tree"))
+    assert claims == 3 * 6  # 5 parts and the manifest, 3 copies each
     before = {a.agent_id for a in net.agents}
     net.server.kill()
     net.start_server(reuse_ports=True)
     deadline = time.monotonic() + 20
     while True:
         status = net.status()
-        if {a["id"] for a in status["agents"] if a["live"]} == before:
+        code, info = net.http("/api/info")
+        if {a["id"] for a in status["agents"] if a["live"]} == before and not info["warming"]:
             break
-        assert time.monotonic() < deadline, status
+        assert time.monotonic() < deadline, (status, info)
         time.sleep(0.2)
+    activity = status["activity"]
+    if kind == "memory":
+        assert activity["have-entries"] == claims and activity["claims-restored"] == 0
+    else:
+        assert activity["have-entries"] == 0, activity  # no part sent again
+        assert activity["claims-restored"] == claims
+        assert status["totals"]["parts-indexed"] == 6
+    assert len(net.http(f"/api/who-has?q={address}")[1]["addresses"]) == 3
     code, doc = net.http("/api/where-to-upload?size=10")
     assert code == 200 and len(doc["addresses"]) == 3
+    out = tmp_path / "out"
+    net.client("get", address, "-o", str(out))
+    assert out.read_bytes() == src.read_bytes()
 
 
 def _raw_control(net):
