@@ -478,8 +478,11 @@ class DiscoveryServer:
     # --- housekeeping --------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Every heartbeat: ping agents over TCP, drop those not heard within the bound."""
+        """Every heartbeat: reach the store, ping agents over TCP, drop those not heard within
+        the bound."""
         now = self.now()
+        if self.loaded and self.store.durable:
+            self.store.check().addErrback(lambda f: None)
         self.registry.forget_stale(now)
         for rec in self.registry.dead(now):
             log.info("agent {agent} timed out", agent=rec.agent_id[:16])

@@ -62,6 +62,8 @@ class Store(Protocol):
 
     def open(self) -> defer.Deferred[None]: ...
     def close(self) -> defer.Deferred[None]: ...
+    def check(self) -> defer.Deferred[None]:
+        """Reach the store (`healthy` says how that went)."""
 
     # identities
     def load_identities(self) -> defer.Deferred[dict[str, tuple[int, float]]]:
@@ -122,6 +124,9 @@ class MemoryStore:
         return defer.succeed(None)
 
     def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def check(self) -> defer.Deferred[None]:
         return defer.succeed(None)
 
     def load_identities(self) -> defer.Deferred[dict[str, tuple[int, float]]]:
@@ -320,7 +325,9 @@ class SQLStore:
         if self.postgres:
             import psycopg
 
-            return psycopg.connect(self.url, autocommit=False, connect_timeout=5)
+            # Keepalives: a database that vanishes from the network is noticed in seconds.
+            return psycopg.connect(self.url, autocommit=False, connect_timeout=5, keepalives=1,
+                                   keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
         path = self.url[len("sqlite:"):]
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -441,6 +448,11 @@ class SQLStore:
     def read(self, op: Callable[[_Cursor], T]) -> defer.Deferred[T]:
         """Run `op(cursor)` on the store's thread, in order with the writes queued before it."""
         return self._submit(op)
+
+    def check(self) -> defer.Deferred[None]:
+        if self._queue or self._busy or self._retry_call is not None:
+            return defer.succeed(None)  # already under way (or waiting to retry)
+        return self._submit(lambda cur: cur.execute("SELECT 1") and None)
 
     def open(self) -> defer.Deferred[None]:
         self._pool.start()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -193,3 +196,55 @@ def test_request_bodies_are_refused_before_being_read(net):
     assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
     code, doc = net.http("/api/info")
     assert code == 200
+
+
+def test_postgresql_outage_answers_503_then_recovers(make_network, postgres, tmp_path):
+    """PostgreSQL stops under a running server: a lookup it cannot settle answers 503 with
+    Retry-After (never an empty "nobody has it"); once the database is back the server
+    recovers by itself, and what happened meanwhile was not lost."""
+    from tools.postgres import PostgresServer
+
+    pg = PostgresServer(tmp_path / "pg", postgres.bindir)
+    pg.start()
+    try:
+        net = start_network(make_network(heartbeat=0.5, store=pg.createdb("outage")), agents=3)
+        net.client("keygen")
+        src = tmp_path / "f.bin"
+        src.write_bytes(os.urandom(70_000))
+        pg.stop()
+        missing = "cd" * 32
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"{net.url}/api/who-has?q={missing}", timeout=10) as r:
+                    assert r.status == 200 and json.loads(r.read())["addresses"] == []
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and e.headers["Retry-After"], e
+                break
+            assert time.monotonic() < deadline, "the server never noticed the database was gone"
+            time.sleep(0.2)
+        # Agents' claims still arrive meanwhile (kept in memory, written once it is back).
+        address = net.client("put", str(src)).stdout.decode().split()[0]
+        pg.start()
+        deadline = time.monotonic() + 15
+        while True:
+            code, doc = net.http(f"/api/who-has?q={missing}")
+            if code == 200:
+                break
+            assert code == 503 and time.monotonic() < deadline, (code, doc)
+            time.sleep(0.2)
+        assert doc["addresses"] == [] and not doc.get("warming")
+        # Restarted on the database: the parts put during the outage were written after all.
+        net.server.kill()
+        net.start_server(reuse_ports=True)
+        deadline = time.monotonic() + 20
+        while True:
+            code, info = net.http("/api/info")
+            if code == 200 and not info["warming"] and len(net.live_addresses()) == 3:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+        assert net.status()["activity"]["have-entries"] == 0
+        assert len(net.http(f"/api/who-has?q={address}")[1]["addresses"]) == 3
+    finally:
+        pg.stop()
