@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Iterator
 
 PATH_DIGITS = 32
 MAX_PREFIX = 8
@@ -65,6 +65,14 @@ class Holdings:
         group = self._by_top.get(path[:2])
         if group is not None:
             group.pop(path, None)
+
+    def iter_under(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(path, part) for the parts under `prefix`, without copying them all first."""
+        for top, group in list(self._by_top.items()):
+            if top.startswith(prefix) or (len(prefix) > 2 and prefix.startswith(top)):
+                for path, part in list(group.items()):
+                    if path.startswith(prefix):
+                        yield path, part
 
     def under(self, prefix: str) -> dict[str, str]:
         """Path -> part for the parts under `prefix`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
@@ -16,10 +16,10 @@ from dsss.budget import ConnectionBudget
 from dsss.errors import AccessDenied, RemoteProtocolError, Unavailable
 from dsss.lineproto import ControlLineProtocol
 from dsss.server.connlimit import REFUSAL_LOG_INTERVAL, source_of
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from dsss.holdings import Holdings, digest, path_of
+from dsss.holdings import Holdings, path_of
 from dsss.server.auditor import Auditor
 from dsss.server.registry import AgentRecord, Registry, ReplayError
 from dsss.server.reputation import Reputation
@@ -81,6 +81,9 @@ class ControlServer(Protocol):
 
 MAX_PARTS_PER_AGENT = 4_000_000
 
+SLICE = 2_000
+"""Stored claims an agent's digest exchange handles per slice of reactor time."""
+
 
 class AgentConnection(ControlLineProtocol):
     """One agent's control connection, seen from the server."""
@@ -104,6 +107,7 @@ class AgentConnection(ControlLineProtocol):
         self._held: dict[str, StoredClaim] | None = None
         self._held_paths = Holdings()
         self._load_waiters: list[defer.Deferred[None]] = []
+        self._exchange = defer.DeferredLock()
         self._unconfirmed: dict[str, StoredClaim] = {}
 
     def connectionMade(self) -> None:
@@ -214,12 +218,13 @@ class AgentConnection(ControlLineProtocol):
                     self._forget_held(block)
             self._count_claims()
             return wc.Ok()
+        # The exchange's steps run one after the other, each once the kept claims are read.
         if isinstance(msg, wc.Digest):
-            return self._load_held().addCallback(lambda _: self._digest(msg))
+            return self._exchange.run(lambda: self._load_held().addCallback(lambda _: self._digest(msg)))
         if isinstance(msg, wc.Resend):
-            return self._load_held().addCallback(lambda _: self._resend(msg.prefix))
+            return self._exchange.run(lambda: self._load_held().addCallback(lambda _: self._resend(msg.prefix)))
         if isinstance(msg, wc.Synced):
-            return self._load_held().addCallback(lambda _: self._synced())
+            return self._exchange.run(lambda: self._load_held().addCallback(lambda _: self._synced()))
         if isinstance(msg, wc.Space):
             registry.space(self.record, msg.capacity, msg.free)
             return wc.Ok()
@@ -246,17 +251,22 @@ class AgentConnection(ControlLineProtocol):
         reading: defer.Deferred[list[StoredClaim]] = (
             self.server.store.claims_of(rec.agent_id) if self.server.store.durable else defer.succeed([]))
 
-        def loaded(claims: list[StoredClaim]) -> None:
-            held = {}
-            for claim in claims:
-                if claim.part not in rec.blocks:
-                    path = path_of(claim.part)
-                    held[path] = claim
-                    self._held_paths.add_path(path, claim.part)
-            self._held = held
-            waiters, self._load_waiters = self._load_waiters, []
-            for w in waiters:
-                w.callback(None)
+        def loaded(claims: list[StoredClaim]) -> defer.Deferred[None]:
+            def build() -> Iterator[None]:
+                held = {}
+                for n, claim in enumerate(claims, 1):
+                    if claim.part not in rec.blocks:
+                        path = path_of(claim.part)
+                        held[path] = claim
+                        self._held_paths.add_path(path, claim.part)
+                    if n % SLICE == 0:
+                        yield None
+                self._held = held
+                waiters, self._load_waiters = self._load_waiters, []
+                for w in waiters:
+                    w.callback(None)
+
+            return self._in_slices(build())
 
         def failed(f: Failure) -> None:
             waiters, self._load_waiters = self._load_waiters, []
@@ -290,33 +300,67 @@ class AgentConnection(ControlLineProtocol):
         if restore:
             self.server.registry.restore(rec, restore)
 
-    def _digest(self, msg: wc.Digest) -> wc.Reply:
+    def _in_slices(self, work: Iterator[None]) -> defer.Deferred[None]:
+        """Run `work`, a generator that yields between slices of SLICE claims: the first slice
+        now, the rest a few per reactor turn (about 10 ms of them), so that a large agent's
+        claims never hold the reactor for long."""
+        try:
+            next(work)
+        except StopIteration:
+            return defer.succeed(None)
+        clock = self.server.clock
+        cooperator = task.Cooperator(scheduler=lambda f: clock.callLater(0, f))
+        return cooperator.coiterate(work).addCallback(lambda _: None)
+
+    def _digest(self, msg: wc.Digest) -> defer.Deferred[wc.Reply | None]:
         """Compare the agent's digest with the held claims under its prefix: where a child
         matches, the held claims there are the agent's again; the others are named in DIFF."""
         assert self._held is not None
+        prefix, depth = msg.prefix, len(msg.prefix)
+        children: list[list[str]] = [[] for _ in range(16)]
+        xors = [0] * 16
+        answer: list[wc.Reply] = []
+
+        def work() -> Iterator[None]:
+            assert self._held is not None
+            for n, (path, _part) in enumerate(self._held_paths.iter_under(prefix), 1):
+                child = int(path[depth], 16)
+                children[child].append(path)
+                xors[child] ^= int(path, 16)
+                if n % SLICE == 0:
+                    yield None
+            differ = []
+            done = 0
+            for i in range(16):
+                if (len(children[i]), xors[i]) != msg.entries[i]:
+                    differ.append(f"{i:x}" if children[i] else f"{i:x}-")
+                    continue
+                paths = children[i]
+                for start in range(0, len(paths), SLICE):
+                    rec = self.record
+                    if rec is None:
+                        answer.append(wc.Error("not-registered", "the registration is gone"))
+                        return
+                    claims = []
+                    for path in paths[start:start + SLICE]:
+                        claim = self._held.pop(path, None)
+                        self._held_paths.discard_path(path)
+                        if claim is not None:  # not withdrawn (GONE) meanwhile
+                            claims.append(claim)
+                    self.server.stats["claims-restored"] += len(claims)
+                    self.server.registry.restore(
+                        rec, [(c.part, c.size, c.size_proven, c.proven_at) for c in claims])
+                    self.server.auditor.claimed(rec, [c.part for c in claims if c.proven_at is None])
+                    self._count_claims()
+                    done += len(claims)
+                    if done >= SLICE:
+                        done = 0
+                        yield None
+            answer.append(wc.Diff(tuple(differ)))
+
         if self.record is None:
-            return wc.Error("not-registered", "the registration is gone")
-        rec = self.record
-        prefix = msg.prefix
-        under = self._held_paths.under(prefix)
-        ours = digest(under, prefix)
-        differ = []
-        for i in range(16):
-            digit = f"{i:x}"
-            if ours[i] != msg.entries[i]:
-                differ.append(digit if ours[i][0] else digit + "-")
-                continue
-            paths = [p for p in under if p[len(prefix)] == digit] if ours[i][0] else []
-            claims = [self._held.pop(p) for p in paths]
-            for p in paths:
-                self._held_paths.discard_path(p)
-            if claims:
-                self.server.stats["claims-restored"] += len(claims)
-                self.server.registry.restore(
-                    rec, [(c.part, c.size, c.size_proven, c.proven_at) for c in claims])
-                self.server.auditor.claimed(rec, [c.part for c in claims if c.proven_at is None])
-        self._count_claims()
-        return wc.Diff(tuple(differ))
+            return defer.succeed(wc.Error("not-registered", "the registration is gone"))
+        return self._in_slices(work()).addCallback(lambda _: answer[0])
 
     def _resend(self, prefix: str) -> wc.Reply:
         """The agent resends everything under `prefix`: what is held there waits for its HAVE

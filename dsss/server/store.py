@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, TypeVar
@@ -34,6 +35,8 @@ from twisted.internet.threads import deferToThreadPool
 from dsss.errors import Unavailable
 
 log = Logger()
+
+DELIVER_SLICE = 0.01
 
 T = TypeVar("T")
 
@@ -419,12 +422,8 @@ class SQLStore:
             self._busy = False
             self.healthy = True
             self.transactions += 1
-            for (_op, waiter), (ok, value) in zip(batch, results):
-                if ok:
-                    waiter.callback(value)
-                else:
-                    waiter.errback(value)
             self._kick()
+            self._deliver(list(zip([w for _op, w in batch], results)))
 
         def failed(f: Failure) -> None:
             self._busy = False
@@ -445,6 +444,19 @@ class SQLStore:
             self._retry_call = self.reactor.callLater(self.retry, again)
 
         d.addCallbacks(done, failed)
+
+    def _deliver(self, outcomes: list[tuple[defer.Deferred[Any], tuple[bool, Any]]]) -> None:
+        """Fire the waiters of a batch in order, at most DELIVER_SLICE seconds of their
+        callbacks per reactor turn (a batch of large reads must not stall the reactor)."""
+        started = time.monotonic()
+        for n, (waiter, (ok, value)) in enumerate(outcomes):
+            if n and time.monotonic() - started > DELIVER_SLICE:
+                self.reactor.callLater(0, self._deliver, outcomes[n:])
+                return
+            if ok:
+                waiter.callback(value)
+            else:
+                waiter.errback(value)
 
     @property
     def kind(self) -> str:

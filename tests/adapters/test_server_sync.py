@@ -53,7 +53,15 @@ def make_server(store: KeptStore) -> DiscoveryServer:
 
 def send(peer: Peer, msg: wc.Message) -> list[str]:
     peer.feed(wc.encode(msg) + b"\n")
+    for _ in range(100):  # work done a slice per reactor turn
+        peer.server.clock.advance(0)
     return peer.lines()
+
+
+@pytest.fixture(params=[2000, 7], ids=["one-slice", "many-slices"])
+def slices(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr("dsss.server.control.SLICE", request.param)
+    return int(request.param)
 
 
 KEY = SigningKey.generate()
@@ -68,7 +76,7 @@ def joined(server: DiscoveryServer) -> tuple[Peer, str]:
     return peer, KEY.verify_key.encode().hex()
 
 
-def test_a_matching_digest_restores_every_claim_without_a_have(store: KeptStore) -> None:
+def test_a_matching_digest_restores_every_claim_without_a_have(store: KeptStore, slices: int) -> None:
     mine = parts(300)
     first = make_server(store)
     peer, agent = joined(first)
@@ -96,7 +104,7 @@ def test_a_matching_digest_restores_every_claim_without_a_have(store: KeptStore)
     assert not second.warming()  # every agent that held claims has confirmed them
 
 
-def test_only_differing_prefixes_are_resent_and_stale_claims_withdrawn(store: KeptStore) -> None:
+def test_only_differing_prefixes_are_resent_and_stale_claims_withdrawn(store: KeptStore, slices: int) -> None:
     common = parts(200)
     stale, new = parts(1, "stale")[0], parts(1, "new")[0]
     server = make_server(store)
