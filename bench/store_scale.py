@@ -45,6 +45,8 @@ from dsss.server.service import DiscoveryServer, ServerConfig  # noqa: E402
 from dsss.wire import control as wc  # noqa: E402
 
 PART = 1 << 20
+READ_LINES = 18
+"""HAVE lines (about 3.5 KB each) in one 64 KiB read of a control connection."""
 
 
 def rss_mb() -> float:
@@ -157,7 +159,7 @@ async def run(reactor: Any, args: argparse.Namespace, url: str) -> dict[str, Any
         for k in range(3):
             agents[(3 * j + k) % n_agents].parts.append(h)
     claims = 3 * n_parts
-    config = ServerConfig(heartbeat=30.0, store=url, repair_after=0, audit_rate=0.01,
+    config = ServerConfig(heartbeat=3600.0, store=url, repair_after=0, audit_rate=0.01,
                           claims_per_network=10**9, agents_per_ip=10**6, agent_connections=10**6)
     meter = StallMeter(reactor)
     result: dict[str, Any] = {"store": url.split(":", 1)[0], "agents": n_agents, "parts": n_parts,
@@ -170,10 +172,13 @@ async def run(reactor: Any, args: argparse.Namespace, url: str) -> dict[str, Any
     await welcomed(reactor, server, agents)
     t0 = time.monotonic()
     for a in agents:
-        for group in wc.chunked(a.parts):
-            a.send(wc.Have(group, (PART,) * len(group)))
+        groups = wc.chunked(a.parts)
+        for k in range(0, len(groups), READ_LINES):
+            for group in groups[k:k + READ_LINES]:
+                a.send(wc.Have(group, (PART,) * len(group)))
+            # A reactor turn per READ_LINES lines, as a 64 KiB socket read brings them.
+            await task.deferLater(reactor, 0, lambda: None)
         a.lines()
-        await task.deferLater(reactor, 0, lambda: None)  # a turn between agents, as sockets give
     ingest = time.monotonic() - t0
     journal = server.journal
     assert journal is not None

@@ -48,10 +48,13 @@ def differing(ours: Digest, theirs: Digest) -> list[str]:
 
 class Holdings:
     """A set of part IDs grouped by path, for digests under any prefix in time proportional to
-    the parts under it (the agent's side; the server builds one from the stored claims)."""
+    the parts under it (the agent's side; the server builds one from the stored claims). The
+    digest of everything (prefix "") is kept up to date as parts come and go: O(1)."""
 
     def __init__(self, parts: Iterable[str] = ()) -> None:
         self._by_top: dict[str, dict[str, str]] = defaultdict(dict)  # first 2 digits -> path -> part
+        self._count = [0] * 16
+        self._xor = [0] * 16
         for part in parts:
             self.add(part)
 
@@ -59,12 +62,31 @@ class Holdings:
         self.add_path(path_of(part), part)
 
     def add_path(self, path: str, part: str) -> None:
-        self._by_top[path[:2]][path] = part
+        group = self._by_top[path[:2]]
+        if path not in group:
+            child = int(path[0], 16)
+            self._count[child] += 1
+            self._xor[child] ^= int(path, 16)
+        group[path] = part
 
     def discard_path(self, path: str) -> None:
         group = self._by_top.get(path[:2])
-        if group is not None:
-            group.pop(path, None)
+        if group is not None and group.pop(path, None) is not None:
+            child = int(path[0], 16)
+            self._count[child] -= 1
+            self._xor[child] ^= int(path, 16)
+
+    def take_child(self, digit: str) -> dict[str, str]:
+        """Remove and return (path -> part) every part whose path starts with `digit`."""
+        taken: dict[str, str] = {}
+        for second in "0123456789abcdef":
+            group = self._by_top.pop(digit + second, None)
+            if group:
+                taken.update(group)
+        child = int(digit, 16)
+        self._count[child] = 0
+        self._xor[child] = 0
+        return taken
 
     def iter_under(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(path, part) for the parts under `prefix`, without copying them all first."""
@@ -86,9 +108,15 @@ class Holdings:
         return found
 
     def digest(self, prefix: str) -> Digest:
+        if prefix == "":
+            return tuple(zip(self._count, self._xor))
         return digest(self.under(prefix), prefix)
 
     def count(self, prefix: str) -> int:
+        if prefix == "":
+            return sum(self._count)
+        if len(prefix) == 1:
+            return self._count[int(prefix, 16)]
         if len(prefix) >= 2:
             return sum(1 for p in self._by_top.get(prefix[:2], {}) if p.startswith(prefix))
         return sum(len(g) for top, g in self._by_top.items() if top.startswith(prefix))

@@ -81,7 +81,7 @@ class ControlServer(Protocol):
 
 MAX_PARTS_PER_AGENT = 4_000_000
 
-SLICE = 2_000
+SLICE = 500
 """Stored claims an agent's digest exchange handles per slice of reactor time."""
 
 
@@ -323,19 +323,25 @@ class AgentConnection(ControlLineProtocol):
 
         def work() -> Iterator[None]:
             assert self._held is not None
-            for n, (path, _part) in enumerate(self._held_paths.iter_under(prefix), 1):
-                child = int(path[depth], 16)
-                children[child].append(path)
-                xors[child] ^= int(path, 16)
-                if n % SLICE == 0:
-                    yield None
+            if prefix == "":
+                ours = self._held_paths.digest("")  # kept up to date: no walk
+            else:
+                for n, (path, _part) in enumerate(self._held_paths.iter_under(prefix), 1):
+                    child = int(path[depth], 16)
+                    children[child].append(path)
+                    xors[child] ^= int(path, 16)
+                    if n % SLICE == 0:
+                        yield None
+                ours = tuple((len(children[i]), xors[i]) for i in range(16))
             differ = []
             done = 0
             for i in range(16):
-                if (len(children[i]), xors[i]) != msg.entries[i]:
-                    differ.append(f"{i:x}" if children[i] else f"{i:x}-")
+                if ours[i] != msg.entries[i]:
+                    differ.append(f"{i:x}" if ours[i][0] else f"{i:x}-")
                     continue
-                paths = children[i]
+                if not ours[i][0]:
+                    continue
+                paths = list(self._held_paths.take_child(f"{i:x}")) if prefix == "" else children[i]
                 for start in range(0, len(paths), SLICE):
                     rec = self.record
                     if rec is None:
@@ -344,7 +350,8 @@ class AgentConnection(ControlLineProtocol):
                     claims = []
                     for path in paths[start:start + SLICE]:
                         claim = self._held.pop(path, None)
-                        self._held_paths.discard_path(path)
+                        if prefix:
+                            self._held_paths.discard_path(path)
                         if claim is not None:  # not withdrawn (GONE) meanwhile
                             claims.append(claim)
                     self.server.stats["claims-restored"] += len(claims)

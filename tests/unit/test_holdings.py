@@ -48,3 +48,17 @@ def test_digest_counts_and_xor() -> None:
         assert d[int(pa[0], 16)] == (2, int(pa, 16) ^ int(pb, 16))
     else:
         assert d[int(pa[0], 16)] == (1, int(pa, 16))
+
+
+@given(PARTS, st.data())
+def test_kept_digest_follows_removals(parts: list[str], data) -> None:
+    h = Holdings(parts)
+    gone = data.draw(st.lists(st.sampled_from(parts), unique=True) if parts else st.just([]))
+    for part in gone:
+        h.discard_path(path_of(part))
+    left = [p for p in parts if p not in gone]
+    assert h.digest("") == digest([path_of(p) for p in left], "") == Holdings(left).digest("")
+    taken = h.take_child("7")
+    assert set(taken.values()) == {p for p in left if path_of(p).startswith("7")}
+    assert h.digest("") == Holdings([p for p in left if not path_of(p).startswith("7")]).digest("")
+    assert h.count("7") == 0
