@@ -261,7 +261,7 @@ def main() -> int:
         url = f"sqlite:{base / 'server.sqlite'}"
     out: dict[str, Any] = {}
     try:
-        out = task.react(lambda reactor: defer.ensureDeferred(_main(reactor, args, url, out)))  # type: ignore[func-returns-value]
+        task.react(lambda reactor: defer.ensureDeferred(_main(reactor, args, url, out)))
     except SystemExit:
         pass
     finally:
