@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import dsss
 
@@ -33,6 +33,22 @@ SERVER_READY = re.compile(r"DSSS server ready http=(\S+):(\d+) control=(\S+):(\d
 # `twistd` itself, run by this interpreter (the script may not be on PATH in a venv).
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 AGENT_READY = re.compile(r"DSSS agent ready id=([0-9a-f]{64}) udp=(\S+)")
+
+T = TypeVar("T")
+
+
+def wait_until(what: str, check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
+    """Poll `check` until it returns something true, and return that; an AssertionError naming
+    `what` after `timeout` seconds. For an event another process makes happen (a log line, a
+    status counter, a file), never as a pause to see that nothing happens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+        time.sleep(interval)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.integration.test_cli_commands,tests.integration.test_client -*-
-"""`python -m dsss.client [OPTIONS] COMMAND ...`: the parser, the dispatch to a command and the
-mapping of errors to one line and an exit code. The commands live in `dsss.client.commands`.
+"""`python -m dsss.client [OPTIONS] COMMAND ...`: the parser, the dispatch and errors to exit codes.
+
+Each known error becomes one line and an exit code. The commands live in `dsss.client.commands`.
 
 What a command produces goes to stdout (addresses, tables, reports; one JSON document with
 `--json`, except `put` and a `get` into a directory, which write one JSON object per line, one

@@ -90,7 +90,8 @@ class PeerNetwork:
         bind_host: str = "0.0.0.0",
         max_datagram_size: int = 1452,
         transfer_timeout: float = 60.0,
-        idle_timeout: float = 8.0,
+        idle_timeout: float = 2.0,
+        keepalive: float = 0.5,
         direct_timeout: float = 3.0,
         use_relay: bool = True,
         paths_file: Path | None = None,
@@ -101,10 +102,12 @@ class PeerNetwork:
         self.transfer_timeout = transfer_timeout
         # A short idle timeout: an agent that dies mid-transfer stops answering, and its
         # connection (with every request on it) fails after this many seconds of silence, so
-        # the put moves on to another agent instead of waiting for the request timeout.
+        # the transfer moves on to another agent instead of waiting for the request timeout.
+        # The keepalive PINGs, which a live agent's QUIC stack acknowledges however busy it
+        # is, keep a connection in use from ending while an agent is only slow to reply.
         self.endpoint = QuicEndpoint(
             reactor, on_control=self._on_control, max_datagram_size=max_datagram_size,
-            idle_timeout=idle_timeout,
+            idle_timeout=idle_timeout, keepalive=keepalive,
         )
         self.public_address: PeerAddress | None = None
         # Our socket's address on our own network (`start`), for agents behind our NAT.

@@ -1,9 +1,8 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-One QUIC connection on an endpoint (client or server side): its streams, its
-handshake and its end, and the peer's pinned Ed25519 key.
+One QUIC connection on an endpoint: its streams, handshake and end, and the peer's pinned key.
 
-It turns qh3's events into L{QuicStream} callbacks, arms one C{callLater} from
+Client or server side alike, it turns qh3's events into L{QuicStream} callbacks, arms one C{callLater} from
 C{get_timer()}, and asks its endpoint to send (once per reactor turn) whenever
 something changed.  Identity: servers present a self-signed certificate for
 their Ed25519 key (see L{dsss.crypto.certs}); clients do not check it against a
@@ -44,6 +43,7 @@ class QuicEndpoint(Protocol):
 
     _clock: Any
     _on_stream: Any
+    _keepalive: float | None
 
     def _mark_dirty(self, conn: "QuicConnectionHandle") -> None: ...
     def _add_cid(self, conn: "QuicConnectionHandle", cid: bytes) -> None: ...
@@ -61,6 +61,10 @@ Address = tuple[str, int]
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 APP_ERROR_IDENTITY = 0x1
 """The application error code of a connection closed for an unexpected peer key."""
+
+KEEPALIVE_LINGER = 10.0
+"""Seconds a connection keeps pinging its peer after it last opened a stream (see
+L{QuicConnectionHandle.open_stream}): a session's next request finds it still up."""
 
 REQUEST_CHUNK = 256 * 1024
 """Bytes handed to QUIC per write by L{QuicConnectionHandle.request}."""
@@ -171,6 +175,9 @@ class QuicConnectionHandle:
         self._close_waiters: list[Deferred[None]] = []
         self._replaces: QuicConnectionHandle | None = None
         self._processing = False
+        self._keepalive_call: IDelayedCall | None = None
+        self._opened_at = 0.0
+        self._pings = 0
 
     def __repr__(self) -> str:
         role = "client" if self.is_client else "server"
@@ -196,7 +203,35 @@ class QuicConnectionHandle:
         self._quic.send_stream_data(stream_id, b"")
         stream = QuicStream(self, stream_id)
         self._streams[stream_id] = stream
+        self._opened_at = self._endpoint._clock.seconds()
+        self._keep_alive()
         return stream
+
+    def _keep_alive(self) -> None:
+        """With the endpoint's C{keepalive}: while streams are open (and for
+        L{KEEPALIVE_LINGER} seconds after the last was opened), PING the peer
+        every C{keepalive} seconds.  Its QUIC stack acknowledges every PING as
+        long as it runs, so the idle timeout ends the connection only when the
+        peer is gone, not when it is slow to answer a request."""
+        interval = self._endpoint._keepalive
+        if interval is None or self._lost is not None:
+            return
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            return
+        self._keepalive_call = self._endpoint._clock.callLater(interval, self._ping)
+
+    def _ping(self) -> None:
+        self._keepalive_call = None
+        if self._lost is not None:
+            return
+        now = self._endpoint._clock.seconds()
+        if not self._streams and now - self._opened_at >= KEEPALIVE_LINGER:
+            return  # not in use: the idle timeout may end it
+        if self._established:
+            self._pings += 1
+            self._quic.send_ping(self._pings)
+            self._changed()
+        self._keep_alive()
 
     def request(
         self,
@@ -481,6 +516,9 @@ class QuicConnectionHandle:
         if self._lost is not None:
             return
         self._lost = error
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
         if self._handshake_timeout is not None and self._handshake_timeout.active():
             self._handshake_timeout.cancel()
         self._handshake_timeout = None

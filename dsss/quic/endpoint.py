@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-One UDP socket carrying QUIC connections and DSSS control datagrams: the
-demultiplexer, the connection table, relay routing, and the sends of a turn.
+One UDP socket carrying QUIC connections and DSSS control datagrams, and their connection table.
 
+It demultiplexes what arrives, routes relayed packets and sends what each reactor turn produced.
 A datagram whose first byte is C{0x00} is DSSS control (PING, PONG, PUNCH,
 ...), C{0x01} a packet relayed by the discovery server (unwrapped here, then
 routed like any other), anything else QUIC.  QUIC v1/v2 packets always have the
@@ -111,6 +111,10 @@ class QuicEndpoint(DatagramProtocol):
     @param max_datagram_size: largest QUIC datagram sent (1200..65000); keep
         the default on real networks, raise it only on loopback.
     @param idle_timeout: seconds of silence after which a connection ends.
+    @param keepalive: if set, seconds between the PINGs a connection sends
+        while it is in use, so that its peer's stack answers and the idle
+        timeout (which can then be short) detects a peer that died, not one
+        that is slow to reply.
     @param max_connections: most server-side connections kept at once.
     @param admission: when new handshakes must first answer a Retry (address
         validation), and how many one address may hold half-open.
@@ -125,6 +129,7 @@ class QuicEndpoint(DatagramProtocol):
         on_stream: Callable[[QuicStream], None] | None = None,
         max_datagram_size: int = 1452,
         idle_timeout: float = 30.0,
+        keepalive: float | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         admission: AdmissionPolicy | None = None,
     ) -> None:
@@ -142,6 +147,7 @@ class QuicEndpoint(DatagramProtocol):
         self._on_stream = on_stream
         self._max_datagram_size = max_datagram_size
         self._idle_timeout = idle_timeout
+        self._keepalive = keepalive
         self._max_connections = max_connections
         # Server-side handshakes not completed yet, and the Retry tokens that validate addresses.
         self._half_open = HalfOpen(admission or AdmissionPolicy())

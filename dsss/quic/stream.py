@@ -1,7 +1,6 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-One QUIC stream as the application sees it: callbacks for what arrives, and
-writes that report back-pressure.
+One QUIC stream as the application sees it: callbacks for what arrives, writes with back-pressure.
 
 A stream (L{QuicStream}) delivers what it receives through callbacks, set
 synchronously in the endpoint's C{on_stream} (data arriving before they are set

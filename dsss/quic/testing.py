@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.unit.test_quic -*-
 """
-An in-memory datagram network for testing L{dsss.quic} (and anything else
-built on a L{DatagramProtocol}) on a L{twisted.internet.task.Clock}.
+An in-memory datagram network on a driven clock, for testing L{dsss.quic} and other UDP protocols.
+
+Anything built on a L{DatagramProtocol} attaches to it; time is a L{twisted.internet.task.Clock}.
 
     clock = Clock()
     link = MemoryDatagramLink(clock, loss=0.1, reorder=0.1, rng=random.Random(1))

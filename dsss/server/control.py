@@ -23,17 +23,11 @@ from dsss.holdings import Holdings, path_of
 from dsss.server.auditor import Auditor
 from dsss.server.registry import AgentRecord, Registry, ReplayError
 from dsss.server.reputation import Reputation
+from dsss.server.settings import ControlSettings
 from dsss.server.store import Store, StoredClaim
 from dsss.wire import control as wc
 
 log = Logger()
-
-
-class ServerConfigView(Protocol):
-    @property
-    def claims_per_network(self) -> int: ...
-    @property
-    def allowed_agents(self) -> frozenset[str] | None: ...
 
 
 class ControlServer(Protocol):
@@ -57,7 +51,7 @@ class ControlServer(Protocol):
     def agent_budget(self) -> ConnectionBudget: ...
 
     @property
-    def config(self) -> ServerConfigView: ...
+    def config(self) -> ControlSettings: ...
     @property
     def claims_by_network(self) -> dict[str, int]: ...
     @property

@@ -153,6 +153,8 @@ class AgentRecord:
 
 SEQ_MEMORY = 7 * 86400.0
 """Seconds the registration number of an identity that left is remembered."""
+FORGET_BATCH = 10_000
+"""Most remembered identities `forget_stale` looks at in one call (it is called every heartbeat)."""
 MAX_SEQ_MEMORY = 1_000_000
 """Most identities remembered; beyond, the oldest that are not registered are forgotten."""
 
@@ -240,8 +242,9 @@ class Registry:
         only orders the registrations of one identity while the server remembers it."""
         forgotten = 0
         gone: list[str] = []
-        for agent_id in list(self._last_seq):
-            seq_at = self._last_seq[agent_id][1]
+        # Oldest first, at most FORGET_BATCH entries a call (never a copy of all).
+        for _ in range(min(len(self._last_seq), FORGET_BATCH)):
+            agent_id, (_, seq_at) = next(iter(self._last_seq.items()))
             if now - seq_at <= older_than and len(self._last_seq) <= keep:
                 break  # oldest first: the rest are newer
             if agent_id in self._agents:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 VETTING_AUDITS = 10
 DISQUALIFY_MIN_STRIKES = 3
@@ -40,14 +40,6 @@ UNANSWERED_STRIKE = 3
 # MAX_DISQUALIFIED, so that flooding the server with new identities cannot wash one clean.
 MAX_RECORDS = 200_000
 MAX_DISQUALIFIED = 1_000_000
-
-
-class ReputationView(Protocol):
-    """What placement asks about an agent."""
-
-    def is_vetted(self, agent_id: str) -> bool: ...
-
-    def is_disqualified(self, agent_id: str) -> bool: ...
 
 
 @dataclass
@@ -80,7 +72,7 @@ class AgentReputation:
 
 
 class Reputation:
-    """Every agent's record (implements ReputationView)."""
+    """Every agent's record (implements dsss.server.placement.ReputationView)."""
 
     def __init__(self, max_records: int = MAX_RECORDS, max_disqualified: int = MAX_DISQUALIFIED) -> None:
         self.max_records = max_records

@@ -1,7 +1,8 @@
 """The server settings its parts read, as typing.Protocols (dsss.server.service.ServerConfig is one).
 
-The auditor and the repairer depend on these small views rather than on ServerConfig itself, so
-they import nothing from dsss.server.service (which imports them) and tests can pass plain objects.
+The control connections, the auditor and the repairer depend on these small views rather than on
+ServerConfig itself, so they import nothing from dsss.server.service (which imports them) and tests
+can pass plain objects.
 """
 
 from __future__ import annotations
@@ -21,3 +22,13 @@ class ProofSettings(QuerySettings, Protocol):
 
     @property
     def proof_freshness(self) -> float: ...
+
+
+class ControlSettings(Protocol):
+    """Which agents may join, and how many parts the agents of one network may have indexed."""
+
+    @property
+    def allowed_agents(self) -> frozenset[str] | None: ...
+
+    @property
+    def claims_per_network(self) -> int: ...

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from tools.harness import LocalNetwork
+from tools.harness import LocalNetwork, wait_until
 from dsss.model import block_hash
 from tests.integration.test_cli_commands import EXIT_DEGRADED, User
 
@@ -42,7 +41,16 @@ def test_erasure_coded_file_survives_two_lost_agents_and_repair_rebuilds_their_s
     text = alice.cli("info", address).stdout
     assert "shares per part 4 of 4, any 2 of which give a part back" in text
 
-    time.sleep(3)  # a few of the repairer's rounds
+    # The repairer looks at every part once per sweep over the index, a tick a second: a share it
+    # took for short in one sweep would be due for a copy (--repair-after 1) one tick later.
+    swept = net.status()["repair"]["sweeps"]
+
+    def repairer_after_three_sweeps() -> dict | None:
+        repair = net.status()["repair"]
+        return repair if repair["sweeps"] >= swept + 3 else None
+
+    repair = wait_until("the repairer has swept the index three more times", repairer_after_three_sweeps)
+    assert (repair["short"], repair["started"]) == (0, 0), repair  # no share is short, none copied
     for part in shares:
         holders = [copies_on_disk(net, h) for h in part]
         assert all(len(h) == 1 for h in holders), holders  # one copy of each share, still

@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 
-from tools.harness import LocalNetwork
+from tools.harness import LocalNetwork, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -303,3 +303,49 @@ async def until(condition, timeout: float) -> bool:
             return False
         await deferLater(reactor, 0.1)
     return True
+
+
+def test_a_claims_flood_costs_its_sender_not_the_server(make_network, tmp_path: Path) -> None:
+    """Two throw-away identities on one /24 claim 60 000 parts each that they do not hold while an
+    honest put and get go through: the network gets no more than its bound indexed, and once
+    they leave, their claims leave the index. The attacker's cost: one connection and
+    about 70 bytes sent per claim, for about 0.25 KB of server memory while it stays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.claims import ClaimsFlooder
+
+    net = make_network("claims")
+    net.start_server("--claims-per-network=80000")
+    for _ in range(3):
+        net.start_agent()
+    net.wait_live(3)
+    net.client("keygen")
+    original = tmp_path / "honest.bin"
+    original.write_bytes(os.urandom(3_000_000))
+    out = tmp_path / "back.bin"
+
+    flooders = [ClaimsFlooder(net.control_port, f"127.0.200.{n}") for n in (30, 31)]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            # Two identities on one /24, together claiming more than the network's bound.
+            floods = [pool.submit(f.claim, 60_000) for f in flooders]
+            address = net.client("put", str(original)).stdout.split()[0].decode()
+            net.client("get", address, "-o", str(out))
+            replies = [r for flood in floods for r in flood.result(timeout=300)]
+        assert out.read_bytes() == original.read_bytes()
+        assert any(r.startswith(b"ERROR too-many") for r in replies)
+        assert {r for r in replies if not r.startswith(b"ERROR too-many")} == {b"OK"}
+        assert net.status()["totals"]["parts-indexed"] <= 80_000 + 10
+    finally:
+        for f in flooders:
+            f.close()
+
+    def drained() -> tuple[int] | None:
+        indexed = net.status()["totals"]["parts-indexed"]
+        return (indexed,) if indexed <= 10 else None
+
+    (indexed,) = wait_until("the flooders' claims leave the index", drained, timeout=60, interval=0.25)
+    assert indexed >= 2  # the honest file's part and manifest stay
+    out.unlink()
+    net.client("get", address, "-o", str(out))
+    assert out.read_bytes() == original.read_bytes()

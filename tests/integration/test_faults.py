@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsss.crypto.manifest import MAGIC
-from tools.harness import child_env
+from tools.harness import child_env, wait_until
 from dsss.model import block_hash
 from dsss.storage.blockstore import BlockStore
 from tests.conftest import start_network
@@ -35,10 +35,8 @@ def _start_put(net, path: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait_for_blobs(net, count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(len(_all_blobs(a)) for a in net.agents) < count:
-        assert time.monotonic() < deadline, "upload did not start"
-        time.sleep(0.05)
+    wait_until(f"the agents store {count} parts (the upload started)",
+               lambda: sum(len(_all_blobs(a)) for a in net.agents) >= count, timeout, interval=0.05)
 
 
 def _store_is_sound(agent) -> None:
@@ -79,9 +77,13 @@ def test_client_killed_mid_put_leaves_no_addressable_file(make_network, tmp_path
     _wait_for_blobs(net, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    time.sleep(1.0)
-    manifests = [f for a in net.agents for f in _all_blobs(a) if f.read_bytes()[: len(MAGIC)] == MAGIC]
-    assert manifests == []  # the manifest is stored last: no half file has an address
+    # A put after the kill reaches every agent on the UDP socket the killed client sent to: once
+    # it is stored, each agent has read all that the killed client had sent.
+    after = tmp_path / "after.txt"
+    after.write_bytes(b"stored after the kill")
+    barrier = net.client("put", str(after)).stdout.decode().split()[0]
+    manifests = [f.name for a in net.agents for f in _all_blobs(a) if f.read_bytes()[: len(MAGIC)] == MAGIC]
+    assert manifests == [barrier] * 3  # the manifest is stored last: no half file has an address
     for agent in net.agents:
         _store_is_sound(agent)
 
@@ -93,8 +95,10 @@ def test_server_restarted_during_a_put(make_network, tmp_path):
     src.write_bytes(os.urandom(16 * MiB))
     proc = _start_put(net, src, "--part-size", "256K")
     _wait_for_blobs(net, 3)
+    logs = [len(a.log()) for a in net.agents]
     net.server.kill()
-    time.sleep(0.5)
+    for agent, offset in zip(net.agents, logs):
+        agent.wait_for("control connection to the server lost", after=offset)
     net.start_server(reuse_ports=True)
     t0 = time.monotonic()
     net.wait_live(3, timeout=15)
@@ -175,14 +179,11 @@ def test_bit_rot_is_found_by_the_scrub_and_reported(make_network, tmp_path):
     victim.write_bytes(bytes(data))
     # The scrub (8 MiB/s by default) re-reads everything within a second or two, moves the
     # part aside and reports it gone: who-has no longer names this agent for it.
-    deadline = time.monotonic() + 20
-    while True:
-        code, doc = net.http(f"/api/who-has?q={victim.name}")
-        if agent.address not in doc["addresses"]:
-            break
-        assert time.monotonic() < deadline, doc
-        time.sleep(0.2)
-    assert len(doc["addresses"]) == 2
+    def holders_without_it() -> list[str] | None:
+        addresses = net.http(f"/api/who-has?q={victim.name}")[1]["addresses"]
+        return None if agent.address in addresses else addresses
+
+    assert len(wait_until("who-has no longer names the agent", holders_without_it, timeout=20)) == 2
     assert [p.name.split(".")[0] for p in (agent.storage / "quarantine").iterdir()] == [victim.name]
     out = tmp_path / "out"
     net.client("get", address, "-o", str(out))
@@ -223,16 +224,19 @@ def test_floods_do_not_starve_other_peers(make_network, tmp_path):
     for _ in range(40):
         s = socket.create_connection(("127.0.0.1", net.control_port), source_address=("127.0.0.3", 0))
         idle.append(s)
-    time.sleep(0.5)
+    # Each is greeted ("Hi ...") or, beyond the bound, closed at once without a word. All are
+    # read before any is closed: closing one frees room for another not yet accepted.
     closed = 0
     for s in idle:
-        s.settimeout(2)
+        s.settimeout(10)
         try:
             data = s.recv(100)
-        except (ConnectionResetError, socket.timeout):
+        except ConnectionResetError:
             data = b""
+        assert data == b"" or data.startswith(b"Hi "), data
         if not data:
             closed += 1
+    for s in idle:
         s.close()
     assert closed >= 40 - 32
     s = socket.create_connection(("127.0.0.1", net.control_port), source_address=("127.0.0.4", 0))

@@ -23,7 +23,7 @@ import pytest
 import dsss
 from dsss.client import catalog
 from dsss.crypto.keys import generate_key_file, load_key_file, public_key_hex
-from tools.harness import LocalNetwork, child_env
+from tools.harness import LocalNetwork, child_env, wait_until
 from dsss.model import is_block_id
 
 pytestmark = [pytest.mark.integration]
@@ -408,12 +408,14 @@ def test_errors_are_json_with_their_status_and_the_gateway_goes_on(gateway, shar
 
 def test_an_upload_cut_short_stores_no_file(gateway, shared_network):
     before = recorded(shared_network)
+    introduced = shared_network.status()["activity"]["introductions"]
     head = (f"PUT /files?name=cut-short HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {4 * MiB}\r\n"
             f"Authorization: Bearer {gateway.token}\r\n\r\n").encode()
     s = socket.create_connection(("127.0.0.1", gateway.port), timeout=15)
     try:
         s.sendall(head + os.urandom(1 * MiB))
-        time.sleep(0.2)  # the first part is on its way
+        wait_until("the first part is on its way (the gateway asked for introductions to store it)",
+                   lambda: shared_network.status()["activity"]["introductions"] > introduced)
     finally:
         s.close()
 
@@ -436,7 +438,8 @@ def test_a_streamed_put_leaves_no_error_in_the_log(gateway):
     status, _, doc = gateway.put(data, "streamed")
     assert status == 201
     assert gateway.get(doc["address"])[2] == data
-    time.sleep(0.2)  # the log line of the request is written after the answer
+    # The log line of the request is written after the answer.
+    wait_until("the gateway logs the request", lambda: '"PUT /files?name=streamed HTTP/1.1" 201' in gateway.log()[offset:])
     log = gateway.log()[offset:]
     assert "Traceback" not in log and "Unhandled" not in log, log
 

@@ -4,11 +4,11 @@ its parts again by itself, without any client."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from tests.conftest import STORE_KINDS
+from tools.harness import wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -32,14 +32,12 @@ def test_lost_replicas_come_back_without_a_client(make_network, store_url, tmp_p
     victim.kill()
     survivors = {a.address for a in net.agents if a is not victim}
 
-    deadline = time.monotonic() + 45
-    while True:
-        holders = {b: net.http(f"/api/who-has?q={b}")[1]["addresses"] for b in blocks}
-        if all(len(h) == 3 for h in holders.values()):
-            break
-        assert time.monotonic() < deadline, (holders, net.status().get("repair"))
-        time.sleep(0.5)
-    assert all(set(h) <= survivors for h in holders.values())
+    def holders() -> dict[str, list[str]] | None:
+        found = {b: net.http(f"/api/who-has?q={b}")[1]["addresses"] for b in blocks}
+        return found if all(len(h) == 3 for h in found.values()) else None
+
+    restored = wait_until("every part has three holders again", holders, timeout=45, interval=0.5)
+    assert all(set(h) <= survivors for h in restored.values())
     # Two more agents gone: every part still has a copy on the last one.
     for agent in [a for a in net.agents if a is not victim][:2]:
         agent.kill()

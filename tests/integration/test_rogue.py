@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from tools import harness
 from tools.harness import AgentProc, LocalNetwork
 from dsss.model import is_block_id
 
@@ -42,14 +42,8 @@ def blobs(agent: AgentProc) -> dict[str, int]:
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.3)
+    """The harness's wait_until, polling every 0.3 s (some checks run the CLI)."""
+    return harness.wait_until(what, check, timeout, interval=0.3)
 
 
 def put(net: LocalNetwork, tmp_path: Path, name: str, size: int, *, check: bool = True) -> Any:

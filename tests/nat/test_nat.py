@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 from dsss.crypto.keys import generate_key_file
-from tools.harness import AGENT_READY, AgentProc, child_env
+from tools.harness import AGENT_READY, AgentProc, child_env, wait_until
 from tools.netns import SERVER_IP, Host, NatLab, NatNetwork, Router, paths_used, probe_punch
 from tests.nat.conftest import lab_namespaces
 
@@ -277,11 +277,11 @@ def test_idle_agents_stay_reachable_thanks_to_keepalives(
         probe_port = probe.getsockname()[1]
         assert any(e["sport"] == probe_port for e in conntrack_udp(nat_lab, router))
 
-        time.sleep(router.udp_timeout + 3)
-
+        # The router really forgets an idle mapping (after its UDP timeout)...
+        wait_until("the router forgets the probe's idle mapping",
+                   lambda: not any(e["sport"] == probe_port for e in conntrack_udp(nat_lab, router)),
+                   timeout=router.udp_timeout + 3, interval=0.5)
         entries = conntrack_udp(nat_lab, router)
-        # The router really forgets an idle mapping...
-        assert not any(e["sport"] == probe_port for e in entries), entries
         # ...but not the agents': each still has its mapping towards the server's UDP port.
         for a, h in zip(agents, hosts):
             if h.router is router:
@@ -321,10 +321,8 @@ def test_restarted_agent_gets_a_new_public_port_and_still_serves(
     # Only the restarted agent is left, so the get must reach it at its new address.
     for a in agents[1:]:
         a.stop()
-    deadline = time.monotonic() + 15
-    while net.live_addresses() != {new}:
-        assert time.monotonic() < deadline, net.status()
-        time.sleep(0.2)
+    wait_until("only the restarted agent is live", lambda: net.live_addresses() == {new}, timeout=15,
+               interval=0.2)
     out = tmp_path / "out.bin"
     get_paths, _ = get(net, address, out, client)
     assert sha256(out) == sha256(src)
@@ -396,7 +394,10 @@ def test_relay_limit_caps_each_pair(
         while proc.poll() is None:
             st = net.status()
             samples.append((st["server"]["time"], st["activity"]["relayed-bytes"]))
-            time.sleep(0.2)
+            try:
+                proc.wait(0.2)  # a sample every 0.2 s until the put ends
+            except subprocess.TimeoutExpired:
+                pass
         out, err = proc.communicate(timeout=5)
     finally:
         if proc.poll() is None:

@@ -490,6 +490,53 @@ def test_idle_timeout_forgets_connection() -> None:
     assert not handle.established
 
 
+def test_a_peer_that_dies_fails_the_request_within_the_short_idle_timeout() -> None:
+    """With keepalive PINGs, a client can use a short idle timeout: a peer that stops
+    answering mid-request is given up after about that long, not after the request timeout."""
+    pair = make_pair(Handler(lambda data: None), idle_timeout=1.0, keepalive=0.25)
+    handle = pair.connect()
+    d = handle.request(b"q", max_response=1000, timeout=60.0)
+    pair.run(lambda: pair.handler.ended == 1)
+    start = pair.clock.seconds()
+    pair.link.filter = lambda data, src, dst: False  # the peer is gone (killed, unplugged)
+    assert failure_type(pair.result(d)) is ConnectionLost
+    assert pair.clock.seconds() - start < 3.0  # the request's own timeout was 60 s
+
+
+def test_keepalive_holds_a_connection_whose_peer_is_slow_to_reply() -> None:
+    """A reply that takes longer than the idle timeout still arrives: the peer's stack
+    acknowledges the client's PINGs meanwhile. Without them, the connection would end."""
+    clock_box: list[Clock] = []
+
+    def later(data: bytes) -> None:
+        stream = handler.streams[-1]
+        clock_box[0].callLater(5.0, lambda: stream.write(b"slow:" + data, end=True))
+
+    handler = Handler(later)
+    pair = make_pair(handler, idle_timeout=1.0, keepalive=0.25)
+    clock_box.append(pair.clock)
+    handle = pair.connect()
+    assert pair.result(handle.request(b"q", max_response=1000)) == b"slow:q"
+
+    quiet = make_pair(Handler(later), idle_timeout=1.0)  # no keepalive: the connection idles out
+    clock_box[0] = quiet.clock
+    handler = quiet.handler
+    d = quiet.connect().request(b"q", max_response=1000)
+    assert failure_type(quiet.result(d)) is ConnectionLost
+
+
+def test_an_unused_connection_stops_pinging_and_idles_out() -> None:
+    from dsss.quic.connection import KEEPALIVE_LINGER
+
+    pair = make_pair(idle_timeout=1.0, keepalive=0.25)
+    handle = pair.connect()
+    assert pair.result(handle.request(b"q", max_response=1000)) == b"echo:q"
+    closed = handle.when_closed()
+    pair.idle(KEEPALIVE_LINGER - 1)
+    assert handle.established  # still pinging: the session may use it again
+    assert pair.result(closed, timeout=5.0) is None
+
+
 def test_write_backpressure_bounds_queued_data() -> None:
     handler = Handler(lambda digest: digest, keep=False)
     pair = make_pair(handler)

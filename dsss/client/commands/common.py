@@ -1,5 +1,7 @@
-"""What the CLI's commands share: the program name, usage errors, one-line messages, address
-checks, the catalog record, JSON documents and the session a command opens."""
+"""What the CLI's commands share: messages, checks, records, JSON documents, the session.
+
+The program name, usage errors, one-line messages, address checks, the catalog record, JSON
+documents and the session a command opens."""
 
 from __future__ import annotations
 
