@@ -8,7 +8,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from dsss.server.store import SQLStore, Store, StoredClaim, open_store
+from dsss.server.sqlstore import SQLStore
+from dsss.server.store import Store, StoredClaim, open_store
 from tests.conftest import STORE_KINDS
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
