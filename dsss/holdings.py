@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.unit.test_holdings -*-
-"""Digests of a set of part IDs, so that an agent and the server can find where their views of
-its holdings differ without sending them all (DIGEST in docs/protocol.md).
+"""Digests of a set of part IDs by prefix, to find where two views of it differ (DIGEST).
+
+An agent and the server compare these instead of sending every part ID (docs/protocol.md, "The
+digest exchange").
 
 Each part ID has a *path*: the 32 lowercase hex digits of BLAKE2b-128 of its ASCII text. A
 *prefix* is the first few hex digits of a path; the parts under a prefix split into 16 children

@@ -39,7 +39,8 @@ from dsss.server.audit import Verdict
 from dsss.server.auditor import AUDIT_TICK, Auditor
 from dsss.server.journal import StoreJournal
 from dsss.server.registry import AgentRecord, Registry
-from dsss.server.store import Store, open_store
+from dsss.server.store import Store
+from dsss.server.storespec import open_store
 from dsss.server.reputation import Reputation
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc

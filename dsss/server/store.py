@@ -14,10 +14,8 @@ Every method returns a Deferred. `MemoryStore` keeps nothing across restarts (th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
-from urllib.parse import urlsplit
 
 from twisted.internet import defer
 
@@ -217,20 +215,3 @@ class MemoryStore:
 
     def queued_repairs(self) -> defer.Deferred[int]:
         return defer.succeed(len(self._queue))
-
-
-_PG_URL = re.compile(r"\Apostgres(ql)?://")
-
-
-def open_store(spec: str, reactor: Any = None) -> Store:
-    """The store a `--store` value names: `memory`, `sqlite:PATH` or `postgresql://...`."""
-    if spec == "memory":
-        return MemoryStore()
-    from dsss.server.sqlstore import SQLStore
-
-    if spec.startswith("sqlite:") and len(spec) > len("sqlite:"):
-        return SQLStore(spec, reactor)
-    if _PG_URL.match(spec) and urlsplit(spec).hostname is not None or spec.startswith("postgresql:///"):
-        return SQLStore(spec, reactor)
-    raise ValueError(f"--store must be memory, sqlite:PATH or postgresql://USER@HOST:PORT/DB, not {spec!r}")
-

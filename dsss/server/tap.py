@@ -190,7 +190,7 @@ def _store(spec: str) -> str:
     """Check a --store value: memory, sqlite:PATH (its directory must exist) or postgresql://."""
     import os
 
-    from dsss.server.store import open_store
+    from dsss.server.storespec import open_store
 
     try:
         open_store(spec, reactor=object())

@@ -103,7 +103,7 @@ def test_restarted_server_gets_its_agents_back(make_network, store_url, tmp_path
     net.start_server(reuse_ports=True)
     wait_until("every agent is back with the new server and warming is over",
                lambda: {a["id"] for a in net.status()["agents"] if a["live"]} == before
-               and not net.http("/api/info")[1]["warming"], timeout=20)
+               and not net.http("/api/info")[1]["warming"], timeout=20, interval=0.5)
     status = net.status()
     activity = status["activity"]
     if kind == "memory":
@@ -232,7 +232,7 @@ def test_postgresql_outage_answers_503_then_recovers(make_network, postgres, tmp
         net.start_server(reuse_ports=True)
         wait_until("the agents are back and warming is over",
                    lambda: not net.http("/api/info")[1]["warming"] and len(net.live_addresses()) == 3,
-                   timeout=20)
+                   timeout=20, interval=0.5)
         assert net.status()["activity"]["have-entries"] == 0
         assert len(net.http(f"/api/who-has?q={address}")[1]["addresses"]) == 3
     finally:

@@ -9,7 +9,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from dsss.server.sqlstore import SQLStore
-from dsss.server.store import Store, StoredClaim, open_store
+from dsss.server.store import Store, StoredClaim
+from dsss.server.storespec import open_store
 from tests.conftest import STORE_KINDS
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
