@@ -214,7 +214,7 @@ class ControlLineProtocol(LineReceiver):
 
     # --- for subclasses ------------------------------------------------------------------------
 
-    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply] | None":
+    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply | None] | None":
         """The reply to `msg` (None: not answered), or a Deferred of it: replies are sent in
         the order the requests came, whenever each is known."""
         raise NotImplementedError

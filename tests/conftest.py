@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from tools.harness import LocalNetwork
+from tools.postgres import PostgresServer, find_binaries
 
 
 @pytest.fixture
@@ -72,3 +73,43 @@ def run_with_terminal_stderr(cmd: list[str], env: dict[str, str], timeout: float
     reader.join(10)
     os.close(leader)
     return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL for this test process (initdb in a temporary directory, 127.0.0.1 and
+    a free port, run as the `postgres` user under root), stopped by pid at the end; the tests
+    that use it are skipped, with the reason, where PostgreSQL is not installed."""
+    bindir, why = find_binaries()
+    if bindir is None:
+        pytest.skip(why)
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"), bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
+    """Makes the `--store` value for a store kind: `memory`, `sqlite` (a file in the test's
+    temporary directory) or `postgresql` (a fresh database in the session's PostgreSQL)."""
+
+    def make(kind: str) -> str:
+        if kind == "memory":
+            return "memory"
+        if kind == "sqlite":
+            return f"sqlite:{tmp_path / f'store-{next(_databases)}.sqlite'}"
+        if kind == "postgresql":
+            server: PostgresServer = request.getfixturevalue("postgres")
+            return server.createdb(f"t{os.getpid()}_{next(_databases)}")
+        raise ValueError(kind)
+
+    return make
+
+
+STORE_KINDS = ["memory", "sqlite", "postgresql"]

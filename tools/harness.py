@@ -155,12 +155,14 @@ class LocalNetwork:
         replicas: int = 3,
         datagram_size: int = 65000,
         distinct_hosts: bool | None = None,
+        store: str = "memory",
     ) -> None:
         if distinct_hosts is not None:
             self.distinct_hosts = distinct_hosts
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.heartbeat = heartbeat
+        self.store = store  # the server's --store
         self.replicas = replicas
         self.datagram_size = datagram_size
         self.server: Proc | None = None
@@ -208,6 +210,7 @@ class LocalNetwork:
             f"--heartbeat={self.heartbeat}",
             f"--replicas={self.replicas}",
             *([] if self.distinct_hosts else ["--distinct-networks=off"]),
+            *([] if self.store == "memory" else [f"--store={self.store}"]),
             *extra,
         ]
         proc = self._spawn("server", args, prefix=self.server_prefix())

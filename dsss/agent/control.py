@@ -12,12 +12,19 @@ from twisted.logger import Logger
 
 from dsss.agent.identity import AgentIdentity
 from dsss.errors import DSSSError, RemoteProtocolError
+from dsss.holdings import MAX_PREFIX, Holdings
 from dsss.lineproto import ControlLineProtocol
 from dsss.model import PeerAddress
 from dsss.storage.blockstore import BlockStore
 from dsss.wire import control as wc
 
 log = Logger()
+
+RESEND_AT = 2048
+"""Under a prefix that differs, an agent holding more parts than this asks for the digest one
+level down instead of resending them all (down to MAX_PREFIX digits)."""
+DIGEST_TIMEOUT = 120.0
+"""Seconds the server may take to answer a DIGEST (it reads the agent's stored claims first)."""
 
 
 class _Timeouts(Protocol):
@@ -67,7 +74,7 @@ class ServerConnection(ControlLineProtocol):
             self._pinger.stop()
         self.agent.disconnected(self)
 
-    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply] | None":
+    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply | None] | None":
         if isinstance(msg, wc.Hi):
             if self.session is not None:
                 raise RemoteProtocolError("second greeting")
@@ -120,7 +127,7 @@ class ServerConnection(ControlLineProtocol):
         self._pinger.clock = self.clock
         self._pinger.start(reply.heartbeat, now=False)
         self.agent.registered(self, reply)
-        self.report_have(self.agent.store.blocks())
+        self.sync_holdings()
         self.report_local()
 
     def _failed(self, f: Any) -> None:
@@ -160,6 +167,47 @@ class ServerConnection(ControlLineProtocol):
                 for group in wc.chunked([b for b in blocks if store.has(b)])]
         self.report_space()
         return defer.gatherResults(sent).addCallback(lambda _: None)
+
+    def sync_holdings(self) -> defer.Deferred[None]:
+        """Tell the server what we store: a digest first (docs/protocol.md, DIGEST), and only the
+        parts under the prefixes where its view differs. A server that does not know DIGEST
+        (or cannot answer it now) gets every part in HAVE lines, as before. Fires when done."""
+        d = defer.ensureDeferred(self._sync(Holdings(self.agent.store.blocks())))
+        d.addErrback(lambda f: None if f.check(DSSSError) else log.failure("reporting our parts failed", f))
+        return d
+
+    async def _sync(self, holdings: Holdings) -> None:
+        try:
+            reply = await self.request(wc.Digest("", holdings.digest("")), DIGEST_TIMEOUT)
+        except DSSSError:
+            reply = None
+        if not isinstance(reply, wc.Diff):
+            if self.closed:
+                return
+            log.info("the server did not take a digest ({reply}): reporting every part", reply=reply)
+            await self.report_have(list(holdings.under("").values()))
+            return
+        pending: list[tuple[str, tuple[str, ...]]] = [("", reply.digits)]
+        resent = 0
+        while pending:
+            prefix, digits = pending.pop()
+            for entry in digits:
+                child = prefix + entry[0]
+                server_has_some = not entry.endswith("-")
+                if server_has_some and holdings.count(child) > RESEND_AT and len(child) < MAX_PREFIX:
+                    deeper = await self.request(wc.Digest(child, holdings.digest(child)), DIGEST_TIMEOUT)
+                    if isinstance(deeper, wc.Diff):
+                        pending.append((child, deeper.digits))
+                        continue
+                answer = await self.request(wc.Resend(child), self.agent.config.request_timeout)
+                if not isinstance(answer, wc.Ok):
+                    raise RemoteProtocolError(f"the server refused RESEND: {answer}")
+                parts = list(holdings.under(child).values())
+                resent += len(parts)
+                await self.report_have(parts)
+        await self.request(wc.Synced(), self.agent.config.request_timeout)
+        log.info("holdings confirmed with the server by digest ({resent} of {n} parts resent)",
+                 resent=resent, n=holdings.count(""))
 
     def report_gone(self, blocks: list[str]) -> None:
         if self.welcome is None:

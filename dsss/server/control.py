@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
@@ -13,14 +13,19 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from dsss.budget import ConnectionBudget
-from dsss.errors import AccessDenied, RemoteProtocolError
+from dsss.errors import AccessDenied, RemoteProtocolError, Unavailable
 from dsss.lineproto import ControlLineProtocol
 from dsss.server.connlimit import REFUSAL_LOG_INTERVAL, source_of
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from dsss.holdings import Holdings, path_of
 from dsss.server.auditor import Auditor
 from dsss.server.quotas import QuotaBook
 from dsss.server.registry import AgentRecord, Registry, ReplayError
 from dsss.server.reputation import Reputation
 from dsss.server.settings import ControlSettings
+from dsss.server.store import Store, StoredClaim
 from dsss.wire import control as wc
 
 log = Logger()
@@ -57,13 +62,26 @@ class ControlServer(Protocol):
 
     @property
     def quotas(self) -> QuotaBook: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+    @property
+    def synced(self) -> set[str]: ...
+    @property
+    def syncing(self) -> set[str]: ...
 
     def agent_allowed(self, agent_id: str) -> bool: ...
+    def lost_holders(self, blocks: list[str]) -> None: ...
+    def when_loaded(self) -> defer.Deferred[None]: ...
 
     def agent_left(self, rec: AgentRecord, why: str) -> None: ...
 
 
 MAX_PARTS_PER_AGENT = 4_000_000
+
+SLICE = 500
+"""Stored claims an agent's digest exchange handles per slice of reactor time."""
 
 
 class AgentConnection(ControlLineProtocol):
@@ -83,6 +101,13 @@ class AgentConnection(ControlLineProtocol):
         # What this connection's agent counts for in the server's claims per network.
         self._network: str | None = None
         self._claims_counted = 0
+        # The digest exchange (DIGEST, RESEND, SYNCED): the claims the store kept for this
+        # agent that it has not confirmed yet, by path, and those under a prefix it is resending.
+        self._held: dict[str, StoredClaim] | None = None
+        self._held_paths = Holdings()
+        self._load_waiters: list[defer.Deferred[None]] = []
+        self._exchange = defer.DeferredLock()
+        self._unconfirmed: dict[str, StoredClaim] = {}
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -105,6 +130,7 @@ class AgentConnection(ControlLineProtocol):
             self.peer_host = None
         rec = self.server.registry.unregister(self)
         if rec is not None:
+            self.server.syncing.discard(rec.agent_id)
             self.server.auditor.left(rec)
             self.server.agent_left(rec, "disconnected")
             log.info("agent {agent} disconnected", agent=rec.agent_id[:16])
@@ -147,14 +173,15 @@ class AgentConnection(ControlLineProtocol):
         if self.record is not None:
             self.server.registry.heard_tcp(self.record, self.clock.seconds())
 
-    def handle_request(self, msg: wc.Request) -> wc.Reply | None:
+    def handle_request(self, msg: wc.Request) -> "wc.Reply | defer.Deferred[wc.Reply | None] | None":
         if isinstance(msg, wc.Ping):
             return wc.Pong()
         if self.record is None:
             if not isinstance(msg, wc.Register):
                 self.bad_input("REGISTER first", fatal=True, code="not-registered")
                 return None
-            return self._register(msg)
+            # Registrations wait until the store has been read back (registration numbers).
+            return self.server.when_loaded().addCallback(lambda _: self._register(msg))
         if isinstance(msg, wc.Register):
             raise RemoteProtocolError("already registered on this connection")
         registry = self.server.registry
@@ -169,7 +196,10 @@ class AgentConnection(ControlLineProtocol):
                 # Across identities: agents on one network cannot make the server index more.
                 return wc.Error("too-many", f"at most {limit} parts are indexed for agents on {self.network}")
             rec = self.record
+            self.server.stats["have-entries"] += len(msg.blocks)
             conflicts = registry.have(rec, msg.blocks, msg.sizes)
+            if self._held is not None:
+                self._confirmed(rec, msg.blocks)
             self._count_claims()
             if conflicts:
                 # One part, one size: a claim against a proven size is a strike, nothing more.
@@ -182,9 +212,19 @@ class AgentConnection(ControlLineProtocol):
                 return wc.Error("size-conflict", f"{len(conflicts)} of these parts have another, proven size")
             return wc.Ok()
         if isinstance(msg, wc.Gone):
-            registry.gone(self.record, msg.blocks)
+            self.server.lost_holders(registry.gone(self.record, msg.blocks))
+            if self._held is not None:
+                for block in msg.blocks:
+                    self._forget_held(block)
             self._count_claims()
             return wc.Ok()
+        # The exchange's steps run one after the other, each once the kept claims are read.
+        if isinstance(msg, wc.Digest):
+            return self._exchange.run(lambda: self._load_held().addCallback(lambda _: self._digest(msg)))
+        if isinstance(msg, wc.Resend):
+            return self._exchange.run(lambda: self._load_held().addCallback(lambda _: self._resend(msg.prefix)))
+        if isinstance(msg, wc.Synced):
+            return self._exchange.run(lambda: self._load_held().addCallback(lambda _: self._synced()))
         if isinstance(msg, wc.Space):
             registry.space(self.record, msg.capacity, msg.free)
             return wc.Ok()
@@ -197,6 +237,167 @@ class AgentConnection(ControlLineProtocol):
             self.record.local = msg.address
             return wc.Ok()
         raise RemoteProtocolError(f"{type(msg).__name__} is not sent by agents")
+
+    # --- the digest exchange ---------------------------------------------------------------------
+
+    def _load_held(self) -> defer.Deferred[None]:
+        """Read the claims the store kept for this agent, once per connection (none from the
+        memory store); those it has claimed again on this connection already are not held."""
+        if self._held is not None:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._load_waiters.append(waiter)
+        if len(self._load_waiters) > 1:
+            return waiter  # a read is under way
+        assert self.record is not None
+        rec = self.record
+        self.server.syncing.add(rec.agent_id)
+        reading: defer.Deferred[list[StoredClaim]] = (
+            self.server.store.claims_of(rec.agent_id) if self.server.store.durable else defer.succeed([]))
+
+        def loaded(claims: list[StoredClaim]) -> defer.Deferred[None]:
+            def build() -> Iterator[None]:
+                held = {}
+                for n, claim in enumerate(claims, 1):
+                    if claim.part not in rec.blocks:
+                        path = path_of(claim.part)
+                        held[path] = claim
+                        self._held_paths.add_path(path, claim.part)
+                    if n % SLICE == 0:
+                        yield None
+                self._held = held
+                waiters, self._load_waiters = self._load_waiters, []
+                for w in waiters:
+                    w.callback(None)
+
+            return self._in_slices(build())
+
+        def failed(f: Failure) -> None:
+            waiters, self._load_waiters = self._load_waiters, []
+            for w in waiters:
+                w.errback(Unavailable(f"the store cannot be read: {f.getErrorMessage()}"))
+
+        reading.addCallbacks(loaded, failed)
+        return waiter
+
+    def _forget_held(self, block: str) -> None:
+        assert self._held is not None
+        path = path_of(block)
+        self._held.pop(path, None)
+        self._held_paths.discard_path(path)
+        self._unconfirmed.pop(path, None)
+
+    def _confirmed(self, rec: AgentRecord, blocks: tuple[str, ...]) -> None:
+        """The agent claimed these again (HAVE): no longer held; a proof kept in the store for
+        a part it is resending still counts."""
+        assert self._held is not None
+        restore = []
+        for block in blocks:
+            if block not in rec.blocks:
+                continue  # refused (a size conflict)
+            path = path_of(block)
+            claim = self._unconfirmed.pop(path, None) or self._held.get(path)
+            self._held.pop(path, None)
+            self._held_paths.discard_path(path)
+            if claim is not None and claim.proven_at is not None and block not in rec.proven:
+                restore.append((block, claim.size, claim.size_proven, claim.proven_at))
+        if restore:
+            self.server.registry.restore(rec, restore)
+
+    def _in_slices(self, work: Iterator[None]) -> defer.Deferred[None]:
+        """Run `work`, a generator that yields between slices of SLICE claims: the first slice
+        now, the rest a few per reactor turn (about 10 ms of them), so that a large agent's
+        claims never hold the reactor for long."""
+        try:
+            next(work)
+        except StopIteration:
+            return defer.succeed(None)
+        clock = self.server.clock
+        cooperator = task.Cooperator(scheduler=lambda f: clock.callLater(0, f))
+        return cooperator.coiterate(work).addCallback(lambda _: None)
+
+    def _digest(self, msg: wc.Digest) -> defer.Deferred[wc.Reply | None]:
+        """Compare the agent's digest with the held claims under its prefix: where a child
+        matches, the held claims there are the agent's again; the others are named in DIFF."""
+        assert self._held is not None
+        prefix, depth = msg.prefix, len(msg.prefix)
+        children: list[list[str]] = [[] for _ in range(16)]
+        xors = [0] * 16
+        answer: list[wc.Reply] = []
+
+        def work() -> Iterator[None]:
+            assert self._held is not None
+            if prefix == "":
+                ours = self._held_paths.digest("")  # kept up to date: no walk
+            else:
+                for n, (path, _part) in enumerate(self._held_paths.iter_under(prefix), 1):
+                    child = int(path[depth], 16)
+                    children[child].append(path)
+                    xors[child] ^= int(path, 16)
+                    if n % SLICE == 0:
+                        yield None
+                ours = tuple((len(children[i]), xors[i]) for i in range(16))
+            differ = []
+            done = 0
+            for i in range(16):
+                if ours[i] != msg.entries[i]:
+                    differ.append(f"{i:x}" if ours[i][0] else f"{i:x}-")
+                    continue
+                if not ours[i][0]:
+                    continue
+                paths = list(self._held_paths.take_child(f"{i:x}")) if prefix == "" else children[i]
+                for start in range(0, len(paths), SLICE):
+                    rec = self.record
+                    if rec is None:
+                        answer.append(wc.Error("not-registered", "the registration is gone"))
+                        return
+                    claims = []
+                    for path in paths[start:start + SLICE]:
+                        claim = self._held.pop(path, None)
+                        if prefix:
+                            self._held_paths.discard_path(path)
+                        if claim is not None:  # not withdrawn (GONE) meanwhile
+                            claims.append(claim)
+                    self.server.stats["claims-restored"] += len(claims)
+                    self.server.registry.restore(
+                        rec, [(c.part, c.size, c.size_proven, c.proven_at) for c in claims])
+                    self.server.auditor.claimed(rec, [c.part for c in claims if c.proven_at is None])
+                    self._count_claims()
+                    done += len(claims)
+                    if done >= SLICE:
+                        done = 0
+                        yield None
+            answer.append(wc.Diff(tuple(differ)))
+
+        if self.record is None:
+            return defer.succeed(wc.Error("not-registered", "the registration is gone"))
+        return self._in_slices(work()).addCallback(lambda _: answer[0])
+
+    def _resend(self, prefix: str) -> wc.Reply:
+        """The agent resends everything under `prefix`: what is held there waits for its HAVE
+        and is withdrawn at SYNCED if it does not come."""
+        assert self._held is not None
+        for path in self._held_paths.under(prefix):
+            self._unconfirmed[path] = self._held.pop(path)
+            self._held_paths.discard_path(path)
+        return wc.Ok()
+
+    def _synced(self) -> wc.Reply:
+        """The exchange is over: held claims it resent and did not claim again are withdrawn
+        from the store. Claims under prefixes it never settled stay held (and stored)."""
+        if self.record is None:
+            return wc.Error("not-registered", "the registration is gone")
+        agent_id = self.record.agent_id
+        stale = [c.part for c in self._unconfirmed.values()]
+        self._unconfirmed = {}
+        if stale and self.server.store.durable:
+            self.server.store.drop_claims(agent_id, stale).addCallbacks(
+                self.server.lost_holders, lambda f: log.failure("withdrawing stale claims", f))
+        self.server.syncing.discard(agent_id)
+        self.server.synced.add(agent_id)
+        log.info("agent {agent} confirmed its holdings by digest ({n} parts indexed, {stale} withdrawn)",
+                 agent=agent_id[:16], n=len(self.record.blocks), stale=len(stale))
+        return wc.Ok()
 
     def _register(self, msg: wc.Register) -> wc.Reply | None:
         try:

@@ -29,7 +29,7 @@ from collections.abc import Set as AbstractSet
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Protocol, Union
 
 from dsss.errors import AccessDenied
 from dsss.model import PeerAddress
@@ -44,6 +44,17 @@ _Holders = Union[str, tuple[str, ...]]
 
 class ReplayError(AccessDenied):
     code = "replay"
+
+
+class Journal(Protocol):
+    """Where the registry reports what must outlive the process (dsss.server.store, through
+    dsss.server.service.StoreJournal). Called synchronously; the journal writes in the background."""
+
+    def identity(self, agent_id: str, seq: int, at: float) -> None: ...
+    def forgotten(self, agent_ids: list[str]) -> None: ...
+    def claimed(self, agent_id: str, claims: list[tuple[str, int | None]]) -> None: ...
+    def proved(self, agent_id: str, part: str, size: int, at: float) -> None: ...
+    def withdrawn(self, agent_id: str, parts: list[str]) -> None: ...
 
 
 class ClaimSet(AbstractSet[str]):
@@ -153,8 +164,10 @@ class Registry:
         self,
         heartbeat: float,
         token_source: Callable[[], str] = lambda: secrets.token_hex(16),
+        journal: Journal | None = None,
     ) -> None:
         self.heartbeat = heartbeat
+        self.journal = journal
         self._token_source = token_source
         self._agents: dict[str, AgentRecord] = {}
         self._by_token: dict[str, AgentRecord] = {}
@@ -197,6 +210,8 @@ class Registry:
             raise ReplayError(f"registration seq {seq} is not newer than {last} (replay?)")
         self._last_seq[agent_id] = (seq, now)
         self._last_seq.move_to_end(agent_id)
+        if self.journal is not None:
+            self.journal.identity(agent_id, seq, now)
         old = self._agents.get(agent_id)
         old_handle = None
         if old is not None:
@@ -226,6 +241,7 @@ class Registry:
         connection's fresh session challenge, so an old one cannot be sent again; the number
         only orders the registrations of one identity while the server remembers it."""
         forgotten = 0
+        gone: list[str] = []
         # Oldest first, at most FORGET_BATCH entries a call (never a copy of all).
         for _ in range(min(len(self._last_seq), FORGET_BATCH)):
             agent_id, (_, seq_at) = next(iter(self._last_seq.items()))
@@ -237,8 +253,19 @@ class Registry:
                 self._last_seq.move_to_end(agent_id)
                 continue
             del self._last_seq[agent_id]
+            gone.append(agent_id)
             forgotten += 1
+        if gone and self.journal is not None:
+            self.journal.forgotten(gone)
         return forgotten
+
+    def load_identities(self, identities: dict[str, tuple[int, float]]) -> None:
+        """Remember these identities' registration numbers (read back from the store at start),
+        oldest first."""
+        for agent_id, entry in sorted(identities.items(), key=lambda kv: kv[1][1]):
+            if agent_id not in self._last_seq or self._last_seq[agent_id][0] < entry[0]:
+                self._last_seq[agent_id] = entry
+                self._last_seq.move_to_end(agent_id)
 
     def remembered_identities(self) -> int:
         return len(self._last_seq)
@@ -418,7 +445,31 @@ class Registry:
             self._index_add(block, rec.agent_id)
             if size is not None and block not in self._sizes:
                 self._sizes[block] = size  # the claimed size, until an audit proves one
+        if self.journal is not None:
+            taken = set(conflicts)
+            self.journal.claimed(rec.agent_id, [(b, n) for b, n in zip(
+                blocks, sizes if sizes is not None else [None] * len(blocks)) if b not in taken])
         return conflicts
+
+    def restore(self, rec: AgentRecord, claims: Iterable[tuple[str, int | None, bool, float | None]]) -> int:
+        """Take back claims the store kept for this agent (part, size, whether the size is
+        proven, when the agent proved it), which it confirmed with a digest; nothing is written
+        back. Returns how many were restored."""
+        if self._agents.get(rec.agent_id) is not rec:
+            return 0
+        n = 0
+        for block, size, size_proven, proven_at in claims:
+            rec.blocks.add(block)
+            self._index_add(block, rec.agent_id)
+            if proven_at is not None:
+                rec.proven[block] = proven_at
+            if size is not None and (size_proven or block not in self._sizes):
+                if block not in self._size_proven:
+                    self._sizes[block] = size
+                if size_proven:
+                    self._size_proven.add(block)
+            n += 1
+        return n
 
     def proved(self, rec: AgentRecord, block: str, size: int, now: float) -> None:
         """The agent passed an audit of `block`, which proved its size: a claim (made now if the
@@ -430,6 +481,8 @@ class Registry:
         rec.proven[block] = now
         self._sizes[block] = size
         self._size_proven.add(block)
+        if self.journal is not None:
+            self.journal.proved(rec.agent_id, block, size, now)
 
     def size_of(self, block: str) -> int | None:
         """The part's size: proven, or else as first claimed (see `size_proven`)."""
@@ -465,12 +518,21 @@ class Registry:
                 found.append(rec)
         return found
 
-    def gone(self, rec: AgentRecord, blocks: Iterable[str]) -> None:
-        """The agent withdrew these claims (GONE), or they were dropped (a failed audit)."""
+    def gone(self, rec: AgentRecord, blocks: Iterable[str]) -> list[str]:
+        """The agent withdrew these claims (GONE), or they were dropped (a failed audit).
+        Returns the parts that lost this holder and still have others (they may be short)."""
+        touched = []
+        withdrawn = []
         for block in blocks:
+            if block in rec.blocks:
+                withdrawn.append(block)
             rec.blocks.discard(block)
             rec.proven.pop(block, None)
-            self._unindex(rec.agent_id, block)
+            if self._unindex(rec.agent_id, block):
+                touched.append(block)
+        if withdrawn and self.journal is not None and self._agents.get(rec.agent_id) is rec:
+            self.journal.withdrawn(rec.agent_id, withdrawn)
+        return touched
 
     # --- claims, as the audit scheduler sees them (dsss.server.audit.ClaimSource) ---------------
 

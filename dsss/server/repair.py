@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import secrets
 from collections import deque
 from typing import Any, Iterable, Protocol
 
@@ -35,6 +36,7 @@ from dsss.server.chains import hop_addresses
 from dsss.server.placement import Placer
 from dsss.server.registry import SHARDS, AgentRecord, Registry
 from dsss.server.settings import ProofSettings
+from dsss.server.store import MemoryStore, Store
 from dsss.wire import control as wc
 
 log = Logger()
@@ -67,6 +69,9 @@ def wanted_holders(block: str, replicas: int) -> int:
     return 1 if is_share_id(block) else replicas
 
 
+REPAIR_LEASE = 120.0
+"""Seconds a server holds the parts it took from the repair queue before others may take them."""
+
 PLAN_BATCH = 2_000
 """Parts one tick of the repairer looks at: from the parts that just lost a holder, from the
 sweep over the index, and from those already short (each at most this many)."""
@@ -74,8 +79,14 @@ sweep over the index, and from those already short (each at most this many)."""
 
 class Repairer:
     def __init__(self, server: RepairingServer, repair_after: float, max_in_flight: int = 8,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, queue: Store | None = None,
+                 owner: str | None = None) -> None:
         self.server = server
+        # Parts that lost a holder are queued in the store (shared by every server on it) and
+        # taken from it in disjoint batches: each is looked at by one server.
+        self.queue: Store = queue if queue is not None else MemoryStore()
+        self.owner = owner or secrets.token_hex(8)
+        self._taking = False
         self.repair_after = repair_after
         self.max_in_flight = max_in_flight
         self.rng = rng or random.SystemRandom()
@@ -101,8 +112,29 @@ class Repairer:
         return at is not None and now - at <= self.server.config.proof_freshness
 
     def suspect(self, blocks: Iterable[str]) -> None:
-        """These parts lost a holder: the next ticks look at them before the sweep does."""
-        self._suspects.extend(blocks)
+        """These parts lost a holder: queued, and looked at before the sweep by whichever
+        server takes them from the queue."""
+        blocks = list(blocks)
+        if blocks:
+            self.queue.enqueue_repairs(blocks, self.server.now()).addErrback(
+                lambda f: log.failure("queueing parts for repair failed", f))
+
+    def _take(self, now: float) -> None:
+        """Take a batch of queued parts (at once from a memory store; from a database, in time
+        for a later tick)."""
+        if self._taking or len(self._suspects) >= PLAN_BATCH:
+            return
+        self._taking = True
+
+        def taken(parts: list[str]) -> None:
+            self._taking = False
+            self._suspects.extend(parts)
+
+        def failed(f: Any) -> None:
+            self._taking = False
+            log.info("could not take parts from the repair queue: {why}", why=f.getErrorMessage())
+
+        self.queue.claim_repairs(self.owner, PLAN_BATCH, now, REPAIR_LEASE).addCallbacks(taken, failed)
 
     def _next_of_sweep(self, budget: int) -> list[str]:
         """Up to `budget` parts from the sweep over the index, a bucket copied at a time."""
@@ -146,8 +178,13 @@ class Repairer:
         PLAN_BATCH parts of a sweep over the index (one bucket copied at a time) and the
         PLAN_BATCH parts longest short, so no tick walks the whole index; a part that loses a
         holder is looked at within a few ticks, any other within one sweep."""
-        for _ in range(min(PLAN_BATCH, len(self._suspects))):
-            self._look_at(self._suspects.popleft(), now)
+        self._take(now)
+        looked = [self._suspects.popleft() for _ in range(min(PLAN_BATCH, len(self._suspects)))]
+        for block in looked:
+            self._look_at(block, now)
+        if looked:
+            # Noted in short_since when short: done with them in the queue.
+            self.queue.finish_repairs(self.owner, looked).addErrback(lambda f: None)
         for block in self._next_of_sweep(PLAN_BATCH):
             self._look_at(block, now)
         due: list[str] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,10 @@ from dsss.server.placement import REFRESH, NetworkRule, Placer
 from dsss.server.audit import Verdict
 from dsss.server.auditor import AUDIT_TICK, Auditor
 from dsss.server.quotas import QuotaBook
+from dsss.server.journal import StoreJournal
 from dsss.server.registry import AgentRecord, Registry
+from dsss.server.store import Store
+from dsss.server.storespec import open_store
 from dsss.server.reputation import Reputation
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.wire import control as wc
@@ -98,18 +102,34 @@ class ServerConfig:
     claims_per_network: int = 4_000_000
     audit_rate: float = 100.0
     proof_freshness: float = 7 * 86400.0
+    # Where the server keeps what outlives it (dsss.server.store): memory, sqlite:PATH or
+    # postgresql://...
+    store: str = "memory"
 
 
 class DiscoveryServer:
     """What the server knows and does, independent of how it listens."""
 
-    def __init__(self, clock: Any, config: ServerConfig, rng: random.Random | None = None) -> None:
+    def __init__(self, clock: Any, config: ServerConfig, rng: random.Random | None = None,
+                 store: Store | None = None) -> None:
         self.clock = clock
         self.config = config
         self.replicas = config.replicas
         self.heartbeat = config.heartbeat
         self.udp_port = config.udp_port
-        self.registry = Registry(config.heartbeat)
+        self.store: Store = store if store is not None else open_store(config.store, clock)
+        self.journal = StoreJournal(self.store) if self.store.durable else None
+        self.registry = Registry(config.heartbeat, journal=self.journal)
+        # This server's name in the store (the owner of the repair batches it takes).
+        self.owner = secrets.token_hex(8)
+        # Until `load` has read the store back: registrations wait, lookups answer 503.
+        self.loaded = not self.store.durable
+        self._waiting_for_load: list[defer.Deferred[None]] = []
+        # Agents that held claims when the store was read back, and those that have since
+        # confirmed them (SYNCED) or are doing so: warming ends when all are back.
+        self.expected: set[str] = set()
+        self.synced: set[str] = set()
+        self.syncing: set[str] = set()
         self.reputation = Reputation()
         self.placer = Placer(config.distinct_networks, self.reputation, rng=rng)
         self.auditor = Auditor(self, rate=config.audit_rate, freshness=config.proof_freshness)
@@ -135,7 +155,8 @@ class DiscoveryServer:
         # `/`, `/api/status` and `/metrics`: limited apart from the API, per IP address.
         self.observe_limiter = RateLimiter(rate=STATUS_RATE, burst=4 * STATUS_RATE)
         self.relays = RelayTable(config.relay_limit)
-        self.repairer = Repairer(self, config.repair_after) if config.repair_after > 0 else None
+        self.repairer = (Repairer(self, config.repair_after, queue=self.store, owner=self.owner)
+                         if config.repair_after > 0 else None)
         # Introduction keys this server handed out: (client, agent address, expiry). A key
         # authorizes relaying between exactly that client and that agent.
         self.issued: OrderedDict[str, tuple[PeerAddress, PeerAddress, float]] = OrderedDict()
@@ -146,6 +167,8 @@ class DiscoveryServer:
             "introduction-failures": 0,
             "lan-hops": 0,  # chain hops introduced across a LAN (see dsss.server.chains)
             "lan-introductions": 0,  # clients introduced to an agent across their LAN
+            "have-entries": 0,  # parts named in agents' HAVE lines
+            "claims-restored": 0,  # stored claims agents confirmed by digest (not sent again)
         }
         self.metrics = ServerMetrics(self)
         # Agents that left (timed out, disconnected; not the disqualified): on the status page as down
@@ -153,10 +176,56 @@ class DiscoveryServer:
         self.departed: OrderedDict[str, tuple[AgentRecord, float, str]] = OrderedDict()
 
     def warming(self) -> bool:
-        """True while agents may still be re-registering after a (re)start: answers such as
-        "nobody has this part" are not yet final. Agents reconnect within a few seconds (their
-        backoff starts at 0.5 s) and report what they store right after registering."""
-        return self.now() - self.started_at < max(5.0, 3 * self.heartbeat)
+        """True while answers such as "nobody has this part" are not yet final: the store is
+        being read back or cannot be reached, or agents may still be re-registering after a
+        (re)start. With a durable store the server knows which agents held claims: warming ends
+        as soon as each has confirmed its holdings (SYNCED), and lasts while any that came back
+        is still doing so; an agent that has not come back within the liveness bound is not
+        waited for. With the memory store it lasts the liveness bound (agents reconnect within
+        a few seconds and report what they store right after registering)."""
+        if not self.loaded or not self.store.healthy:
+            return True
+        young = self.now() - self.started_at < max(5.0, 3 * self.heartbeat)
+        if not self.store.durable:
+            return young
+        waiting = self.expected - self.synced
+        if not waiting:
+            return False
+        return young or not waiting.isdisjoint(self.syncing)
+
+    async def load(self) -> None:
+        """Open the store and read back what it keeps: identities' registration numbers,
+        disqualifications, and which agents held claims. Waits out an unreachable database."""
+        await self.store.open()
+        if self.store.durable:
+            self.registry.load_identities(await self.store.load_identities())
+            for agent_id, record in (await self.store.load_reputation()).items():
+                if record.get("disqualified"):
+                    self.reputation.disqualify(agent_id, float(record.get("at", 0.0)))
+            self.expected = set(await self.store.agents_with_claims())
+        self.loaded = True
+        self.started_at = self.now()
+        waiting, self._waiting_for_load = self._waiting_for_load, []
+        for d in waiting:
+            d.callback(None)
+        log.info("the store ({store}) is ready: {n} agents held claims", store=self.store_kind(),
+                 n=len(self.expected))
+
+    def when_loaded(self) -> defer.Deferred[None]:
+        if self.loaded:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting_for_load.append(d)
+        return d
+
+    def store_kind(self) -> str:
+        spec = self.config.store
+        return spec.split(":", 1)[0] if spec != "memory" else "memory"
+
+    def lost_holders(self, blocks: list[str]) -> None:
+        """These parts lost a holder (GONE, a failed audit): the repairer looks at them soon."""
+        if blocks and self.repairer is not None:
+            self.repairer.suspect(blocks)
 
     def agent_allowed(self, agent_id: str) -> bool:
         allowed = self.config.allowed_agents
@@ -178,6 +247,9 @@ class DiscoveryServer:
         self.stats["who-has"] += 1
         candidates = self.registry.candidates(block, self.now())
         if not candidates:
+            if not self.loaded or not self.store.healthy:
+                # What the store knows cannot be read: "nobody" might be wrong.
+                raise Unavailable("the server's store cannot be reached just now; retry shortly")
             self.metrics.asked_who_has(block=block, holders=0, now=self.now())
             return [], []
         results = await defer.DeferredList(
@@ -204,7 +276,7 @@ class DiscoveryServer:
                     return rec.address
                 return None
             if isinstance(reply, wc.Bit):
-                self.registry.gone(rec, [block])
+                self.lost_holders(self.registry.gone(rec, [block]))
             return None
 
         def failed(f: Any) -> None:
@@ -352,6 +424,11 @@ class DiscoveryServer:
         """Drop an agent that failed its audits: its claims go (its parts are repaired), it gets
         no placements, and it may not register again while the server runs."""
         self.reputation.disqualify(rec.agent_id, self.now())
+        if self.store.durable:
+            # Its stored claims go too; the parts others hold are queued for repair.
+            self.store.put_reputation(rec.agent_id, {"disqualified": True, "at": self.now()})
+            self.store.drop_agent(rec.agent_id).addCallbacks(
+                self.lost_holders, lambda f: log.failure("dropping a disqualified agent's claims", f))
         self.auditor.stats["disqualified"] += 1
         log.warn("agent {agent} is disqualified: {reason}", agent=rec.agent_id[:16], reason=reason)
         if self.registry.unregister(rec.handle) is not None:
@@ -380,6 +457,7 @@ class DiscoveryServer:
             "heartbeat": self.heartbeat,
             "warming": self.warming(),
             "agents": len(self.registry.live(self.now())),
+            "store": self.store_kind(),
             "public-key": bytes(self.box_key.public_key).hex(),
             "clients-restricted": self.verifier is not None,
         }
@@ -435,8 +513,11 @@ class DiscoveryServer:
     # --- housekeeping --------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Every heartbeat: ping agents over TCP, drop those not heard within the bound."""
+        """Every heartbeat: reach the store, ping agents over TCP, drop those not heard within
+        the bound."""
         now = self.now()
+        if self.loaded and self.store.durable:
+            self.store.check().addErrback(lambda f: None)
         self.registry.forget_stale(now)
         for rec in self.registry.dead(now):
             log.info("agent {agent} timed out", agent=rec.agent_id[:16])
@@ -492,6 +573,8 @@ class ServerService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        loading = defer.ensureDeferred(self.server.load())
+        loading.addErrback(lambda f: log.failure("the store could not be opened", f))
         assert self.udp.port is not None
         udp = self.udp.port.getHost()
         assert isinstance(udp, (IPv4Address, IPv6Address))
@@ -515,6 +598,13 @@ class ServerService(MultiService):
                 self.reactor.stop()
 
         d.addCallbacks(ready, failed)
+
+
+    def stopService(self) -> defer.Deferred[None]:
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.server.store.close())
+        d.addErrback(lambda f: None)
+        return d
 
 
 def make_server_service(reactor: Any, config: ServerConfig) -> ServerService:

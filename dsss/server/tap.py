@@ -99,6 +99,10 @@ class Options(usage.Options):
          "Parts indexed for all agents of one network (IPv4 /24, IPv6 /48) together; not applied with --agents."],
         ["audit-rate", None, "100", "Audits per second the server sends on its own (new claims first, then a sweep of all claims)."],
         ["proof-freshness", None, "604800", "Seconds a holder's last passed audit of a part counts: only such copies are replicas (default 7 days)."],
+        ["store", None, "memory",
+         "Where the server keeps what outlives it: memory (nothing; agents report everything again "
+         "after a restart), sqlite:PATH (one machine; the operators' default) or "
+         "postgresql://USER@HOST:PORT/DB (shared by several servers)."],
         LOG_FORMAT_OPTION,
     ]
 
@@ -167,7 +171,9 @@ class Options(usage.Options):
             networks = NetworkRule.parse(self["distinct-networks"])
         except ValueError as e:
             raise usage.UsageError(f"--distinct-networks: {e}") from None
+        store = _store(self["store"])
         self.config = ServerConfig(
+            store=store,
             http=self["http"],
             control=self["control"],
             udp_host=host,
@@ -192,6 +198,29 @@ class Options(usage.Options):
             audit_rate=_audit_rate(self["audit-rate"]),
             proof_freshness=_proof_freshness(self["proof-freshness"]),
         )
+
+
+def _store(spec: str) -> str:
+    """Check a --store value: memory, sqlite:PATH (its directory must exist) or postgresql://."""
+    import os
+
+    from dsss.server.storespec import open_store
+
+    try:
+        open_store(spec, reactor=object())
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+    if spec.startswith("sqlite:"):
+        path = os.path.abspath(spec[len("sqlite:"):])
+        if not os.path.isdir(os.path.dirname(path)):
+            raise usage.UsageError(f"--store: no directory {os.path.dirname(path)} for {path}")
+        return "sqlite:" + path
+    if spec.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise usage.UsageError("--store postgresql:// needs psycopg 3 (pip install 'psycopg[binary]')") from None
+    return spec
 
 
 def _count(text: str | None, what: str) -> int | None:

@@ -151,6 +151,28 @@ class Audit:
     nonce: bytes
 
 
+@dataclass(frozen=True)
+class Digest:
+    """Agent -> server: the digest of the agent's holdings under `prefix` (dsss.holdings): for
+    each child digit 0-f, the number of parts and the XOR of their paths. Answered with Diff."""
+
+    prefix: str
+    entries: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Resend:
+    """Agent -> server: the HAVE lines that follow list every part the agent holds under
+    `prefix`; what the server kept for it there and is not in them is withdrawn at SYNCED."""
+
+    prefix: str
+
+
+@dataclass(frozen=True)
+class Synced:
+    """Agent -> server: the digest exchange (and any resending) is over."""
+
+
 # --- replies --------------------------------------------------------------------------------
 
 
@@ -194,16 +216,34 @@ class Ok:
 
 
 @dataclass(frozen=True)
+class Diff:
+    """Reply to DIGEST: the child digits under which the server's view differs, each followed by
+    `-` where the server holds nothing for the agent under it (no point in a deeper digest)."""
+
+    digits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Error:
     code: str
     text: str
 
 
-Request = Union[Hi, Register, Have, Gone, Leased, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate, Audit]
-Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error, Proof]
+Request = Union[Hi, Register, Have, Gone, Leased, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate,
+                Audit, Digest, Resend, Synced]
+Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error, Proof, Diff]
 Message = Union[Request, Reply]
-REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error, Proof)
-REPLY_WORDS = frozenset({"0", "1", "OK", "PONG", "WELCOME", "ERROR", "PROOF"})
+REPLY_TYPES = (Welcome, Bit, IntroKey, Pong, Ok, Error, Proof, Diff)
+REPLY_WORDS = frozenset({"0", "1", "OK", "PONG", "WELCOME", "ERROR", "PROOF", "DIFF"})
+_PREFIX = re.compile(r"\A(-|[0-9a-f]{1,8})\Z")
+_DIFF_ENTRY = re.compile(r"\A[0-9a-f]-?\Z")
+_DIGEST_ENTRY = re.compile(r"\A(0|[1-9][0-9]{0,9}):([0-9a-f]{32})\Z")
+
+
+def _prefix(text: str, verb: str) -> str:
+    if not _PREFIX.match(text):
+        raise RemoteProtocolError(f"{verb}: the prefix is `-` or 1 to 8 lowercase hex digits")
+    return "" if text == "-" else text
 
 
 def is_reply(msg: Message) -> bool:
@@ -345,6 +385,27 @@ def parse_line(line: bytes) -> Message:
         return Register(agent_id, _int(seq, "seq"), _int(cap, "capacity"), _int(free, "free"), version, sig)
     if verb == "HAVE":
         return _have(args)
+    if verb == "DIGEST":
+        _arity(args, 17, "DIGEST <prefix> <count>:<xor> (16 times)")
+        prefix = _prefix(args[0], "DIGEST")
+        entries = []
+        for word in args[1:]:
+            m = _DIGEST_ENTRY.match(word)
+            if not m:
+                raise RemoteProtocolError("DIGEST: an entry is <count>:<32 hex digits>")
+            entries.append((int(m.group(1)), int(m.group(2), 16)))
+        return Digest(prefix, tuple(entries))
+    if verb == "DIFF":
+        if (len({a[:1] for a in args}) != len(args)
+                or any(not _DIFF_ENTRY.match(a) for a in args)):
+            raise RemoteProtocolError("usage: DIFF <hex digit>[-]... (each digit once)")
+        return Diff(tuple(args))
+    if verb == "RESEND":
+        _arity(args, 1, "RESEND <prefix>")
+        return Resend(_prefix(args[0], "RESEND"))
+    if verb == "SYNCED":
+        _arity(args, 0, "SYNCED")
+        return Synced()
     if verb == "GONE":
         return Gone(_hashes(args, "GONE"))
     if verb == "LEASED":
@@ -435,6 +496,16 @@ def encode(msg: Message) -> bytes:
         text = "HAVE " + " ".join(
             check_block_id(b) + ("" if n is None else f":{n}") for b, n in zip(msg.blocks, sizes)
         )
+    elif isinstance(msg, Digest):
+        if len(msg.entries) != 16 or not _PREFIX.match(msg.prefix or "-"):
+            raise ValueError("a digest has a prefix of up to 8 hex digits and 16 entries")
+        text = f"DIGEST {msg.prefix or '-'} " + " ".join(f"{n}:{x:032x}" for n, x in msg.entries)
+    elif isinstance(msg, Diff):
+        text = " ".join(("DIFF",) + msg.digits)
+    elif isinstance(msg, Resend):
+        text = f"RESEND {msg.prefix or '-'}"
+    elif isinstance(msg, Synced):
+        text = "SYNCED"
     elif isinstance(msg, Gone):
         text = "GONE " + " ".join(check_block_id(b) for b in msg.blocks)
     elif isinstance(msg, Leased):

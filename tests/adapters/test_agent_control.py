@@ -10,6 +10,7 @@ from twisted.internet.testing import StringTransportWithDisconnection
 
 from dsss.agent.control import ServerConnectionFactory
 from dsss.agent.service import AgentConfig, StorageAgent
+from dsss.holdings import Holdings
 from dsss.model import block_hash
 from dsss.wire import control as wc
 
@@ -49,8 +50,62 @@ def test_registers_signed_then_reports_what_it_stores(agent):
     VerifyKey(bytes.fromhex(msg.agent_id)).verify(msg.signed_bytes(SESSION), bytes.fromhex(msg.signature))
     assert msg.agent_id == agent.identity.agent_id and msg.capacity == 10_000
     proto.dataReceived(f"WELCOME {TOKEN} 1000 7000\n".encode())
+    (digest,) = lines(t)
+    assert wc.parse_line(digest.encode()) == wc.Digest("", Holdings([block_hash(b"one")]).digest(""))
+    # A server that does not know DIGEST gets every part, as before.
+    proto.dataReceived(b"ERROR protocol unknown command: 'DIGEST'\n")
     assert lines(t) == [f"HAVE {block_hash(b'one')}:3", f"SPACE 10000 {agent.store.free}"]
     assert agent.welcome.udp_port == 7000
+
+
+def _welcomed(agent, parts):
+    for i in range(parts):
+        agent.store.put(block_hash(b"p%d" % i), b"p%d" % i)
+    proto, t = connect(agent)
+    proto.dataReceived(f"Hi {SESSION}\nWELCOME {TOKEN} 1000 7000\n".encode())
+    sent = lines(t)
+    assert sent[0].startswith("REGISTER ") and sent[1].startswith("DIGEST - ")
+    return proto, t
+
+
+def test_a_matching_digest_sends_no_part(agent):
+    proto, t = _welcomed(agent, 40)
+    proto.dataReceived(b"DIFF\n")
+    assert lines(t) == ["SYNCED"]
+
+
+def test_only_the_parts_under_differing_prefixes_are_sent(agent):
+    proto, t = _welcomed(agent, 40)
+    holdings = Holdings(agent.store.blocks())
+    one, two = [d for d in "0123456789abcdef" if holdings.count(d)][:2]
+    proto.dataReceived(f"DIFF {one} {two}-\n".encode())
+    assert lines(t) == [f"RESEND {one}"]
+    proto.dataReceived(b"OK\n")
+    sent = lines(t)
+    under = set(holdings.under(one).values())
+    assert under
+    assert {b.split(":")[0] for line in sent if line.startswith("HAVE ") for b in line.split()[1:]} == under
+    proto.dataReceived(b"OK\n" * len(sent))
+    assert lines(t) == [f"RESEND {two}"]
+    proto.dataReceived(b"OK\n")
+    sent = lines(t)
+    assert {b.split(":")[0] for line in sent if line.startswith("HAVE ") for b in line.split()[1:]} == set(
+        holdings.under(two).values())
+    proto.dataReceived(b"OK\n" * len(sent))
+    assert lines(t) == ["SYNCED"]
+
+
+def test_a_large_differing_prefix_is_narrowed_by_a_deeper_digest(agent, monkeypatch):
+    monkeypatch.setattr("dsss.agent.control.RESEND_AT", 4)
+    proto, t = _welcomed(agent, 60)
+    holdings = Holdings(agent.store.blocks())
+    top = max("0123456789abcdef", key=holdings.count)
+    assert holdings.count(top) > 4
+    proto.dataReceived(f"DIFF {top}\n".encode())
+    (deeper,) = lines(t)
+    assert wc.parse_line(deeper.encode()) == wc.Digest(top, holdings.digest(top))
+    proto.dataReceived(b"DIFF\n")  # everything under it matches after all
+    assert lines(t) == ["SYNCED"]
 
 
 def test_sequence_numbers_increase_across_registrations(agent):
@@ -130,10 +185,12 @@ def test_tells_the_server_where_it_listens_on_its_lan(agent, bound, expected):
     proto.dataReceived(f"Hi {SESSION}\n".encode())
     lines(t)
     proto.dataReceived(f"WELCOME {TOKEN} 1000 7000\n".encode())
-    assert lines(t) == [f"HAVE {block_hash(b'one')}:3", f"SPACE 10000 {agent.store.free}",
-                        f"LOCAL {expected}"]
+    sent = lines(t)
+    assert sent[0].startswith("DIGEST - ") and sent[1:] == [f"LOCAL {expected}"]
     # A server from before LOCAL refuses it: the agent carries on (no LAN hops, nothing else).
-    proto.dataReceived(b"OK\nOK\nERROR protocol unknown command: 'LOCAL'\n")
+    proto.dataReceived(b"DIFF\nERROR protocol unknown command: 'LOCAL'\n")
+    assert lines(t) == ["SYNCED"]
+    proto.dataReceived(b"OK\n")
     assert t.connected and agent.connection is proto
     proto.dataReceived(b"PING\n")
     assert lines(t) == ["PONG"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import urllib.error
+import urllib.request
 
 import pytest
 
-from tests.conftest import start_network
+from tests.conftest import STORE_KINDS, start_network
 from tools.harness import wait_until
 
 pytestmark = [pytest.mark.integration]
@@ -82,15 +86,39 @@ def test_killed_agent_leaves_answers_within_three_heartbeats(net):
         assert len(doc["addresses"]) == 2
 
 
-def test_restarted_server_gets_its_agents_back(net):
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_restarted_server_gets_its_agents_back(make_network, store_url, tmp_path, kind):
+    """After a restart, the agents come back; on a durable store they confirm their parts by
+    digest and send none of them again, and warming ends once they have."""
+    net = start_network(make_network(heartbeat=0.5, store=store_url(kind)), agents=3)
+    net.client("keygen")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(4 * 65536 + 5))
+    address = net.client("put", "--part-size", "64K", str(src)).stdout.decode().split()[0]
+    claims = sum(1 for a in net.agents for f in (a.storage / "blocks").rglob("*")
+                 if f.is_file() and not f.name.endswith(".tree"))
+    assert claims == 3 * 6  # 5 parts and the manifest, 3 copies each
     before = {a.agent_id for a in net.agents}
     net.server.kill()
     net.start_server(reuse_ports=True)
-    wait_until("every agent is back with the new server",
-               lambda: {a["id"] for a in net.status()["agents"] if a["live"]} == before, timeout=20,
+    wait_until("every agent is back with the new server and warming is over",
+               lambda: {a["id"] for a in net.status()["agents"] if a["live"]} == before
+               and not net.http("/api/info")[1]["warming"], timeout=20, interval=0.5,
                detail=net.status)
+    status = net.status()
+    activity = status["activity"]
+    if kind == "memory":
+        assert activity["have-entries"] == claims and activity["claims-restored"] == 0
+    else:
+        assert activity["have-entries"] == 0, activity  # no part sent again
+        assert activity["claims-restored"] == claims
+        assert status["totals"]["parts-indexed"] == 6
+    assert len(net.http(f"/api/who-has?q={address}")[1]["addresses"]) == 3
     code, doc = net.http("/api/where-to-upload?size=10")
     assert code == 200 and len(doc["addresses"]) == 3
+    out = tmp_path / "out"
+    net.client("get", address, "-o", str(out))
+    assert out.read_bytes() == src.read_bytes()
 
 
 def _raw_control(net):
@@ -162,3 +190,51 @@ def test_request_bodies_are_refused_before_being_read(net):
     assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
     code, doc = net.http("/api/info")
     assert code == 200
+
+
+def test_postgresql_outage_answers_503_then_recovers(make_network, postgres, tmp_path):
+    """PostgreSQL stops under a running server: a lookup it cannot settle answers 503 with
+    Retry-After (never an empty "nobody has it"); once the database is back the server
+    recovers by itself, and what happened meanwhile was not lost."""
+    from tools.postgres import PostgresServer
+
+    pg = PostgresServer(tmp_path / "pg", postgres.bindir)
+    pg.start()
+    try:
+        net = start_network(make_network(heartbeat=0.5, store=pg.createdb("outage")), agents=3)
+        net.client("keygen")
+        src = tmp_path / "f.bin"
+        src.write_bytes(os.urandom(70_000))
+        pg.stop()
+        missing = "cd" * 32
+
+        def refused() -> bool:
+            try:
+                with urllib.request.urlopen(f"{net.url}/api/who-has?q={missing}", timeout=10) as r:
+                    assert r.status == 200 and json.loads(r.read())["addresses"] == []
+                    return False
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and e.headers["Retry-After"], e
+                return True
+
+        wait_until("the server notices the database is gone (503)", refused, timeout=10)
+        # Agents' claims still arrive meanwhile (kept in memory, written once it is back).
+        address = net.client("put", str(src)).stdout.decode().split()[0]
+        pg.start()
+
+        def answered() -> bool:
+            code, doc = net.http(f"/api/who-has?q={missing}")
+            assert code in (200, 503), (code, doc)
+            return code == 200 and doc["addresses"] == [] and not doc.get("warming")
+
+        wait_until("the server recovers by itself", answered, timeout=15)
+        # Restarted on the database: the parts put during the outage were written after all.
+        net.server.kill()
+        net.start_server(reuse_ports=True)
+        wait_until("the agents are back and warming is over",
+                   lambda: not net.http("/api/info")[1]["warming"] and len(net.live_addresses()) == 3,
+                   timeout=20, interval=0.5)
+        assert net.status()["activity"]["have-entries"] == 0
+        assert len(net.http(f"/api/who-has?q={address}")[1]["addresses"]) == 3
+    finally:
+        pg.stop()

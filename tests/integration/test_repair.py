@@ -7,13 +7,15 @@ import os
 
 import pytest
 
+from tests.conftest import STORE_KINDS
 from tools.harness import wait_until
 
 pytestmark = [pytest.mark.integration]
 
 
-def test_lost_replicas_come_back_without_a_client(make_network, tmp_path):
-    net = make_network(heartbeat=0.5)
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_lost_replicas_come_back_without_a_client(make_network, store_url, tmp_path, kind):
+    net = make_network(heartbeat=0.5, store=store_url(kind))
     net.start_server("--repair-after=2")
     for _ in range(4):
         net.start_agent()

@@ -96,6 +96,14 @@ EXAMPLES = [
     (b"PROOF 3 YWJj", Proof(3, b"abc")),
     (b"PROOF 17 AAEC", Proof(17, b"\x00\x01\x02")),
     (b"PROOF 0", Proof(0, b"")),
+    (b"DIGEST - " + b" ".join([b"0:" + b"0" * 32] * 15 + [b"12:" + b"f" * 32]),
+     wc.Digest("", ((0, 0),) * 15 + ((12, 2**128 - 1),))),
+    (b"DIGEST 0a7 " + b" ".join([b"3:" + b"0" * 31 + b"1"] * 16), wc.Digest("0a7", ((3, 1),) * 16)),
+    (b"DIFF", wc.Diff(())),
+    (b"DIFF 0 7- f", wc.Diff(("0", "7-", "f"))),
+    (b"RESEND -", wc.Resend("")),
+    (b"RESEND 3f", wc.Resend("3f")),
+    (b"SYNCED", wc.Synced()),
 ]
 
 
@@ -123,7 +131,27 @@ def test_every_message_type_has_an_example() -> None:
     types = {type(m) for _, m in EXAMPLES}
     assert types == set(wc.REPLY_TYPES) | {
         Hi, Register, Have, Gone, Space, Local, WhoHas, IntroductionRequest, Ping, Audit,
+        wc.Digest, wc.Resend, wc.Synced,
     }
+
+
+@pytest.mark.parametrize("line", [
+    b"DIGEST - " + b" ".join([b"0:" + b"0" * 32] * 15),  # 15 entries
+    b"DIGEST 123456789 " + b" ".join([b"0:" + b"0" * 32] * 16),  # prefix too long
+    b"DIGEST A " + b" ".join([b"0:" + b"0" * 32] * 16),  # upper case
+    b"DIGEST - " + b" ".join([b"01:" + b"0" * 32] * 16),  # leading zero
+    b"DIGEST - " + b" ".join([b"1:" + b"0" * 31] * 16),  # short XOR
+    b"DIFF 1 1",  # a digit twice
+    b"DIFF 1 1-",
+    b"DIFF 10",
+    b"DIFF g",
+    b"RESEND",
+    b"RESEND x",
+    b"SYNCED now",
+])
+def test_digest_messages_reject_malformed(line: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parse_line(line)
 
 
 def test_welcome_heartbeat_is_milliseconds() -> None:
