@@ -238,7 +238,7 @@ class Bench:
         env = child_env()
         n = max(3, self.cfg["repeat"])
         help_s, import_s, tahoe_s = [], [], []
-        imports = "import dsss.client.cli, dsss.client.flows, dsss.client.peer, dsss.client.discovery"
+        imports = "import dsss.client.cli, dsss.client.putflow, dsss.client.getflow, dsss.client.peer, dsss.client.discovery"
         for _ in range(n):
             help_s.append(run_timed([sys.executable, "-m", "dsss.client", "--help"], env=env)["seconds"])
             import_s.append(run_timed([sys.executable, "-c", imports], env=env)["seconds"])

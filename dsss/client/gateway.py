@@ -59,7 +59,7 @@ from dsss.model import check_block_id, is_share_id
 if TYPE_CHECKING:
     from nacl.public import PrivateKey
 
-    from dsss.client.flows import Session
+    from dsss.client.session import Session
 
 log = Logger()
 
@@ -400,7 +400,7 @@ class Gateway:
 
     @app.route("/files", methods=["PUT", "POST"])
     async def put(self, request: HTTPRequest) -> bytes:
-        from dsss.client.flows import part_count, put_stream
+        from dsss.client.putflow import part_count, put_stream
 
         body = request.content
         try:
@@ -439,7 +439,7 @@ class Gateway:
 
     @app.route("/files/<address>", methods=["GET"])
     async def get(self, request: HTTPRequest, address: str) -> bytes:
-        from dsss.client.flows import get_to_stream
+        from dsss.client.getflow import get_to_stream
 
         self._check(request)
         if is_share_id(check_block_id(address)):

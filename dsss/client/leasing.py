@@ -30,7 +30,7 @@ log = Logger()
 
 
 class Session(Protocol):
-    """What lease operations use of a session (dsss.client.flows.Session)."""
+    """What lease operations use of a session (dsss.client.session.Session)."""
 
     @property
     def discovery(self) -> DiscoveryClient: ...

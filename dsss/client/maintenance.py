@@ -13,7 +13,7 @@ An erasure-coded file's parts are shares, each wanted on one agent: a missing sh
 from k others (decoded and coded again, which gives back exactly the share its ID names) and
 stored on an agent that holds no other share of its part.
 
-Orchestration only, like `flows`: no parsing, no sockets, no printing.
+Orchestration only, like `putflow` and `getflow`: no parsing, no sockets, no printing.
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dsss.client.flows import (
-    ReplicationError,
-    Session,
-    code_part,
-    fetch_block,
-    fetch_manifest,
-    fetch_shares,
-    lease_stored,
-    store_block,
-    store_shares,
-)
+from dsss.client.fetching import fetch_block, fetch_shares
+from dsss.client.getflow import fetch_manifest
+from dsss.client.putflow import lease_stored
+from dsss.client.session import Session
+from dsss.client.storing import ReplicationError, code_part, store_block, store_shares
 from dsss.crypto.manifest import Manifest, PartRef, open_manifest, reseal_for
 from dsss.errors import DSSSError, IntegrityError, NotFound
 from dsss.model import PeerAddress, block_hash

@@ -1,30 +1,39 @@
 # -*- test-case-name: tests.integration.test_cli_commands,tests.adapters.test_gateway -*-
-"""Open a client Session (discovery client, peer network, replication choices) from settings.
+"""The client Session the put and get flows run on, and opening one from settings.
 
-The CLI and the gateway both build their session here from a `SessionOptions`, a plain value:
-nothing in this module reads a command line or the environment.
+A `Session` holds what a flow needs (discovery client, peer network, replication choices, the
+lease signer). The CLI and the gateway both open theirs here from a `SessionOptions`, a plain
+value: nothing in this module reads a command line or the environment.
 """
 
 from __future__ import annotations
 
 import gc
 import ipaddress
+import random
 import sys
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
 
 from dsss.erasure import Coding
-from dsss.errors import LocalUsageError
+from dsss.errors import LocalUsageError, TooFewAgents
+from dsss.leases import DEFAULT_KEEP, INITIAL_LEASE
 
 if TYPE_CHECKING:
     from nacl.public import PrivateKey
 
     from dsss.client.config import Settings
-    from dsss.client.flows import Session
+    from dsss.client.discovery import DiscoveryClient, Introduction
+    from dsss.client.peer import PeerNetwork
+    from dsss.leases import LeaseRecord, LeaseSigner
+    from dsss.model import PeerAddress
+
+_T = TypeVar("_T")
 
 DEFAULT_WAIT = 10.0
 """Seconds a command keeps trying to reach a server that does not answer at its start."""
@@ -33,6 +42,90 @@ MAX_WAIT = 3600.0
 NON_LOOPBACK_DATAGRAM_SIZE = 1452
 """The largest QUIC datagram towards a server that is not on loopback: fits a 1500-byte
 Ethernet MTU behind PPPoE and an IPv6 header."""
+
+DEFAULT_PARALLEL = 4
+
+
+class UploadLease(TypedDict, total=False):
+    """The keyword arguments an upload carries its lease in (`PeerNetwork.upload`)."""
+
+    lease: LeaseRecord
+
+
+@dataclass
+class Session:
+    """Everything a flow needs: the discovery client, the peer network, the user's key."""
+
+    discovery: DiscoveryClient
+    peers: PeerNetwork
+    replicas: int
+    parallel: int = DEFAULT_PARALLEL
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    # Replicate down a chain of agents (the client sends each part once, each agent passes it
+    # on as it arrives) where the server offers it; else the client sends every copy itself.
+    chain: bool = True
+    # Chains that stopped short; after storing.CHAIN_BREAKS_TOLERATED, none until `chain_paused_until`
+    # (on `clock`, seconds).
+    chain_breaks: int = 0
+    chain_paused_until: float = float("-inf")
+    clock: Callable[[], float] = time.monotonic
+    # Runs a part's encryption and hashing (put) or decryption (get) elsewhere: the CLI and the
+    # gateway give the reactor's thread pool (PyNaCl and blake3 release the GIL), so that the
+    # reactor thread keeps the QUIC connections busy meanwhile. None: on the calling thread.
+    offload: Callable[..., defer.Deferred[Any]] | None = None
+    # Downloads in flight per agent: a part is fetched from the holder with the fewest, so that
+    # the parts in flight spread over the agents (and over the relay's per-pair limits).
+    fetching: dict[PeerAddress, int] = field(default_factory=dict)
+    # Store new files' parts erasure-coded (k-of-n shares, one agent each) instead of as
+    # `replicas` whole copies.
+    erasure: Coding | None = None
+    # Live agents when the session opened, as the server said (None: it did not say).
+    agents: int | None = None
+
+    def agents_needed(self) -> int:
+        """Distinct agents a new file needs: the replica count (its manifest), or more for the
+        shares of an erasure coding."""
+        return max(self.replicas, self.erasure.n if self.erasure is not None else 0)
+
+    def check_enough_agents(self) -> None:
+        """TooFewAgents if the server said it has fewer live agents than a new file needs."""
+        need = self.agents_needed()
+        if self.agents is not None and self.agents < need:
+            what = (f"{self.replicas} copies of each block" if self.erasure is None
+                    else f"{self.erasure.n} shares of each part, each on its own agent")
+            raise TooFewAgents(f"too few agents (have {self.agents}, need {need}): a new file needs {what}")
+    # Signs the leases of what this session stores (dsss/leases.py); None: uploads carry no
+    # lease (agents then keep them for their initial hold only).
+    leases: LeaseSigner | None = None
+    # Seconds an upload's own lease runs: until the put's leases for --keep are taken.
+    initial_lease: int = INITIAL_LEASE
+    # Seconds a put's leases run once its manifest is stored (None: only the initial lease).
+    keep: int | None = DEFAULT_KEEP
+    # Where this session stored each block, and the introduction each agent was reached with
+    # (the put takes its leases there: dsss.client.leasing).
+    holders: dict[str, set[PeerAddress]] = field(default_factory=dict)
+    introduced: dict[PeerAddress, Introduction] = field(default_factory=dict)
+
+    def upload_lease(self, block: str) -> "UploadLease":
+        """What an upload of `block` carries, as `PeerNetwork.upload`'s keyword arguments: the
+        initial lease, signed now (nothing without a lease signer)."""
+        if self.leases is None:
+            return {}
+        return {"lease": self.leases.sign(block, int(time.time()) + self.initial_lease)}
+
+    def stored_at(self, block: str, intro: Introduction) -> None:
+        self.holders.setdefault(block, set()).add(intro.address)
+        self.introduced[intro.address] = intro
+
+    def chaining(self) -> bool:
+        """Whether to ask for a replication chain now: chosen, and not paused."""
+        return self.chain and self.clock() >= self.chain_paused_until
+
+    async def run(self, f: Callable[..., _T], *args: Any) -> _T:
+        if self.offload is None:
+            return f(*args)
+        result: _T = await self.offload(f, *args)
+        return result
 
 
 @dataclass(frozen=True)
@@ -117,7 +210,6 @@ async def open_session(
     from twisted.internet.threads import deferToThreadPool
 
     from dsss.client.discovery import DiscoveryClient
-    from dsss.client.flows import Session
     from dsss.client.pathcache import paths_file
     from dsss.client.peer import PeerNetwork
 

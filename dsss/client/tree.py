@@ -35,16 +35,12 @@ from nacl.public import PrivateKey, PublicKey
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dsss.client.flows import (
-    DEFAULT_PART_SIZE,
-    Session,
-    fetch_block,
-    files_in_flight,
-    get_files,
-    part_count,
-    put_stream,
-    store_block,
-)
+from dsss.client.batch import files_in_flight
+from dsss.client.fetching import fetch_block
+from dsss.client.getflow import get_files
+from dsss.client.putflow import DEFAULT_PART_SIZE, part_count, put_stream
+from dsss.client.session import Session
+from dsss.client.storing import store_block
 from dsss.crypto import directory as dirfmt
 from dsss.crypto.directory import BadName, Directory, Entry, NotDirectory, check_name
 from dsss.crypto.manifest import MAGIC as FILE_MAGIC

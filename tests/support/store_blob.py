@@ -11,8 +11,8 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from dsss.client.flows import store_block
 from dsss.client.session import SessionOptions, open_session
+from dsss.client.storing import store_block
 from dsss.crypto.keys import load_key_file
 from dsss.model import block_hash
 

@@ -30,9 +30,9 @@ from dsss.client.config import (
     settings_from,
 )
 from dsss.client.discovery import Introduction
-from dsss.client.flows import Session
 from dsss.client.maintenance import repair, share, survey
 from dsss.client.render import PutDisplay, human_size, table
+from dsss.client.session import Session
 from dsss.crypto.manifest import Manifest, PartRef, open_manifest, seal_manifest
 from dsss.crypto.parts import encrypt_part
 from dsss.errors import BadRequest, IntegrityError, NotFound, Unavailable, WrongKey

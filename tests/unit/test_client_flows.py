@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_client_flows -*-
-"""put and get of many files (dsss.client.flows) against in-memory fakes of the discovery
-server and the agents: inline small files, several files in flight, per-file errors."""
+"""put and get of many files (dsss.client.putflow, getflow, storing) against in-memory fakes of
+the discovery server and the agents: inline small files, several files in flight, per-file errors."""
 
 from __future__ import annotations
 
@@ -16,16 +16,11 @@ import pytest
 from nacl.public import PrivateKey
 from twisted.internet import defer
 
+from dsss.client.batch import files_in_flight
 from dsss.client.discovery import Introduction
-from dsss.client.flows import (
-    INLINE_MAX,
-    fetch_block,
-    files_in_flight,
-    get_files,
-    get_to_stream,
-    part_count,
-    put_files,
-)
+from dsss.client.fetching import fetch_block
+from dsss.client.getflow import get_files, get_to_stream
+from dsss.client.putflow import INLINE_MAX, part_count, put_files
 from dsss.crypto.manifest import open_manifest
 from dsss.errors import NotFound, Offline, Unavailable, WrongKey
 from dsss.model import PeerAddress, block_hash
@@ -139,7 +134,7 @@ class GatedNetwork(FakeNetwork):
 
 
 def test_several_small_files_in_flight_and_large_ones_alone(tmp_path: Path, monkeypatch: Any) -> None:
-    import dsss.client.flows as flows
+    import dsss.client.putflow as putflow
 
     net = GatedNetwork()
     net.add_agents(4)
@@ -149,7 +144,7 @@ def test_several_small_files_in_flight_and_large_ones_alone(tmp_path: Path, monk
     paths, datas = write_files(tmp_path, sizes)
     running: set[str] = set()
     most = {"files": 0, "large": 0}
-    original = flows.put_file
+    original = putflow.put_file
 
     async def watched(session: Any, path: str, **kw: Any) -> str:
         running.add(path)
@@ -160,7 +155,7 @@ def test_several_small_files_in_flight_and_large_ones_alone(tmp_path: Path, monk
         finally:
             running.discard(path)
 
-    monkeypatch.setattr(flows, "put_file", watched)
+    monkeypatch.setattr(putflow, "put_file", watched)
     ended: dict[int, Any] = {}
     d = defer.ensureDeferred(put_files(
         session, paths, sizes, owner=OWNER.public_key, part_size=PART,
@@ -235,7 +230,7 @@ def test_inline_manifest_block_hash_is_the_address(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", [1, INLINE_MAX])
 def test_inline_file_that_changes_while_read_is_refused(tmp_path: Path, size: int) -> None:
-    from dsss.client.flows import put_stream
+    from dsss.client.putflow import put_stream
     from dsss.errors import DSSSError
 
     net = FakeNetwork()
@@ -273,7 +268,7 @@ class PlacingNetwork(FakeNetwork):
 
 
 def test_store_block_asks_where_and_introductions_in_one_call_and_replaces_refusals() -> None:
-    from dsss.client.flows import store_block
+    from dsss.client.storing import store_block
 
     net = PlacingNetwork()
     a, b, c, d = net.add_agents(4)
@@ -289,7 +284,7 @@ def test_store_block_asks_where_and_introductions_in_one_call_and_replaces_refus
 
 
 def test_put_window_bounds_bytes_in_flight() -> None:
-    from dsss.client.flows import PUT_WINDOW_BYTES, put_window
+    from dsss.client.putflow import PUT_WINDOW_BYTES, put_window
 
     MiB = 1024 * 1024
     assert put_window(4, 4 * MiB) == 3
@@ -339,7 +334,7 @@ class ChainingNetwork(PlacingNetwork):
 
 
 def test_store_block_sends_a_part_once_down_a_chain() -> None:
-    from dsss.client.flows import store_block
+    from dsss.client.storing import store_block
 
     net = ChainingNetwork()
     a, b, c, _d = net.add_agents(4)
@@ -355,7 +350,7 @@ def test_a_broken_chain_is_finished_from_the_client_without_blaming_the_agent() 
     """The chain stops after the first agent (it could not reach the second): the two copies
     left are made directly, on agents the server picks again (the second among them: it was
     not at fault)."""
-    from dsss.client.flows import store_block
+    from dsss.client.storing import store_block
 
     net = ChainingNetwork()
     a, b, c, d = net.add_agents(4)
@@ -374,7 +369,7 @@ def test_a_session_pauses_chaining_after_chains_keep_breaking_then_tries_again()
     """Chains that keep stopping short: the session sends every copy itself for CHAIN_PAUSE
     seconds, then chains again (a gateway runs for days; a few failed forwards must not stop
     its chains for good)."""
-    from dsss.client.flows import CHAIN_BREAKS_TOLERATED, CHAIN_PAUSE, store_block
+    from dsss.client.storing import CHAIN_BREAKS_TOLERATED, CHAIN_PAUSE, store_block
 
     net = ChainingNetwork()
     net.add_agents(4)
@@ -401,7 +396,7 @@ def test_a_session_pauses_chaining_after_chains_keep_breaking_then_tries_again()
 
 
 def test_session_without_chain_sends_every_copy() -> None:
-    from dsss.client.flows import store_block
+    from dsss.client.storing import store_block
 
     net = ChainingNetwork()
     net.add_agents(4)
@@ -415,7 +410,7 @@ def test_session_without_chain_sends_every_copy() -> None:
 def test_a_first_agent_that_fails_is_replaced_and_chaining_goes_on() -> None:
     """The first agent of the chain fails: it is excluded like any failed agent, the next round
     chains again among the others, and the session keeps chaining."""
-    from dsss.client.flows import store_block
+    from dsss.client.storing import store_block
 
     net = ChainingNetwork()
     a, b, c, d = net.add_agents(4)
@@ -485,7 +480,7 @@ def coded_session(net: FakeNetwork, coding: str = "2/4") -> Any:
 
 
 def put_coded(net: FakeNetwork, data: bytes, coding: str = "2/4", part: int = PART) -> str:
-    from dsss.client.flows import put_stream
+    from dsss.client.putflow import put_stream
 
     return result_of(put_stream(coded_session(net, coding), io.BytesIO(data), name="f.bin", size=len(data),
                                 owner=OWNER.public_key, part_size=part))
@@ -557,7 +552,7 @@ def test_a_corrupt_share_is_passed_over_for_another() -> None:
 
 
 def test_an_erasure_coded_put_needs_an_agent_per_share() -> None:
-    from dsss.client.flows import ReplicationError
+    from dsss.client.storing import ReplicationError
 
     net = FakeNetwork()
     net.add_agents(3)
@@ -582,7 +577,7 @@ class SharePlacingNetwork(FakeNetwork):
 
 
 def test_store_shares_places_and_introduces_in_one_call_and_replaces_refusals() -> None:
-    from dsss.client.flows import code_part, store_shares
+    from dsss.client.storing import code_part, store_shares
     from dsss.erasure import Coding
 
     net = SharePlacingNetwork()
@@ -596,7 +591,7 @@ def test_store_shares_places_and_introduces_in_one_call_and_replaces_refusals() 
 
 
 def test_put_window_counts_the_shares_a_coded_part_holds() -> None:
-    from dsss.client.flows import PUT_WINDOW_SHARE_BYTES, put_window
+    from dsss.client.putflow import PUT_WINDOW_SHARE_BYTES, put_window
     from dsss.erasure import Coding
 
     MiB = 1024 * 1024
@@ -777,7 +772,7 @@ def test_a_put_counts_only_proven_copies_and_stores_the_others_elsewhere(tmp_pat
 
 
 def test_a_put_fails_clearly_when_too_few_agents_prove_their_copies(tmp_path: Path) -> None:
-    from dsss.client.flows import ReplicationError
+    from dsss.client.storing import ReplicationError
 
     net = AuditedNetwork()
     agents = net.add_agents(4)
@@ -821,7 +816,7 @@ def test_check_shows_claimed_and_proven_apart() -> None:
 
 
 def put_stream_plain(net: FakeNetwork, data: bytes) -> Any:
-    from dsss.client.flows import put_stream
+    from dsss.client.putflow import put_stream
 
     return put_stream(net.session(), io.BytesIO(data), name="f.bin", size=len(data),
                       owner=OWNER.public_key, part_size=PART)

@@ -49,7 +49,7 @@ names the previous one.
 
 
 async def cmd_backup(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import part_count, put_stream
+    from dsss.client.putflow import part_count, put_stream
 
     path = catalog.catalog_path(settings.key)
     entries, skipped = catalog.read(path)
@@ -77,7 +77,7 @@ async def cmd_backup(reactor: Any, args: argparse.Namespace, settings: Settings)
 
 
 async def cmd_restore(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import get_to_stream
+    from dsss.client.getflow import get_to_stream
 
     address = check_address(args.address)
     key = load_key_file(settings.key)

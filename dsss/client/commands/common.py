@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from nacl.public import PrivateKey
 
     from dsss.client.config import Settings
-    from dsss.client.flows import Session
+    from dsss.client.session import Session
     from dsss.crypto.manifest import Manifest
 
 PROG = "python -m dsss.client"

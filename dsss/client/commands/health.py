@@ -27,8 +27,8 @@ from dsss.crypto.keys import load_key_file
 from dsss.errors import DSSSError, NotFound
 
 if TYPE_CHECKING:
-    from dsss.client.flows import Session
     from dsss.client.maintenance import FileHealth, Repaired
+    from dsss.client.session import Session
 
 _HELP = {
     "check": ("count the healthy replicas of a file's manifest and parts", f"""examples:

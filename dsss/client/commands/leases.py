@@ -99,7 +99,7 @@ def _report_doc(report: LeaseReport) -> dict[str, Any]:
 
 
 async def cmd_rm(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import fetch_manifest
+    from dsss.client.getflow import fetch_manifest
     from dsss.client.leasing import manifest_blocks
 
     addresses = list(dict.fromkeys(map(check_address, args.addresses)))
@@ -157,7 +157,7 @@ def _summary(failures: list[DSSSError], total: int) -> DSSSError:
 
 
 async def cmd_renew(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import fetch_manifest
+    from dsss.client.getflow import fetch_manifest
     from dsss.client.leasing import manifest_blocks
 
     keep = keep_seconds(args.keep)

@@ -42,7 +42,7 @@ from dsss.crypto.manifest import clean_name
 from dsss.errors import DSSSError, LocalUsageError, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from dsss.client.flows import Session
+    from dsss.client.session import Session
     from dsss.crypto.manifest import Manifest
 
 NAME_MAX = 255
@@ -115,8 +115,9 @@ address, and the exit code is that of the first.
 
 
 async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import Progress, part_count, put_files
     from dsss.client.journal import PutJournal, journal_dir
+    from dsss.client.putflow import part_count, put_files
+    from dsss.client.streams import Progress
 
     if args.recursive:
         return await tree.cmd_put_tree(reactor, args, settings)
@@ -242,7 +243,7 @@ def _put_interrupted(
     files: list[str], stored: set[int], journals: dict[int, Any], part_size: int, sizes: list[int]
 ) -> str:
     """What an interrupted put did and did not store, in one line."""
-    from dsss.client.flows import part_count
+    from dsss.client.putflow import part_count
 
     missing = [i for i in range(len(files)) if i not in stored]
     if not missing:
@@ -282,7 +283,7 @@ def partial_path(out: Path, address: str) -> Path:
 
 
 async def cmd_get(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.flows import get_to_stream
+    from dsss.client.getflow import get_to_stream
 
     if args.recursive:
         return await tree.cmd_get_tree(reactor, args, settings)
@@ -339,7 +340,7 @@ async def _get_to_directory(
     from contextlib import contextmanager
     from typing import Iterator
 
-    from dsss.client.flows import get_files
+    from dsss.client.getflow import get_files
 
     if args.output == "-":
         raise CommandLineError("-o - takes one address; give a directory to get several files")
@@ -448,7 +449,8 @@ async def _get_to_file(
     interrupted get of the same file is continued: its whole parts are verified first, and
     only the parts after them are fetched. Interrupted, or cut off from the network, the
     partial is kept (and named in the error); after any other failure it is removed."""
-    from dsss.client.flows import Progress, fetch_manifest, verified_parts, write_file
+    from dsss.client.getflow import fetch_manifest, verified_parts, write_file
+    from dsss.client.streams import Progress
 
     manifest, file_key = await fetch_manifest(session, address, key)
     if out is None:

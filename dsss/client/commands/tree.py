@@ -133,7 +133,7 @@ def spool(stream: IO[bytes]) -> BinaryIO:
 async def cmd_put_stdin(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
     """`put - [--name NAME]`: what arrives on stdin, stored as one file named NAME (default
     `stdin`)."""
-    from dsss.client.flows import part_count, put_stream
+    from dsss.client.putflow import part_count, put_stream
 
     if args.files != ["-"]:
         raise CommandLineError("`-` (stdin) is stored on its own: put it in a command of its own")
