@@ -10,33 +10,23 @@ from urllib.parse import urlencode, urlsplit
 
 import treq
 from twisted.internet import defer
-from twisted.internet.error import (
-    ConnectError,
-    ConnectingCancelledError,
-    ConnectionRefusedError,
-    DNSLookupError,
-    NoRouteError,
-    TCPTimedOutError,
-)
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from nacl.public import PrivateKey, PublicKey
 
-from dsss.clientauth import sign_request
-from dsss.errors import (
-    AccessDenied,
-    BadRequest,
-    RateLimited,
-    DSSSError,
-    NotFound,
-    QuotaExceeded,
-    RemoteProtocolError,
-    Timeout,
-    TooFewAgents,
-    Unavailable,
+from dsss.client.discoveryerrors import (
+    Retryable,
+    ServerUnreachable,
+    answer_error,
+    connect_failure_words,
+    not_http_words,
+    status_error,
 )
+from dsss.clientauth import sign_request
+from dsss.errors import BadRequest, DSSSError, NotFound, RemoteProtocolError, Timeout
 from dsss.model import PeerAddress, check_block_id
 
 MAX_RESPONSE = 1024 * 1024
@@ -48,60 +38,8 @@ MAX_INTRODUCTIONS = 16
 MAX_COUNT = 64
 # (part, agent) pairs in one /api/audit request (the server's bound).
 MAX_AUDITS = 64
-_BY_STATUS: dict[int, type[DSSSError]] = {
-    400: BadRequest,
-    401: AccessDenied,
-    403: AccessDenied,
-    404: NotFound,
-    413: QuotaExceeded,
-    429: RateLimited,
-    503: Unavailable,
-    504: Timeout,
-}
-
-
-_BY_CODE: dict[str, type[DSSSError]] = {
-    "too-few-agents": TooFewAgents,
-}
-
 _PLACEMENTS = frozenset({"/api/where-to-upload", "/api/upload-to", "/api/introduce-me", "/api/introduce-many"})
 """The requests that place bytes: a restricted server with quotas wants them to name lease-key."""
-
-
-class ServerUnreachable(Unavailable):
-    code = "server-unreachable"
-
-
-def connect_failure_words(error: BaseException, url: str) -> str:
-    """Why a connection to the server at `url` failed, in words, with what to try."""
-    host = urlsplit(url).hostname or url
-    if isinstance(error, DNSLookupError):
-        return f"cannot find the host {host!r} (a typo in --server, or no network?)"
-    if isinstance(error, ConnectionRefusedError):
-        return (f"nothing is listening at {url} (connection refused): is the server running, "
-                f"and is this its HTTP port (8470 by default)?")
-    if isinstance(error, (TCPTimedOutError, ConnectingCancelledError)):
-        return f"{url} did not accept a connection in time (a firewall, or the wrong address?)"
-    if isinstance(error, NoRouteError):
-        return f"no route to {host} (is the network up?)"
-    return f"cannot connect to {url} ({getattr(error, 'osError', None) or 'connection failed'})"
-
-
-def not_http_words(url: str, error: BaseException) -> str:
-    """The server at `url` accepted a connection but did not answer in HTTP."""
-    text = str(error)
-    if "BadStatusLine" in text or "ParseError" in text or "wrong status" in text.lower():
-        return (f"{url} answered, but not in HTTP: is that the server's agent (control) port? "
-                f"The discovery server's HTTP port is 8470 by default")
-    return f"{url} closed the connection without an answer: is it a DSSS discovery server's HTTP port?"
-
-
-class _Retryable(Exception):
-    """Carries an error that may go away if the request is tried again shortly."""
-
-    def __init__(self, error: DSSSError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 @dataclass(frozen=True)
@@ -219,7 +157,7 @@ class DiscoveryClient:
         while True:
             try:
                 return await self._get_once(path, params)
-            except _Retryable as e:
+            except Retryable as e:
                 if self.reactor.seconds() + delay > deadline:
                     if first and patience > 0 and isinstance(e.error, ServerUnreachable):
                         raise ServerUnreachable(f"{e.error} (tried for {patience:g} s)") from None
@@ -245,17 +183,17 @@ class DiscoveryClient:
             collector = _Collector(MAX_RESPONSE)
             await treq.collect(response, collector)
         except (ConnectError, DNSLookupError) as e:
-            raise _Retryable(ServerUnreachable(
+            raise Retryable(ServerUnreachable(
                 f"cannot reach the discovery server: {connect_failure_words(e, self.base_url)}"
             )) from None
         except defer.CancelledError:
-            raise _Retryable(
+            raise Retryable(
                 Timeout(f"the discovery server at {self.base_url} did not answer in time")
             ) from None
         except (ResponseFailed, ResponseNeverReceived) as e:
             reasons = getattr(e, "reasons", None) or []
             detail = " ".join(repr(r.value) for r in reasons if hasattr(r, "value")) or repr(e)
-            raise _Retryable(ServerUnreachable(not_http_words(self.base_url, Exception(detail)))) from None
+            raise Retryable(ServerUnreachable(not_http_words(self.base_url, Exception(detail)))) from None
         self._reached = True
         body = b"".join(collector.chunks)
         try:
@@ -266,20 +204,16 @@ class DiscoveryClient:
                 f"(HTTP {response.code}): is it a DSSS discovery server?"
             ) from None
         if response.code != 200:
-            message = doc.get("error") if isinstance(doc, dict) else None
-            code = doc.get("code") if isinstance(doc, dict) else None
-            cls = _BY_CODE.get(code) if isinstance(code, str) else None
-            cls = cls or _BY_STATUS.get(response.code, DSSSError)
-            error = cls(f"server: {message or response.code}")
+            error = answer_error(response.code, doc)
             if response.headers.hasHeader(b"retry-after"):
-                raise _Retryable(error)
+                raise Retryable(error)
             if response.code == 401 and self.key is not None and path != "/api/info":
                 # The server wants signed requests, or restarted with a new key: learn its key
                 # and try again.
                 stale = self._server_key
                 await self.info()
                 if self._server_key is not None and self._server_key != stale:
-                    raise _Retryable(error)
+                    raise Retryable(error)
             raise error
         if not isinstance(doc, dict):
             raise RemoteProtocolError(f"the server answered {path} with a non-object")
@@ -494,8 +428,7 @@ class DiscoveryClient:
                 raise RemoteProtocolError("bad /api/upload-to answer")
             if "error" in answer:
                 status = answer.get("status")
-                cls = _BY_STATUS.get(status, DSSSError) if isinstance(status, int) else DSSSError
-                out.append((PeerAddress.parse(address), cls(f"server: {answer['error']}")))
+                out.append((PeerAddress.parse(address), status_error(status, answer["error"])))
             else:
                 intro = self._introduction(answer, "/api/upload-to")
                 if chained and i > 0:
@@ -567,8 +500,7 @@ class DiscoveryClient:
                     # Not final while the server warms up: ask again alone, with retries.
                     defer.ensureDeferred(single(item))
                     continue
-                cls = _BY_STATUS.get(status, DSSSError) if isinstance(status, int) else DSSSError
-                d.errback(cls(f"server: {answer['error']}"))
+                d.errback(status_error(status, answer["error"]))
             else:
                 try:
                     d.callback(self._introduction(answer, "/api/introduce-many"))

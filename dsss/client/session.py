@@ -170,7 +170,7 @@ def datagram_size(requested: int | None, host: str) -> int:
 
 async def resolve_host(reactor: Any, host: str) -> str:
     """The server's IP address: UDP datagrams go to an address, not a name."""
-    from dsss.client.discovery import ServerUnreachable
+    from dsss.client.discoveryerrors import ServerUnreachable
 
     try:
         ipaddress.ip_address(host)
