@@ -37,7 +37,8 @@ from twisted.internet.task import Clock  # noqa: E402
 
 from dsss.model import PeerAddress  # noqa: E402
 from dsss.server.placement import REFRESH, CandidateTable, Placer  # noqa: E402
-from dsss.server.service import DiscoveryServer, ServerConfig  # noqa: E402
+from dsss.server.config import ServerConfig  # noqa: E402
+from dsss.server.service import DiscoveryServer  # noqa: E402
 
 LIE = 2**61
 MiB = 1024 * 1024

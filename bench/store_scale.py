@@ -41,7 +41,8 @@ from twisted.internet.testing import StringTransportWithDisconnection  # noqa: E
 from dsss.holdings import Holdings  # noqa: E402
 from dsss.model import PeerAddress  # noqa: E402
 from dsss.server.control import AgentConnection, AgentConnectionFactory  # noqa: E402
-from dsss.server.service import DiscoveryServer, ServerConfig  # noqa: E402
+from dsss.server.config import ServerConfig  # noqa: E402
+from dsss.server.service import DiscoveryServer  # noqa: E402
 from dsss.wire import control as wc  # noqa: E402
 
 PART = 1 << 20

@@ -7,7 +7,6 @@ import heapq
 import random
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -31,10 +30,11 @@ from dsss.metrics import LAG_PERIOD, ServerMetrics
 from dsss.model import PeerAddress
 from dsss.budget import ConnectionBudget
 from dsss.server.api import BoundedRequest, DiscoveryAPI
+from dsss.server.config import ServerConfig
 from dsss.server.connlimit import BudgetedFactory
 from dsss.server.status_page import STATUS_AGENTS, STATUS_RATE
 from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentConnectionFactory
-from dsss.server.placement import REFRESH, NetworkRule, Placer
+from dsss.server.placement import REFRESH, Placer
 from dsss.server.audit import Verdict
 from dsss.server.auditor import AUDIT_TICK, Auditor
 from dsss.server.quotas import QuotaBook
@@ -61,50 +61,6 @@ DEPARTED_MEMORY = 3600.0
 """Seconds an agent that left is still shown (as down) on the status page."""
 MAX_DEPARTED = 1000
 """Most departed agents remembered for the status page; the oldest are forgotten first."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    http: str = "tcp:8470:interface=127.0.0.1"
-    control: str = "tcp:8471:interface=127.0.0.1"
-    udp_host: str = "127.0.0.1"
-    udp_port: int = 8471
-    replicas: int = 3
-    heartbeat: float = 10.0
-    query_timeout: float = 2.0
-    allowed_agents: frozenset[str] | None = None
-    allowed_clients: frozenset[str] | None = None
-    # Bytes a listed client may keep leased (each replica counted; dsss/server/quotas.py):
-    # the default, and per client public key. None and {}: no quotas.
-    quota: int | None = None
-    client_quotas: dict[str, int] = field(default_factory=dict)
-    http_rate: float = 200.0
-    relay_limit: float = 10 * 1024 * 1024
-    # Seconds a part may stay below the replica count before the server copies it again
-    # (0: never; `dsss.client repair` still works).
-    repair_after: float = 600.0
-    # Connection budgets (dsss.budget): HTTP connections in all and per source IP, the seconds
-    # a connection has to complete a request's headers, control connections in all, and
-    # registered agents per source IP. `tap` sizes the totals from the descriptor limit.
-    http_connections: int = 4096
-    http_connections_per_ip: int = 128
-    http_header_timeout: float = 10.0
-    agent_connections: int = 16384
-    agents_per_ip: int = 256
-    # Which agents count as one network: a part's copies go to distinct ones
-    # (`--distinct-networks`; NetworkRule.parse("off") for agents that share one address).
-    distinct_networks: NetworkRule = NetworkRule()
-
-    # Audits per second the server sends on its own (new claims, then the sweep), and how
-    # recently a holder must have proven a part for its copy to count (see docs/operations.md).
-    # Parts indexed for all the agents of one network (IPv4 /24, IPv6 /48) together, without
-    # --agents: more identities on one network do not buy a larger index.
-    claims_per_network: int = 4_000_000
-    audit_rate: float = 100.0
-    proof_freshness: float = 7 * 86400.0
-    # Where the server keeps what outlives it (dsss.server.store): memory, sqlite:PATH or
-    # postgresql://...
-    store: str = "memory"
 
 
 class DiscoveryServer:

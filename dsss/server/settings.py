@@ -1,4 +1,4 @@
-"""The server settings its parts read, as typing.Protocols (dsss.server.service.ServerConfig is one).
+"""The server settings its parts read, as typing.Protocols (dsss.server.config.ServerConfig is one).
 
 The control connections, the auditor and the repairer depend on these small views rather than on
 ServerConfig itself, so they import nothing from dsss.server.service (which imports them) and tests

@@ -16,7 +16,8 @@ from dsss.errors import BadRequest
 from dsss.model import is_decimal, parse_size
 from dsss.logging import LOG_FORMAT_OPTION, apply_log_format
 from dsss.server.placement import NetworkRule
-from dsss.server.service import ServerConfig, make_server_service
+from dsss.server.config import ServerConfig
+from dsss.server.service import make_server_service
 
 log = Logger()
 

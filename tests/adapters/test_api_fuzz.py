@@ -13,7 +13,8 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
 from dsss.server.api import DiscoveryAPI
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.placement import NetworkRule
 
 PATHS = ["/api/who-has", "/api/where-to-upload", "/api/introduce-me", "/api/introduce-many", "/api/upload-to", "/api/info", "/api/status"]

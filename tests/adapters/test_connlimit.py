@@ -13,7 +13,8 @@ from twisted.web.server import Site
 from dsss.budget import ConnectionBudget
 from dsss.server.api import BoundedRequest, DiscoveryAPI
 from dsss.server.connlimit import BudgetedFactory
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 
 DEADLINE = 10.0
 

@@ -15,7 +15,8 @@ from dsss.client.discovery import MAX_INTRODUCTIONS, DiscoveryClient, Introducti
 from dsss.errors import NotFound, Unavailable
 from dsss.model import PeerAddress
 from dsss.server.api import DiscoveryAPI
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.placement import NetworkRule
 from tests.adapters.test_server_api import HASH, FakeAgent
 

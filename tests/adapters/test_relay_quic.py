@@ -16,7 +16,8 @@ from dsss.crypto.certs import make_certificate
 from dsss.model import PeerAddress, block_hash
 from dsss.quic import QuicEndpoint
 from dsss.quic.testing import MemoryDatagramLink, run_until
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.udp import DiscoveryDatagramProtocol
 from dsss.quic.batching import UDP_SEGMENT
 from dsss.wire.datagram import DRelay, DRelayed, decode_relay, encode_datagram, encode_relay, parse_datagram

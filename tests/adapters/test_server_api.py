@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from dsss.model import PeerAddress
 from dsss.server.api import DiscoveryAPI
 from dsss.server.control import AgentConnectionFactory
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.placement import NetworkRule
 from dsss.wire import control as wc
 

@@ -16,7 +16,8 @@ from dsss.proofs import HASH_SIZE, TreeHasher
 from dsss.server.api import DiscoveryAPI
 from dsss.server.auditor import AUDIT_TICK
 from dsss.server.reputation import DISQUALIFY_MIN_STRIKES
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from tests.adapters.test_server_api import FakeAgent, decoded, get
 
 DATA = random.Random(7).randbytes(50_000)

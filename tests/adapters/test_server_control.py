@@ -7,7 +7,8 @@ from nacl.signing import SigningKey
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.control import AgentConnectionFactory
 from dsss.wire import control as wc
 

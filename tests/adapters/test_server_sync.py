@@ -10,7 +10,8 @@ from twisted.python.failure import Failure
 from twisted.internet.task import Clock
 
 from dsss.holdings import Holdings, path_of
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.store import MemoryStore
 from dsss.wire import control as wc
 from tests.adapters.test_server_control import Peer, register

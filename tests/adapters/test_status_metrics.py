@@ -25,7 +25,8 @@ from dsss.agent.transfer import TransferHandler
 from dsss.metrics import AgentMetrics
 from dsss.model import block_hash
 from dsss.server.api import DiscoveryAPI
-from dsss.server.service import DiscoveryServer, ServerConfig
+from dsss.server.config import ServerConfig
+from dsss.server.service import DiscoveryServer
 from dsss.server.placement import NetworkRule
 from dsss.server.status_page import format_bytes
 from dsss.server import tap as server_tap
@@ -406,7 +407,8 @@ def test_status_and_metrics_have_their_own_rate_limit(server):
 def test_audit_metrics_count_results_and_proven_copies():
     from tests.adapters.test_server_audit import DATA, PART, audits, proof_line, tick
     from tests.adapters.test_server_api import FakeAgent
-    from dsss.server.service import DiscoveryServer, ServerConfig
+    from dsss.server.config import ServerConfig
+    from dsss.server.service import DiscoveryServer
     from twisted.internet.task import Clock
 
     clock = Clock()
