@@ -37,7 +37,7 @@ from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentC
 from dsss.server.placement import REFRESH, NetworkRule, Placer
 from dsss.server.audit import Verdict
 from dsss.server.auditor import AUDIT_TICK, Auditor
-from dsss.server.quotas import QuotaBook
+from dsss.server.quotas import DEFAULT_OPEN_QUOTA, OpenBound, QuotaBook
 from dsss.server.journal import StoreJournal
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.store import Store
@@ -78,6 +78,9 @@ class ServerConfig:
     # the default, and per client public key. None and {}: no quotas.
     quota: int | None = None
     client_quotas: dict[str, int] = field(default_factory=dict)
+    # Without a client list: bytes one source address may place per day, every copy counted
+    # (dsss/server/quotas.py OpenBound); None: no bound.
+    open_quota: int | None = DEFAULT_OPEN_QUOTA
     http_rate: float = 200.0
     relay_limit: float = 10 * 1024 * 1024
     # Seconds a part may stay below the replica count before the server copies it again
@@ -151,6 +154,8 @@ class DiscoveryServer:
             else None
         )
         self.quotas = QuotaBook(config.quota, config.client_quotas)
+        self.open_bound = (OpenBound(config.open_quota)
+                           if config.open_quota is not None and self.verifier is None else None)
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
         # `/`, `/api/status` and `/metrics`: limited apart from the API, per IP address.
         self.observe_limiter = RateLimiter(rate=STATUS_RATE, burst=4 * STATUS_RATE)

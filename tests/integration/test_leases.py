@@ -333,3 +333,20 @@ def test_a_tree_is_leased_renewed_and_removed_as_a_whole(make_network, tmp_path)
     assert r.stdout.decode().startswith(f"removed {address} tree/ (3 files)")
     wait_until("every agent's store is empty again", lambda: not all_blobs(net), timeout=30)
     assert net.client("rm", address, check=False).returncode == 3
+
+
+def test_an_open_server_bounds_what_one_address_places(make_network, tmp_path):
+    # 3 parts of 64K and a manifest on 3 agents: about 600 KiB of the 1 MiB a day allowed.
+    net = network(make_network, 3, server=("--open-quota=1M",))
+    first = put(net, tmp_path, "first.bin", 3 * 65536)
+    src = tmp_path / "second.bin"
+    src.write_bytes(os.urandom(3 * 65536))
+    refused = net.client("put", "--part-size", "64K", str(src), check=False)
+    assert refused.returncode == 10, refused.stderr
+    message = refused.stderr.decode()
+    assert "this open server takes at most 1.0 MiB a day of uploads from one address" in message
+    assert "Enough comes back in " in message
+    # What was stored before stays readable; downloads are not bounded.
+    out = tmp_path / "first.out"
+    net.client("get", first, "-o", str(out))
+    assert out.read_bytes() == (tmp_path / "first.bin").read_bytes()
