@@ -68,6 +68,10 @@ class QuotaBook:
         if pending is not None and leased > before:
             pending[0] = max(0.0, pending[0] - (leased - before))  # placed bytes now reported
 
+    def leased(self, live_agents: Iterable[str]) -> int:
+        """Bytes the `live_agents` report kept by live leases, every owner and replica counted."""
+        return sum(sum(self.reports.get(a, {}).values()) for a in live_agents)
+
     def forget_agent(self, agent_id: str) -> None:
         self.reports.pop(agent_id, None)
 

@@ -508,6 +508,7 @@ class DiscoveryServer:
                 "used": sum(max(0, r.capacity - r.free) for r in live),
                 "parts": sum(len(r.blocks) for r in live),
                 "parts-indexed": self.registry.counts()["indexed-parts"],
+                "leased": self.quotas.leased(r.agent_id for r in live),
             },
             "activity": {**self.stats, **self.metrics.activity(),
                          "relay-dropped-bytes": self.relays.dropped_bytes},
