@@ -1,6 +1,5 @@
 # -*- test-case-name: tests.unit.test_quotas -*-
-"""Per-client quotas in bytes leased (restricted server), and the per-address bound on bytes
-placed (open server). Sans-I/O.
+"""Quotas: bytes leased per client (restricted server), bytes placed per address (open). Sans-I/O.
 
 Agents report, per lease owner (a lease public key, dsss/leases.py), how many bytes of stored
 blocks that owner's live leases keep there (`LEASED`). A listed client names its lease key in
