@@ -51,6 +51,11 @@ class _QuotaCounts(Protocol):
     def refused(self) -> int: ...
 
 
+class _Refusals(Protocol):
+    @property
+    def refused(self) -> int: ...
+
+
 class ServerState(Protocol):
     """What the server's gauges read (dsss.server.service.DiscoveryServer)."""
 
@@ -62,6 +67,8 @@ class ServerState(Protocol):
     def reputation(self) -> _ReputationCounts: ...
     @property
     def quotas(self) -> _QuotaCounts: ...
+    @property
+    def open_bound(self) -> _Refusals | None: ...
 
     def now(self) -> float: ...
 
@@ -355,6 +362,10 @@ class _ServerStateCollector(Collector):
                     sum(sum(reports.get(r.agent_id, {}).values()) for r in live))
         yield CounterMetricFamily("dsss_quota_refused", "Placements refused for passing a client's quota.",
                                   value=server.quotas.refused)
+        if server.open_bound is not None:
+            yield CounterMetricFamily("dsss_open_quota_refused",
+                                      "Placements refused for passing an address's daily bound (open server).",
+                                      value=server.open_bound.refused)
         info = GaugeMetricFamily("dsss_server_info", "The server's version.", labels=["version"])
         info.add_metric([dsss.__version__], 1)
         yield info

@@ -44,5 +44,10 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return allowed
 
+    def tokens(self, key: Hashable, now: float) -> float:
+        """The tokens `key`'s bucket holds at `now` (a full bucket for a key not seen), taking none."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(0.0, now - last) * self.rate)
+
     def __len__(self) -> int:
         return len(self._buckets)

@@ -41,6 +41,9 @@ from dsss.client.getflow import get_files
 from dsss.client.putflow import DEFAULT_PART_SIZE, part_count, put_stream
 from dsss.client.session import Session
 from dsss.client.storing import store_block
+from dsss.client.getflow import fetch_manifest
+from dsss.client.leasing import manifest_blocks
+from dsss.client.putflow import lease_stored
 from dsss.crypto import directory as dirfmt
 from dsss.crypto.directory import BadName, Directory, Entry, NotDirectory, check_name
 from dsss.crypto.manifest import MAGIC as FILE_MAGIC
@@ -289,6 +292,9 @@ async def put_tree(
             size_of[id(d)] = directory.size
 
         await _bounded(level, put_dir, limit=files_in_flight(session))
+    # Every directory blob is kept for the session's `keep`, as each file was once its manifest
+    # was stored (until then they carry only their uploads' initial lease).
+    await lease_stored(session, blobs)
     return PutTreeResult(address_of[id(top)], len(work), len(dirs), total, blobs)
 
 
@@ -393,6 +399,49 @@ async def fetch_tree(session: Session, address: str, key: PrivateKey) -> RemoteT
         level = [(path, got[a]) for path, a in wanted]
         out.extend((path, a, got[a]) for path, a in wanted)
     return RemoteTree(address, out, continuations)
+
+
+@dataclass
+class Kept:
+    """What keeps a file or a tree on the network (for rm and renew): its blocks, and what to
+    call it. For a tree, `files` holds each file's blocks (manifest first) and `dirs` every
+    directory blob; files whose manifest no agent has any more are listed in `missing`."""
+
+    name: str
+    size: int
+    parts: int  # a file's parts; a tree's files
+    directory: bool
+    files: list[list[str]]
+    dirs: list[str] = field(default_factory=list)
+    missing: list[tuple[str, ...]] = field(default_factory=list)
+
+    def blocks(self) -> list[str]:
+        return [b for f in self.files for b in f] + self.dirs
+
+
+async def kept_blocks(session: Session, address: str, key: PrivateKey) -> Kept:
+    """The blocks that keep what is at `address`: a file's manifest and parts, or a tree's
+    directory blobs (heads and continuations) and every file's manifest and parts."""
+    found = await fetch_entry(session, address, key)
+    if isinstance(found, Manifest):
+        return Kept(found.name, found.size, len(found.parts), False, [manifest_blocks(address, found)])
+    remote = await fetch_tree(session, address, key)
+    files = remote.files()
+    kept = Kept(remote.root.name, remote.size, len(files), True, [], remote.blobs())
+    blocks: list[list[str] | None] = [None] * len(files)
+
+    async def one(i: int) -> None:
+        path, entry = files[i]
+        try:
+            manifest, _ = await fetch_manifest(session, entry.address, key)
+        except NotFound:
+            kept.missing.append(path)
+            return
+        blocks[i] = manifest_blocks(entry.address, manifest)
+
+    await _bounded(list(range(len(files))), one, limit=files_in_flight(session))
+    kept.files = [b for b in blocks if b is not None]
+    return kept
 
 
 # --- get -r --------------------------------------------------------------------------------------

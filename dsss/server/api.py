@@ -24,7 +24,7 @@ from dsss.model import PeerAddress, check_block_id, check_local_address, is_deci
 from dsss.ratelimit import RateLimiter
 from dsss.server.chains import chain_order, chain_worth_trying, hop_addresses
 from dsss.server.connlimit import headers_complete
-from dsss.server.quotas import QuotaBook
+from dsss.server.quotas import OpenBound, QuotaBook
 from dsss.server.registry import Registry
 from dsss.server.status_page import CONTENT_SECURITY_POLICY, STATUS_AGENTS, STATUS_MAX_AGENTS, render_page
 from dsss.wire.transfer import MAX_PART as MAX_PART_SIZE
@@ -49,6 +49,8 @@ class ApiServer(Protocol):
     def stats(self) -> dict[str, int]: ...
     @property
     def quotas(self) -> QuotaBook: ...
+    @property
+    def open_bound(self) -> OpenBound | None: ...
 
     def now(self) -> float: ...
     def warming(self) -> bool: ...
@@ -214,7 +216,13 @@ class DiscoveryAPI:
         return None
 
     def _charge(self, request: IRequest, client: str | None, placed: list[tuple[PeerAddress, int]]) -> None:
-        """Refuse (QuotaExceeded) placements (agent, bytes) past the client's quota."""
+        """Refuse (QuotaExceeded) placements (agent, bytes) past the client's quota, or on an
+        open server past the source address's daily bound."""
+        bound = self.server.open_bound
+        if bound is not None and client is None:
+            peer = request.getClientAddress()
+            bound.check(getattr(peer, "host", None), sum(max(0, size) for _, size in placed), self.server.now())
+            return
         quotas = self.server.quotas
         if client is None or not quotas.enabled:
             return

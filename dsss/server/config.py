@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsss.server.placement import NetworkRule
+from dsss.server.quotas import DEFAULT_OPEN_QUOTA
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class ServerConfig:
     # the default, and per client public key. None and {}: no quotas.
     quota: int | None = None
     client_quotas: dict[str, int] = field(default_factory=dict)
+    # Without a client list: bytes one source address may place per day, every copy counted
+    # (dsss/server/quotas.py OpenBound); None: no bound.
+    open_quota: int | None = DEFAULT_OPEN_QUOTA
     http_rate: float = 200.0
     relay_limit: float = 10 * 1024 * 1024
     # Seconds a part may stay below the replica count before the server copies it again

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.unit.test_quotas -*-
-"""Per-client quotas in bytes leased, on a server that admits only listed clients. Sans-I/O.
+"""Quotas: bytes leased per client (restricted server), bytes placed per address (open). Sans-I/O.
 
 Agents report, per lease owner (a lease public key, dsss/leases.py), how many bytes of stored
 blocks that owner's live leases keep there (`LEASED`). A listed client names its lease key in
@@ -9,6 +9,10 @@ bytes placed on each agent that this agent has not reported yet (for at most PEN
 seconds: an upload that never happens stops counting then); a placement that would take it past
 its quota is refused with QuotaExceeded. Releases (`rm`) and expiries lower the agents' reports,
 so the quota comes back.
+
+An open server (no client list) cannot tell clients apart, so it bounds what one source address
+may place: the bytes of every copy it asks agents to take (`OpenBound`), at most a day's
+allowance at once, coming back evenly over a day.
 """
 
 from __future__ import annotations
@@ -17,8 +21,13 @@ import re
 from typing import Iterable
 
 from dsss.errors import AccessDenied, BadRequest, QuotaExceeded
+from dsss.ratelimit import RateLimiter
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+
+DAY = 86400.0
+DEFAULT_OPEN_QUOTA = 64 * 1024**3
+"""Bytes one source address may place per day on an open server, every copy counted."""
 
 PENDING_TTL = 30.0
 """Seconds bytes placed on an agent count against a client unless that agent reports them
@@ -57,6 +66,10 @@ class QuotaBook:
         pending = self.pending.get((agent_id, client)) if client is not None else None
         if pending is not None and leased > before:
             pending[0] = max(0.0, pending[0] - (leased - before))  # placed bytes now reported
+
+    def leased(self, live_agents: Iterable[str]) -> int:
+        """Bytes the `live_agents` report kept by live leases, every owner and replica counted."""
+        return sum(sum(self.reports.get(a, {}).values()) for a in live_agents)
 
     def forget_agent(self, agent_id: str) -> None:
         self.reports.pop(agent_id, None)
@@ -111,3 +124,52 @@ class QuotaBook:
             entry = self.pending.setdefault((agent, client), [0.0, 0.0])
             entry[0] += n
             entry[1] = now + PENDING_TTL
+
+
+def _size(n: float) -> str:
+    value, unit = float(n), "bytes"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(1, int(seconds + 0.999))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{(seconds + 59) // 60} min"
+    return f"{seconds // 3600} h {(seconds % 3600 + 59) // 60} min"
+
+
+class OpenBound:
+    """Bytes placed per source address on an open server: a bucket of `per_day` bytes per
+    address that refills evenly over a day (a full day's allowance at once at most)."""
+
+    def __init__(self, per_day: int, max_keys: int = 65536) -> None:
+        if per_day <= 0:
+            raise ValueError("the open-server bound must be positive")
+        self.per_day = per_day
+        self._bucket = RateLimiter(per_day / DAY, per_day, max_keys)
+        self.refused = 0
+
+    def check(self, source: str | None, placed: int, now: float) -> None:
+        """Count `placed` bytes against `source`, or refuse them all with QuotaExceeded (saying
+        the bound, what is left, and when enough comes back)."""
+        if placed <= 0:
+            return
+        if self._bucket.allow(source, now, placed):
+            return
+        self.refused += 1
+        left = self._bucket.tokens(source, now)
+        bound = (f"this open server takes at most {_size(self.per_day)} a day of uploads from one "
+                 f"address, every copy counted")
+        if placed > self.per_day:
+            raise QuotaExceeded(f"upload bound: {bound}, and this request alone places {_size(placed)}")
+        wait = (placed - left) / self._bucket.rate
+        raise QuotaExceeded(
+            f"upload bound reached: {bound}; {_size(left)} is left now and this needs {_size(placed)}. "
+            f"Enough comes back in {_duration(wait)} (the whole allowance within a day without "
+            f"uploads); the server's operator sets the bound (--open-quota)")

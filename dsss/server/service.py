@@ -37,7 +37,7 @@ from dsss.server.control import MAX_UNREGISTERED_PER_IP, AgentConnection, AgentC
 from dsss.server.placement import REFRESH, Placer
 from dsss.server.audit import Verdict
 from dsss.server.auditor import AUDIT_TICK, Auditor
-from dsss.server.quotas import QuotaBook
+from dsss.server.quotas import OpenBound, QuotaBook
 from dsss.server.journal import StoreJournal
 from dsss.server.registry import AgentRecord, Registry
 from dsss.server.store import Store
@@ -107,6 +107,8 @@ class DiscoveryServer:
             else None
         )
         self.quotas = QuotaBook(config.quota, config.client_quotas)
+        self.open_bound = (OpenBound(config.open_quota)
+                           if config.open_quota is not None and self.verifier is None else None)
         self.http_limiter = RateLimiter(rate=config.http_rate, burst=2 * config.http_rate)
         # `/`, `/api/status` and `/metrics`: limited apart from the API, per IP address.
         self.observe_limiter = RateLimiter(rate=STATUS_RATE, burst=4 * STATUS_RATE)
@@ -459,6 +461,7 @@ class DiscoveryServer:
                 "used": sum(max(0, r.capacity - r.free) for r in live),
                 "parts": sum(len(r.blocks) for r in live),
                 "parts-indexed": self.registry.counts()["indexed-parts"],
+                "leased": self.quotas.leased(r.agent_id for r in live),
             },
             "activity": {**self.stats, **self.metrics.activity(),
                          "relay-dropped-bytes": self.relays.dropped_bytes},

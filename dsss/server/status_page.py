@@ -115,6 +115,7 @@ SCRIPT = """
       card("total-capacity", "Capacity", t.capacity, bytes(t.capacity)),
       card("total-used", "Used", t.used, bytes(t.used)),
       card("total-free", "Free", t.free, bytes(t.free)),
+      card("total-leased", "Leased", t.leased, bytes(t.leased)),
       card("total-parts", "Parts stored", t.parts, String(t.parts)),
       card("total-parts-indexed", "Distinct parts", t["parts-indexed"], String(t["parts-indexed"]))));
     out.push(el("h2", {}, "Activity"));
@@ -301,6 +302,7 @@ def render_sections(status: dict[str, Any]) -> str:
             _card("total-capacity", "Capacity", t["capacity"], format_bytes(t["capacity"])),
             _card("total-used", "Used", t["used"], format_bytes(t["used"])),
             _card("total-free", "Free", t["free"], format_bytes(t["free"])),
+            _card("total-leased", "Leased", t["leased"], format_bytes(t["leased"])),
             _card("total-parts", "Parts stored", t["parts"], str(t["parts"])),
             _card("total-parts-indexed", "Distinct parts", t["parts-indexed"], str(t["parts-indexed"]))),
         _el("h2", None, "Activity"),

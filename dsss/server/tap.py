@@ -82,6 +82,7 @@ class Options(usage.Options):
         ["agents", None, None, "File of allowed agent ids (hex public keys), one per line."],
         ["clients", None, None, "File of allowed client public keys (each optionally followed by its quota, e.g. 10G); requests must then be signed."],
         ["quota", None, None, "With --clients: bytes each client may keep leased, every replica counted, e.g. 100G (default: no quota)."],
+        ["open-quota", None, "64G", "Without --clients: bytes one IP address may place per day, every copy counted, e.g. 500G, or 'off' (no bound)."],
         ["http-rate", None, "200", "HTTP requests per second allowed from one IP address."],
         ["relay-limit", None, "10M", "Bytes per second relayed for one client/agent pair."],
         ["repair-after", None, "600", "Seconds a part may lack replicas before the server copies it again (0: never)."],
@@ -149,6 +150,14 @@ class Options(usage.Options):
                 quota = parse_size(self["quota"])
             except BadRequest as e:
                 raise usage.UsageError(f"--quota: {e}") from None
+        open_quota: int | None = None
+        if self["open-quota"].strip().lower() != "off":
+            try:
+                open_quota = parse_size(self["open-quota"])
+            except BadRequest as e:
+                raise usage.UsageError(f"--open-quota: {e} (or 'off')") from None
+            if open_quota < 1024 * 1024:
+                raise usage.UsageError("--open-quota must be at least 1M (or 'off')")
         try:
             http_rate = float(self["http-rate"])
         except ValueError:
@@ -186,6 +195,7 @@ class Options(usage.Options):
             allowed_clients=clients,
             quota=quota,
             client_quotas=client_quotas,
+            open_quota=open_quota,
             http_rate=http_rate,
             relay_limit=relay_limit,
             repair_after=_repair_after(self["repair-after"]),

@@ -103,7 +103,7 @@ def test_status_reports_agents_totals_and_activity(server):
     assert first["last-heartbeat"] == 1.5
     assert doc["totals"] == {
         "agents": 2, "live": 2, "departed": 0, "capacity": 24_000, "free": 14_000, "used": 10_000,
-        "parts": 1, "parts-indexed": 1,
+        "parts": 1, "parts-indexed": 1, "leased": 0,
     }  # b answered "0" to WHO_HAS, so the server forgot that it holds the part
     activity = doc["activity"]
     assert {k: activity[k] for k in ("puts", "gets", "who-has", "failures", "relayed-bytes")} == {
@@ -180,6 +180,20 @@ def test_status_page_shows_the_status_escaped(server):
         inline = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S).group(1)
         digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
         assert f"'sha256-{digest}'" in csp
+
+
+def test_status_totals_the_bytes_live_agents_report_leased(server):
+    treq, a, b = busy_network(server)
+    a.reply(f"LEASED {'1' * 64}:3000 {'2' * 64}:500")
+    b.reply(f"LEASED {'1' * 64}:1000")
+    assert a.sent()[-1].endswith("OK") and b.sent()[-1].endswith("OK")
+    a.reply(f"LEASED {'2' * 64}:0")  # released (rm) or expired: no longer counted
+    doc = json.loads(fetch(treq, "/api/status")[0][2])
+    assert doc["totals"]["leased"] == 4000
+    page = fetch(treq, "/")[0][2].decode()
+    assert 'id="total-leased" data-value="4000">3.9 KiB<' in page
+    metrics = samples(fetch(treq, "/metrics")[0][2].decode())
+    assert metrics[("dsss_leased_bytes", ())] == 4000
 
 
 def test_status_page_without_agents(server):

@@ -98,6 +98,15 @@ def test_server_distinct_networks_option(value, rule):
     assert ServerService(UDPMemoryReactor(), opts.config).server.placer.rule == opts.config.distinct_networks
 
 
+@pytest.mark.parametrize("value, bound", [(None, 64 * 1024**3), ("500G", 500 * 1024**3), ("off", None)])
+def test_server_open_quota_option(value, bound):
+    opts = server_tap.Options()
+    opts.parseOptions([] if value is None else ["--open-quota", value])
+    assert opts.config.open_quota == bound
+    server = ServerService(UDPMemoryReactor(), opts.config).server
+    assert (server.open_bound.per_day if server.open_bound is not None else None) == bound
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -116,6 +125,8 @@ def test_server_distinct_networks_option(value, rule):
         ["--distinct-networks", "24"],
         ["--distinct-networks", "33,48"],
         ["--distinct-networks", "no"],
+        ["--open-quota", "lots"],
+        ["--open-quota", "1K"],
         ["--bogus"],
     ],
 )

@@ -299,3 +299,54 @@ def test_a_quota_is_enforced_and_given_back_by_rm(make_network, tmp_path):
     net.client("rm", first, key=alice)
     wait_until("the released bytes are given back", lambda: leased() == 0, timeout=60)
     net.client("put", "--part-size", "64K", str(src), key=alice)
+
+
+def test_a_tree_is_leased_renewed_and_removed_as_a_whole(make_network, tmp_path):
+    net = network(make_network, 3, *FAST_GC)
+    root = tmp_path / "tree"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "top.txt").write_bytes(os.urandom(100))
+    (root / "a" / "big.bin").write_bytes(os.urandom(2 * 65536 + 3))  # three parts and a manifest
+    (root / "a" / "b" / "deep.txt").write_bytes(os.urandom(5000))
+    r = net.client("put", "-r", "--part-size", "64K", "--keep", "2d", str(root))
+    address = r.stdout.decode().split()[0]
+    stored = all_blobs(net)
+    # Four directories, three files' manifests and big.bin's three parts, each on every agent.
+    assert address in stored and len(stored) >= 4 + 3 + 3
+    owner = owner_of(net.key)
+
+    def expiries() -> dict[str, int]:
+        """Every blob on every agent, and the expiry of this key's lease on it there."""
+        return {f"{b}@{i}": records(a, b)[owner][0] for i, a in enumerate(net.agents) for b in blobs(a)}
+
+    # Directories are kept as long as the files: every blob for the put's --keep.
+    assert all(abs(e - (time.time() + 2 * DAY)) < 600 for e in expiries().values())
+
+    r = net.client("renew", "--keep", "30d", address)
+    assert r.stdout.decode().startswith(f"renewed {address} tree/ until ")
+    assert all(abs(e - (time.time() + 30 * DAY)) < 600 for e in expiries().values())
+    listed = {e["address"]: e for e in json.loads(net.client("ls", "--json").stdout)["files"]}
+    assert abs(listed[address]["expires"] - (time.time() + 30 * DAY)) < 600
+
+    r = net.client("rm", address)
+    assert r.stdout.decode().startswith(f"removed {address} tree/ (3 files)")
+    wait_until("every agent's store is empty again", lambda: not all_blobs(net), timeout=30)
+    assert net.client("rm", address, check=False).returncode == 3
+
+
+def test_an_open_server_bounds_what_one_address_places(make_network, tmp_path):
+    # 3 parts of 64K and a manifest on 3 agents: about 600 KiB of the 1 MiB a day allowed.
+    net = network(make_network, 3, server=("--open-quota=1M",))
+    first = put(net, tmp_path, "first.bin", 3 * 65536)
+    src = tmp_path / "second.bin"
+    src.write_bytes(os.urandom(3 * 65536))
+    refused = net.client("put", "--part-size", "64K", str(src), check=False)
+    assert refused.returncode == 10, refused.stderr
+    message = refused.stderr.decode()
+    assert "this open server takes at most 1.0 MiB a day of uploads from one address" in message
+    assert "Enough comes back in " in message
+    # What was stored before stays readable; downloads are not bounded.
+    out = tmp_path / "first.out"
+    net.client("get", first, "-o", str(out))
+    assert out.read_bytes() == (tmp_path / "first.bin").read_bytes()

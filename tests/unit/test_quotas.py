@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsss.errors import AccessDenied, BadRequest, QuotaExceeded
-from dsss.server.quotas import PENDING_TTL, QuotaBook
+from dsss.server.quotas import DAY, PENDING_TTL, OpenBound, QuotaBook
 
 ALICE, BOB = "a" * 64, "b" * 64
 KA, KB = "1" * 64, "2" * 64
@@ -52,3 +52,24 @@ def test_per_client_quotas_and_no_quota() -> None:
         q.check(ALICE, KA, [("agent1", 11)], ["agent1"], 0.0)
     q.check(BOB, KB, [("agent1", 10**12)], ["agent1"], 0.0)  # no quota for Bob
     assert QuotaBook(None).enabled is False
+
+
+def test_the_open_bound_refuses_past_a_days_allowance_per_address_and_refills() -> None:
+    bound = OpenBound(1000 * 1024)
+    bound.check("10.0.0.1", 600 * 1024, 0.0)
+    with pytest.raises(QuotaExceeded) as refused:
+        bound.check("10.0.0.1", 600 * 1024, 1.0)
+    text = str(refused.value)
+    assert "at most 1000.0 KiB a day of uploads from one address" in text
+    assert "400.0 KiB is left now and this needs 600.0 KiB" in text
+    # 200 KiB more are needed, at 1000 KiB a day: a fifth of a day.
+    assert f"Enough comes back in {int(DAY / 5) // 3600} h" in text
+    assert bound.refused == 1
+    bound.check("10.0.0.2", 600 * 1024, 1.0)  # another address has its own allowance
+    bound.check("10.0.0.1", 0, 1.0)  # downloads (no bytes placed) are never refused
+    # A refused request took nothing: a fifth of a day later it fits.
+    with pytest.raises(QuotaExceeded):
+        bound.check("10.0.0.1", 600 * 1024, DAY / 5 - 60)
+    bound.check("10.0.0.1", 600 * 1024, DAY / 5 + 1)
+    with pytest.raises(QuotaExceeded, match="this request alone places"):
+        bound.check("10.0.0.3", 2000 * 1024, 0.0)

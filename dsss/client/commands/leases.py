@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsss.client import catalog
 from dsss.client.commands.common import (
@@ -21,10 +21,14 @@ from dsss.client.commands.common import (
 )
 from dsss.client.config import Settings
 from dsss.client.leasing import LeaseIncomplete, LeaseReport, check_report, release_leases, take_leases
+from dsss.crypto.manifest import clean_name
 from dsss.client.render import dump_json, human_size, local_date
 from dsss.crypto.keys import load_key_file
 from dsss.errors import DSSSError, NotFound
 from dsss.leases import DEFAULT_KEEP, MAX_TERM, NOT_FOUND, OK, parse_duration
+
+if TYPE_CHECKING:
+    from dsss.client.tree import Kept
 
 KEEP_HELP = (f"how long the network keeps the file unless renewed, e.g. 90d, 12h, 2w, 1y "
              f"(default {DEFAULT_KEEP // 86400}d)")
@@ -98,9 +102,34 @@ def _report_doc(report: LeaseReport) -> dict[str, Any]:
     }
 
 
+def _unreleased(report: LeaseReport) -> int:
+    """Block copies whose release some holder did not take (released, or already gone from
+    that holder: either way not kept by this key there)."""
+    unreleased = [b for b, per in report.outcomes.items()
+                  if any(o.status not in (OK, NOT_FOUND) for o in per.values())]
+    return sum(len(per) for per in report.errors.values()) + len(unreleased)
+
+
+async def _release(session: Any, address: str, kept: "Kept") -> LeaseReport:
+    """Release every block of `kept`; a tree's files first, its directories only once every file
+    is released (so that a failed rm can be run again: the directories, still kept, name the
+    files). LeaseIncomplete if some holder did not take a release."""
+    report = await release_leases(session, [b for f in kept.files for b in f])
+    if kept.directory and not _unreleased(report):
+        more = await release_leases(session, kept.dirs)
+        for name in ("outcomes", "errors"):
+            getattr(report, name).update(getattr(more, name))
+        report.missing += more.missing
+    where = _unreleased(report)
+    if where:
+        raise LeaseIncomplete(
+            f"{address}: released on some holders, but {where} block copies could not be "
+            f"released now (their lease ends when it expires); run rm again later")
+    return report
+
+
 async def cmd_rm(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.getflow import fetch_manifest
-    from dsss.client.leasing import manifest_blocks
+    from dsss.client.tree import kept_blocks, printable
 
     addresses = list(dict.fromkeys(map(check_address, args.addresses)))
     key = load_key_file(settings.key)
@@ -111,18 +140,8 @@ async def cmd_rm(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
     try:
         for address in addresses:
             try:
-                manifest, _ = await fetch_manifest(session, address, key)
-                report = await release_leases(session, manifest_blocks(address, manifest))
-                # Released, or gone from that holder already: either way not kept by us there.
-                unreleased = {
-                    b: per for b, per in report.outcomes.items()
-                    if any(o.status not in (OK, NOT_FOUND) for o in per.values())
-                }
-                if report.errors or unreleased:
-                    where = sum(len(per) for per in report.errors.values()) + len(unreleased)
-                    raise LeaseIncomplete(
-                        f"{address}: released on some holders, but {where} block copies could not be "
-                        f"released now (their lease ends when it expires); run rm again later")
+                kept = await kept_blocks(session, address, key)
+                report = await _release(session, address, kept)
             except DSSSError as e:
                 failures.append(e)
                 docs.append({"address": address, "removed": False, "error": str(e), "code": e.code})
@@ -130,12 +149,18 @@ async def cmd_rm(reactor: Any, args: argparse.Namespace, settings: Settings) -> 
             shared = report.shared_blocks()
             entry = known.get(address)
             record(settings, catalog.Entry(
-                address=address, name=manifest.name, size=manifest.size, parts=len(manifest.parts),
+                address=address, name=clean_name(kept.name), size=kept.size, parts=kept.parts,
                 created=entry.created if entry else int(time.time()), kind=catalog.KIND_REMOVED,
-                source=entry.source if entry else None))
-            docs.append({"address": address, "name": manifest.name, "removed": True, **_report_doc(report)})
+                source=entry.source if entry else None, directory=kept.directory))
+            doc = {"address": address, "name": kept.name, "removed": True, **_report_doc(report)}
+            if kept.directory:
+                doc.update({"type": "directory", "files": kept.parts, "files-gone": len(kept.missing)})
+            docs.append(doc)
             if not args.json:
-                print(f"removed {address} {manifest.name}")
+                print(f"removed {address} {printable(kept.name)}"
+                      + (f"/ ({kept.parts} files)" if kept.directory else ""))
+                if kept.missing:
+                    print(f"  {len(kept.missing)} of its files were gone already", file=sys.stderr)
                 if shared:
                     print(f"  {len(shared)} of its blocks stay: another key holds leases on them "
                           f"(a shared file stays for its other owners)", file=sys.stderr)
@@ -157,8 +182,7 @@ def _summary(failures: list[DSSSError], total: int) -> DSSSError:
 
 
 async def cmd_renew(reactor: Any, args: argparse.Namespace, settings: Settings) -> int:
-    from dsss.client.getflow import fetch_manifest
-    from dsss.client.leasing import manifest_blocks
+    from dsss.client.tree import kept_blocks, printable
 
     keep = keep_seconds(args.keep)
     known = _entries(settings)
@@ -177,8 +201,14 @@ async def cmd_renew(reactor: Any, args: argparse.Namespace, settings: Settings) 
         for address in addresses:
             now = int(time.time())
             try:
-                manifest, _ = await fetch_manifest(session, address, key)
-                report = await take_leases(session, manifest_blocks(address, manifest), keep, now)
+                kept = await kept_blocks(session, address, key)
+                if kept.missing:
+                    raise NotFound(f"{printable('/'.join(kept.missing[0]))} and {len(kept.missing) - 1} more "
+                                   f"file(s) of this tree are gone; nothing was renewed"
+                                   if len(kept.missing) > 1 else
+                                   f"{printable('/'.join(kept.missing[0]))} of this tree is gone; "
+                                   f"nothing was renewed")
+                report = await take_leases(session, kept.blocks(), keep, now)
                 check_report(report, "renew")
             except DSSSError as e:
                 if isinstance(e, NotFound):
@@ -190,13 +220,14 @@ async def cmd_renew(reactor: Any, args: argparse.Namespace, settings: Settings) 
             kind = entry.kind if entry is not None and entry.kind != catalog.KIND_REMOVED else (
                 catalog.KIND_PUT if entry is not None else catalog.KIND_LEASED)
             record(settings, catalog.Entry(
-                address=address, name=manifest.name, size=manifest.size, parts=len(manifest.parts),
+                address=address, name=clean_name(kept.name), size=kept.size, parts=kept.parts,
                 created=entry.created if entry else now, kind=kind,
-                source=entry.source if entry else None, expires=now + keep))
-            docs.append({"address": address, "name": manifest.name, "renewed": True,
+                source=entry.source if entry else None, directory=kept.directory, expires=now + keep))
+            docs.append({"address": address, "name": kept.name, "renewed": True,
                          "expires": now + keep, **_report_doc(report)})
             if not args.json:
-                print(f"renewed {address} {manifest.name} until {local_date(now + keep)}")
+                shown = printable(kept.name) + ("/" if kept.directory else "")
+                print(f"renewed {address} {shown} until {local_date(now + keep)}")
             partial = [b for b, per in report.errors.items() if per]
             if partial and not args.json:
                 warn(f"{address}: {len(partial)} block(s) could not be renewed on every holder")

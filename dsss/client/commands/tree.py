@@ -24,6 +24,7 @@ from dsss.client.commands.common import (
     session_for,
     warn,
 )
+from dsss.client.commands.leases import keep_seconds
 from dsss.client.config import Settings
 from dsss.client.render import count_bar, dump_json, human_size, local_date, table, utc_iso
 from dsss.crypto.directory import BadName, Directory, Entry, check_name
@@ -65,9 +66,11 @@ async def cmd_put_tree(reactor: Any, args: argparse.Namespace, settings: Setting
             raise CommandLineError("put -r takes directories; `-` (stdin) is a file: put it without -r")
         if not os.path.isdir(name):
             raise CommandLineError(f"{name}: not a directory (put -r stores directories; put a file without -r)")
+    keep = keep_seconds(getattr(args, "keep", None))
     scanned = [scan_tree(name) for name in args.files]  # every tree checked before anything is stored
     key = load_key_file(settings.key)
     session = await session_for(reactor, args, settings, key)
+    session.keep = keep  # every file's and directory's leases (dsss/client/leasing.py)
     try:
         for given, (top, skipped) in zip(args.files, scanned):
             for s in skipped[:SKIPPED_SHOWN]:
@@ -85,9 +88,10 @@ async def cmd_put_tree(reactor: Any, args: argparse.Namespace, settings: Setting
                                         on_file=stored)
             finally:
                 close()
+            now = int(time.time())
             record(settings, catalog.Entry(address=result.address, name=clean_name(top.name or str(given)),
                                            size=result.bytes, parts=result.files,
-                                           created=int(time.time()), directory=True))
+                                           created=now, directory=True, expires=now + keep))
             if args.json:
                 print(json.dumps({"address": result.address, "directory": given, "name": top.name,
                                   "files": result.files, "directories": result.directories,
