@@ -31,18 +31,15 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from nacl import bindings
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.public import PrivateKey, PublicKey
 
-from dsss.crypto.parts import KEY_BYTES, TAG_BYTES
-from dsss.errors import DSSSError, IntegrityError, RemoteProtocolError, WrongKey
+from dsss.crypto import envelope
+from dsss.crypto.parts import KEY_BYTES
+from dsss.errors import DSSSError, RemoteProtocolError
 from dsss.model import block_hash, is_block_id, is_share_id
 
 MAGIC = b"DSSSD\x01"
-SEALED_KEY_BYTES = KEY_BYTES + 48
-NONCE_BYTES = 24
-HEADER_BYTES = len(MAGIC) + SEALED_KEY_BYTES + NONCE_BYTES
+HEADER_BYTES = len(MAGIC) + envelope.SEALED_KEY_BYTES + envelope.NONCE_BYTES
 VERSION = 1
 TYPE_DIRECTORY = "directory"
 TYPE_CONTINUATION = "continuation"
@@ -193,12 +190,7 @@ def _body_json(body: dict[str, Any]) -> bytes:
 
 
 def _seal(body: bytes, owner: PublicKey) -> bytes:
-    key = os.urandom(KEY_BYTES)
-    sealed = SealedBox(owner).encrypt(key)
-    assert len(sealed) == SEALED_KEY_BYTES
-    nonce = os.urandom(NONCE_BYTES)
-    ciphertext = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(body, MAGIC + sealed, nonce, key)
-    return MAGIC + sealed + nonce + ciphertext
+    return envelope.seal(MAGIC, body, os.urandom(KEY_BYTES), owner)
 
 
 def seal_directory(
@@ -237,18 +229,7 @@ def seal_directory(
 def _open(blob: bytes, private_key: PrivateKey) -> dict[str, Any]:
     """The JSON body of a directory blob, as a dict; WrongKey, IntegrityError or
     RemoteProtocolError if it cannot be read."""
-    if len(blob) < HEADER_BYTES + TAG_BYTES or not blob.startswith(MAGIC):
-        raise IntegrityError("this address does not hold a DSSS directory")
-    sealed = blob[len(MAGIC) : len(MAGIC) + SEALED_KEY_BYTES]
-    nonce = blob[len(MAGIC) + SEALED_KEY_BYTES : HEADER_BYTES]
-    try:
-        key = SealedBox(private_key).decrypt(sealed)
-    except CryptoError:
-        raise WrongKey("this directory was not stored for your key") from None
-    try:
-        body = bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(blob[HEADER_BYTES:], MAGIC + sealed, nonce, key)
-    except CryptoError:
-        raise IntegrityError("the directory does not authenticate") from None
+    body, _ = envelope.open_sealed(MAGIC, blob, private_key, "directory", "directory")
     try:
         doc = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):

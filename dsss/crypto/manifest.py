@@ -30,28 +30,26 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from nacl import bindings
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.public import PrivateKey, PublicKey
 
+from dsss.crypto import envelope
 from dsss.crypto.directory import MAGIC as DIRECTORY_MAGIC
 from dsss.crypto.directory import IsDirectory
-from dsss.crypto.parts import CIPHER, FILE_ID_BYTES, KEY_BYTES, TAG_BYTES
-from dsss.errors import DSSSError, IntegrityError, RemoteProtocolError, WrongKey
+from dsss.crypto.parts import CIPHER, FILE_ID_BYTES, TAG_BYTES
+from dsss.errors import DSSSError, RemoteProtocolError
 from dsss.erasure import Coding, CodingError
 from dsss.model import is_block_id, is_share_id
 
 MAGIC = b"DSSSM\x02"
 OLD_MAGICS = {b"DSSSM\x01": 1}
 """Magics of older manifest formats, and their format numbers."""
-SEALED_KEY_BYTES = KEY_BYTES + 48
-NONCE_BYTES = 24
+SEALED_KEY_BYTES = envelope.SEALED_KEY_BYTES
+NONCE_BYTES = envelope.NONCE_BYTES
 VERSION = 1
 VERSION_INLINE = 2  # the body carries the file's only part itself (`inline`)
 VERSION_ERASURE = 3  # parts erasure-coded into shares (`erasure`, each part's share IDs)
@@ -264,12 +262,7 @@ def clean_name(name: str) -> str:
 
 
 def seal_manifest(manifest: Manifest, file_key: bytes, owner: PublicKey) -> bytes:
-    sealed = SealedBox(owner).encrypt(file_key)
-    assert len(sealed) == SEALED_KEY_BYTES
-    nonce = os.urandom(NONCE_BYTES)
-    ad = MAGIC + sealed
-    body = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(manifest.to_json(), ad, nonce, file_key)
-    return MAGIC + sealed + nonce + body
+    return envelope.seal(MAGIC, manifest.to_json(), file_key, owner)
 
 
 def reseal_for(blob: bytes, private_key: PrivateKey, recipient: PublicKey) -> bytes:
@@ -280,23 +273,9 @@ def reseal_for(blob: bytes, private_key: PrivateKey, recipient: PublicKey) -> by
 
 def open_manifest(blob: bytes, private_key: PrivateKey) -> tuple[Manifest, bytes]:
     """Return the manifest and the file key; WrongKey if this key cannot open it."""
-    header = len(MAGIC) + SEALED_KEY_BYTES + NONCE_BYTES
     refuse_old(blob)
     if blob.startswith(DIRECTORY_MAGIC):
         raise IsDirectory("this address is a directory (use -r: `get -r ADDRESS -o DIR`; "
                           "`ls ADDRESS` lists it)")
-    if len(blob) < header + TAG_BYTES or not blob.startswith(MAGIC):
-        raise IntegrityError("this address does not hold a DSSS manifest")
-    sealed = blob[len(MAGIC) : len(MAGIC) + SEALED_KEY_BYTES]
-    nonce = blob[len(MAGIC) + SEALED_KEY_BYTES : header]
-    try:
-        file_key = SealedBox(private_key).decrypt(sealed)
-    except CryptoError:
-        raise WrongKey("this file was not stored for your key") from None
-    try:
-        body = bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            blob[header:], MAGIC + sealed, nonce, file_key
-        )
-    except CryptoError:
-        raise IntegrityError("the manifest does not authenticate") from None
+    body, file_key = envelope.open_sealed(MAGIC, blob, private_key, "manifest", "file")
     return Manifest.from_json(body), file_key
