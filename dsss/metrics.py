@@ -360,6 +360,10 @@ class _ServerStateCollector(Collector):
         reports = server.quotas.reports
         yield gauge("dsss_leased_bytes", "Bytes live agents report kept by live leases (each replica counts).",
                     sum(sum(reports.get(r.agent_id, {}).values()) for r in live))
+        yield gauge("dsss_expired_bytes", "Bytes live agents report whose leases all ended (to be collected).",
+                    sum(r.expired_bytes for r in live))
+        yield gauge("dsss_collected_bytes", "Bytes registered agents report collected since each started.",
+                    sum(r.collected_bytes for r in records))
         yield CounterMetricFamily("dsss_quota_refused", "Placements refused for passing a client's quota.",
                                   value=server.quotas.refused)
         if server.open_bound is not None:

@@ -240,6 +240,12 @@ class ServerConnection(ControlLineProtocol):
         for start in range(0, len(owners), wc.MAX_HASHES_PER_LINE):
             self._notify(wc.Leased(tuple(owners[start : start + wc.MAX_HASHES_PER_LINE])))
 
+    def report_collected(self, expired: int, collected: int) -> None:
+        """Tell the server what garbage collection has waiting and has done (its status page)."""
+        if self.welcome is None:
+            return
+        self._notify(wc.Collected(expired, collected))
+
     def report_space(self) -> None:
         if self.welcome is None:
             return

@@ -116,6 +116,7 @@ class StorageAgent:
         self.leases_refused = 0  # records refused (forged, stale, too long, for absent parts)
         self.collected_parts = 0
         self.collected_bytes = 0
+        self._reported_gc: tuple[int, int] | None = None  # (expired, collected) last told the server
         self._gc_budget = 0.0
         self._next_prune = float("-inf")
         # Bytes each owner's leases keep here, as last reported to the server (for its quotas),
@@ -232,6 +233,10 @@ class StorageAgent:
         self._reported_leases = totals
         if changed:
             self.connection.report_leased(sorted(changed))
+        gc = (self.lease_totals()[1], self.collected_bytes)
+        if gc != self._reported_gc:
+            self._reported_gc = gc
+            self.connection.report_collected(*gc)
 
     def lease_totals(self) -> tuple[int, int]:
         """Bytes stored here under a live lease (or hold), and bytes whose leases all ended
@@ -254,6 +259,7 @@ class StorageAgent:
         self.connection = conn
         self.welcome = welcome
         self._reported_leases = {}  # a new connection: report every owner again
+        self._reported_gc = None
         self.leases_changed = True
         log.info("registered with the server as {agent}", agent=self.identity.agent_id)
         target = self.server_udp_address()

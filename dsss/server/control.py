@@ -228,6 +228,9 @@ class AgentConnection(ControlLineProtocol):
         if isinstance(msg, wc.Space):
             registry.space(self.record, msg.capacity, msg.free)
             return wc.Ok()
+        if isinstance(msg, wc.Collected):
+            self.record.expired_bytes, self.record.collected_bytes = msg.expired, msg.collected
+            return wc.Ok()
         if isinstance(msg, wc.Leased):
             for owner, leased in msg.owners:
                 self.server.quotas.report(self.record.agent_id, owner, leased)

@@ -134,6 +134,10 @@ class AgentRecord:
     # The address it listens at on its own network (LOCAL), for agents behind the same NAT.
     local: PeerAddress | None = None
     blocks: ClaimSet = field(default_factory=ClaimSet)
+    # What its garbage collection reported (COLLECTED): bytes whose leases all ended, waiting
+    # to be collected, and bytes collected since the agent started.
+    expired_bytes: int = 0
+    collected_bytes: int = 0
     # When this agent last passed an audit of each part it claims (parts never proven are absent).
     proven: dict[str, float] = field(default_factory=dict)
 

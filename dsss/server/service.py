@@ -462,6 +462,8 @@ class DiscoveryServer:
                 "parts": sum(len(r.blocks) for r in live),
                 "parts-indexed": self.registry.counts()["indexed-parts"],
                 "leased": self.quotas.leased(r.agent_id for r in live),
+                "expired": sum(r.expired_bytes for r in live),
+                "collected": sum(r.collected_bytes for r in records),
             },
             "activity": {**self.stats, **self.metrics.activity(),
                          "relay-dropped-bytes": self.relays.dropped_bytes},

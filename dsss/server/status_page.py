@@ -116,6 +116,8 @@ SCRIPT = """
       card("total-used", "Used", t.used, bytes(t.used)),
       card("total-free", "Free", t.free, bytes(t.free)),
       card("total-leased", "Leased", t.leased, bytes(t.leased)),
+      card("total-expired", "Expired", t.expired, bytes(t.expired)),
+      card("total-collected", "Collected", t.collected, bytes(t.collected)),
       card("total-parts", "Parts stored", t.parts, String(t.parts)),
       card("total-parts-indexed", "Distinct parts", t["parts-indexed"], String(t["parts-indexed"]))));
     out.push(el("h2", {}, "Activity"));
@@ -303,6 +305,8 @@ def render_sections(status: dict[str, Any]) -> str:
             _card("total-used", "Used", t["used"], format_bytes(t["used"])),
             _card("total-free", "Free", t["free"], format_bytes(t["free"])),
             _card("total-leased", "Leased", t["leased"], format_bytes(t["leased"])),
+            _card("total-expired", "Expired", t["expired"], format_bytes(t["expired"])),
+            _card("total-collected", "Collected", t["collected"], format_bytes(t["collected"])),
             _card("total-parts", "Parts stored", t["parts"], str(t["parts"])),
             _card("total-parts-indexed", "Distinct parts", t["parts-indexed"], str(t["parts-indexed"]))),
         _el("h2", None, "Activity"),

@@ -97,6 +97,15 @@ class Leased:
 
 
 @dataclass(frozen=True)
+class Collected:
+    """Agent -> server: bytes of stored blocks whose leases have all ended (waiting to be
+    collected), and bytes collected since the agent started."""
+
+    expired: int
+    collected: int
+
+
+@dataclass(frozen=True)
 class Space:
     capacity: int
     free: int
@@ -229,7 +238,7 @@ class Error:
     text: str
 
 
-Request = Union[Hi, Register, Have, Gone, Leased, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate,
+Request = Union[Hi, Register, Have, Gone, Leased, Collected, Space, Local, WhoHas, IntroductionRequest, Ping, Replicate,
                 Audit, Digest, Resend, Synced]
 Reply = Union[Welcome, Bit, IntroKey, Pong, Ok, Error, Proof, Diff]
 Message = Union[Request, Reply]
@@ -418,6 +427,9 @@ def parse_line(line: bytes) -> Message:
                 raise RemoteProtocolError("LEASED: owner is not 64 hex digits")
             owners.append((owner, _int(n, "bytes")))
         return Leased(tuple(owners))
+    if verb == "COLLECTED":
+        _arity(args, 2, "COLLECTED <expired-bytes> <collected-bytes>")
+        return Collected(_int(args[0], "expired bytes"), _int(args[1], "collected bytes"))
     if verb == "SPACE":
         _arity(args, 2, "SPACE <capacity> <free>")
         return Space(_int(args[0], "capacity"), _int(args[1], "free"))
@@ -510,6 +522,8 @@ def encode(msg: Message) -> bytes:
         text = "GONE " + " ".join(check_block_id(b) for b in msg.blocks)
     elif isinstance(msg, Leased):
         text = "LEASED " + " ".join(f"{o}:{n}" for o, n in msg.owners)
+    elif isinstance(msg, Collected):
+        text = f"COLLECTED {msg.expired} {msg.collected}"
     elif isinstance(msg, Space):
         text = f"SPACE {msg.capacity} {msg.free}"
     elif isinstance(msg, Local):

@@ -103,7 +103,7 @@ def test_status_reports_agents_totals_and_activity(server):
     assert first["last-heartbeat"] == 1.5
     assert doc["totals"] == {
         "agents": 2, "live": 2, "departed": 0, "capacity": 24_000, "free": 14_000, "used": 10_000,
-        "parts": 1, "parts-indexed": 1, "leased": 0,
+        "parts": 1, "parts-indexed": 1, "leased": 0, "expired": 0, "collected": 0,
     }  # b answered "0" to WHO_HAS, so the server forgot that it holds the part
     activity = doc["activity"]
     assert {k: activity[k] for k in ("puts", "gets", "who-has", "failures", "relayed-bytes")} == {
@@ -194,6 +194,24 @@ def test_status_totals_the_bytes_live_agents_report_leased(server):
     assert 'id="total-leased" data-value="4000">3.9 KiB<' in page
     metrics = samples(fetch(treq, "/metrics")[0][2].decode())
     assert metrics[("dsss_leased_bytes", ())] == 4000
+
+
+def test_status_totals_what_agents_report_expired_and_collected(server):
+    treq, a, b = busy_network(server)
+    a.reply("COLLECTED 7000 1000")
+    b.reply("COLLECTED 500 2048")
+    a.reply("COLLECTED 2000 6000")  # a later report replaces the earlier one
+    assert a.sent()[-1].endswith("OK") and b.sent()[-1].endswith("OK")
+    b.reply("COLLECTED 500")
+    assert "ERROR" in b.sent()[-1]  # malformed: refused, nothing changes
+    doc = json.loads(fetch(treq, "/api/status")[0][2])
+    assert doc["totals"]["expired"] == 2500 and doc["totals"]["collected"] == 8048
+    page = fetch(treq, "/")[0][2].decode()
+    assert 'id="total-expired" data-value="2500">2.4 KiB<' in page
+    assert 'id="total-collected" data-value="8048">7.9 KiB<' in page
+    metrics = samples(fetch(treq, "/metrics")[0][2].decode())
+    assert metrics[("dsss_expired_bytes", ())] == 2500
+    assert metrics[("dsss_collected_bytes", ())] == 8048
 
 
 def test_status_page_without_agents(server):

@@ -111,12 +111,17 @@ def test_rm_frees_the_space_on_every_agent(make_network, tmp_path):
         assert [(lease["owner"], lease["yours"]) for lease in leases] == [(owner, True)]
         assert abs(leases[0]["expires"] - (time.time() + 90 * DAY)) < 600
 
+    stored = sum(sum(blobs(a).values()) for a in net.agents)
     r = net.client("rm", address)
     assert r.stdout.decode().startswith(f"removed {address} f.bin")
     wait_until("every agent's store is empty again", lambda: not all_blobs(net), timeout=30)
     # The server dropped them from its index (the agents reported them gone).
     wait_until("the server forgets the holders",
                lambda: all(not net.http(f"/api/who-has?q={b}")[1]["addresses"] for b in blocks), timeout=30)
+    # The status page counts what the agents collected: every copy of the file's blocks.
+    wait_until("the server shows the bytes collected",
+               lambda: net.status()["totals"]["collected"] >= stored, timeout=30, interval=0.5,
+               detail=lambda: net.status()["totals"])
     assert address not in net.client("ls").stdout.decode()
     # Removed is removed: a second rm finds nothing.
     again = net.client("rm", address, check=False)

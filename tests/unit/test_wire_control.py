@@ -768,3 +768,12 @@ def test_mutated_valid_line_parse_or_protocol_error(msg: wc.Message, data: st.Da
     except RemoteProtocolError:
         return
     assert parse_line(encode(parsed)) == parsed
+
+
+def test_collected_round_trips_and_is_checked() -> None:
+    msg = wc.parse_line(b"COLLECTED 2500 8048")
+    assert msg == wc.Collected(2500, 8048)
+    assert wc.encode(msg) == b"COLLECTED 2500 8048"
+    for bad in (b"COLLECTED 1", b"COLLECTED 1 2 3", b"COLLECTED -1 2", b"COLLECTED x 2"):
+        with pytest.raises(RemoteProtocolError):
+            wc.parse_line(bad)
