@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 
 from dsss.erasure import Coding
 from dsss.errors import LocalUsageError, TooFewAgents
@@ -44,6 +45,11 @@ NON_LOOPBACK_DATAGRAM_SIZE = 1452
 Ethernet MTU behind PPPoE and an IPv6 header."""
 
 DEFAULT_PARALLEL = 4
+
+WARMING_PATIENCE = 15.0
+"""Seconds a put short of agents waits for a server that has just started (and says so) to
+hear from more of them before it refuses (exit 9)."""
+WARMING_POLL = 0.5
 
 
 class UploadLease(TypedDict, total=False):
@@ -79,17 +85,27 @@ class Session:
     # Store new files' parts erasure-coded (k-of-n shares, one agent each) instead of as
     # `replicas` whole copies.
     erasure: Coding | None = None
-    # Live agents when the session opened, as the server said (None: it did not say).
+    # Live agents when the session opened, as the server said (None: it did not say), and
+    # whether the server had just started then (more agents may still be registering).
     agents: int | None = None
+    warming: bool = False
 
     def agents_needed(self) -> int:
         """Distinct agents a new file needs: the replica count (its manifest), or more for the
         shares of an erasure coding."""
         return max(self.replicas, self.erasure.n if self.erasure is not None else 0)
 
-    def check_enough_agents(self) -> None:
-        """TooFewAgents if the server said it has fewer live agents than a new file needs."""
+    async def check_enough_agents(self, clock: Any, patience: float = WARMING_PATIENCE) -> None:
+        """TooFewAgents if the server says it has fewer live agents than a new file needs. A
+        server that has just started may still be hearing from its agents: while it says so
+        (for at most `patience` seconds), its count is asked again before the put is refused."""
         need = self.agents_needed()
+        waited = 0.0
+        while self.agents is not None and self.agents < need and self.warming and waited < patience:
+            await deferLater(clock, WARMING_POLL, lambda: None)
+            waited += WARMING_POLL
+            info = await self.discovery.info()
+            self.agents, self.warming = info.agents, info.warming
         if self.agents is not None and self.agents < need:
             what = (f"{self.replicas} copies of each block" if self.erasure is None
                     else f"{self.erasure.n} shares of each part, each on its own agent")
@@ -251,4 +267,4 @@ async def open_session(
     discovery.lease_key = signer.owner
     return Session(discovery=discovery, peers=peers, replicas=info.replicas, parallel=options.parallel,
                    chain=chain, offload=offload, erasure=options.erasure,
-                   agents=None if info.warming else info.agents, leases=signer)
+                   agents=info.agents, warming=info.warming, leases=signer)

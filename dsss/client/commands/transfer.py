@@ -133,7 +133,7 @@ async def cmd_put(reactor: Any, args: argparse.Namespace, settings: Settings) ->
     keep = keep_seconds(args.keep)
     session = await session_for(reactor, args, settings, key)
     try:
-        session.check_enough_agents()
+        await session.check_enough_agents(reactor)
     except DSSSError:
         await session.peers.close()
         raise
