@@ -223,6 +223,12 @@ def test_check_shows_claimed_and_proven_apart(make_network, tmp_path):
     sizes = blobs(honest[0])
     claims = tmp_path / "claims"
     claims.write_text("".join(f"{b} {sizes[b]}\n" for b in blocks))
+    # The scheduler may always send one audit at once (a burst of one at this rate): spend it
+    # on an audit of a part an honest agent never claimed (no strike), so that the liar's
+    # claims wait for the next token, 100 s away.
+    someone = net.status()["agents"][0]["id"]
+    code, _ = net.http(f"/api/audit?i={'0' * 64},{someone}")
+    assert code == 200
     liar = net.start_agent("liar", program=rogue(f"false-have={claims},false-who-has"))
     net.wait_live(4)
     wait_until("the liar's claims are indexed",
