@@ -173,23 +173,12 @@ def latest(entries: Iterable[Entry]) -> list[Entry]:
 
 def append(path: str | os.PathLike[str], entry: Entry) -> None:
     """Add one entry with a single O_APPEND write; the file is created with mode 0600."""
-    line = entry.to_line()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        end = os.fstat(fd).st_size
-        # A previous write cut short left a partial last line: start on a fresh one.
-        if end > 0 and os.pread(fd, 1, end - 1) != b"\n":
-            line = b"\n" + line
-        written = os.write(fd, line)
-        if written != len(line):  # pragma: no cover (regular files write everything)
-            raise OSError(f"short write to {path}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_many(path, [entry])
 
 
 def append_many(path: str | os.PathLike[str], entries: list[Entry]) -> None:
-    """Add several entries with one O_APPEND write (see `append`)."""
+    """Add entries with one O_APPEND write (the file is created with mode 0600), fsynced; a
+    previous write cut short (a partial last line) is left behind on a line of its own."""
     if not entries:
         return
     data = b"".join(e.to_line() for e in entries)
